@@ -1,0 +1,72 @@
+"""Diagonal Gaussian mixtures with a leading replica axis, on torch.distributions.
+
+Priors and posteriors both produce a `DiagMixture`; a single Gaussian is the
+K = 1 case. Layout (the sample axis sits second so that the replica axis stays
+first and the decoder can flatten without a copy):
+
+    logits [R, 1, B, K]      loc, scale [R, 1, B, K, D]      (B = 1 for a prior)
+    a latent sample z [R, S, B, D]; log_prob(z) -> [R, S, B]
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
+
+
+@dataclass(frozen=True)
+class DiagMixture:
+    logits: torch.Tensor  # [R, 1, B, K]  mixture weights, unnormalized
+    loc: torch.Tensor     # [R, 1, B, K, D]
+    scale: torch.Tensor   # [R, 1, B, K, D]
+
+    @property
+    def n_components(self) -> int:
+        return self.loc.shape[-2]
+
+    @property
+    def weights(self) -> torch.Tensor:
+        return torch.softmax(self.logits, dim=-1)  # [R, 1, B, K]
+
+    def to(self, dtype: torch.dtype) -> "DiagMixture":
+        """The same mixture with parameters in `dtype` (evaluation computes densities
+        in float64 from a network trained in float32)."""
+        if self.loc.dtype == dtype:
+            return self
+        return DiagMixture(self.logits.to(dtype), self.loc.to(dtype), self.scale.to(dtype))
+
+    def distribution(self):
+        """The torch distribution: batch shape [R, 1, B], event shape [D]."""
+        if self.n_components == 1:
+            return Independent(Normal(self.loc[..., 0, :], self.scale[..., 0, :], validate_args=False), 1)
+        return MixtureSameFamily(
+            Categorical(logits=self.logits, validate_args=False),
+            Independent(Normal(self.loc, self.scale, validate_args=False), 1),
+            validate_args=False,
+        )
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """Normalized log density, z [R, S, B, D] -> [R, S, B]."""
+        return self.distribution().log_prob(z)
+
+    def stratified_rsample(self, eps: torch.Tensor) -> torch.Tensor:
+        """Reparameterized draws, n per component: eps [R, n, K, B, D] -> z [R, n, K, B, D].
+        Weighting stratum k by weights[k] gives unbiased expectations under the
+        mixture with no score-function term (Morningstar et al., 2021)."""
+        loc = self.loc.transpose(2, 3)      # [R, 1, K, B, D]
+        scale = self.scale.transpose(2, 3)
+        return loc + scale * eps
+
+    def stratum_weights(self) -> torch.Tensor:
+        return self.weights.transpose(2, 3)  # [R, 1, K, B]
+
+    def sample(self, generators: list[torch.Generator], n: int) -> torch.Tensor:
+        """Ancestral draws (no gradient) for a mixture with B = 1: -> [R, n, D]."""
+        out = []
+        for r, g in enumerate(generators):
+            w = self.weights[r, 0, 0]                                     # [K]
+            k = torch.multinomial(w, n, replacement=True, generator=g)    # [n]
+            eps = torch.randn((n, self.loc.shape[-1]), generator=g, dtype=self.loc.dtype)
+            out.append(self.loc[r, 0, 0, k] + self.scale[r, 0, 0, k] * eps)
+        return torch.stack(out)

@@ -1,0 +1,179 @@
+"""Figures, made only from a study's saved files. Each figure's data is written
+beside it as CSV (long format), so every plotted number can be checked."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .data import PaperProcess  # noqa: E402
+from .io import atomic_write_bytes, read_csv, read_npz, write_csv  # noqa: E402
+
+COLORS = {"mfg": "#4c72b0", "mog-prior": "#dd8452", "mog-posterior": "#55a868", "mog-both": "#c44e52"}
+COMPARED = [("test_log_likelihood", "test log-likelihood (nats)"), ("kl_to_truth", "KL(p* || p_theta) (nats)"),
+            ("test_elbo", "test ELBO (nats)"), ("inference_gap", "inference gap KL(q || p_theta(z|y))"),
+            ("w1_to_truth", "W1(p_theta(y), p*(y)), exact"), ("w1_samples", "W1(generated, test)"),
+            ("w1_decoder", "W1(f_phi(z), f(z)) pushforwards"), ("std_ratio", "std(generated) / std(test)")]
+TRUTH_PROBES = {"the paper's y values": (1.0, 0.2, -3.0), "y inside the data": (0.0, 0.1, 0.3)}
+
+
+def _save(fig, path: Path) -> None:
+    import io
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def truth_figure(out: Path) -> None:
+    """The paper's Figure 1: joint density, posteriors p*(z|y), and f."""
+    sigma = json.loads((out / "truth.json").read_text())["sigma"]
+    process = PaperProcess(sigma)
+    z = np.linspace(0, 1, 401)
+    y = np.linspace(-0.4, 0.65, 301)
+    joint = process.joint_density(y[:, None], z[None])
+    fig, ax = plt.subplots(1, 4, figsize=(19, 4))
+    im = ax[0].pcolormesh(z, y, joint, shading="auto", cmap="viridis")
+    fig.colorbar(im, ax=ax[0])
+    ax[0].set(xlabel="z", ylabel="y", title="true joint density p*(y, z)")
+    rows = [{"panel": "f", "z": a, "y": "", "value": b} for a, b in zip(z, process.f(z))]
+    for a, (title, probes) in zip(ax[1:3], TRUTH_PROBES.items()):
+        for yy, p in zip(probes, process.posterior(np.asarray(probes), z)):
+            a.plot(z, p, label=f"y = {yy:g}")
+            rows += [{"panel": "posterior", "z": zz, "y": yy, "value": v} for zz, v in zip(z, p)]
+        a.set(xlabel="z", ylabel="density", title=f"true posterior p*(z | y), {title}")
+        a.legend()
+    ax[3].plot(z, process.f(z), color="k")
+    ax[3].set(xlabel="z", ylabel="f(z)", title=f"true f; y | z ~ N(f(z), {sigma:g}^2)")
+    _save(fig, out / "figures" / "truth.png")
+    rows += [{"panel": "joint", "z": z[j], "y": y[i], "value": joint[i, j]}
+             for i in range(0, len(y), 10) for j in range(0, len(z), 10)]
+    write_csv(out / "figures" / "truth.csv", rows, ["panel", "z", "y", "value"])
+
+
+def _mass_window(z: np.ndarray, *densities: np.ndarray, level: float = 1e-3) -> tuple[float, float]:
+    mask = np.zeros_like(z, dtype=bool)
+    for d in densities:
+        mask |= d > level * d.max()
+    lo, hi = z[mask].min(), z[mask].max()
+    pad = 0.15 * (hi - lo) + 1e-3
+    return lo - pad, hi + pad
+
+
+def model_figure(out: Path, model: str) -> None:
+    """The paper's Figures 2-4 for one model: decoder, generated data, posteriors."""
+    c = read_npz(out / "runs" / model / "curves.npz")
+    fig, ax = plt.subplots(2, 3, figsize=(15, 8))
+    color = COLORS.get(model, "k")
+    R = c["decoder"].shape[0]
+    rows = []
+    for r in range(R):
+        alpha, lw = (1.0, 2) if r == 0 else (0.3, 1)
+        ax[0, 0].plot(c["z_grid"][r], c["decoder"][r], color=color, alpha=alpha, lw=lw)
+        ax[0, 1].plot(c["u_grid"], c["decoder_aligned"][r], color=color, alpha=alpha, lw=lw)
+        rows += [{"panel": "decoder_aligned", "seed": r, "x": u, "value": v}
+                 for u, v in zip(c["u_grid"][::10], c["decoder_aligned"][r][::10])]
+    twin = ax[0, 0].twinx()
+    twin.fill_between(c["z_grid"][0], c["prior_density"][0], color="0.8", alpha=0.5)
+    twin.set_ylabel("prior density p_theta(z), seed 0")
+    lo, hi = _mass_window(c["z_grid"][0], c["prior_density"][0], level=1e-4)
+    ax[0, 0].set(xlim=(lo, hi), xlabel="z (model latent)", ylabel="f_phi(z)",
+                 title=f"{model}: learned decoder (seed 0 bold, other seeds faint)")
+    ax[0, 1].plot(c["u_grid"], c["true_f_aligned"], "k--", label="true f(u)")
+    ax[0, 1].set(xlabel="u = F_theta(z), prior CDF", ylabel="decoder",
+                 title="decoder vs true f, aligned by prior quantile")
+    ax[0, 1].legend()
+    edges = c["hist_edges"]
+    ax[0, 2].stairs(c["hist_density"][0], edges, fill=True, color=color, alpha=0.4, label="generated (seed 0)")
+    ax[0, 2].plot(c["y_grid"], c["model_density"][0], color=color, label="p_theta(y), exact")
+    ax[0, 2].plot(c["y_grid"], c["true_density"], "k--", label="p*(y), exact")
+    ax[0, 2].set(xlabel="y", ylabel="density", title="generated data")
+    ax[0, 2].legend(fontsize=8)
+    rows += [{"panel": "density", "seed": 0, "x": y, "value": v} for y, v in zip(c["y_grid"], c["model_density"][0])]
+    rows += [{"panel": "true_density", "seed": "", "x": y, "value": v} for y, v in zip(c["y_grid"], c["true_density"])]
+    for j, y in enumerate(c["probe_y"]):
+        a = ax[1, j]
+        z, q, p = c["probe_z_grid"][0], c["q_density"][0, j], c["p_density"][0, j]
+        a.plot(z, p, "k-", label="exact p_theta(z|y)")
+        a.plot(z, q, color=color, ls="--", label="q(z|y)")
+        a.set(xlim=_mass_window(z, p, q), xlabel="z (model latent)", ylabel="density", title=f"posterior at y = {y:g}")
+        a.legend(fontsize=8)
+        rows += [{"panel": f"posterior_y={y:g}", "seed": 0, "x": zz, "value": f"{pp};{qq}"}
+                 for zz, pp, qq in zip(z[::5], p[::5], q[::5])]
+    fig.tight_layout()
+    _save(fig, out / "figures" / f"{model}.png")
+    write_csv(out / "figures" / f"{model}.csv", rows, ["panel", "seed", "x", "value"])
+
+
+def comparison_figure(out: Path, models: list[str]) -> None:
+    rows = [r for r in read_csv(out / "metrics.csv") if r["diverged"] == "False"]
+    truth = json.loads((out / "truth.json").read_text())
+    fig, axes = plt.subplots(2, 4, figsize=(17, 7.5))
+    csv_rows = []
+    for ax, (key, label) in zip(axes.ravel(), COMPARED):
+        for i, m in enumerate(models):
+            v = np.array([float(r[key]) for r in rows if r["model"] == m])
+            jitter = np.linspace(-0.12, 0.12, len(v)) if len(v) > 1 else np.zeros(1)
+            ax.scatter(i + jitter, v, color=COLORS.get(m, "k"), s=14, alpha=0.7)
+            if len(v):
+                ax.errorbar(i + 0.3, v.mean(), yerr=v.std(ddof=1) if len(v) > 1 else 0,
+                            fmt="o", color="k", capsize=3)
+            csv_rows += [{"metric": key, "model": m, "seed": s, "value": x} for s, x in enumerate(v)]
+        if key == "test_log_likelihood":
+            ax.axhline(truth["test_log_likelihood"], color="k", ls="--", lw=1, label="truth")
+            ax.legend(fontsize=8)
+        if key == "std_ratio":
+            ax.axhline(1.0, color="k", ls="--", lw=1)
+        ax.set_xticks(range(len(models)), models, rotation=20, fontsize=8)
+        ax.set_title(label, fontsize=9)
+    fig.suptitle("per seed (dots) and mean +- sd over seeds (black); diverged runs excluded", fontsize=10)
+    fig.tight_layout()
+    _save(fig, out / "figures" / "comparison.png")
+    write_csv(out / "figures" / "comparison.csv", csv_rows, ["metric", "model", "seed", "value"])
+
+
+def training_figure(out: Path, models: list[str]) -> None:
+    truth = json.loads((out / "truth.json").read_text())
+    fig, ax = plt.subplots(1, 2, figsize=(13, 4.5))
+    csv_rows = []
+    for m in models:
+        hist = read_csv(out / "runs" / m / "history.csv")
+        epochs = sorted({int(h["epoch"]) for h in hist})
+        seeds = sorted({int(h["seed"]) for h in hist})
+        v = np.full((len(epochs), len(seeds)), np.nan)
+        for h in hist:
+            v[int(h["epoch"]) - 1, int(h["seed"])] = float(h["val_elbo"])
+        mean = np.nanmean(v, 1)
+        for a in ax:
+            a.plot(epochs, mean, color=COLORS.get(m, "k"), label=m)
+            a.fill_between(epochs, np.nanmin(v, 1), np.nanmax(v, 1), color=COLORS.get(m, "k"), alpha=0.2)
+        csv_rows += [{"model": m, "epoch": e, "mean_val_elbo": mu, "min": lo, "max": hi}
+                     for e, mu, lo, hi in zip(epochs, mean, np.nanmin(v, 1), np.nanmax(v, 1))]
+    for a in ax:
+        a.axhline(truth["val_log_likelihood"], color="k", ls="--", lw=1, label="true log p*(y), val")
+        a.set(xlabel="epoch", ylabel="validation ELBO (nats / point)")
+    ax[0].set_title("validation ELBO: mean over seeds, band = min..max")
+    ax[0].legend(fontsize=8)
+    last = len(epochs) // 2
+    ax[1].set_xlim(epochs[last], epochs[-1])
+    vals = [r["mean_val_elbo"] for r in csv_rows if r["epoch"] >= epochs[last]]
+    ax[1].set_ylim(min(vals) - 0.01, truth["val_log_likelihood"] + 0.01)
+    ax[1].set_title("second half of training (plateau check)")
+    fig.tight_layout()
+    _save(fig, out / "figures" / "training.png")
+    write_csv(out / "figures" / "training.csv", csv_rows, ["model", "epoch", "mean_val_elbo", "min", "max"])
+
+
+def all_figures(out: Path, models: list[str]) -> list[Path]:
+    truth_figure(out)
+    for m in models:
+        model_figure(out, m)
+    comparison_figure(out, models)
+    training_figure(out, models)
+    names = ["truth", "comparison", "training", *models]
+    return [out / "figures" / f"{n}.png" for n in names]

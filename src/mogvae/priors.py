@@ -1,0 +1,61 @@
+"""Priors p(z): each returns a normalized `DiagMixture` with B = 1."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .mixtures import DiagMixture
+
+MIN_SCALE = 1e-4  # keeps densities finite if a learnable scale collapses
+
+
+class StandardNormalPrior(nn.Module):
+    """p(z) = N(0, I)."""
+
+    def __init__(self, replicas: int, latent_dim: int, **_):
+        super().__init__()
+        self.register_buffer("loc", torch.zeros(replicas, 1, 1, 1, latent_dim))
+        self.register_buffer("scale", torch.ones(replicas, 1, 1, 1, latent_dim))
+        self.register_buffer("logits", torch.zeros(replicas, 1, 1, 1))
+
+    def forward(self) -> DiagMixture:
+        return DiagMixture(self.logits, self.loc, self.scale)
+
+
+class MixturePrior(nn.Module):
+    """p(z) = sum_i pi_i N(mu_i, diag s_i^2) with learnable mu_i, s_i; equal
+    weights pi_i = 1/M as in the paper unless `learn_weights`."""
+
+    def __init__(self, replicas: int, latent_dim: int, n_components: int = 10,
+                 learn_weights: bool = False, **_):
+        super().__init__()
+        if n_components < 1:
+            raise ValueError(f"n_components must be >= 1, got {n_components!r}")
+        shape = (replicas, n_components, latent_dim)
+        self.loc = nn.Parameter(torch.zeros(shape))
+        self.raw_scale = nn.Parameter(torch.zeros(shape))
+        logits = torch.zeros(replicas, n_components)
+        if learn_weights:
+            self.logits = nn.Parameter(logits)
+        else:
+            self.register_buffer("logits", logits)
+
+    def reset_replica(self, r: int, generator: torch.Generator) -> None:
+        # Means spread like draws from N(0, 1), unit scales: an initial prior
+        # close to the standard normal, with components that can separate.
+        with torch.no_grad():
+            self.loc[r].normal_(0.0, 1.0, generator=generator)
+            self.raw_scale[r].fill_(_inverse_softplus(1.0 - MIN_SCALE))
+
+    def forward(self) -> DiagMixture:
+        scale = F.softplus(self.raw_scale) + MIN_SCALE
+        return DiagMixture(self.logits[:, None, None, :], self.loc[:, None, None],
+                           scale[:, None, None])
+
+
+def _inverse_softplus(x: float) -> float:
+    return float(torch.log(torch.expm1(torch.tensor(x))))
+
+
+PRIORS = {"normal": StandardNormalPrior, "mog": MixturePrior}

@@ -1,0 +1,169 @@
+"""The study's report: a table and a reading of the paper's claims, generated
+from metrics.csv alone (one source of truth for every number)."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from .io import read_csv, write_text
+
+TABLE = [("test_log_likelihood", "test LL", 4), ("kl_to_truth", "KL to truth", 4), ("test_elbo", "test ELBO", 4),
+         ("inference_gap", "inference gap", 4), ("w1_to_truth", "W1 exact", 4), ("w1_samples", "W1 samples", 4),
+         ("w1_decoder", "W1 decoder", 4), ("std_ratio", "std ratio", 3), ("train_seconds", "train s/seed", 1)]
+
+
+@dataclass(frozen=True)
+class Interval:
+    mean: float
+    low: float
+    high: float
+    n: int
+
+    def excludes_zero(self) -> bool:
+        return self.n > 1 and (self.low > 0 or self.high < 0)
+
+    def describe(self, unit: str = "nats") -> str:
+        if self.n < 2:
+            return f"{self.mean:+.4f} {unit} (one seed: no interval)"
+        return f"{self.mean:+.4f} {unit} [95% CI {self.low:+.4f}, {self.high:+.4f}], n = {self.n} seeds"
+
+
+def t_interval(x: np.ndarray) -> Interval:
+    x = x[np.isfinite(x)]
+    if len(x) < 2:
+        return Interval(float(x.mean()) if len(x) else math.nan, math.nan, math.nan, len(x))
+    half = stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
+    return Interval(float(x.mean()), float(x.mean() - half), float(x.mean() + half), len(x))
+
+
+def load_metrics(path: Path) -> dict[str, dict[int, dict[str, float]]]:
+    """metrics.csv as {model: {seed: {column: value}}}; diverged runs carry NaN metrics."""
+    out: dict[str, dict[int, dict[str, float]]] = {}
+    for row in read_csv(path):
+        values = {k: (float(v) if k not in ("model", "diverged", "diverged_epoch") else v) for k, v in row.items()
+                  if k != "seed"}
+        out.setdefault(row["model"], {})[int(row["seed"])] = values
+    return out
+
+
+def paired(metrics, a: str, b: str, key: str) -> Interval:
+    """Mean over seeds of metric(a) - metric(b), paired by seed (same data order)."""
+    seeds = sorted(set(metrics.get(a, {})) & set(metrics.get(b, {})))
+    return t_interval(np.array([metrics[a][s][key] - metrics[b][s][key] for s in seeds], dtype=float))
+
+
+def summary_rows(metrics, models) -> list[list[str]]:
+    """Per model: name, runs, diverged, then 'mean ± sd' over non-diverged seeds for each TABLE column."""
+    rows = []
+    for m in models:
+        runs = metrics[m]
+        ok = [r for r in runs.values() if r["diverged"] != "True"]
+        cells = []
+        for key, _, digits in TABLE:
+            v = np.array([r[key] for r in ok], dtype=float)
+            cells.append("n/a" if not len(v) else
+                         f"{v.mean():.{digits}f} ± {v.std(ddof=1) if len(v) > 1 else 0:.{digits}f}")
+        rows.append([m, str(len(runs)), str(len(runs) - len(ok)), *cells])
+    return rows
+
+
+def _table(metrics, models) -> str:
+    head = "| model | runs | diverged | " + " | ".join(t[1] for t in TABLE) + " |"
+    lines = [head, "|" + "---|" * (len(TABLE) + 3)]
+    lines += ["| " + " | ".join(row) + " |" for row in summary_rows(metrics, models)]
+    return "\n".join(lines)
+
+
+def _verdict(iv: Interval, better: str, worse: str) -> str:
+    if iv.n < 2:
+        return f"cannot be decided from one seed: {iv.describe()}"
+    if not iv.excludes_zero():
+        return f"is indistinguishable from zero at this number of seeds: {iv.describe()}"
+    return f"{better if iv.mean > 0 else worse}: {iv.describe()}"
+
+
+def reading(metrics, truth: dict) -> list[str]:
+    """Sentences on the paper's claims, each decided by a paired 95% interval."""
+    have = set(metrics)
+    out = []
+    if {"mfg", "mog-prior"} <= have:
+        out.append("- **More expressive prior** (mog-prior − mfg), test log-likelihood "
+                   + _verdict(paired(metrics, "mog-prior", "mfg", "test_log_likelihood"), "helps", "hurts"))
+    if {"mfg", "mog-posterior"} <= have:
+        out.append("- **More expressive posterior** (mog-posterior − mfg), test log-likelihood "
+                   + _verdict(paired(metrics, "mog-posterior", "mfg", "test_log_likelihood"), "helps", "hurts"))
+        out.append("- Mixture posterior, inference gap (mfg − mog-posterior) "
+                   + _verdict(paired(metrics, "mfg", "mog-posterior", "inference_gap"),
+                              "shrinks: the richer q fits the model's posterior better",
+                              "grows"))
+    if {"mog-prior", "mog-posterior"} <= have:
+        iv = paired(metrics, "mog-prior", "mog-posterior", "test_log_likelihood")
+        out.append("- **Prior vs posterior** (mog-prior − mog-posterior), test log-likelihood "
+                   + _verdict(iv, "favours the richer prior, as the paper claims",
+                              "favours the richer posterior, against the paper's claim"))
+    if {"mog-both", "mfg"} <= have:
+        out.append("- Both (mog-both − mfg), test log-likelihood "
+                   + _verdict(paired(metrics, "mog-both", "mfg", "test_log_likelihood"), "helps", "hurts"))
+    for m in metrics:
+        ratio = t_interval(np.array([r["std_ratio"] for r in metrics[m].values()], dtype=float))
+        if ratio.n > 1:
+            learns = ratio.low <= 1 <= ratio.high
+            out.append(f"- {m}: std(generated)/std(test) = {ratio.mean:.3f} [95% CI {ratio.low:.3f}, {ratio.high:.3f}]: "
+                       + ("consistent with learning the variance." if learns else
+                          "does not learn the variance (the paper's observation)."))
+    kl = {m: t_interval(np.array([r["kl_to_truth"] for r in metrics[m].values()], dtype=float)) for m in metrics}
+    out.append("- Distance to the truth, KL(p* || p_theta) in nats: "
+               + ", ".join(f"{m} {iv.mean:.4f}" for m, iv in kl.items())
+               + f" (true test log-likelihood {truth['test_log_likelihood']:.4f}).")
+    diverged = sum(r["diverged"] == "True" for runs in metrics.values() for r in runs.values())
+    total = sum(len(runs) for runs in metrics.values())
+    out.append(f"- Diverged runs: {diverged} of {total}" + (" (excluded from every mean above; see metrics.csv)."
+                                                           if diverged else "."))
+    return out
+
+
+def write_report(out: Path, models: list[str], figures: list[Path]) -> Path:
+    metrics = load_metrics(out / "metrics.csv")
+    truth = json.loads((out / "truth.json").read_text())
+    config = json.loads((out / "config.json").read_text())["study"]
+    n = config["seeds"]
+    lines = [
+        "# mogvae reproduce: expressive prior vs expressive posterior",
+        "",
+        f"Data: the paper's process (sigma = {truth['sigma']:g}), {config['data']['n_train']} train / "
+        f"{config['data']['n_test']} test points. {n} seed(s) per model, {config['train']['epochs']} epochs. "
+        "All likelihoods are exact (quadrature), in nats per test point; mean ± sd over seeds.",
+        "",
+        _table(metrics, models),
+        "",
+        f"True test log-likelihood: {truth['test_log_likelihood']:.4f}. Quadrature error bound (max over runs and "
+        f"points): marginal {_max(metrics, 'quadrature_error'):.1e}, ELBO {_max(metrics, 'elbo_quadrature_error'):.1e} nats; "
+        f"largest posterior mass at the grid's edge {_max(metrics, 'grid_edge_mass'):.1e} (near zero: no truncation).",
+        "",
+        "## What the numbers say",
+        "",
+        "Differences are paired by seed index (the same data order); an interval that",
+        "contains zero means this many seeds cannot tell the models apart.",
+        "",
+        *reading(metrics, truth),
+        "",
+        "Note on identifiability: a 1-D latent with a N(0, 1) prior can represent the true p(y) with a",
+        "*monotone* decoder (z -> quantile of f(U)), whose posterior is unimodal. The true f and its bimodal",
+        "posterior are one of many equivalent solutions, so the learned decoders are compared through",
+        "identifiable quantities (W1 between pushforwards) and through the prior-quantile alignment.",
+        "",
+        "## Figures",
+        "",
+    ]
+    lines += [f"![{p.stem}](figures/{p.name})" for p in figures]
+    return write_text(out / "report.md", "\n".join(lines) + "\n")
+
+
+def _max(metrics, key) -> float:
+    v = [r[key] for runs in metrics.values() for r in runs.values() if math.isfinite(r[key])]
+    return max(v) if v else math.nan

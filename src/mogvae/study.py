@@ -1,0 +1,171 @@
+"""A study: every model of the 2x2 design x every seed, trained, evaluated
+exactly, and saved. Figures and the report are made afterwards from the saved
+files only (see plots.py, report.py).
+
+One job per model trains all its seeds as replicas in one process; jobs run in
+single-threaded worker processes, one per core (see README, "Using both cores").
+"""
+from __future__ import annotations
+
+import math
+import os
+import platform
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+import multiprocessing as mp
+
+import numpy as np
+import torch
+from safetensors.torch import save as safetensors_bytes
+
+from . import __version__
+from .config import StudyConfig
+from .data import PaperProcess, make_splits
+from .evaluate import METRICS, evaluate
+from .io import atomic_write_bytes, write_csv, write_json, write_npy, write_npz
+from .model import build_model
+from .replicas import initialize, replica_seed
+from .train import fit
+
+METRIC_COLUMNS = ["model", "seed", *METRICS, "diverged", "diverged_epoch", "train_seconds", "final_val_elbo"]
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Job:
+    model: str
+    config: StudyConfig
+    out: str
+    threads: int
+
+
+def versions() -> dict[str, str]:
+    import matplotlib, pydantic, scipy
+    return {"mogvae": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__, "scipy": scipy.__version__, "matplotlib": matplotlib.__version__,
+            "pydantic": pydantic.VERSION, "platform": platform.platform()}
+
+
+def prepare(config: StudyConfig, out: Path) -> dict[str, np.ndarray]:
+    """Write the resolved configuration and the exact data used."""
+    process = PaperProcess(config.data.sigma)
+    d = config.data
+    data = make_splits(process, {"train": d.n_train, "val": d.n_val, "test": d.n_test}, d.seed)
+    write_json(out / "config.json", {"study": config.model_dump(mode="json"), "versions": versions(),
+                                     "replica_seeds": seeds_of(config)})
+    for name in SPLITS:
+        write_npy(out / "data" / f"{name}.npy", data[name])
+    # The truth on the saved splits, for the figures and the report to read.
+    write_json(out / "truth.json", {f"{name}_log_likelihood": float(process.log_prob(data[name]).mean())
+                                    for name in ("val", "test")} | {"sigma": process.sigma})
+    return data
+
+
+def seeds_of(config: StudyConfig) -> list[int]:
+    return [replica_seed(config.base_seed, i) for i in range(config.seeds)]
+
+
+def run_job(job: Job, data: dict[str, np.ndarray], progress=None) -> list[dict]:
+    """Train one model's replicas, evaluate them, save the run; return metric rows."""
+    torch.set_num_threads(job.threads)
+    cfg = job.config
+    seeds = seeds_of(cfg)
+    process = PaperProcess(cfg.data.sigma)
+    model = build_model(cfg.model_for(job.model), replicas=len(seeds), noise=cfg.data.sigma)
+    generators = initialize(model, seeds)
+
+    def on_epoch(epoch, history):
+        if progress is not None:
+            progress.put((job.model, epoch + 1))
+
+    history = fit(model, data["train"], data["val"], cfg.train, seeds, generators, on_epoch)
+    evaluation = evaluate(model, process, data["test"], cfg.eval, seeds, history.diverged)
+    run_dir = Path(job.out) / "runs" / job.model
+    _save_run(run_dir, model, history, evaluation)
+    rows = []
+    for i, (m, div) in enumerate(zip(evaluation.metrics, history.divergence)):
+        final = history.val_elbo[-1][i] if history.val_elbo else math.nan
+        rows.append({"model": job.model, "seed": i, **m, "diverged": div is not None,
+                     "diverged_epoch": div.epoch if div else "", "train_seconds": history.seconds / len(seeds),
+                     "final_val_elbo": final})
+    return rows
+
+
+def _save_run(run_dir: Path, model, history, evaluation) -> None:
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write_bytes(run_dir / "model.safetensors", safetensors_bytes(state))
+    R = len(history.divergence)
+    rows = [{"epoch": e + 1, "seed": r, "train_loss": history.train_loss[e][r], "val_elbo": history.val_elbo[e][r]}
+            for e in range(len(history.val_elbo)) for r in range(R)]
+    write_csv(run_dir / "history.csv", rows, ["epoch", "seed", "train_loss", "val_elbo"])
+    write_npz(run_dir / "curves.npz", evaluation.curves)
+    write_json(run_dir / "status.json", {
+        "seconds": history.seconds,
+        "divergence": [None if d is None else vars(d) for d in history.divergence]})
+
+
+def _worker(job: Job, data, queue):
+    return run_job(job, data, queue)
+
+
+def choose_workers(config: StudyConfig) -> int:
+    if config.workers:
+        return config.workers
+    return max(1, min(len(config.models), os.cpu_count() or 1))
+
+
+def run_study(config: StudyConfig, out: Path, on_progress=None) -> list[dict]:
+    """Run every job; return the metric rows (also written to metrics.csv)."""
+    out.mkdir(parents=True, exist_ok=True)
+    data = prepare(config, out)
+    workers = choose_workers(config)
+    # Longest jobs first (mixture posteriors decode M samples per point).
+    order = sorted(config.models, key=lambda m: -config.model_for(m).n_components
+                   * (config.model_for(m).posterior == "mog"))
+    start = time.perf_counter()
+    if workers == 1:
+        threads = os.cpu_count() or 1
+        rows = []
+        for name in order:
+            rows += run_job(Job(name, config, str(out), threads), data, _Direct(on_progress))
+    else:
+        rows = _run_pool(config, out, data, order, workers, on_progress)
+    rows.sort(key=lambda r: (config.models.index(r["model"]), r["seed"]))
+    write_csv(out / "metrics.csv", rows, METRIC_COLUMNS)
+    write_json(out / "timing.json", {"wall_seconds": time.perf_counter() - start, "workers": workers})
+    return rows
+
+
+def _run_pool(config, out, data, order, workers, on_progress) -> list[dict]:
+    ctx = mp.get_context("spawn")  # a clean interpreter: no inherited thread pools or locks
+    with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        queue = manager.Queue()
+        futures = [pool.submit(_worker, Job(name, config, str(out), 1), data, queue) for name in order]
+        while not all(f.done() for f in futures):
+            _drain(queue, on_progress, timeout=0.2)
+        _drain(queue, on_progress, timeout=0)
+        return [row for f in futures for row in f.result()]
+
+
+def _drain(queue, on_progress, timeout: float) -> None:
+    import queue as q
+    try:
+        item = queue.get(timeout=timeout) if timeout else queue.get_nowait()
+        while True:
+            if on_progress:
+                on_progress(*item)
+            item = queue.get_nowait()
+    except q.Empty:
+        return
+
+
+class _Direct:
+    """A queue stand-in for in-process runs: calls the callback at once."""
+    def __init__(self, callback):
+        self.callback = callback
+
+    def put(self, item):
+        if self.callback:
+            self.callback(*item)
