@@ -77,6 +77,9 @@ class TrainConfig(Strict):
     epochs: int = Field(200, ge=1, le=100_000, description="enough to plateau on the defaults (figures/training.png)")
     batch_size: int = Field(256, ge=1)
     lr: float = Field(1e-3, gt=0, le=1.0)
+    lr_schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="cosine: anneal to lr * final_lr_factor, so the last epochs average out minibatch noise")
+    final_lr_factor: float = Field(0.01, gt=0, le=1.0)
     n_samples: int = Field(1, ge=1, le=1000, description="reparameterized draws per posterior component per step")
     device: str = "cpu"
 

@@ -90,7 +90,7 @@ def _grid_terms(model: VAE, grid: Grid):
     so that log(w p(y|z) p(z)) = -0.5 ((y - mean) / sigma)^2 + offset."""
     z = grid.nodes[:, :, None, :]                              # [R, G, 1, D]
     mean = model.decoder.mean(z)[:, :, 0]                      # [R, G, Y], decoder evaluated once
-    log_sigma = model.decoder.log_noise.to(F64)[:, 0]          # [R, 1, Y]
+    log_sigma = model.decoder.log_noise_as(F64)[:, 0]          # [R, 1, Y]
     log_prior = model.prior().to(F64).log_prob(z)[:, :, 0]     # [R, G]
     offset = log_prior - (log_sigma + 0.5 * math.log(2 * math.pi)).sum(-1)  # [R, G]
     return mean, torch.exp(-log_sigma), offset

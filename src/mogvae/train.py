@@ -78,6 +78,7 @@ def fit(model: VAE, y_train: np.ndarray, y_val: np.ndarray, config: TrainConfig,
     data = torch.as_tensor(np.asarray(y_train), dtype=torch.float32, device=device).reshape(n, 1)
     val = torch.as_tensor(np.asarray(y_val), dtype=torch.float32, device=device).reshape(1, -1, 1)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)
+    schedule = _schedule(optimizer, config)
     active = torch.ones(R, dtype=torch.bool, device=device)
     history = History(divergence=[None] * R)
     start, step = time.perf_counter(), 0
@@ -102,6 +103,8 @@ def fit(model: VAE, y_train: np.ndarray, y_val: np.ndarray, config: TrainConfig,
             optimizer.step()
             losses += torch.where(active, loss.detach(), torch.zeros_like(loss)) * y.shape[1]
             step += 1
+        if schedule is not None:
+            schedule.step()
         val_elbo = validation_elbo(model, val, seeds, config.n_samples)
         for r in (active & ~torch.isfinite(val_elbo)).nonzero().flatten().tolist():
             history.divergence[r] = Divergence(epoch, step, "non-finite validation ELBO")
@@ -112,6 +115,13 @@ def fit(model: VAE, y_train: np.ndarray, y_val: np.ndarray, config: TrainConfig,
             on_epoch(epoch, history)
     history.seconds = time.perf_counter() - start
     return history
+
+
+def _schedule(optimizer, config: TrainConfig):
+    if config.lr_schedule == "constant":
+        return None
+    return torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=config.epochs, eta_min=config.lr * config.final_lr_factor)
 
 
 def _masked(values: torch.Tensor, active: torch.Tensor) -> list[float]:

@@ -1,0 +1,188 @@
+"""Quadrature against closed forms (a linear-Gaussian VAE), finer grids and Monte Carlo."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from mogvae.config import EvalConfig, preset
+from mogvae.decoders import GaussianDecoder
+from mogvae.model import VAE, build_model
+from mogvae.objectives import draw_noise, elbo, iwae_bound, log_weights
+from mogvae.posteriors import GaussianPosterior
+from mogvae.priors import StandardNormalPrior
+from mogvae.quadrature import hermite_rule, latent_grid, log_marginal, posterior_on_grid, quadrature_elbo
+from mogvae.replicas import initialize, make_generators
+
+SIGMA = 0.3
+Y = np.array([-1.0, -0.2, 0.0, 0.4, 1.3, 2.5])
+
+
+def linear_vae(a: list[float], b: float, enc=(0.5, 0.1, -1.0, 0.2)) -> VAE:
+    """Decoder y = a.z + b (no hidden layer), prior N(0, I), linear encoder:
+    mu = enc[0] y + enc[1], raw scale = enc[2] y + enc[3] (per latent dim)."""
+    D = len(a)
+    decoder = GaussianDecoder(1, D, 1, hidden=(), noise=SIGMA).double()
+    posterior = GaussianPosterior(1, D, 1, hidden=()).double()
+    with torch.no_grad():
+        decoder.net.net[0].weight[:] = torch.tensor(a, dtype=torch.float64).reshape(1, D, 1)
+        decoder.net.net[0].bias[:] = b
+        w = posterior.encoder.net[0].weight        # [1, 1, 2D]
+        w[0, 0, :D], w[0, 0, D:] = enc[0], enc[2]
+        bias = posterior.encoder.net[0].bias
+        bias[0, 0, :D], bias[0, 0, D:] = enc[1], enc[3]
+    return VAE(StandardNormalPrior(1, D).double(), posterior, decoder)
+
+
+def gaussian_q(model, y):
+    q = model.posterior(torch.tensor(y, dtype=torch.float64).reshape(1, -1, 1))
+    return q.loc[0, 0, :, 0, 0].detach().numpy(), q.scale[0, 0, :, 0, 0].detach().numpy()
+
+
+def test_marginal_matches_linear_gaussian_closed_form_1d():
+    a, b = 1.7, 0.3
+    model = linear_vae([a], b)
+    grid = latent_grid(model, 2001, 8.0)
+    got = log_marginal(model, Y, grid)
+    ref = stats.norm.logpdf(Y, b, math.sqrt(a**2 + SIGMA**2))
+    np.testing.assert_allclose(got.log_p[0].numpy(), ref, atol=1e-10)
+    assert got.edge_mass.max() < 1e-12
+
+
+def test_marginal_matches_linear_gaussian_closed_form_2d():
+    a, b = [1.2, -0.7], -0.1
+    model = linear_vae(a, b)
+    grid = latent_grid(model, 301, 8.0)
+    got = log_marginal(model, Y, grid).log_p[0].numpy()
+    ref = stats.norm.logpdf(Y, b, math.sqrt(sum(x * x for x in a) + SIGMA**2))
+    np.testing.assert_allclose(got, ref, atol=1e-8)
+
+
+def test_model_posterior_matches_closed_form():
+    a, b = 1.7, 0.3
+    model = linear_vae([a], b)
+    grid = latent_grid(model, 2001, 8.0)
+    post = posterior_on_grid(model, Y, grid)[0].numpy()                     # [N, G]
+    z = grid.nodes[0, :, 0].numpy()
+    v = SIGMA**2 / (a**2 + SIGMA**2)
+    m = a * (Y - b) / (a**2 + SIGMA**2)
+    ref = stats.norm.pdf(z[None], m[:, None], math.sqrt(v))
+    np.testing.assert_allclose(post, ref, atol=1e-9)
+
+
+def test_quadrature_elbo_and_gap_match_closed_form():
+    a, b = 1.7, 0.3
+    model = linear_vae([a], b)
+    mu, s = gaussian_q(model, Y)
+    expected_loglik = -0.5 * math.log(2 * math.pi * SIGMA**2) - ((Y - a * mu - b) ** 2 + a**2 * s**2) / (2 * SIGMA**2)
+    kl_prior = 0.5 * (s**2 + mu**2 - 1 - np.log(s**2))
+    ref_elbo = expected_loglik - kl_prior
+    got = quadrature_elbo(model, Y, 16)[0].numpy()
+    np.testing.assert_allclose(got, ref_elbo, atol=1e-10)
+    # inference gap = KL(q || exact posterior), Gaussian closed form
+    v = SIGMA**2 / (a**2 + SIGMA**2)
+    m = a * (Y - b) / (a**2 + SIGMA**2)
+    kl = np.log(np.sqrt(v) / s) + (s**2 + (mu - m) ** 2) / (2 * v) - 0.5
+    log_p = log_marginal(model, Y, latent_grid(model, 2001, 8.0)).log_p[0].numpy()
+    np.testing.assert_allclose(log_p - got, kl, atol=1e-9)
+
+
+def test_hermite_rule_integrates_gaussian_moments():
+    x, w = hermite_rule(10, 2)
+    assert float(w.sum()) == pytest.approx(1.0, abs=1e-14)
+    assert float((w * x[:, 0] ** 2 * x[:, 1] ** 4).sum()) == pytest.approx(3.0, abs=1e-12)  # E z1^2 z2^4
+
+
+def random_model(name: str, seed: int = 0, latent_dim: int = 1, steepness: float = 8.0) -> VAE:
+    model = build_model(preset(name, hidden=(16, 16), latent_dim=latent_dim, n_components=3), replicas=2)
+    initialize(model, [seed, seed + 1])
+    with torch.no_grad():  # a steeper decoder than at initialization: narrow, multimodal posteriors
+        model.decoder.net.net[-1].weight.mul_(steepness)
+    return model
+
+
+@pytest.mark.parametrize("name", ["mfg", "mog-prior", "mog-posterior", "mog-both"])
+@pytest.mark.parametrize("latent_dim", [1, 2])
+def test_elbo_never_exceeds_exact_log_likelihood(name, latent_dim):
+    model = random_model(name, latent_dim=latent_dim)
+    y = np.linspace(-2, 2, 41)
+    size = 2001 if latent_dim == 1 else 301
+    marginal = log_marginal(model, y, latent_grid(model, size, 8.0))
+    e = quadrature_elbo(model, y, 24 if latent_dim == 1 else 12)
+    err = (marginal.log_p - marginal.log_p_coarse).abs()
+    assert bool((e <= marginal.log_p + err + 1e-7).all()), float((e - marginal.log_p).max())
+
+
+@pytest.mark.parametrize("name", ["mfg", "mog-posterior"])
+def test_stratified_monte_carlo_elbo_converges_to_quadrature(name):
+    model = random_model(name)
+    y = torch.tensor([-0.5, 0.1, 0.8], dtype=torch.float64).reshape(1, 3, 1).expand(2, -1, -1)
+    n = 4000
+    eps = draw_noise(model, make_generators([11, 12]), 3, n_samples=n, dtype=torch.float64)
+    with torch.no_grad():
+        log_w, pi = log_weights(model, y, eps)                                # [R, n, K, B]
+        per_draw = (log_w * pi).sum(2)                                       # [R, n, B]: iid draws of the estimator
+        mc = per_draw.mean(1)
+        se = per_draw.std(1) / math.sqrt(n)
+        assert torch.allclose(mc, elbo(model, y, eps))
+    exact = quadrature_elbo(model, y[0, :, 0].numpy(), 32)
+    z = ((mc - exact) / se).abs()
+    assert bool((z < 5).all()), z
+
+
+def test_iwae_bound_lies_between_elbo_and_log_likelihood_and_tightens():
+    model = random_model("mog-posterior", steepness=1.0)
+    y = np.array([0.05, 0.1, 0.3])
+    yt = torch.tensor(y, dtype=torch.float64).reshape(1, 3, 1).expand(2, -1, -1)
+    log_p = log_marginal(model, y, latent_grid(model, 2001, 8.0)).log_p
+    exact_elbo = quadrature_elbo(model, y, 32)
+    with torch.no_grad():
+        gens = make_generators([3, 4])
+        iwae = iwae_bound(model, yt, draw_noise(model, gens, 3, n_samples=20000, dtype=torch.float64))
+    # IWAE's expectation is a bound; one realization of it is a consistent estimate of log p
+    assert bool((exact_elbo < log_p).all())
+    assert bool(((log_p - iwae).abs() < 0.25 * (log_p - exact_elbo)).all())
+
+
+def test_grid_error_bound_holds_against_a_much_finer_grid():
+    # float64 networks: a float32 decoder adds evaluation noise of ~1e-6 nats that
+    # differs between grids (the bound covers quadrature error, not rounding).
+    model = random_model("mog-both").double()
+    y = np.linspace(-1.5, 1.5, 31)
+    m = log_marginal(model, y, latent_grid(model, 401, 8.0))
+    ref = log_marginal(model, y, latent_grid(model, 20001, 8.0)).log_p  # same span: resolution only
+    actual = (m.log_p - ref).abs()
+    bound = (m.log_p - m.log_p_coarse).abs()
+    assert bool((actual <= bound + 1e-12).all())
+    assert float(actual.max()) > 0  # the test has something to bound
+
+
+def test_edge_mass_flags_a_truncating_grid():
+    model = random_model("mog-both").double()
+    y = np.array([0.0, 1.5])
+    narrow, wide = (log_marginal(model, y, latent_grid(model, 2001, span)) for span in (3.0, 12.0))
+    truncation = (narrow.log_p - wide.log_p).abs()
+    assert float(truncation.max()) > 1e-6
+    # wherever the narrow grid truncates, it says so through the edge mass
+    flagged = narrow.edge_mass > 1e-8
+    assert bool(flagged[truncation > 1e-6].all())
+    assert float(wide.edge_mass.max()) < 1e-8
+
+
+def test_default_grid_error_is_below_1e_4_nats_on_a_trained_model():
+    from mogvae.config import TrainConfig
+    from mogvae.data import PaperProcess, make_splits
+    from mogvae.train import fit
+    data = make_splits(PaperProcess(), {"train": 2000, "val": 200, "test": 2000}, 0)
+    for name in ("mfg", "mog-posterior"):
+        model = build_model(preset(name), replicas=1)
+        gens = initialize(model, [0])
+        fit(model, data["train"], data["val"], TrainConfig(epochs=15), [0], gens)
+        cfg = EvalConfig()
+        m = log_marginal(model, data["test"], latent_grid(model, cfg.grid_size, cfg.grid_span))
+        assert float((m.log_p - m.log_p_coarse).abs().max()) < 1e-4
+        assert float(m.edge_mass.max()) < 1e-10
+        e1 = quadrature_elbo(model, data["test"][:300], cfg.hermite_nodes)
+        e2 = quadrature_elbo(model, data["test"][:300], 2 * cfg.hermite_nodes)
+        assert float((e1 - e2).abs().max()) < 1e-4

@@ -1,0 +1,73 @@
+"""Training: it learns, and a diverging replica is caught, frozen and recorded
+while its siblings go on exactly as if nothing had happened."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import mogvae.train as train_module
+from mogvae.config import TrainConfig, preset
+from mogvae.data import PaperProcess, make_splits
+from mogvae.model import build_model
+from mogvae.replicas import initialize
+from mogvae.train import fit
+
+DATA = make_splits(PaperProcess(), {"train": 600, "val": 100}, 0)
+SEEDS = [11, 22, 33]
+
+
+def run(name, epochs, inject=None, monkeypatch=None):
+    model = build_model(preset(name, hidden=(16, 16)), replicas=len(SEEDS))
+    gens = initialize(model, SEEDS)
+    if inject is not None:
+        step_to_poison, replica, value = inject
+        calls = {"n": 0}
+        real = train_module.elbo
+
+        def poisoned(model, y, eps):
+            out = real(model, y, eps)
+            if torch.is_grad_enabled():  # a training step, not validation
+                if calls["n"] == step_to_poison:
+                    out = out.clone()
+                    out[replica] = value
+                calls["n"] += 1
+            return out
+        monkeypatch.setattr(train_module, "elbo", poisoned)
+    history = fit(model, DATA["train"], DATA["val"], TrainConfig(epochs=epochs, batch_size=100), SEEDS, gens)
+    return model, history
+
+
+def test_training_improves_the_validation_elbo():
+    _, history = run("mfg", 8)
+    first, last = np.array(history.val_elbo[0]), np.array(history.val_elbo[-1])
+    assert (last > first + 0.05).all(), (first, last)
+
+
+@pytest.mark.parametrize("name", ["mfg", "mog-prior", "mog-posterior", "mog-both"])
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_a_diverging_replica_is_frozen_and_its_siblings_are_untouched(name, value, monkeypatch):
+    clean_1, _ = run(name, 1)                      # 6 steps: the state before the poisoned step
+    clean_3, clean_history = run(name, 3)
+    poisoned, history = run(name, 3, inject=(6, 1, value), monkeypatch=monkeypatch)
+    assert history.diverged == [False, True, False]
+    d = history.divergence[1]
+    assert (d.epoch, d.step) == (1, 6) and "non-finite loss" in d.reason
+    for p_clean1, p_clean3, p_bad in zip(clean_1.parameters(), clean_3.parameters(), poisoned.parameters()):
+        assert torch.equal(p_bad[1], p_clean1[1])             # frozen at its last finite state
+        assert torch.equal(p_bad[0], p_clean3[0]) and torch.equal(p_bad[2], p_clean3[2])
+        assert torch.isfinite(p_bad).all()
+    assert math.isnan(history.val_elbo[-1][1])
+    assert history.val_elbo[-1][0] == clean_history.val_elbo[-1][0]
+
+
+def test_non_finite_gradients_are_caught_even_when_the_loss_is_finite():
+    model = build_model(preset("mfg", hidden=(16, 16)), replicas=2)
+    gens = initialize(model, [1, 2])
+    hook = model.decoder.net.net[0].weight.register_hook(
+        lambda g: torch.where(torch.arange(2)[:, None, None] == 0, g * math.inf, g))
+    history = fit(model, DATA["train"], DATA["val"], TrainConfig(epochs=1, batch_size=100), [1, 2], gens)
+    hook.remove()
+    assert history.diverged == [True, False]
+    assert history.divergence[0].reason == "non-finite gradient"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
