@@ -90,3 +90,11 @@ def test_stratified_draws_use_each_component_and_weights_sum_to_one():
     z = q.stratified_rsample(eps)  # zero noise: exactly the component means
     np.testing.assert_allclose(z[0, 0, :, :, 0].detach().numpy(), q.loc[0, 0, :, :, 0].T.detach().numpy())
     np.testing.assert_allclose(q.stratum_weights().sum(2).detach().numpy(), 1.0)
+
+
+def test_direct_density_equals_exp_log_prob():
+    rng = np.random.default_rng(1)
+    q = DiagMixture(torch.tensor(rng.normal(size=(2, 1, 3, 4))), torch.tensor(rng.normal(size=(2, 1, 3, 4, 2))),
+                    torch.tensor(rng.uniform(0.2, 1.5, size=(2, 1, 3, 4, 2))))
+    z = torch.tensor(rng.normal(size=(2, 6, 3, 2)) * 2)
+    torch.testing.assert_close(q.density(z), torch.exp(q.log_prob(z)), rtol=1e-12, atol=0)

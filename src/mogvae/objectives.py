@@ -23,18 +23,16 @@ def draw_noise(model: VAE, generators, batch: int, n_samples: int = 1, dtype=tor
     return randn_per_replica(generators, noise_shape(model, batch, n_samples), dtype=dtype)
 
 
-def log_weights(model: VAE, y: torch.Tensor, eps: torch.Tensor, decoder_mean=None):
+def log_weights(model: VAE, y: torch.Tensor, eps: torch.Tensor):
     """log p(y|z) + log p(z) - log q(z|y) at stratified draws z ~ q_k.
-    y [R, B, Y], eps [R, n, K, B, D] -> (log_w [R, n, K, B], stratum weights [R, 1, K, B]).
-    `decoder_mean` replaces f_phi (evaluation reads it from a table)."""
+    y [R, B, Y], eps [R, n, K, B, D] -> (log_w [R, n, K, B], stratum weights [R, 1, K, B])."""
     # Densities are computed in y's precision: float32 in training, float64 when
     # quadrature evaluates the (float32) networks.
     q = model.posterior(y).to(y.dtype)
     z = q.stratified_rsample(eps.to(y.dtype))          # [R, n, K, B, D]
     R, n, K, B, D = z.shape
     z = z.reshape(R, n * K, B, D)                     # [R, S, B, D], a view
-    mean = model.decoder.mean(z) if decoder_mean is None else decoder_mean(z)
-    log_w = (model.decoder.log_prob_from_mean(y, mean) + model.prior().to(y.dtype).log_prob(z) - q.log_prob(z))
+    log_w = (model.decoder.log_prob(y, z) + model.prior().to(y.dtype).log_prob(z) - q.log_prob(z))
     return log_w.reshape(R, n, K, B), q.stratum_weights()
 
 
