@@ -13,6 +13,7 @@ from torch import nn
 
 
 def train_pythae(kind: str, y: np.ndarray, seed: int, epochs: int) -> None:
+    from pythae.data.datasets import BaseDataset
     from pythae.models import VAE, VAEConfig, VAMP, VAMPConfig
     from pythae.models.base.base_utils import ModelOutput
     from pythae.models.nn import BaseDecoder, BaseEncoder
@@ -49,7 +50,8 @@ def train_pythae(kind: str, y: np.ndarray, seed: int, epochs: int) -> None:
         model = VAMP(config, encoder=Encoder(), decoder=Decoder())
     with tempfile.TemporaryDirectory() as out:
         trainer_config = BaseTrainerConfig(output_dir=out, num_epochs=epochs, learning_rate=1e-3,
-                                           per_device_train_batch_size=256, no_cuda=True, seed=seed)
+                                           per_device_train_batch_size=256, no_cuda=True, seed=seed % 2**32)
         data = torch.as_tensor(y, dtype=torch.float32)[:, None]
-        trainer = BaseTrainer(model=model, train_dataset=data, training_config=trainer_config)
+        trainer = BaseTrainer(model=model, train_dataset=BaseDataset(data, torch.zeros(len(data))),
+                              training_config=trainer_config)
         trainer.train()

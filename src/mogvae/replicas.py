@@ -52,6 +52,8 @@ class BatchedLinear(nn.Module):
             self.bias[r].uniform_(-bound, bound, generator=generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_features == 1:  # a 1-D input (the paper's y and z): an outer product, not a matmul
+            return torch.addcmul(self.bias, x, self.weight)  # [R, B, 1] * [R, 1, O]
         return torch.baddbmm(self.bias, x, self.weight)  # [R, B, O]
 
 
