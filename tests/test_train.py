@@ -71,3 +71,55 @@ def test_non_finite_gradients_are_caught_even_when_the_loss_is_finite():
     assert history.diverged == [True, False]
     assert history.divergence[0].reason == "non-finite gradient"
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def run_policy(name, policy, poison_steps, replica=1, max_retries=3, monkeypatch=None, epochs=3):
+    model = build_model(preset(name, hidden=(16, 16)), replicas=len(SEEDS))
+    gens = initialize(model, SEEDS)
+    if poison_steps:
+        calls = {"n": 0}
+        real = train_module.elbo
+
+        def poisoned(model, y, eps):
+            out = real(model, y, eps)
+            if torch.is_grad_enabled():
+                if calls["n"] in poison_steps:
+                    out = out.clone()
+                    out[replica] = math.nan
+                calls["n"] += 1
+            return out
+        monkeypatch.setattr(train_module, "elbo", poisoned)
+    cfg = TrainConfig(epochs=epochs, batch_size=100, on_divergence=policy, max_retries=max_retries)
+    return model, fit(model, DATA["train"], DATA["val"], cfg, SEEDS, gens)
+
+
+@pytest.mark.parametrize("policy", ["skip", "rollback"])
+@pytest.mark.parametrize("name", ["mfg", "mog-both"])
+def test_skip_and_rollback_recover_and_leave_siblings_untouched(name, policy, monkeypatch):
+    clean, _ = run_policy(name, policy, set())
+    hit, history = run_policy(name, policy, {8}, monkeypatch=monkeypatch)
+    assert history.diverged == [False, False, False]
+    assert history.events == [{"replica": 1, "epoch": 1, "step": 8, "reason": "non-finite loss", "action": policy}]
+    for p_clean, p_hit in zip(clean.parameters(), hit.parameters()):
+        assert torch.equal(p_hit[0], p_clean[0]) and torch.equal(p_hit[2], p_clean[2])
+        assert torch.isfinite(p_hit[1]).all() and not torch.equal(p_hit[1], p_clean[1])
+    assert all(math.isfinite(v) for v in history.val_elbo[-1])
+
+
+def test_a_skipped_step_leaves_the_replica_exactly_where_it_was(monkeypatch):
+    # poison the last step of epoch 1: after it the replica equals a clean run stopped one step earlier,
+    # which is a clean one-epoch run whose last step is dropped -- compare with policy "stop" at that step
+    stop, _ = run_policy("mfg", "stop", {5}, monkeypatch=monkeypatch, epochs=1)
+    monkeypatch.undo()
+    skip, h = run_policy("mfg", "skip", {5}, monkeypatch=monkeypatch, epochs=1)
+    assert h.events[0]["action"] == "skip"
+    for p_stop, p_skip in zip(stop.parameters(), skip.parameters()):
+        assert torch.equal(p_stop[1], p_skip[1])
+
+
+@pytest.mark.parametrize("policy", ["skip", "rollback"])
+def test_retries_are_bounded_then_the_replica_stops(policy, monkeypatch):
+    _, history = run_policy("mfg", policy, set(range(1000)), max_retries=2, monkeypatch=monkeypatch)
+    actions = [e["action"] for e in history.events]
+    assert actions == [policy, policy, "stop"]
+    assert history.diverged == [False, True, False]

@@ -33,6 +33,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--device", help="cpu (default) or cuda")
     r.add_argument("--quick", action="store_true", help="toy size, well under a minute: a smoke test")
     r.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    t = sub.add_parser("train", help="train one configuration (R seeds) into a run folder; re-run to resume")
+    t.add_argument("config", type=Path, help="TOML file (see examples/run.toml)")
+    t.add_argument("--out", type=Path, required=True, help="run folder (created, or resumed)")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, e.g. --set train.lr=3e-4 (repeatable)")
     return p
 
 
@@ -117,7 +122,28 @@ def _print_table(console, out: Path, models: list[str]) -> None:
     Console(width=max(console.width, 190)).print(table)  # wide enough for every column, also in logs
 
 
-COMMANDS = {"reproduce": reproduce}
+def train(args) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .runs import RunError, RunSession, load_run_config
+
+    console = Console(stderr=True)
+    try:
+        config = load_run_config(args.config, args.overrides)
+        _check_device(config.train.device)
+        session = RunSession(config, args.out, log=lambda m: console.print(m, soft_wrap=True))  # refusals happen here
+    except RunError as e:
+        raise UsageError(str(e)) from None
+    with Progress(TextColumn("training"), BarColumn(), TextColumn("{task.completed}/{task.total} epochs"),
+                  TimeElapsedColumn(), console=console) as progress:
+        task = progress.add_task("train", total=config.train.epochs, completed=session.trainer.epoch)
+        metrics = session.train(on_epoch=lambda e: progress.update(task, completed=e))
+    console.print(f"done: {metrics}")
+    return 0
+
+
+COMMANDS = {"reproduce": reproduce, "train": train}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(x) for x in err["loc"]) or "configuration"
-        print(f"mogvae: error: {where}: {err['msg']} (got {err.get('input')!r})", file=sys.stderr)
+        value = err.get("input")
+        got = "" if isinstance(value, (dict, list)) else f" (got {value!r})"
+        print(f"mogvae: error: {where}: {err['msg']}{got}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("mogvae: interrupted", file=sys.stderr)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .priors import PRIORS
 from .posteriors import POSTERIORS
@@ -16,6 +16,17 @@ from .posteriors import POSTERIORS
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bools_for_numbers(cls, data):
+        """pydantic's lax mode reads `true` as 1; a number field given a boolean is a mistake."""
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field = cls.model_fields.get(name)
+                if field is not None and isinstance(value, bool) and field.annotation in (int, float):
+                    raise ValueError(f"{name}: expected a number, got {str(value).lower()}")
+        return data
 
 
 class DataConfig(Strict):
@@ -80,6 +91,9 @@ class TrainConfig(Strict):
     lr_schedule: Literal["cosine", "constant"] = Field(
         "cosine", description="cosine: anneal to lr * final_lr_factor, so the last epochs average out minibatch noise")
     final_lr_factor: float = Field(0.01, gt=0, le=1.0)
+    on_divergence: Literal["stop", "skip", "rollback"] = Field(
+        "stop", description="per replica, on a non-finite loss or gradient (see train.Trainer)")
+    max_retries: int = Field(3, ge=0, le=100, description="skips or rollbacks per replica before it stops")
     n_samples: int = Field(1, ge=1, le=1000, description="reparameterized draws per posterior component per step")
     device: str = "cpu"
 

@@ -26,36 +26,37 @@ class Divergence:
     epoch: int
     step: int
     reason: str
+    action: str = "stop"
 
 
 @dataclass
 class History:
-    """Per-epoch curves, [epochs, R], and per-replica divergence records."""
+    """Per-epoch curves, [epochs, R]; per replica the divergence that stopped it
+    (None if it trained to the end); and every divergence event with its action."""
     train_loss: list[list[float]] = field(default_factory=list)
     val_elbo: list[list[float]] = field(default_factory=list)
     divergence: list[Divergence | None] = field(default_factory=list)
+    events: list[dict] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
     def diverged(self) -> list[bool]:
         return [d is not None for d in self.divergence]
 
+    def to_json(self) -> dict:
+        # no wall time: a resumed run's checkpoints must equal an uninterrupted one's, bit for bit
+        return {"train_loss": self.train_loss, "val_elbo": self.val_elbo, "events": self.events,
+                "divergence": [None if d is None else vars(d) for d in self.divergence]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "History":
+        return cls(d["train_loss"], d["val_elbo"], [None if x is None else Divergence(**x) for x in d["divergence"]],
+                   d["events"])
+
 
 def _per_replica_finite_grads(model: VAE) -> torch.Tensor:
     checks = [torch.isfinite(p.grad.flatten(1).sum(1)) for p in model.parameters() if p.grad is not None]
     return torch.stack(checks).all(0)
-
-
-def _freeze(model: VAE, optimizer: torch.optim.Optimizer, mask: torch.Tensor) -> None:
-    """Make the optimizer leave the replicas in `mask` where they are: zero
-    gradients and Adam moments give an update of exactly zero."""
-    for p in model.parameters():
-        if p.grad is not None:
-            p.grad[mask] = 0.0
-        state = optimizer.state.get(p, {})
-        for key in ("exp_avg", "exp_avg_sq"):
-            if key in state:
-                state[key][mask] = 0.0
 
 
 def validation_elbo(model: VAE, y_val: torch.Tensor, seeds: list[int], n_samples: int = 1) -> torch.Tensor:
@@ -69,52 +70,164 @@ def validation_elbo(model: VAE, y_val: torch.Tensor, seeds: list[int], n_samples
         return elbo(model, y, eps).mean(1)
 
 
+class Trainer:
+    """Adam on the negative ELBO for R replicas, one epoch at a time, with every
+    piece of state needed to continue bitwise identically (`state` / `load_state`).
+
+    Divergence policy per replica (config.on_divergence), decided before the
+    optimizer step from the replica's loss and gradients:
+      stop      freeze the replica at its last finite parameters; its siblings go on
+      skip      drop this step for the replica (parameters and Adam moments unchanged)
+      rollback  restore the replica's state at the start of the epoch and halve its learning rate
+    skip and rollback act at most `max_retries` times per replica, then stop."""
+
+    def __init__(self, model: VAE, y_train: np.ndarray, y_val: np.ndarray, config: TrainConfig,
+                 seeds: list[int], generators: list[torch.Generator]):
+        self.device = torch.device(config.device)
+        self.model, self.config, self.seeds, self.generators = model.to(self.device), config, seeds, generators
+        R = len(seeds)
+        self.data = torch.as_tensor(np.asarray(y_train), dtype=torch.float32, device=self.device).reshape(-1, 1)
+        self.val = torch.as_tensor(np.asarray(y_val), dtype=torch.float32, device=self.device).reshape(1, -1, 1)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)
+        self.schedule = _schedule(self.optimizer, config)
+        self.active = torch.ones(R, dtype=torch.bool, device=self.device)
+        self.lr_factor = torch.ones(R, dtype=torch.float64)
+        self.retries = torch.zeros(R, dtype=torch.int64)
+        self.history = History(divergence=[None] * R)
+        self.epoch = self.step = 0
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return list(self.model.parameters())
+
+    def run_epoch(self) -> None:
+        start = time.perf_counter()
+        R, n, cfg = len(self.seeds), len(self.data), self.config
+        order = torch.stack([torch.randperm(n, generator=g) for g in self.generators]).to(self.device)  # [R, N]
+        losses = torch.zeros(R, device=self.device)
+        snapshot = self._snapshot() if cfg.on_divergence == "rollback" else None
+        for begin in range(0, n, cfg.batch_size):
+            y = self.data[order[:, begin:begin + cfg.batch_size]]                                     # [R, B, 1]
+            eps = draw_noise(self.model, self.generators, y.shape[1], cfg.n_samples).to(self.device)
+            loss = -elbo(self.model, y, eps).mean(1)                                                  # [R]
+            self.optimizer.zero_grad(set_to_none=False)
+            torch.where(self.active, loss, torch.zeros_like(loss)).sum().backward()
+            ok = torch.isfinite(loss) & _per_replica_finite_grads(self.model)
+            bad = self.active & ~ok
+            if bad.any():
+                self._on_divergence(bad, loss, snapshot)
+            self._optimizer_step(bad)
+            losses += torch.where(self.active & ~bad, loss.detach(), torch.zeros_like(loss)) * y.shape[1]
+            self.step += 1
+        if self.schedule is not None:
+            self.schedule.step()
+        val_elbo = validation_elbo(self.model, self.val, self.seeds, cfg.n_samples)
+        for r in (self.active & ~torch.isfinite(val_elbo)).nonzero().flatten().tolist():
+            self._record(r, "non-finite validation ELBO", "stop")
+        self.history.train_loss.append(_masked(losses / n, self.active))
+        self.history.val_elbo.append(_masked(val_elbo, self.active))
+        self.epoch += 1
+        self.history.seconds += time.perf_counter() - start
+
+    def _on_divergence(self, bad: torch.Tensor, loss: torch.Tensor, snapshot) -> None:
+        policy = self.config.on_divergence
+        for r in bad.nonzero().flatten().tolist():
+            what = "non-finite loss" if not torch.isfinite(loss[r]) else "non-finite gradient"
+            action = policy if policy != "stop" and self.retries[r] < self.config.max_retries else "stop"
+            self._record(r, what, action)
+            if action == "rollback":
+                self._restore(r, snapshot)
+                self.lr_factor[r] *= 0.5
+            if action != "stop":
+                self.retries[r] += 1
+
+    def _record(self, r: int, reason: str, action: str) -> None:
+        event = Divergence(self.epoch, self.step, reason, action)
+        self.history.events.append({"replica": r, **vars(event)})
+        if action == "stop":
+            self.history.divergence[r] = event
+            self.active[r] = False
+
+    def _optimizer_step(self, bad: torch.Tensor) -> None:
+        """Adam step for the active replicas; `bad` replicas and stopped ones do not move."""
+        frozen = ~self.active | bad
+        keep = None
+        if frozen.any():
+            for p in self.params:
+                p.grad[frozen] = 0.0
+            # a zero gradient still moves a parameter through Adam's moments: put frozen slices back after the step
+            keep = self._slices(frozen)
+        scaled = (self.lr_factor != 1).any()
+        before = [p.detach().clone() for p in self.params] if scaled else None
+        self.optimizer.step()
+        if scaled:
+            with torch.no_grad():
+                for p, b in zip(self.params, before):
+                    f = self.lr_factor.to(p.dtype).reshape(-1, *[1] * (p.dim() - 1))
+                    p.copy_(b + f * (p - b))
+        if keep is not None:
+            self._put_slices(frozen, keep)
+
+    def _slices(self, mask):
+        return [(p.detach()[mask].clone(), {k: v[mask].clone() for k, v in self.optimizer.state.get(p, {}).items()
+                                            if k in ("exp_avg", "exp_avg_sq")}) for p in self.params]
+
+    def _put_slices(self, mask, saved) -> None:
+        with torch.no_grad():
+            for p, (value, moments) in zip(self.params, saved):
+                p[mask] = value
+                for k, v in moments.items():
+                    self.optimizer.state[p][k][mask] = v
+
+    def _snapshot(self):
+        return self._slices(torch.ones(len(self.seeds), dtype=torch.bool))
+
+    def _restore(self, r: int, snapshot) -> None:
+        mask = torch.zeros(len(self.seeds), dtype=torch.bool)
+        mask[r] = True
+        self._put_slices(mask, [(v[mask], {k: m[mask] for k, m in mo.items()}) for v, mo in snapshot])
+
+    # -- state, for checkpoints: tensors (safetensors) and JSON, never a pickle --------------------------
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        for i, p in enumerate(self.params):
+            for k, v in self.optimizer.state.get(p, {}).items():
+                tensors[f"optim.{i}.{k}"] = v
+        for r, g in enumerate(self.generators):
+            tensors[f"rng.{r}"] = g.get_state()
+        tensors.update({"active": self.active.to(torch.uint8), "lr_factor": self.lr_factor, "retries": self.retries})
+        meta = {"epoch": self.epoch, "step": self.step, "history": self.history.to_json(),
+                "lr": [g["lr"] for g in self.optimizer.param_groups],
+                "schedule": self.schedule.state_dict() if self.schedule is not None else None}
+        return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, meta
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        for i, p in enumerate(self.params):
+            state = {k.split(".", 2)[2]: v.to(self.device) for k, v in tensors.items() if k.startswith(f"optim.{i}.")}
+            if state:
+                self.optimizer.state[p] = state
+        for r, g in enumerate(self.generators):
+            g.set_state(tensors[f"rng.{r}"])
+        self.active = tensors["active"].to(torch.bool).to(self.device)
+        self.lr_factor, self.retries = tensors["lr_factor"].clone(), tensors["retries"].clone()
+        for g, lr in zip(self.optimizer.param_groups, meta["lr"]):
+            g["lr"] = lr
+        if self.schedule is not None:
+            self.schedule.load_state_dict(meta["schedule"])
+        self.epoch, self.step = meta["epoch"], meta["step"]
+        self.history = History.from_json(meta["history"])
+
+
 def fit(model: VAE, y_train: np.ndarray, y_val: np.ndarray, config: TrainConfig,
         seeds: list[int], generators: list[torch.Generator], on_epoch=None) -> History:
-    """Train the R replicas of `model` (R = len(seeds)) by Adam on the negative ELBO."""
-    device = torch.device(config.device)
-    model.to(device)
-    R, n = len(seeds), len(y_train)
-    data = torch.as_tensor(np.asarray(y_train), dtype=torch.float32, device=device).reshape(n, 1)
-    val = torch.as_tensor(np.asarray(y_val), dtype=torch.float32, device=device).reshape(1, -1, 1)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)
-    schedule = _schedule(optimizer, config)
-    active = torch.ones(R, dtype=torch.bool, device=device)
-    history = History(divergence=[None] * R)
-    start, step = time.perf_counter(), 0
-    for epoch in range(config.epochs):
-        order = torch.stack([torch.randperm(n, generator=g) for g in generators]).to(device)  # [R, N]
-        losses = torch.zeros(R, device=device)
-        for begin in range(0, n, config.batch_size):
-            y = data[order[:, begin:begin + config.batch_size]]                                # [R, B, 1]
-            eps = draw_noise(model, generators, y.shape[1], config.n_samples).to(device)
-            loss = -elbo(model, y, eps).mean(1)                                               # [R]
-            optimizer.zero_grad(set_to_none=False)
-            torch.where(active, loss, torch.zeros_like(loss)).sum().backward()
-            ok = torch.isfinite(loss) & _per_replica_finite_grads(model)
-            newly = active & ~ok
-            if newly.any():
-                for r in newly.nonzero().flatten().tolist():
-                    what = "loss" if not torch.isfinite(loss[r]) else "gradient"
-                    history.divergence[r] = Divergence(epoch, step, f"non-finite {what}")
-                active &= ok
-            if not active.all():
-                _freeze(model, optimizer, ~active)
-            optimizer.step()
-            losses += torch.where(active, loss.detach(), torch.zeros_like(loss)) * y.shape[1]
-            step += 1
-        if schedule is not None:
-            schedule.step()
-        val_elbo = validation_elbo(model, val, seeds, config.n_samples)
-        for r in (active & ~torch.isfinite(val_elbo)).nonzero().flatten().tolist():
-            history.divergence[r] = Divergence(epoch, step, "non-finite validation ELBO")
-            active[r] = False
-        history.train_loss.append(_masked(losses / n, active))
-        history.val_elbo.append(_masked(val_elbo, active))
+    """Train the R replicas of `model` (R = len(seeds)) for config.epochs epochs."""
+    trainer = Trainer(model, y_train, y_val, config, seeds, generators)
+    while trainer.epoch < config.epochs:
+        trainer.run_epoch()
         if on_epoch is not None:
-            on_epoch(epoch, history)
-    history.seconds = time.perf_counter() - start
-    return history
+            on_epoch(trainer.epoch - 1, trainer.history)
+    return trainer.history
 
 
 def _schedule(optimizer, config: TrainConfig):

@@ -1,0 +1,249 @@
+"""`mogvae train`: one configuration, R seeds, in a run directory that survives.
+
+DIR/config.json        the resolved configuration (a resume must match it)
+DIR/data/*.npy         the exact data
+DIR/history.jsonl      one line per epoch, appended and fsynced (a torn last line is ignored)
+DIR/checkpoints/       epoch-NNNNNN.safetensors, the newest two kept (see checkpoint.py)
+DIR/metrics.csv        the final exact evaluation, one row per seed; DIR/curves.npz its figure data
+DIR/status.json        progress and wall time (the only file that differs between identical runs)
+
+Every file is written atomically; a second process on the same DIR is refused
+(an flock, released by the kernel even after kill -9); re-running the same
+command continues from the newest valid checkpoint, bitwise identically.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from pydantic import Field, model_validator
+
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .config import PRESETS, DataConfig, EvalConfig, ModelConfig, Strict, TrainConfig
+from .data import PaperProcess, make_splits
+from .evaluate import evaluate
+from .io import write_csv, write_json, write_npy, write_npz, write_text
+from .model import build_model
+from .replicas import initialize, replica_seed
+from .train import Trainer
+
+KEEP_CHECKPOINTS = 2
+
+
+class RunError(Exception):
+    """A refusal with a one-line reason (the CLI turns it into exit code 2)."""
+
+
+class RunConfig(Strict):
+    """What `mogvae train` runs. `preset` (if given) sets model.prior and model.posterior."""
+    preset: str | None = None
+    seeds: int = Field(5, ge=1, le=1000)
+    base_seed: int = Field(0, ge=0)
+    checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _known_preset(self):
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose from {list(PRESETS)}")
+        return self
+
+    def resolved_model(self) -> ModelConfig:
+        return self.model.model_copy(update=PRESETS[self.preset]) if self.preset else self.model
+
+
+def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the fields whose values differ, with both values."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, name + ".")
+        elif a != b:
+            out.append(f"{name} ({a!r} -> {b!r})")
+    return out
+
+
+class RunDir:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.checkpoints = self.path / "checkpoints"
+        self._lock = None
+
+    def lock(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.path / ".lock", "w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunError(f"{self.path}: in use by another mogvae process") from None
+        for stale in self.path.rglob(".*.tmp"):  # temporaries of an interrupted write never carry a final name
+            stale.unlink()
+
+    def claim(self, config: RunConfig) -> None:
+        """Record the configuration, or check that a resume asks for the same one."""
+        resolved = config.model_dump(mode="json")
+        saved = self.path / "config.json"
+        if saved.exists():
+            try:
+                old = json.loads(saved.read_text())
+            except ValueError:
+                raise RunError(f"{saved}: unreadable (not JSON)") from None
+            diff = differences(old, resolved)
+            if diff:
+                raise RunError(f"{self.path}: was started with a different configuration: " + ", ".join(diff))
+        else:
+            write_json(saved, resolved)
+
+    def newest_checkpoint(self, warn) -> tuple[dict, dict] | None:
+        """The newest checkpoint that verifies; older ones are fallbacks. If there are
+        checkpoints and none verifies, refuse rather than silently start over."""
+        errors = []
+        for path in sorted(self.checkpoints.glob("epoch-*.safetensors"), reverse=True):
+            try:
+                state = load_checkpoint(path)
+            except CheckpointError as e:
+                errors.append(str(e))
+                continue
+            for e in errors:  # said only when an older checkpoint is used instead
+                warn(f"skipping {e}")
+            return state
+        if errors:
+            raise RunError(errors[0])
+        return None
+
+    def save_checkpoint(self, trainer: Trainer) -> None:
+        tensors, meta = trainer.state()
+        params = [v for k, v in tensors.items() if k.startswith("model.")]
+        if not all(bool(torch.isfinite(p).all()) for p in params if p.is_floating_point()):
+            raise RunError("refusing to checkpoint non-finite parameters")  # unreachable by design: a guard
+        save_checkpoint(self.checkpoints / f"epoch-{trainer.epoch:06d}.safetensors", tensors, meta)
+        for old in sorted(self.checkpoints.glob("epoch-*.safetensors"))[:-KEEP_CHECKPOINTS]:
+            old.unlink()
+
+    def rewrite_history(self, trainer: Trainer) -> None:
+        lines = [_history_line(trainer, e) for e in range(trainer.epoch)]
+        write_text(self.path / "history.jsonl", "".join(lines))
+
+    def append_history(self, trainer: Trainer) -> None:
+        with open(self.path / "history.jsonl", "a") as fh:
+            fh.write(_history_line(trainer, trainer.epoch - 1))
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def _history_line(trainer: Trainer, epoch: int) -> str:
+    h = trainer.history
+    return json.dumps({"epoch": epoch + 1, "train_loss": h.train_loss[epoch], "val_elbo": h.val_elbo[epoch]}) + "\n"
+
+
+def read_history(path: Path) -> list[dict]:
+    """The epochs of a history.jsonl; a torn last line (a crash mid-append) is ignored."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            break
+    return out
+
+
+class RunSession:
+    """A locked run folder with its trainer at the newest valid checkpoint.
+    Everything that can be refused is checked on opening, before any training."""
+
+    def __init__(self, config: RunConfig, out: Path, log=print):
+        self.config, self.run = config, RunDir(out)
+        self.run.lock()
+        self.run.claim(config)
+        d = config.data
+        self.process = PaperProcess(d.sigma)
+        self.data = make_splits(self.process, {"train": d.n_train, "val": d.n_val, "test": d.n_test}, d.seed)
+        self.seeds = [replica_seed(config.base_seed, i) for i in range(config.seeds)]
+        self.model = build_model(config.resolved_model(), replicas=len(self.seeds), noise=d.sigma)
+        self.trainer = Trainer(self.model, self.data["train"], self.data["val"], config.train, self.seeds,
+                               initialize(self.model, self.seeds))
+        state = self.run.newest_checkpoint(log)
+        if state is not None:
+            self.trainer.load_state(*state)
+            log(f"resuming {out} at epoch {self.trainer.epoch}")
+
+    def train(self, on_epoch=None) -> Path:
+        run, trainer, config = self.run, self.trainer, self.config
+        for name, y in self.data.items():
+            if not (run.path / "data" / f"{name}.npy").exists():
+                write_npy(run.path / "data" / f"{name}.npy", y)
+        run.rewrite_history(trainer)  # exactly the checkpoint's epochs: none duplicated, none missing
+        start = time.perf_counter()
+        while trainer.epoch < config.train.epochs:
+            trainer.run_epoch()
+            run.append_history(trainer)
+            if trainer.epoch % config.checkpoint_every == 0 or trainer.epoch == config.train.epochs:
+                run.save_checkpoint(trainer)
+            write_json(run.path / "status.json", {"epoch": trainer.epoch, "of": config.train.epochs, "done": False,
+                                                  "seconds_this_session": time.perf_counter() - start})
+            if on_epoch is not None:
+                on_epoch(trainer.epoch)
+        return self._evaluate()
+
+    def _evaluate(self) -> Path:
+        history, run = self.trainer.history, self.run
+        evaluation = evaluate(self.model, self.process, self.data["test"], self.config.eval, self.seeds,
+                              history.diverged)
+        rows = [{"seed": i, **m, "diverged": div is not None, "diverged_epoch": div.epoch if div else "",
+                 "final_val_elbo": history.val_elbo[-1][i]}
+                for i, (m, div) in enumerate(zip(evaluation.metrics, history.divergence))]
+        write_csv(run.path / "metrics.csv", rows)
+        write_npz(run.path / "curves.npz", evaluation.curves)
+        write_json(run.path / "status.json", {"epoch": self.trainer.epoch, "of": self.config.train.epochs,
+                                              "done": True, "diverged": sum(history.diverged),
+                                              "events": history.events})
+        return run.path / "metrics.csv"
+
+
+def train_run(config: RunConfig, out: Path, log=print, on_epoch=None) -> Path:
+    return RunSession(config, out, log).train(on_epoch)
+
+
+def load_run_config(path: Path, overrides: list[str]) -> RunConfig:
+    """A TOML file plus `key=value` overrides (values in TOML syntax; bare words are strings)."""
+    from .tomlcompat import TOMLDecodeError, loads
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise RunError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        raw = loads(text)
+    except TOMLDecodeError as e:
+        raise RunError(f"{path}: invalid TOML: {e}") from None
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise RunError(f"--set {item!r}: expected key=value")
+        _set_dotted(raw, key.strip(), _parse_value(value.strip()))
+    return RunConfig(**raw)
+
+
+def _parse_value(text: str):
+    from .tomlcompat import TOMLDecodeError, loads
+    try:
+        return loads(f"v = {text}")["v"]
+    except TOMLDecodeError:
+        return text
+
+
+def _set_dotted(d: dict, key: str, value) -> None:
+    *parents, last = key.split(".")
+    for p in parents:
+        if not isinstance(d.setdefault(p, {}), dict):
+            raise RunError(f"--set {key}: {p} is not a section")
+        d = d[p]
+    d[last] = value

@@ -1,0 +1,186 @@
+"""`mogvae train`: checkpoints, resume after kill -9, refusals, safe loading."""
+import json
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mogvae.checkpoint import CheckpointError, load_checkpoint
+from mogvae.cli import main
+from mogvae.runs import RunDir, read_history
+
+SMALL = """
+preset = "mog-both"
+seeds = 2
+checkpoint_every = 1
+[model]
+hidden = [16, 16]
+n_components = 3
+[data]
+n_train = 2000
+n_val = 200
+n_test = 500
+[train]
+epochs = {epochs}
+[eval]
+grid_size = 801
+n_generated = 1000
+"""
+
+
+def write_config(tmp_path, epochs=30) -> Path:
+    path = tmp_path / "run.toml"
+    path.write_text(SMALL.format(epochs=epochs))
+    return path
+
+
+def train_cmd(config, out):
+    return [sys.executable, "-m", "mogvae.cli", "train", str(config), "--out", str(out)]
+
+
+def final_state(out: Path):
+    newest = sorted((out / "checkpoints").glob("*.safetensors"))[-1]
+    tensors, meta = load_checkpoint(newest)
+    return newest.name, tensors, meta, (out / "history.jsonl").read_bytes(), (out / "metrics.csv").read_bytes()
+
+
+def assert_no_partial_files(out: Path):
+    for ckpt in (out / "checkpoints").glob("*.safetensors"):
+        load_checkpoint(ckpt)                         # every checkpoint with a final name verifies
+    for name in ("config.json", "status.json"):
+        if (out / name).exists():
+            json.loads((out / name).read_text())
+    if (out / "history.jsonl").exists():
+        epochs = [h["epoch"] for h in read_history(out / "history.jsonl")]
+        assert epochs == list(range(1, len(epochs) + 1))  # no duplicated or missing epochs
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ref")
+    config = write_config(tmp)
+    subprocess.run(train_cmd(config, tmp / "out"), check=True, capture_output=True, timeout=300)
+    return config, final_state(tmp / "out")
+
+
+def test_killed_and_resumed_runs_end_bitwise_identical(reference, tmp_path):
+    config, (ref_name, ref_tensors, ref_meta, ref_history, ref_metrics) = reference
+    rng = random.Random(1234)
+    kills_that_interrupted = 0
+    for trial in range(10):
+        out = tmp_path / f"trial{trial}"
+        for _ in range(rng.choice([1, 2])):        # one or two kills before the run may finish
+            proc = subprocess.Popen(train_cmd(config, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(rng.uniform(1.8, 4.5))
+            if proc.poll() is None:
+                kills_that_interrupted += 1
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            assert_no_partial_files(out)
+        subprocess.run(train_cmd(config, out), check=True, capture_output=True, timeout=300)
+        name, tensors, meta, history, metrics = final_state(out)
+        assert name == ref_name and meta == ref_meta
+        assert tensors.keys() == ref_tensors.keys()
+        assert all(torch.equal(tensors[k], ref_tensors[k]) for k in tensors)
+        assert history == ref_history and metrics == ref_metrics
+    assert kills_that_interrupted >= 5  # the trials really interrupted training
+
+
+def one_line_error(args, capsys) -> str:
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1 and err[0].startswith("mogvae: error:") and "Traceback" not in err[0], err
+    return err[0]
+
+
+def short_run(tmp_path, capsys) -> tuple[Path, Path]:
+    config, out = write_config(tmp_path, epochs=2), tmp_path / "out"
+    assert main(["train", str(config), "--out", str(out)]) == 0
+    capsys.readouterr()
+    return config, out
+
+
+def test_resume_with_another_configuration_is_refused_naming_fields(tmp_path, capsys):
+    config, out = short_run(tmp_path, capsys)
+    err = one_line_error(["train", config, "--out", out, "--set", "train.lr=0.01", "--set", "seeds=3"], capsys)
+    assert "train.lr" in err and "seeds" in err
+
+
+def test_a_second_process_on_the_same_folder_is_refused(tmp_path, capsys):
+    config = write_config(tmp_path)
+    holder = RunDir(tmp_path / "out")
+    holder.lock()
+    assert "in use" in one_line_error(["train", config, "--out", tmp_path / "out"], capsys)
+
+
+class Exploit:
+    def __init__(self, sentinel):
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.sentinel}",))
+
+
+def only_checkpoint(out: Path) -> Path:
+    ckpts = sorted((out / "checkpoints").glob("*.safetensors"))
+    for c in ckpts[:-1]:
+        c.unlink()
+    return ckpts[-1]
+
+
+def test_a_malicious_pickle_checkpoint_is_refused_without_running(tmp_path, capsys):
+    config, out = short_run(tmp_path, capsys)
+    sentinel = tmp_path / "pwned"
+    ckpt = only_checkpoint(out)
+    ckpt.write_bytes(pickle.dumps({"state": Exploit(sentinel)}))
+    torch.save({"x": Exploit(sentinel)}, ckpt.with_name("epoch-000099.safetensors"))  # torch's zip-pickle format too
+    os.remove(ckpt)
+    assert "not a valid mogvae checkpoint" in one_line_error(["train", config, "--out", out], capsys)
+    assert not sentinel.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "bitflip", "empty", "header"])
+def test_damaged_checkpoints_give_a_clean_one_line_error(tmp_path, capsys, damage):
+    config, out = short_run(tmp_path, capsys)
+    ckpt = only_checkpoint(out)
+    data = bytearray(ckpt.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "bitflip":
+        data[-7] ^= 0x10                  # inside the tensor payload: only the checksum can tell
+    elif damage == "empty":
+        data = bytearray()
+    else:
+        data[10] ^= 0xFF                  # inside the JSON header
+    ckpt.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(ckpt)
+    err = one_line_error(["train", config, "--out", out], capsys)
+    assert str(ckpt.name) in err
+
+
+def test_an_older_valid_checkpoint_is_used_when_the_newest_is_damaged(tmp_path, capsys):
+    config, out = short_run(tmp_path, capsys)
+    newest = sorted((out / "checkpoints").glob("*.safetensors"))[-1]
+    newest.write_bytes(newest.read_bytes()[:100])
+    assert main(["train", str(config), "--out", str(out)]) == 0
+    assert "skipping" in capsys.readouterr().err
+
+
+def test_the_package_never_unpickles():
+    src = Path(__file__).parents[1] / "src" / "mogvae"
+    for path in src.rglob("*.py"):
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#")[0]
+            assert "pickle.load" not in code, f"{path}:{n}"
+            if "torch.load(" in code:
+                assert "weights_only=True" in code, f"{path}:{n}"
+            assert "allow_pickle=True" not in code, f"{path}:{n}"
