@@ -30,12 +30,20 @@ class Strict(BaseModel):
 
 
 class DataConfig(Strict):
-    name: Literal["paper"] = "paper"
-    sigma: float = Field(0.1, gt=0, description="noise std of y|z; the paper's 0.01 read as a variance")
+    name: Literal["paper", "file"] = "paper"
+    path: str | None = Field(None, description="for name = 'file': a .npy, .csv or .txt of y values, one per row")
+    sigma: float = Field(0.1, gt=0, description="noise std of y|z (the paper's 0.01 read as a variance); "
+                                                "also the decoder's known noise")
     n_train: int = Field(10_000, ge=1)
     n_val: int = Field(2_000, ge=1)
     n_test: int = Field(10_000, ge=1)
     seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _file_has_path(self):
+        if (self.name == "file") != (self.path is not None):
+            raise ValueError("data.path is required with name = 'file' and only then")
+        return self
 
 
 class ModelConfig(Strict):

@@ -102,3 +102,79 @@ def make_splits(process: PaperProcess, sizes: dict[str, int], seed: int) -> dict
         _, y = process.sample(n, ss.generate_state(1)[0])
         out[name] = y
     return out
+
+
+class DataError(ValueError):
+    """A data file that cannot be used: the message names the file and the row."""
+
+
+def load_data_file(path) -> np.ndarray:
+    """y values from a .npy (no pickles) or a text file with one number per line
+    (# comments allowed). Refuses empty files, other shapes, text, NaN and inf."""
+    from pathlib import Path
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    if path.suffix == ".npy":
+        try:
+            y = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise DataError(f"{path}: not a readable .npy of numbers ({str(e).splitlines()[0][:80]})") from None
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = y[:, 0]
+        if y.ndim != 1:
+            raise DataError(f"{path}: expected one value per row, got an array of shape {y.shape}")
+        if not np.issubdtype(y.dtype, np.number) or np.issubdtype(y.dtype, np.complexfloating):
+            raise DataError(f"{path}: expected real numbers, got dtype {y.dtype}")
+        rows = range(1, len(y) + 1)
+    else:
+        values, rows = [], []
+        for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            text = line.split("#")[0].strip().rstrip(",")
+            if not text:
+                continue
+            if "," in text or len(text.split()) > 1:
+                raise DataError(f"{path}: row {n}: expected one value per row, got {line.strip()[:40]!r}")
+            try:
+                values.append(float(text))
+            except ValueError:
+                raise DataError(f"{path}: row {n}: not a number ({text[:40]!r})") from None
+            rows.append(n)
+        y = np.asarray(values, dtype=np.float64)
+    if len(y) == 0:
+        raise DataError(f"{path}: no data")
+    y = y.astype(np.float64)
+    bad = np.flatnonzero(~np.isfinite(y))
+    if len(bad):
+        raise DataError(f"{path}: row {list(rows)[bad[0]]}: {y[bad[0]]} is not finite ({len(bad)} such rows)")
+    return y
+
+
+def split_file_data(y: np.ndarray, sizes: dict[str, int], seed: int, path="data") -> dict[str, np.ndarray]:
+    """A seeded shuffle of a data file cut into the requested splits."""
+    need = sum(sizes.values())
+    if need > len(y):
+        raise DataError(f"{path}: {len(y)} rows, but the splits ask for {need} ({sizes})")
+    order = np.random.default_rng(seed).permutation(len(y))
+    out, start = {}, 0
+    for name, n in sizes.items():
+        out[name] = y[order[start:start + n]]
+        start += n
+    return out
+
+
+class UnknownTruth:
+    """Stands in for a process when the data come from a file: every true
+    quantity is NaN, so metrics against the truth are reported as unknown."""
+
+    name = "file"
+
+    @staticmethod
+    def f(z):
+        return np.full(np.shape(z), np.nan)
+
+    def log_prob(self, y):
+        return np.full(np.shape(np.atleast_1d(y)), np.nan)
+
+    def posterior(self, y, z_grid):
+        return np.full((np.size(y), np.size(z_grid)), np.nan)

@@ -24,7 +24,7 @@ from pydantic import Field, model_validator
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import PRESETS, DataConfig, EvalConfig, ModelConfig, Strict, TrainConfig
-from .data import PaperProcess, make_splits
+from .data import DataError, PaperProcess, UnknownTruth, load_data_file, make_splits, split_file_data
 from .evaluate import evaluate
 from .io import write_csv, write_json, write_npy, write_npz, write_text
 from .model import build_model
@@ -162,11 +162,19 @@ class RunSession:
 
     def __init__(self, config: RunConfig, out: Path, log=print):
         self.config, self.run = config, RunDir(out)
+        d = config.data
+        sizes = {"train": d.n_train, "val": d.n_val, "test": d.n_test}
+        if d.name == "file":  # a user's data: checked before anything is written, and no known truth
+            try:
+                self.data = split_file_data(load_data_file(d.path), sizes, d.seed, d.path)
+            except DataError as e:
+                raise RunError(str(e)) from None
+            self.process = UnknownTruth()
+        else:
+            self.process = PaperProcess(d.sigma)
+            self.data = make_splits(self.process, sizes, d.seed)
         self.run.lock()
         self.run.claim(config)
-        d = config.data
-        self.process = PaperProcess(d.sigma)
-        self.data = make_splits(self.process, {"train": d.n_train, "val": d.n_val, "test": d.n_test}, d.seed)
         self.seeds = [replica_seed(config.base_seed, i) for i in range(config.seeds)]
         self.model = build_model(config.resolved_model(), replicas=len(self.seeds), noise=d.sigma)
         self.trainer = Trainer(self.model, self.data["train"], self.data["val"], config.train, self.seeds,

@@ -1,0 +1,92 @@
+"""User data files: refused before training with one line naming file and row; good ones train."""
+import csv
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from mogvae.cli import main
+from mogvae.data import DataError, PaperProcess, load_data_file
+
+CONFIG = """
+preset = "mfg"
+seeds = 1
+[model]
+hidden = [8]
+[data]
+name = "file"
+path = "{path}"
+n_train = 150
+n_val = 20
+n_test = 30
+[train]
+epochs = 2
+[eval]
+grid_size = 401
+n_generated = 200
+"""
+
+
+def run(tmp_path, data_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(CONFIG.format(path=data_path))
+    code = main(["train", str(cfg), "--out", str(tmp_path / "out")])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+GOOD = PaperProcess().sample(200, 0)[1]
+
+
+def write(tmp_path, name, content):
+    path = tmp_path / name
+    if isinstance(content, np.ndarray):
+        np.save(path, content, allow_pickle=True)
+    else:
+        path.write_text(content)
+    return path
+
+
+@pytest.mark.parametrize("name,content,needle", [
+    ("nan.txt", "0.1\n0.2\nnan\n0.3\n", "row 3"),
+    ("inf.csv", "0.1\n-inf\n", "row 2"),
+    ("text.txt", "0.1\nhello\n", "row 2: not a number"),
+    ("two_columns.csv", "0.1,0.2\n0.3,0.4\n", "row 1: expected one value"),
+    ("empty.txt", "", "no data"),
+    ("comments_only.txt", "# nothing\n", "no data"),
+    ("matrix.npy", np.zeros((10, 3)), "shape (10, 3)"),
+    ("nan.npy", np.array([0.1, np.nan, 0.2]), "row 2"),
+    ("strings.npy", np.array(["a", "b"]), "dtype"),
+    ("short.txt", "\n".join(map(str, GOOD[:50])), "ask for 200"),
+])
+def test_bad_data_files_are_refused_before_training(tmp_path, capsys, name, content, needle):
+    path = write(tmp_path, name, content)
+    code, err = run(tmp_path, path, capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith("mogvae: error:"), err
+    assert name in err[0] and needle in err[0], err
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_a_pickled_npy_is_refused_without_unpickling(tmp_path, capsys):
+    sentinel = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {sentinel}",))
+    path = tmp_path / "evil.npy"
+    np.save(path, np.array([Exploit()], dtype=object), allow_pickle=True)
+    with pytest.raises(DataError, match="evil.npy"):
+        load_data_file(path)
+    assert not sentinel.exists()
+
+
+def test_a_good_file_trains_and_reports_unknown_truth(tmp_path, capsys):
+    path = tmp_path / "y.csv"
+    path.write_text("# y values\n" + "\n".join(f"{float(v)!r}," for v in GOOD))
+    code, err = run(tmp_path, path, capsys)
+    assert code == 0, err
+    rows = list(csv.DictReader(open(tmp_path / "out" / "metrics.csv")))
+    assert np.isfinite(float(rows[0]["test_log_likelihood"]))
+    assert np.isnan(float(rows[0]["kl_to_truth"]))           # no truth for a user's data
+    np.testing.assert_array_equal(np.sort(np.concatenate(
+        [np.load(tmp_path / "out" / "data" / f"{s}.npy") for s in ("train", "val", "test")])), np.sort(GOOD))
