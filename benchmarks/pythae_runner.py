@@ -4,6 +4,8 @@ MSE reconstruction term and VAMP a pseudo-input prior: the same work per step
 as mfg and mog-prior, not the same objective -- this row measures speed only."""
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import tempfile
 
@@ -19,7 +21,9 @@ def train_pythae(kind: str, y: np.ndarray, seed: int, epochs: int) -> None:
     from pythae.models.nn import BaseDecoder, BaseEncoder
     from pythae.trainers import BaseTrainer, BaseTrainerConfig
 
-    logging.getLogger("pythae").setLevel(logging.ERROR)
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("pythae"):
+            logging.getLogger(name).setLevel(logging.ERROR)
 
     def mlp(i, o):
         return nn.Sequential(nn.Linear(i, 64), nn.SiLU(), nn.Linear(64, 64), nn.SiLU(), nn.Linear(64, o))
@@ -54,4 +58,5 @@ def train_pythae(kind: str, y: np.ndarray, seed: int, epochs: int) -> None:
         data = torch.as_tensor(y, dtype=torch.float32)[:, None]
         trainer = BaseTrainer(model=model, train_dataset=BaseDataset(data, torch.zeros(len(data))),
                               training_config=trainer_config)
-        trainer.train()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            trainer.train()  # pythae prints its configuration and a progress bar per epoch

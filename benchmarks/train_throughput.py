@@ -7,7 +7,9 @@ batch size (256) and number of epochs, for each of the four models:
   mogvae-2x1      mogvae's trainer, seeds split over 2 single-threaded worker processes (what `reproduce` does)
   pythae-vae/vamp pythae 0.1.2's trainer (VAE on mfg, VAMP on mog-prior) when pythae is installed
 and prints medians over repeats, the ratios to the baseline and to pythae, and
-peak memory; results go to benchmarks/results/train_throughput.json. It then
+the growth of resident memory during each run (+RSS; a method run after another
+reuses freed memory, so small numbers mean "nothing new", not "nothing");
+results go to benchmarks/results/train_throughput.json. It then
 times `mogvae reproduce` end to end (on defaults; --quick: `reproduce --quick`).
 
     python benchmarks/train_throughput.py [--quick]
@@ -42,6 +44,7 @@ from mogvae.train import fit  # noqa: E402
 MODELS = {"mfg": ("normal", "gaussian"), "mog-prior": ("mog", "gaussian"),
           "mog-posterior": ("normal", "mog"), "mog-both": ("mog", "mog")}
 RESULTS = Path(__file__).parent / "results" / "train_throughput.json"
+QUICK_RESULTS = RESULTS.with_name("train_throughput.quick.json")  # a smoke run never overwrites the real one
 
 
 class PeakRSS:
@@ -179,15 +182,16 @@ def main():
     if not args.no_reproduce:
         report["reproduce_seconds"] = time_reproduce(quick)
         print(f"\nmogvae reproduce{' --quick' if quick else ''} end to end: {report['reproduce_seconds']:.1f} s")
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"written {RESULTS}")
+    target = QUICK_RESULTS if quick else RESULTS
+    target.parent.mkdir(exist_ok=True)
+    target.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"written {target}")
 
 
 def summarize(samples, models, workers) -> list[dict]:
     best = f"mogvae-{workers}x1"
     rows = []
-    print(f"\n{'model':14s} {'method':12s} {'seed-epochs/s':>14s} {'peak MiB':>9s} {'vs baseline':>12s} {'vs pythae':>10s}")
+    print(f"\n{'model':14s} {'method':12s} {'seed-epochs/s':>14s} {'+RSS MiB':>9s} {'vs baseline':>12s} {'vs pythae':>10s}")
     for model in models:
         base = statistics.median(s[0] for s in samples[(model, "baseline")])
         pyt = [k for k in samples if k[0] == model and k[1].startswith("pythae")]

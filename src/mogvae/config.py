@@ -56,18 +56,12 @@ class ModelConfig(Strict):
     learn_decoder_noise: bool = False
     learn_weights: bool = False
 
-    @field_validator("prior")
+    @field_validator("prior", "posterior")
     @classmethod
-    def _prior_known(cls, v):
-        if v not in PRIORS:
-            raise ValueError(f"unknown prior {v!r}; choose from {sorted(PRIORS)}")
-        return v
-
-    @field_validator("posterior")
-    @classmethod
-    def _posterior_known(cls, v):
-        if v not in POSTERIORS:
-            raise ValueError(f"unknown posterior {v!r}; choose from {sorted(POSTERIORS)}")
+    def _registered(cls, v, info):
+        registry = PRIORS if info.field_name == "prior" else POSTERIORS
+        if v not in registry:
+            raise ValueError(f"unknown {info.field_name} {v!r}; choose from {sorted(registry)}")
         return v
 
     @field_validator("hidden")

@@ -16,7 +16,7 @@ by Hermite nodes.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -32,9 +32,10 @@ F64 = torch.float64  # densities and sums; the networks run in the precision the
 class Grid:
     nodes: torch.Tensor    # [R, G, D]
     log_w: torch.Tensor    # [R, G]  log quadrature weights (fine rule)
-    coarse: torch.Tensor   # [G'] indices of the coarse sub-grid
+    coarse: torch.Tensor   # [G'] indices of the coarse sub-grid (every other node of the core)
     log_w_coarse: torch.Tensor  # [R, G']
     axes: tuple[torch.Tensor, ...]  # per-axis nodes, each [R, n]
+    core: slice = field(default_factory=lambda: slice(None))  # the nodes covering the prior, where log p(y) is integrated; the rest serve q
 
 
 def _trapezoid_log_weights(h: torch.Tensor, n: int) -> torch.Tensor:
@@ -68,11 +69,18 @@ def latent_grid(model: VAE, size: int, span: float, y=None, max_size: int = 20_0
     axes = [lo[:, d, None] + (hi - lo)[:, d, None] * t for d in range(D)]  # each [R, n]
     h = [(hi - lo)[:, d] / (size - 1) for d in range(D)]
     fine = [_trapezoid_log_weights(hd, size) for hd in h]
+    if D == 1:
+        # the core: the nodes over the prior's reach (an even start, so the coarse rule is every other node)
+        p_lo, p_hi = _reach(prior.loc, prior.scale, span)
+        i0 = int(((p_lo[:, 0] - lo[:, 0]) / h[0]).round().min()) // 2 * 2
+        i1 = int(((p_hi[:, 0] - lo[:, 0]) / h[0]).round().max()) + 1
+        core = slice(i0, min(i1, size))
+        idx = torch.arange(core.start, core.stop, 2, device=lo.device)
+        log_wc = torch.log(2 * h[0])[:, None].expand(-1, len(idx))    # integrand ~e^-32 at the ends
+        return Grid(axes[0][..., None], fine[0], idx, log_wc, tuple(axes), core)
     coarse_n = (size + 1) // 2
     coarse = [_trapezoid_log_weights(2 * hd, coarse_n) for hd in h]
     idx = torch.arange(0, size, 2, device=lo.device)
-    if D == 1:
-        return Grid(axes[0][..., None], fine[0], idx, coarse[0], tuple(axes))
     # tensor product, row-major: node (i, j) -> i * size + j
     nodes = torch.stack([torch.stack(torch.meshgrid(a0, a1, indexing="ij"), -1).reshape(-1, 2)
                          for a0, a1 in zip(axes[0], axes[1])])             # [R, G, 2]
@@ -120,7 +128,7 @@ def _log_terms(y: torch.Tensor, mean, inv_sigma, offset) -> torch.Tensor:
 
 @torch.no_grad()
 def integrate(model: VAE, y, grid: Grid, elbo: bool = True, budget: int = 4_000_000,
-              elbo_chunk: int = 16) -> "Integrals":
+              elbo_chunk: int = 128) -> "Integrals":
     """log p(y) and, if `elbo`, the ELBO of every point by the fine and the coarse
     rule on one grid: the decoder is evaluated once, and the gap log p - ELBO is
     KL(q(z|y) || p(z|y)) computed on the same nodes."""
@@ -135,11 +143,11 @@ def integrate(model: VAE, y, grid: Grid, elbo: bool = True, budget: int = 4_000_
     for s in range(0, y.shape[1], chunk):
         yc = y[:, s:s + chunk]
         terms = _log_terms(yc, mean, inv_sigma, offset)                     # log p(y|z) p(z): [R, G, n]
-        log_p = torch.logsumexp(terms + grid.log_w[:, :, None], dim=1)
+        log_p = torch.logsumexp(terms[:, grid.core] + grid.log_w[:, grid.core, None], dim=1)
         parts["log_p"].append(log_p)
         parts["log_p_coarse"].append(torch.logsumexp(terms[:, grid.coarse] + grid.log_w_coarse[:, :, None], 1))
         parts["edge_mass"].append(torch.exp(torch.logsumexp(terms[:, outer] + grid.log_w[:, outer, None], 1) - log_p))
-        # ELBO in small sub-chunks: neighbouring sorted points share q's window and stride
+        # ELBO in sub-chunks of sorted points that share q's window and stride (128: measured best, 0.4-0.6 s per model)
         for e in range(0, yc.shape[1] if elbo else 0, elbo_chunk):
             _elbo_chunk(model, yc[:, e:e + elbo_chunk], grid, terms[:, :, e:e + elbo_chunk], parts)
     out = {k: torch.cat(v, 1) if v else None for k, v in parts.items()}
@@ -164,7 +172,8 @@ def _elbo_chunk(model: VAE, y: torch.Tensor, grid: Grid, terms: torch.Tensor, pa
         q_lo, q_hi = _reach(q.loc, q.scale, span)
         i0 = int(((q_lo[:, 0] - axis[:, 0]) / h).floor().clamp(min=0).min())
         i1 = min(int(((q_hi[:, 0] - axis[:, 0]) / h).ceil().max()) + 1, axis.shape[1])
-        scale = torch.minimum(q.scale.min(), _posterior_scale(terms, axis).min())
+        core = grid.core
+        scale = torch.minimum(q.scale.min(), _posterior_scale(terms[:, core], axis[:, core]).min())
         stride = max(1, int(scale / (per_scale * h.max())))
         fine, coarse = slice(i0, i1, stride), slice(i0, i1, 2 * stride)
         weights = (h * stride, h * 2 * stride)
@@ -211,12 +220,15 @@ def log_marginal(model: VAE, y, grid: Grid) -> Integrals:
 
 
 def _outer_nodes(grid: Grid, fraction: float = 0.02) -> torch.Tensor:
+    """Indices of the outer `fraction` of the core on either side (of each axis)."""
+    if len(grid.axes) == 1:
+        start, stop, _ = grid.core.indices(grid.axes[0].shape[1])
+        k = max(1, int(fraction * (stop - start)))
+        return torch.cat([torch.arange(start, start + k), torch.arange(stop - k, stop)])
     n = grid.axes[0].shape[1]
     k = max(1, int(fraction * n))
     idx = torch.arange(n)
     edge_1d = (idx < k) | (idx >= n - k)
-    if len(grid.axes) == 1:
-        return edge_1d.nonzero().flatten()
     return (edge_1d[:, None] | edge_1d[None, :]).reshape(-1).nonzero().flatten()
 
 
