@@ -29,7 +29,6 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 import multiprocessing as mp
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -126,7 +125,7 @@ def _warm(_):
 
 def have_pythae() -> bool:
     try:
-        import pythae  # noqa: F401
+        import pythae  # noqa: F401  (only asks whether it is installed)
         return True
     except ImportError:
         return False

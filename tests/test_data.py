@@ -87,3 +87,10 @@ def test_splits_are_independent_of_each_others_size():
 def test_bad_sigma_is_refused(bad):
     with pytest.raises(ValueError, match="sigma"):
         PaperProcess(bad)
+
+
+def test_the_public_api_names_the_process():
+    import mogvae
+    truth = mogvae.PaperProcess(sigma=0.1)
+    z, y = truth.sample(10, seed=0)
+    assert truth.log_prob(y).shape == (10,) and truth.f(z).shape == (10,)

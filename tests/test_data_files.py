@@ -1,7 +1,6 @@
 """User data files: refused before training with one line naming file and row; good ones train."""
 import csv
 import os
-import pickle
 
 import numpy as np
 import pytest

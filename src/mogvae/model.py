@@ -6,7 +6,6 @@ from torch import nn
 
 from .config import ModelConfig
 from .decoders import GaussianDecoder
-from .mixtures import DiagMixture
 from .posteriors import POSTERIORS
 from .priors import PRIORS
 
@@ -42,5 +41,3 @@ def build_model(config: ModelConfig, replicas: int, data_dim: int = 1, noise: fl
     decoder = GaussianDecoder(**common, noise=noise, learn_noise=config.learn_decoder_noise)
     return VAE(prior, posterior, decoder)
 
-
-__all__ = ["VAE", "build_model", "DiagMixture"]
