@@ -184,3 +184,10 @@ def test_the_package_never_unpickles():
             if "torch.load(" in code:
                 assert "weights_only=True" in code, f"{path}:{n}"
             assert "allow_pickle=True" not in code, f"{path}:{n}"
+
+
+def test_checkpoints_carry_the_config_hash_and_versions(tmp_path, capsys):
+    config, out = short_run(tmp_path, capsys)
+    _, meta = load_checkpoint(sorted((out / "checkpoints").glob("*.safetensors"))[-1])
+    assert len(meta["config_sha256"]) == 64 and meta["versions"]["torch"] == torch.__version__
+    assert {"epoch", "step", "history", "lr", "schedule"} <= set(meta)

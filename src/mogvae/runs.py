@@ -14,6 +14,7 @@ command continues from the newest valid checkpoint, bitwise identically.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 from pydantic import Field, model_validator
 
+from . import __version__
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import PRESETS, DataConfig, EvalConfig, ModelConfig, Strict, TrainConfig
 from .data import DataError, PaperProcess, UnknownTruth, load_data_file, make_splits, split_file_data
@@ -91,6 +93,7 @@ class RunDir:
     def claim(self, config: RunConfig) -> None:
         """Record the configuration, or check that a resume asks for the same one."""
         resolved = config.model_dump(mode="json")
+        self.config_hash = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()
         saved = self.path / "config.json"
         if saved.exists():
             try:
@@ -113,6 +116,9 @@ class RunDir:
             except CheckpointError as e:
                 errors.append(str(e))
                 continue
+            if state[1].get("config_sha256") != self.config_hash:
+                errors.append(f"{path}: written for another configuration (config hash differs)")
+                continue
             for e in errors:  # said only when an older checkpoint is used instead
                 warn(f"skipping {e}")
             return state
@@ -122,6 +128,7 @@ class RunDir:
 
     def save_checkpoint(self, trainer: Trainer) -> None:
         tensors, meta = trainer.state()
+        meta |= {"config_sha256": self.config_hash, "versions": {"mogvae": __version__, "torch": torch.__version__}}
         params = [v for k, v in tensors.items() if k.startswith("model.")]
         if not all(bool(torch.isfinite(p).all()) for p in params if p.is_floating_point()):
             raise RunError("refusing to checkpoint non-finite parameters")  # unreachable by design: a guard
