@@ -199,3 +199,14 @@ def test_grid_elbo_agrees_with_gauss_hermite(name):
     y = np.linspace(-1, 1, 25)
     grid_elbo = integrate(model, y, latent_grid(model, 2001, 8.0, y=y)).elbo
     torch.testing.assert_close(grid_elbo, quadrature_elbo(model, y, 96), rtol=0, atol=1e-7)
+
+
+def test_posterior_width_is_a_mode_width_not_the_spread_between_modes():
+    from mogvae.quadrature import _posterior_scale
+    z = torch.linspace(-10, 10, 20001, dtype=torch.float64)[None]
+    one = stats.norm.logpdf(z.numpy(), 0, 0.05)
+    two = np.logaddexp(stats.norm.logpdf(z.numpy(), -3, 0.05), stats.norm.logpdf(z.numpy(), 3, 0.05))
+    terms = torch.tensor(np.stack([one, two], -1))                     # [1, G, 2]
+    width = _posterior_scale(terms, z)[0]
+    assert float(width[0]) == pytest.approx(0.05, rel=1e-6)
+    assert float(width[1]) == pytest.approx(0.10, rel=1e-6)            # two modes: twice a mode's sigma, not ~3
