@@ -106,10 +106,6 @@ def _save_run(run_dir: Path, model, history, evaluation) -> None:
         "divergence": [None if d is None else vars(d) for d in history.divergence]})
 
 
-def _worker(job: Job, data, queue):
-    return run_job(job, data, queue)
-
-
 def choose_workers(config: StudyConfig) -> int:
     if config.workers:
         return config.workers
@@ -142,7 +138,7 @@ def _run_pool(config, out, data, order, workers, on_progress) -> list[dict]:
     ctx = mp.get_context("spawn")  # a clean interpreter: no inherited thread pools or locks
     with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx) as pool:
         queue = manager.Queue()
-        futures = [pool.submit(_worker, Job(name, config, str(out), 1), data, queue) for name in order]
+        futures = [pool.submit(run_job, Job(name, config, str(out), 1), data, queue) for name in order]
         while not all(f.done() for f in futures):
             _drain(queue, on_progress, timeout=0.2)
         _drain(queue, on_progress, timeout=0)
