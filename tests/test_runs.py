@@ -191,3 +191,9 @@ def test_checkpoints_carry_the_config_hash_and_versions(tmp_path, capsys):
     _, meta = load_checkpoint(sorted((out / "checkpoints").glob("*.safetensors"))[-1])
     assert len(meta["config_sha256"]) == 64 and meta["versions"]["torch"] == torch.__version__
     assert {"epoch", "step", "history", "lr", "schedule"} <= set(meta)
+
+
+def test_the_documented_example_configuration_is_valid():
+    from mogvae.runs import load_run_config
+    config = load_run_config(Path(__file__).parents[1] / "examples" / "run.toml", ["train.epochs=3"])
+    assert config.preset == "mog-prior" and config.train.on_divergence == "rollback" and config.train.epochs == 3
