@@ -7,8 +7,8 @@ batch size (256) and number of epochs, for each of the four models:
   mogvae-2x1      mogvae's trainer, seeds split over 2 single-threaded worker processes (what `reproduce` does)
   pythae-vae/vamp pythae 0.1.2's trainer (VAE on mfg, VAMP on mog-prior) when pythae is installed
 and prints medians over repeats, the ratios to the baseline and to pythae, and
-the growth of resident memory during each run (+RSS; a method run after another
-reuses freed memory, so small numbers mean "nothing new", not "nothing");
+the growth of resident memory during each run (+RSS, after freed memory is
+returned to the OS; for the worker mode, summed over the workers);
 results go to benchmarks/results/train_throughput.json. It then
 times `mogvae reproduce` end to end (on defaults; --quick: `reproduce --quick`).
 
@@ -46,10 +46,22 @@ RESULTS = Path(__file__).parent / "results" / "train_throughput.json"
 QUICK_RESULTS = RESULTS.with_name("train_throughput.quick.json")  # a smoke run never overwrites the real one
 
 
+def _release_freed_memory():
+    """Give freed heap pages back to the OS (glibc), so that a block's RSS growth is its own peak."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
 class PeakRSS:
     """Peak resident memory of this process during a block, sampled every 2 ms (MiB above the start)."""
 
     def __enter__(self):
+        _release_freed_memory()
         self.start = self.peak = self._rss()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
