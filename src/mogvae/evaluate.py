@@ -71,6 +71,15 @@ def evaluate(model: VAE, process: PaperProcess, y_test: np.ndarray, config: Eval
     return Evaluation(metrics, curves)
 
 
+def metric_rows(evaluation: Evaluation, history) -> list[dict]:
+    """One row per seed: its metrics, whether and when it diverged, and its final validation ELBO."""
+    R = len(evaluation.metrics)
+    final = history.val_elbo[-1] if history.val_elbo else [math.nan] * R
+    return [{"seed": i, **m, "diverged": div is not None, "diverged_epoch": div.epoch if div else "",
+             "final_val_elbo": final[i]}
+            for i, (m, div) in enumerate(zip(evaluation.metrics, history.divergence))]
+
+
 def _y_grid(y_test: np.ndarray, n: int = 801) -> np.ndarray:
     lo, hi = float(np.min(y_test)), float(np.max(y_test))
     pad = 0.25 * (hi - lo)

@@ -27,7 +27,7 @@ from . import __version__
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import PRESETS, DataConfig, EvalConfig, ModelConfig, Strict, TrainConfig
 from .data import DataError, PaperProcess, UnknownTruth, load_data_file, make_splits, split_file_data
-from .evaluate import evaluate
+from .evaluate import evaluate, metric_rows
 from .io import write_csv, write_json, write_npy, write_npz, write_text
 from .model import build_model
 from .replicas import initialize, replica_seed
@@ -213,9 +213,7 @@ class RunSession:
         history, run = self.trainer.history, self.run
         evaluation = evaluate(self.model, self.process, self.data["test"], self.config.eval, self.seeds,
                               history.diverged)
-        rows = [{"seed": i, **m, "diverged": div is not None, "diverged_epoch": div.epoch if div else "",
-                 "final_val_elbo": history.val_elbo[-1][i]}
-                for i, (m, div) in enumerate(zip(evaluation.metrics, history.divergence))]
+        rows = metric_rows(evaluation, history)
         write_csv(run.path / "metrics.csv", rows)
         write_npz(run.path / "curves.npz", evaluation.curves)
         write_json(run.path / "status.json", {"epoch": self.trainer.epoch, "of": self.config.train.epochs,

@@ -7,7 +7,6 @@ single-threaded worker processes, one per core (see README, "Using both cores").
 """
 from __future__ import annotations
 
-import math
 import os
 import platform
 import time
@@ -23,7 +22,7 @@ from safetensors.torch import save as safetensors_bytes
 from . import __version__
 from .config import StudyConfig
 from .data import PaperProcess, make_splits
-from .evaluate import METRICS, evaluate
+from .evaluate import METRICS, evaluate, metric_rows
 from .io import atomic_write_bytes, write_csv, write_json, write_npy, write_npz
 from .model import build_model
 from .replicas import initialize, replica_seed
@@ -84,13 +83,8 @@ def run_job(job: Job, data: dict[str, np.ndarray], progress=None) -> list[dict]:
     evaluation = evaluate(model, process, data["test"], cfg.eval, seeds, history.diverged)
     run_dir = Path(job.out) / "runs" / job.model
     _save_run(run_dir, model, history, evaluation)
-    rows = []
-    for i, (m, div) in enumerate(zip(evaluation.metrics, history.divergence)):
-        final = history.val_elbo[-1][i] if history.val_elbo else math.nan
-        rows.append({"model": job.model, "seed": i, **m, "diverged": div is not None,
-                     "diverged_epoch": div.epoch if div else "", "train_seconds": history.seconds / len(seeds),
-                     "final_val_elbo": final})
-    return rows
+    return [{"model": job.model, **row, "train_seconds": history.seconds / len(seeds)}
+            for row in metric_rows(evaluation, history)]
 
 
 def _save_run(run_dir: Path, model, history, evaluation) -> None:
