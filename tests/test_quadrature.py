@@ -207,6 +207,6 @@ def test_posterior_width_is_a_mode_width_not_the_spread_between_modes():
     one = stats.norm.logpdf(z.numpy(), 0, 0.05)
     two = np.logaddexp(stats.norm.logpdf(z.numpy(), -3, 0.05), stats.norm.logpdf(z.numpy(), 3, 0.05))
     terms = torch.tensor(np.stack([one, two], -1))                     # [1, G, 2]
-    width = _posterior_scale(terms, z)[0]
+    width = _posterior_scale(torch.softmax(terms, dim=1), z[:, 1] - z[:, 0])[0]
     assert float(width[0]) == pytest.approx(0.05, rel=1e-6)
     assert float(width[1]) == pytest.approx(0.10, rel=1e-6)            # two modes: twice a mode's sigma, not ~3
