@@ -222,10 +222,6 @@ class RunSession:
         return run.path / "metrics.csv"
 
 
-def train_run(config: RunConfig, out: Path, log=print, on_epoch=None) -> Path:
-    return RunSession(config, out, log).train(on_epoch)
-
-
 def load_run_config(path: Path, overrides: list[str]) -> RunConfig:
     """A TOML file plus `key=value` overrides (values in TOML syntax; bare words are strings)."""
     from .tomlcompat import TOMLDecodeError, loads
