@@ -84,12 +84,3 @@ def one_line_error(args, capsys):
 def test_bad_input_is_one_line_and_exit_2(args, needle, capsys, tmp_path):
     err = one_line_error([*args, "--out", str(tmp_path / "o")] if args[0] == "reproduce" else args, capsys)
     assert needle in err
-
-
-def test_a_non_empty_output_folder_is_refused(tmp_path, capsys):
-    (tmp_path / "precious.txt").write_text("keep me")
-    err = one_line_error(["reproduce", "--quick", "--out", str(tmp_path)], capsys)
-    assert "not empty" in err
-    assert (tmp_path / "precious.txt").read_text() == "keep me"
-    err = one_line_error(["reproduce", "--quick", "--out", str(tmp_path), "--overwrite"], capsys)
-    assert "not a mogvae output" in err and (tmp_path / "precious.txt").exists()

@@ -101,20 +101,26 @@ def one_line_error(args, capsys) -> str:
     return err[0]
 
 
-def short_run(tmp_path, capsys) -> tuple[Path, Path]:
-    config, out = write_config(tmp_path, epochs=2), tmp_path / "out"
-    assert main(["train", str(config), "--out", str(out)]) == 0
+def short_run(tmp_path, capsys, monkeypatch) -> tuple[Path, Path]:
+    """A run interrupted (SIGINT, at a chosen point) after epoch 3 of 4, before that
+    epoch's checkpoint: checkpoints of epochs 1 and 2 remain, and a re-run resumes."""
+    config, out = write_config(tmp_path, epochs=4), tmp_path / "out"
+    with monkeypatch.context() as m:
+        m.setenv("MOGVAE_FAULT", "epoch:3:INT")
+        assert main(["train", str(config), "--out", str(out)]) == 130
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "epoch-000001.safetensors", "epoch-000002.safetensors"]
     capsys.readouterr()
     return config, out
 
 
-def test_resume_with_another_configuration_is_refused_naming_fields(tmp_path, capsys):
-    config, out = short_run(tmp_path, capsys)
+def test_resume_with_another_configuration_is_refused_naming_fields(tmp_path, capsys, monkeypatch):
+    config, out = short_run(tmp_path, capsys, monkeypatch)
     err = one_line_error(["train", config, "--out", out, "--set", "train.lr=0.01", "--set", "seeds=3"], capsys)
     assert "train.lr" in err and "seeds" in err
 
 
-def test_a_second_process_on_the_same_folder_is_refused(tmp_path, capsys):
+def test_a_second_process_on_the_same_folder_is_refused(tmp_path, capsys, monkeypatch):
     config = write_config(tmp_path)
     holder = RunDir(tmp_path / "out")
     holder.lock()
@@ -136,8 +142,8 @@ def only_checkpoint(out: Path) -> Path:
     return ckpts[-1]
 
 
-def test_a_malicious_pickle_checkpoint_is_refused_without_running(tmp_path, capsys):
-    config, out = short_run(tmp_path, capsys)
+def test_a_malicious_pickle_checkpoint_is_refused_without_running(tmp_path, capsys, monkeypatch):
+    config, out = short_run(tmp_path, capsys, monkeypatch)
     sentinel = tmp_path / "pwned"
     ckpt = only_checkpoint(out)
     ckpt.write_bytes(pickle.dumps({"state": Exploit(sentinel)}))
@@ -148,8 +154,8 @@ def test_a_malicious_pickle_checkpoint_is_refused_without_running(tmp_path, caps
 
 
 @pytest.mark.parametrize("damage", ["truncate", "bitflip", "empty", "header"])
-def test_damaged_checkpoints_give_a_clean_one_line_error(tmp_path, capsys, damage):
-    config, out = short_run(tmp_path, capsys)
+def test_damaged_checkpoints_give_a_clean_one_line_error(tmp_path, capsys, monkeypatch, damage):
+    config, out = short_run(tmp_path, capsys, monkeypatch)
     ckpt = only_checkpoint(out)
     data = bytearray(ckpt.read_bytes())
     if damage == "truncate":
@@ -167,8 +173,8 @@ def test_damaged_checkpoints_give_a_clean_one_line_error(tmp_path, capsys, damag
     assert str(ckpt.name) in err
 
 
-def test_an_older_valid_checkpoint_is_used_when_the_newest_is_damaged(tmp_path, capsys):
-    config, out = short_run(tmp_path, capsys)
+def test_an_older_valid_checkpoint_is_used_when_the_newest_is_damaged(tmp_path, capsys, monkeypatch):
+    config, out = short_run(tmp_path, capsys, monkeypatch)
     newest = sorted((out / "checkpoints").glob("*.safetensors"))[-1]
     newest.write_bytes(newest.read_bytes()[:100])
     assert main(["train", str(config), "--out", str(out)]) == 0
@@ -186,8 +192,8 @@ def test_the_package_never_unpickles():
             assert "allow_pickle=True" not in code, f"{path}:{n}"
 
 
-def test_checkpoints_carry_the_config_hash_and_versions(tmp_path, capsys):
-    config, out = short_run(tmp_path, capsys)
+def test_checkpoints_carry_the_config_hash_and_versions(tmp_path, capsys, monkeypatch):
+    config, out = short_run(tmp_path, capsys, monkeypatch)
     _, meta = load_checkpoint(sorted((out / "checkpoints").glob("*.safetensors"))[-1])
     assert len(meta["config_sha256"]) == 64 and meta["versions"]["torch"] == torch.__version__
     assert {"epoch", "step", "history", "lr", "schedule"} <= set(meta)

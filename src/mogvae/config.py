@@ -32,8 +32,9 @@ class Strict(BaseModel):
 class DataConfig(Strict):
     name: Literal["paper", "file"] = "paper"
     path: str | None = Field(None, description="for name = 'file': a .npy, .csv or .txt of y values, one per row")
-    sigma: float = Field(0.1, gt=0, description="noise std of y|z (the paper's 0.01 read as a variance); "
-                                                "also the decoder's known noise")
+    sigma: float = Field(0.1, ge=1e-3, le=1e3, description="noise std of y|z (the paper's 0.01 read as a "
+                         "variance); also the decoder's known noise. At least 1e-3: below it the truth's quadrature "
+                         "needs millions of nodes and the model's posterior is narrower than the evaluation grid")
     n_train: int = Field(10_000, ge=1)
     n_val: int = Field(2_000, ge=1)
     n_test: int = Field(10_000, ge=1)
@@ -130,6 +131,9 @@ class StudyConfig(Strict):
         unknown = [m for m in v if m not in PRESETS]
         if unknown or not v:
             raise ValueError(f"unknown model(s) {unknown}; choose from {list(PRESETS)}")
+        duplicated = sorted({m for m in v if v.count(m) > 1})
+        if duplicated:
+            raise ValueError(f"{', '.join(duplicated)} given more than once")
         return v
 
     def model_for(self, name: str) -> ModelConfig:

@@ -64,10 +64,12 @@ class PaperProcess:
         r = (y - self.f(z)) / self.sigma
         return -0.5 * r**2 - math.log(self.sigma) - 0.5 * math.log(2 * math.pi)
 
-    def log_prob(self, y, chunk: int = 4096) -> np.ndarray:
-        """Exact log p*(y) = log int_0^1 N(y; f(z), sigma^2) dz, per point."""
+    def log_prob(self, y, budget: int = 4_000_000) -> np.ndarray:
+        """Exact log p*(y) = log int_0^1 N(y; f(z), sigma^2) dz, per point, in chunks
+        whose [points, nodes] terms stay within `budget` elements."""
         y = np.atleast_1d(np.asarray(y, dtype=np.float64))
         out = np.empty_like(y)
+        chunk = max(1, budget // len(self._z_nodes))
         for start in range(0, y.size, chunk):
             yc = y[start:start + chunk, None]
             out[start:start + chunk] = logsumexp(

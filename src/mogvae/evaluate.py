@@ -9,10 +9,10 @@ import numpy as np
 import torch
 from scipy.stats import wasserstein_distance
 
-from .config import EvalConfig
+from .config import EvalConfig, ModelConfig
 from .data import PaperProcess
 from .model import VAE
-from .quadrature import integrate, latent_grid, log_marginal, posterior_on_grid
+from .quadrature import MAX_LATENT, integrate, latent_grid, log_marginal, posterior_on_grid
 from .replicas import make_generators
 
 PROBE_Y = (1.0, 0.2, -3.0)       # the paper's Figures 2-4
@@ -22,6 +22,23 @@ METRICS = ("test_log_likelihood", "true_log_likelihood", "test_elbo", "inference
            "quadrature_error", "grid_edge_mass", "elbo_quadrature_error")
 TRUTH_METRICS = ("true_log_likelihood", "kl_to_truth", "w1_to_truth", "w1_decoder")  # NaN without a known truth
 PROBE_SPAN, PROBE_GRID = 60.0, 12001  # probes far outside the data have posteriors deep in the prior's tail
+
+
+MAX_GRID_NODES = 250_000   # latent nodes per replica: the decoder on the grid and the 2-D ELBO terms stay ~1 GB
+
+
+def check_evaluable(model: ModelConfig, config: EvalConfig) -> None:
+    """Refuse, before any training, a configuration whose exact evaluation cannot
+    run here (ValueError naming the field): every trained run can be evaluated."""
+    d = model.latent_dim
+    if d > MAX_LATENT:
+        raise ValueError(f"model.latent_dim = {d}: exact evaluation (quadrature over z) needs latent_dim <= "
+                         f"{MAX_LATENT}")
+    nodes = config.grid_size ** d
+    if nodes > MAX_GRID_NODES:
+        fit = int(MAX_GRID_NODES ** (1 / d)) // 2 * 2 - 1
+        raise ValueError(f"eval.grid_size = {config.grid_size} with latent_dim = {d} is {nodes:,} latent nodes per "
+                         f"replica, more than exact evaluation holds ({MAX_GRID_NODES:,}): set eval.grid_size <= {fit}")
 
 
 @dataclass(frozen=True)

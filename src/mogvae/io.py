@@ -11,16 +11,34 @@ from pathlib import Path
 
 import numpy as np
 
+from . import faults
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+
+def _file_mode() -> int:
+    """What open() would give a new file under this process's umask (mkstemp always gives 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+FILE_MODE = _file_mode()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, fault: str | None = None) -> Path:
+    """Write `data` to `path` atomically. The temporary is `.NAME.XXXXXXXX.tmp` beside it
+    (outdir.py recognizes exactly that pattern as mogvae's own); `fault` names a
+    faults.py point passed between the complete temporary and the rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), FILE_MODE)
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        if fault:
+            faults.point(fault)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -17,6 +17,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -27,13 +28,22 @@ from . import __version__
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import PRESETS, DataConfig, EvalConfig, ModelConfig, Strict, TrainConfig
 from .data import DataError, PaperProcess, UnknownTruth, load_data_file, make_splits, split_file_data
-from .evaluate import evaluate, metric_rows
+from . import faults
+from .evaluate import check_evaluable, evaluate, metric_rows
 from .io import write_csv, write_json, write_npy, write_npz, write_text
 from .model import build_model
+from .outdir import LOCK, Layout, OutputError, claim, remove_stale_temporaries
 from .replicas import initialize, replica_seed
 from .train import Trainer
+from .trainstate import check_state, expected_tensors
 
 KEEP_CHECKPOINTS = 2
+SPLITS = ("train", "val", "test")
+RUN_LAYOUT = Layout("run", files=("config.json", "history.jsonl", "metrics.csv", "curves.npz", "status.json",
+                                  *(f"data/{s}.npy" for s in SPLITS)),
+                    patterns=("checkpoints/epoch-[0-9][0-9][0-9][0-9][0-9][0-9].safetensors",))
+RUN_NAMES = re.compile(r"config\.json|history\.jsonl|metrics\.csv|curves\.npz|status\.json|data/(train|val|test)\.npy"
+                       r"|checkpoints/epoch-(\[0-9\]){6}\.safetensors")
 
 
 class RunError(Exception):
@@ -81,14 +91,19 @@ class RunDir:
         self._lock = None
 
     def lock(self) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.path / ".lock", "w")
+        """Claim the folder (new, empty, or already a run folder: anything else is
+        refused untouched), take its lock, and remove the temporaries of our own
+        interrupted writes, and nothing else."""
+        try:
+            claim(self.path, RUN_LAYOUT, RUN_NAMES, resume=True)
+        except OutputError as e:
+            raise RunError(str(e)) from None
+        self._lock = open(self.path / LOCK, "w")
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise RunError(f"{self.path}: in use by another mogvae process") from None
-        for stale in self.path.rglob(".*.tmp"):  # temporaries of an interrupted write never carry a final name
-            stale.unlink()
+        remove_stale_temporaries(self.path, RUN_LAYOUT)
 
     def claim(self, config: RunConfig) -> None:
         """Record the configuration, or check that a resume asks for the same one."""
@@ -106,15 +121,20 @@ class RunDir:
         else:
             write_json(saved, resolved)
 
-    def newest_checkpoint(self, warn) -> tuple[dict, dict] | None:
-        """The newest checkpoint that verifies; older ones are fallbacks. If there are
-        checkpoints and none verifies, refuse rather than silently start over."""
+    def newest_checkpoint(self, trainer: Trainer, warn) -> tuple[dict, dict] | None:
+        """The newest checkpoint that verifies and that this trainer can resume
+        exactly; older ones are fallbacks. If there are checkpoints and none
+        verifies, refuse rather than silently start over."""
         errors = []
         for path in sorted(self.checkpoints.glob("epoch-*.safetensors"), reverse=True):
             try:
-                state = load_checkpoint(path)
+                state = load_checkpoint(path, max_bytes=_checkpoint_bytes(trainer))
+                check_state(trainer, *state)
             except CheckpointError as e:
                 errors.append(str(e))
+                continue
+            except ValueError as e:
+                errors.append(f"{path}: not a checkpoint of this run ({e})")
                 continue
             if state[1].get("config_sha256") != self.config_hash:
                 errors.append(f"{path}: written for another configuration (config hash differs)")
@@ -140,11 +160,29 @@ class RunDir:
         lines = [_history_line(trainer, e) for e in range(trainer.epoch)]
         write_text(self.path / "history.jsonl", "".join(lines))
 
+    def is_complete(self, epochs: int) -> bool:
+        """Trained to the end and evaluated: status says so and the metrics exist."""
+        try:
+            status = json.loads((self.path / "status.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return (isinstance(status, dict) and status.get("done") is True and status.get("epoch") == epochs
+                and (self.path / "metrics.csv").is_file())
+
     def append_history(self, trainer: Trainer) -> None:
         with open(self.path / "history.jsonl", "a") as fh:
             fh.write(_history_line(trainer, trainer.epoch - 1))
             fh.flush()
             os.fsync(fh.fileno())
+
+
+def _checkpoint_bytes(trainer: Trainer) -> int:
+    """An upper bound on the size of a checkpoint of this run: its tensors, plus a
+    JSON header of a few hundred bytes per replica and epoch (the history)."""
+    tensors = sum(torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
+                  for shape, dtype in expected_tensors(trainer).values())
+    R, epochs = len(trainer.seeds), trainer.config.epochs
+    return tensors + 2**20 + 256 * R * (epochs + trainer.config.max_retries + 1)
 
 
 def _history_line(trainer: Trainer, epoch: int) -> str:
@@ -169,6 +207,10 @@ class RunSession:
 
     def __init__(self, config: RunConfig, out: Path, log=print):
         self.config, self.run = config, RunDir(out)
+        try:
+            check_evaluable(config.resolved_model(), config.eval)
+        except ValueError as e:
+            raise RunError(str(e)) from None
         d = config.data
         sizes = {"train": d.n_train, "val": d.n_val, "test": d.n_test}
         if d.name == "file":  # a user's data: checked before anything is written, and no known truth
@@ -186,13 +228,18 @@ class RunSession:
         self.model = build_model(config.resolved_model(), replicas=len(self.seeds), noise=d.sigma)
         self.trainer = Trainer(self.model, self.data["train"], self.data["val"], config.train, self.seeds,
                                initialize(self.model, self.seeds))
-        state = self.run.newest_checkpoint(log)
+        self.complete = self.run.is_complete(config.train.epochs)
+        if self.complete:
+            return
+        state = self.run.newest_checkpoint(self.trainer, log)
         if state is not None:
             self.trainer.load_state(*state)
             log(f"resuming {out} at epoch {self.trainer.epoch}")
 
     def train(self, on_epoch=None) -> Path:
         run, trainer, config = self.run, self.trainer, self.config
+        if self.complete:
+            return run.path / "metrics.csv"
         for name, y in self.data.items():
             if not (run.path / "data" / f"{name}.npy").exists():
                 write_npy(run.path / "data" / f"{name}.npy", y)
@@ -201,6 +248,7 @@ class RunSession:
         while trainer.epoch < config.train.epochs:
             trainer.run_epoch()
             run.append_history(trainer)
+            faults.point("epoch")
             if trainer.epoch % config.checkpoint_every == 0 or trainer.epoch == config.train.epochs:
                 run.save_checkpoint(trainer)
             write_json(run.path / "status.json", {"epoch": trainer.epoch, "of": config.train.epochs, "done": False,
@@ -225,14 +273,24 @@ class RunSession:
 def load_run_config(path: Path, overrides: list[str]) -> RunConfig:
     """A TOML file plus `key=value` overrides (values in TOML syntax; bare words are strings)."""
     from .tomlcompat import TOMLDecodeError, loads
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"{path}: no such file" if not path.exists() else f"{path}: not a regular file")
     try:
-        text = Path(path).read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as e:
         raise RunError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise RunError(f"{path}: not UTF-8 text (byte {e.start})") from None
     try:
         raw = loads(text)
     except TOMLDecodeError as e:
         raise RunError(f"{path}: invalid TOML: {e}") from None
+    data = raw.get("data")
+    if isinstance(data, dict) and isinstance(data.get("path"), str) and data["path"]:
+        # a data file named in a configuration file is found beside that file (--set paths: from the cwd)
+        data["path"] = str((path.parent / data["path"]).absolute()) if not Path(data["path"]).is_absolute() \
+            else data["path"]
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
