@@ -4,18 +4,33 @@
     truth = mogvae.PaperProcess(sigma=0.1)
     z, y = truth.sample(1000, seed=0)
     model = mogvae.build_model(mogvae.preset("mog-prior"), replicas=5)
+
+The names below are imported on first use, so that `mogvae --version` and
+refusals of bad input answer at once instead of after importing PyTorch.
 """
+import importlib
+
 __version__ = "0.1.0"
 
-from .config import EvalConfig, ModelConfig, StudyConfig, TrainConfig, preset  # noqa: E402
-from .data import PaperProcess, load_data_file, make_splits  # noqa: E402
-from .evaluate import evaluate  # noqa: E402
-from .model import VAE, build_model  # noqa: E402
-from .objectives import elbo, iwae_bound  # noqa: E402
-from .quadrature import integrate, latent_grid  # noqa: E402
-from .replicas import initialize, replica_seed  # noqa: E402
-from .train import Trainer, fit  # noqa: E402
+_EXPORTS = {
+    "PaperProcess": "data", "load_data_file": "data", "make_splits": "data",
+    "VAE": "model", "build_model": "model",
+    "preset": "config", "ModelConfig": "config", "TrainConfig": "config", "EvalConfig": "config",
+    "StudyConfig": "config",
+    "elbo": "objectives", "iwae_bound": "objectives",
+    "integrate": "quadrature", "latent_grid": "quadrature",
+    "evaluate": "evaluate",
+    "initialize": "replicas", "replica_seed": "replicas",
+    "Trainer": "train", "fit": "train",
+}
+__all__ = list(_EXPORTS)
 
-__all__ = ["PaperProcess", "load_data_file", "make_splits", "VAE", "build_model", "preset", "ModelConfig",
-           "TrainConfig", "EvalConfig", "StudyConfig", "elbo", "iwae_bound", "integrate", "latent_grid",
-           "evaluate", "initialize", "replica_seed", "Trainer", "fit"]
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'mogvae' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+
+
+def __dir__():
+    return sorted([*globals(), *_EXPORTS])

@@ -47,13 +47,13 @@ def _read_regular_file(path: Path, max_bytes: int) -> bytes:
     except OSError as e:
         why = "a symbolic link" if e.errno == errno.ELOOP else e.strerror  # O_NOFOLLOW met a link
         raise CheckpointError(f"{path}: cannot read ({why})") from None
-    with os.fdopen(fd, "rb") as fh:
-        st = os.fstat(fh.fileno())
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
+        os.close(fd)
         if not stat.S_ISREG(st.st_mode):
             raise CheckpointError(f"{path}: not a regular file")
-        if st.st_size > max_bytes:
-            raise CheckpointError(f"{path}: {st.st_size} bytes, more than a checkpoint of this run can hold "
-                                  f"({max_bytes})")
+        raise CheckpointError(f"{path}: {st.st_size} bytes, more than a checkpoint of this run can hold ({max_bytes})")
+    with os.fdopen(fd, "rb") as fh:
         return fh.read(max_bytes + 1)
 
 

@@ -199,9 +199,8 @@ COMMANDS = {"reproduce": reproduce, "train": train, "config": show_config}
 def _os_error(e: OSError, args) -> tuple[str, int]:
     where = e.filename if e.filename is not None else getattr(args, "out", "")
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return (f"disk full writing {where}; "
-                f"{getattr(args, 'after_interrupt', 'nothing half-written was left')} once there is space",
-                EXIT_FAILURE)
+        hint = getattr(args, "after_interrupt", "nothing half-written was left")
+        return f"no space left on the device (writing {where}); {hint}, once there is space", EXIT_FAILURE
     return f"{where}: {e.strerror or e}", EXIT_USAGE if e.errno in INPUT_ERRNOS else EXIT_FAILURE
 
 

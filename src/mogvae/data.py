@@ -110,45 +110,94 @@ class DataError(ValueError):
     """A data file that cannot be used: the message names the file and the row."""
 
 
-def load_data_file(path) -> np.ndarray:
-    """y values from a .npy (no pickles) or a text file with one number per line
-    (# comments allowed). Refuses empty files, other shapes, text, NaN and inf."""
+MAX_ABS_VALUE = 1e6          # larger values overflow float32 losses: standardize such data first
+MAX_FILE_BYTES = 512 * 2**20  # a data file is read whole into memory
+MAX_LINE = 256                # characters in one row of a text file
+
+
+def _open_regular(path) -> "io.BufferedReader":
+    """A regular file of at most MAX_FILE_BYTES, opened for reading. A folder, FIFO
+    or device is named as such (never opened: a FIFO would block)."""
+    import os
+    import stat
     from pathlib import Path
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    if path.suffix == ".npy":
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise DataError(f"{path}: is a folder, not a data file")
+    if not stat.S_ISREG(st.st_mode):
+        raise DataError(f"{path}: not a regular file (a FIFO, socket or device)")
+    if st.st_size > MAX_FILE_BYTES:
+        raise DataError(f"{path}: {st.st_size:,} bytes; data files are limited to {MAX_FILE_BYTES:,}")
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def _read_npy(path, fh) -> tuple[np.ndarray, range]:
+    try:
+        y = np.load(fh, allow_pickle=False)
+    except Exception as e:  # numpy raises ValueError, OSError, EOFError, ... for files that are not .npy
+        first = (str(e).splitlines() or [type(e).__name__])[0][:80] or type(e).__name__
+        raise DataError(f"{path}: not a readable .npy of numbers ({first})") from None
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise DataError(f"{path}: expected one value per row, got an array of shape {y.shape}")
+    if not np.issubdtype(y.dtype, np.number) or np.issubdtype(y.dtype, np.complexfloating):
+        raise DataError(f"{path}: expected real numbers, got dtype {y.dtype}")
+    return y, range(1, len(y) + 1)
+
+
+def _read_text(path, fh) -> tuple[np.ndarray, list[int]]:
+    """One number per row, streamed line by line with a bounded line length."""
+    from array import array
+    values, rows = array("d"), array("q")
+    n = 0
+    while True:
+        raw = fh.readline(MAX_LINE + 1)
+        if not raw:
+            break
+        n += 1
+        if len(raw) > MAX_LINE and not raw.endswith(b"\n"):
+            raise DataError(f"{path}: row {n}: longer than {MAX_LINE} characters (one value per row expected)")
+        line = raw.decode("utf-8", errors="replace")
+        text = line.split("#")[0].strip().rstrip(",")
+        if not text:
+            continue
+        if "," in text or len(text.split()) > 1:
+            raise DataError(f"{path}: row {n}: expected one value per row, got {line.strip()[:40]!r}")
         try:
-            y = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as e:
-            raise DataError(f"{path}: not a readable .npy of numbers ({str(e).splitlines()[0][:80]})") from None
-        if y.ndim == 2 and y.shape[1] == 1:
-            y = y[:, 0]
-        if y.ndim != 1:
-            raise DataError(f"{path}: expected one value per row, got an array of shape {y.shape}")
-        if not np.issubdtype(y.dtype, np.number) or np.issubdtype(y.dtype, np.complexfloating):
-            raise DataError(f"{path}: expected real numbers, got dtype {y.dtype}")
-        rows = range(1, len(y) + 1)
-    else:
-        values, rows = [], []
-        for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-            text = line.split("#")[0].strip().rstrip(",")
-            if not text:
-                continue
-            if "," in text or len(text.split()) > 1:
-                raise DataError(f"{path}: row {n}: expected one value per row, got {line.strip()[:40]!r}")
-            try:
-                values.append(float(text))
-            except ValueError:
-                raise DataError(f"{path}: row {n}: not a number ({text[:40]!r})") from None
-            rows.append(n)
-        y = np.asarray(values, dtype=np.float64)
+            values.append(float(text))
+        except ValueError:
+            raise DataError(f"{path}: row {n}: not a number ({text[:40]!r})") from None
+        rows.append(n)
+    return np.frombuffer(values, dtype=np.float64).copy(), rows
+
+
+def load_data_file(path) -> np.ndarray:
+    """y values from a .npy (no pickles) or a text file with one number per line
+    (# comments allowed). Refuses what is not a regular file or is larger than
+    MAX_FILE_BYTES, empty files, other shapes, text, NaN, inf, and values beyond
+    +-MAX_ABS_VALUE; each refusal names the file and, where there is one, the row."""
+    with _open_regular(path) as fh:
+        y, rows = _read_npy(path, fh) if str(path).endswith(".npy") else _read_text(path, fh)
     if len(y) == 0:
         raise DataError(f"{path}: no data")
     y = y.astype(np.float64)
     bad = np.flatnonzero(~np.isfinite(y))
     if len(bad):
-        raise DataError(f"{path}: row {list(rows)[bad[0]]}: {y[bad[0]]} is not finite ({len(bad)} such rows)")
+        raise DataError(f"{path}: row {rows[bad[0]]}: {y[bad[0]]} is not finite ({len(bad)} such rows)")
+    big = np.flatnonzero(np.abs(y) > MAX_ABS_VALUE)
+    if len(big):
+        raise DataError(f"{path}: row {rows[big[0]]}: {y[big[0]]:g} is beyond +-{MAX_ABS_VALUE:g} "
+                        f"({len(big)} such rows); standardize the data first")
     return y
 
 

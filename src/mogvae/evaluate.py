@@ -12,8 +12,8 @@ from scipy.stats import wasserstein_distance
 from .config import EvalConfig, ModelConfig
 from .data import PaperProcess
 from .model import VAE
-from .quadrature import MAX_LATENT, integrate, latent_grid, log_marginal, posterior_on_grid
-from .replicas import make_generators
+from .quadrature import MAX_LATENT, integrate, latent_grid, log_joint, log_marginal, posterior_on_grid
+from .replicas import make_generators, replica_count
 
 PROBE_Y = (1.0, 0.2, -3.0)       # the paper's Figures 2-4
 GENERATE_OFFSET = 104729         # generation noise: replica seed + offset
@@ -97,6 +97,47 @@ def metric_rows(evaluation: Evaluation, history) -> list[dict]:
             for i, (m, div) in enumerate(zip(evaluation.metrics, history.divergence))]
 
 
+@torch.no_grad()
+def _probe_posteriors(model: VAE, probes: np.ndarray, window_nodes: int = 2001, per_component: int = 121):
+    """q(z|y) and the exact p_theta(z|y) at the probe values of y, each on a plotting
+    grid that resolves both: the union of a uniform grid over the window holding
+    their mass and a grid over +-6 scales of every component of q (a narrow
+    component between uniform nodes would otherwise show as a spike of the wrong
+    area). Returns z, q, p as [R, P, nodes], sorted along z. log p(y) comes
+    from the wide uniform grid, so p is normalized exactly as evaluation does."""
+    R, P = replica_count(model), len(probes)
+    wide = latent_grid(model, PROBE_GRID, PROBE_SPAN)
+    y = torch.as_tensor(probes, dtype=torch.float64).reshape(1, -1, 1).expand(R, -1, -1)
+    q = model.posterior(y).to(torch.float64)                              # batch [R, 1, P]
+    log_p_y = log_marginal(model, probes, wide).log_p                      # [R, P]
+    zw = wide.nodes[..., 0]                                                # [R, Gw]
+    p_wide = posterior_on_grid(model, probes, wide)                        # [R, P, Gw]
+    q_wide = torch.exp(q.log_prob(wide.nodes[:, :, None, :].expand(-1, -1, P, -1))).transpose(1, 2)
+    grids = []
+    for r in range(R):
+        for j in range(P):
+            lo, hi = mass_window(zw[r].numpy(), p_wide[r, j].numpy(), q_wide[r, j].numpy())
+            loc, scale = q.loc[r, 0, j, :, 0].numpy(), q.scale[r, 0, j, :, 0].numpy()
+            parts = [np.linspace(lo, hi, window_nodes)] + [m + s * np.linspace(-6, 6, per_component)
+                                                           for m, s in zip(loc, scale)]
+            grids.append(np.sort(np.concatenate(parts)))
+    z = torch.as_tensor(np.stack(grids).reshape(R, P, -1))                 # [R, P, S]
+    q_density = torch.exp(q.log_prob(z.transpose(1, 2)[..., None]))       # z [R, S, P, 1] -> [R, S, P]
+    joint = log_joint(model, probes, z.reshape(R, -1, 1)).reshape(R, P, -1, P)   # [R, P(grid), S, P(y)]
+    log_post = torch.diagonal(joint, dim1=1, dim2=3).transpose(1, 2) - log_p_y[:, :, None]  # [R, P, S]
+    return z.numpy(), q_density.transpose(1, 2).numpy(), torch.exp(log_post).numpy()
+
+
+def mass_window(z: np.ndarray, *densities: np.ndarray, level: float = 1e-6) -> tuple[float, float]:
+    """The z range where any density exceeds `level` times its peak, padded by 10%."""
+    mask = np.zeros_like(z, dtype=bool)
+    for d in densities:
+        mask |= d > level * d.max()
+    lo, hi = z[mask].min(), z[mask].max()
+    pad = 0.1 * (hi - lo) + 1e-3
+    return float(lo - pad), float(hi + pad)
+
+
 def _y_grid(y_test: np.ndarray, n: int = 801) -> np.ndarray:
     lo, hi = float(np.min(y_test)), float(np.max(y_test))
     pad = 0.25 * (hi - lo)
@@ -136,16 +177,11 @@ def _latent_curves(model: VAE, process: PaperProcess, grid) -> dict[str, np.ndar
     aligned = np.stack([np.interp(np.interp(u, cdf[r].numpy(), z[r, :, 0].numpy()),
                                   z[r, :, 0].numpy(), decoder[r].numpy()) for r in range(len(z))])
     probes = np.asarray(PROBE_Y)
-    wide = latent_grid(model, PROBE_GRID, PROBE_SPAN)
-    zw = wide.nodes
-    y = torch.as_tensor(probes, dtype=torch.float64).reshape(1, -1, 1).expand(len(z), -1, -1)
-    q = model.posterior(y).to(torch.float64)                              # batch [R, 1, P]
-    q_density = torch.exp(q.log_prob(zw[:, :, None, :].expand(-1, -1, len(probes), -1)))  # [R, G, P]
+    probe_z, q_density, p_density = _probe_posteriors(model, probes)
     z_true = np.linspace(0, 1, 1001)
     return {
         "z_grid": z[..., 0].numpy(), "decoder": decoder.numpy(), "prior_density": prior.numpy(),
         "u_grid": u, "decoder_aligned": aligned, "true_f_aligned": process.f(u),
-        "probe_y": probes, "probe_z_grid": zw[..., 0].numpy(), "q_density": q_density.transpose(1, 2).numpy(),
-        "p_density": posterior_on_grid(model, probes, wide).numpy(),
+        "probe_y": probes, "probe_z_grid": probe_z, "q_density": q_density, "p_density": p_density,
         "z_true": z_true, "true_posterior": process.posterior(probes, z_true),
     }

@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .data import PaperProcess  # noqa: E402
+from .evaluate import mass_window  # noqa: E402
 from .io import atomic_write_bytes, read_csv, read_npz, write_csv  # noqa: E402
 
 COLORS = {"mfg": "#4c72b0", "mog-prior": "#dd8452", "mog-posterior": "#55a868", "mog-both": "#c44e52"}
@@ -31,38 +32,37 @@ def _save(fig, path: Path) -> None:
 
 
 def truth_figure(out: Path) -> None:
-    """The paper's Figure 1: joint density, posteriors p*(z|y), and f."""
+    """The paper's Figure 1: joint density, f, and posteriors p*(z|y). Each of the
+    paper's probe values gets its own panel and y-range: the spikes at y = 1 and
+    y = -3 (mass squeezed against z = 0 and 1) would flatten the y = 0.2 curve."""
     sigma = json.loads((out / "truth.json").read_text())["sigma"]
     process = PaperProcess(sigma)
-    z = np.linspace(0, 1, 401)
+    z = np.linspace(0, 1, 1001)
     y = np.linspace(-0.4, 0.65, 301)
     joint = process.joint_density(y[:, None], z[None])
-    fig, ax = plt.subplots(1, 4, figsize=(19, 4))
-    im = ax[0].pcolormesh(z, y, joint, shading="auto", cmap="viridis")
-    fig.colorbar(im, ax=ax[0])
-    ax[0].set(xlabel="z", ylabel="y", title="true joint density p*(y, z)")
+    fig, ax = plt.subplots(2, 3, figsize=(15, 8))
+    im = ax[0, 0].pcolormesh(z, y, joint, shading="auto", cmap="viridis")
+    fig.colorbar(im, ax=ax[0, 0])
+    ax[0, 0].set(xlabel="z", ylabel="y", title="true joint density p*(y, z)")
+    ax[0, 1].plot(z, process.f(z), color="k")
+    ax[0, 1].set(xlabel="z", ylabel="f(z)", title=f"true f; y | z ~ N(f(z), {sigma:g}^2)")
     rows = [{"panel": "f", "z": a, "y": "", "value": b} for a, b in zip(z, process.f(z))]
-    for a, (title, probes) in zip(ax[1:3], TRUTH_PROBES.items()):
-        for yy, p in zip(probes, process.posterior(np.asarray(probes), z)):
-            a.plot(z, p, label=f"y = {yy:g}")
-            rows += [{"panel": "posterior", "z": zz, "y": yy, "value": v} for zz, v in zip(z, p)]
-        a.set(xlabel="z", ylabel="density", title=f"true posterior p*(z | y), {title}")
-        a.legend()
-    ax[3].plot(z, process.f(z), color="k")
-    ax[3].set(xlabel="z", ylabel="f(z)", title=f"true f; y | z ~ N(f(z), {sigma:g}^2)")
+    inside = TRUTH_PROBES["y inside the data"]
+    for yy, p in zip(inside, process.posterior(np.asarray(inside), z)):
+        ax[0, 2].plot(z, p, label=f"y = {yy:g}")
+        rows += [{"panel": "posterior", "z": zz, "y": yy, "value": v} for zz, v in zip(z, p)]
+    ax[0, 2].set(xlabel="z", ylabel="density", title="true posterior p*(z | y), y inside the data")
+    ax[0, 2].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: no curve hidden
+    paper = TRUTH_PROBES["the paper's y values"]
+    for a, yy, p in zip(ax[1], paper, process.posterior(np.asarray(paper), z)):
+        a.plot(z, p, color="k")
+        a.set(xlabel="z", ylabel="density", ylim=(0, 1.08 * p.max()), title=f"true posterior p*(z | y = {yy:g})")
+        rows += [{"panel": "posterior", "z": zz, "y": yy, "value": v} for zz, v in zip(z, p)]
+    fig.tight_layout()
     _save(fig, out / "figures" / "truth.png")
     rows += [{"panel": "joint", "z": z[j], "y": y[i], "value": joint[i, j]}
-             for i in range(0, len(y), 10) for j in range(0, len(z), 10)]
+             for i in range(0, len(y), 10) for j in range(0, len(z), 25)]
     write_csv(out / "figures" / "truth.csv", rows, ["panel", "z", "y", "value"])
-
-
-def _mass_window(z: np.ndarray, *densities: np.ndarray, level: float = 1e-3) -> tuple[float, float]:
-    mask = np.zeros_like(z, dtype=bool)
-    for d in densities:
-        mask |= d > level * d.max()
-    lo, hi = z[mask].min(), z[mask].max()
-    pad = 0.15 * (hi - lo) + 1e-3
-    return lo - pad, hi + pad
 
 
 def model_figure(out: Path, model: str) -> None:
@@ -81,7 +81,7 @@ def model_figure(out: Path, model: str) -> None:
     twin = ax[0, 0].twinx()
     twin.fill_between(c["z_grid"][0], c["prior_density"][0], color="0.8", alpha=0.5)
     twin.set_ylabel("prior density p_theta(z), seed 0")
-    lo, hi = _mass_window(c["z_grid"][0], c["prior_density"][0], level=1e-4)
+    lo, hi = mass_window(c["z_grid"][0], c["prior_density"][0], level=1e-4)
     ax[0, 0].set(xlim=(lo, hi), xlabel="z (model latent)", ylabel="f_phi(z)",
                  title=f"{model}: learned decoder (seed 0 bold, other seeds faint)")
     ax[0, 1].plot(c["u_grid"], c["true_f_aligned"], "k--", label="true f(u)")
@@ -98,10 +98,10 @@ def model_figure(out: Path, model: str) -> None:
     rows += [{"panel": "true_density", "seed": "", "x": y, "value": v} for y, v in zip(c["y_grid"], c["true_density"])]
     for j, y in enumerate(c["probe_y"]):
         a = ax[1, j]
-        z, q, p = c["probe_z_grid"][0], c["q_density"][0, j], c["p_density"][0, j]
+        z, q, p = c["probe_z_grid"][0, j], c["q_density"][0, j], c["p_density"][0, j]
         a.plot(z, p, "k-", label="exact p_theta(z|y)")
         a.plot(z, q, color=color, ls="--", label="q(z|y)")
-        a.set(xlim=_mass_window(z, p, q), xlabel="z (model latent)", ylabel="density", title=f"posterior at y = {y:g}")
+        a.set(xlim=mass_window(z, p, q, level=1e-3), xlabel="z (model latent)", ylabel="density", title=f"posterior at y = {y:g}")
         a.legend(fontsize=8)
         rows += [{"panel": f"posterior_y={y:g}", "seed": 0, "x": zz, "value": f"{pp};{qq}"}
                  for zz, pp, qq in zip(z[::5], p[::5], q[::5])]
@@ -110,28 +110,63 @@ def model_figure(out: Path, model: str) -> None:
     write_csv(out / "figures" / f"{model}.csv", rows, ["panel", "seed", "x", "value"])
 
 
+NON_NEGATIVE = {"kl_to_truth", "inference_gap", "w1_to_truth", "w1_samples", "w1_decoder", "std_ratio"}
+
+
+def robust_limits(values: np.ndarray, pad: float = 0.15) -> tuple[float, float]:
+    """Axis limits from the bulk of the values (quartiles +- 3 IQR, widened to the
+    points inside that fence): one outlying seed cannot set the range."""
+    v = values[np.isfinite(values)]
+    q1, q3 = np.percentile(v, [25, 75])
+    fence = 3 * (q3 - q1) if q3 > q1 else 0.05 * max(abs(q1), 1e-12)
+    inside = v[(v >= q1 - fence) & (v <= q3 + fence)]
+    lo, hi = inside.min(), inside.max()
+    span = hi - lo if hi > lo else max(abs(hi), 1e-12)
+    return lo - pad * span, hi + pad * span
+
+
 def comparison_figure(out: Path, models: list[str]) -> None:
+    """Each seed as a point, the mean with its 95% t interval (clipped at zero for
+    quantities that cannot be negative). Axes span the bulk of the seeds; a seed
+    outside is drawn at the edge as a triangle, with its value written beside it.
+    Non-negative quantities spanning more than a decade get a log axis instead."""
+    from .report import t_interval
     rows = [r for r in read_csv(out / "metrics.csv") if r["diverged"] == "False"]
     truth = json.loads((out / "truth.json").read_text())
     fig, axes = plt.subplots(2, 4, figsize=(17, 7.5))
     csv_rows = []
     for ax, (key, label) in zip(axes.ravel(), COMPARED):
+        values = {m: np.array([float(r[key]) for r in rows if r["model"] == m]) for m in models}
+        every = np.concatenate(list(values.values()))
+        every = every[np.isfinite(every)]
+        log = key in NON_NEGATIVE and len(every) and every.min() > 0 and every.max() / every.min() > 10
+        lo, hi = (every.min() / 1.5, every.max() * 1.5) if log else robust_limits(every) if len(every) else (0, 1)
         for i, m in enumerate(models):
-            v = np.array([float(r[key]) for r in rows if r["model"] == m])
-            jitter = np.linspace(-0.12, 0.12, len(v)) if len(v) > 1 else np.zeros(1)
-            ax.scatter(i + jitter, v, color=COLORS.get(m, "k"), s=14, alpha=0.7)
-            if len(v):
-                ax.errorbar(i + 0.3, v.mean(), yerr=v.std(ddof=1) if len(v) > 1 else 0,
-                            fmt="o", color="k", capsize=3)
+            v = values[m]
+            jitter = np.linspace(-0.12, 0.12, len(v)) if len(v) > 1 else np.zeros(len(v))
+            shown = np.clip(v, lo, hi)
+            outside = (v < lo) | (v > hi)
+            ax.scatter((i + jitter)[~outside], shown[~outside], color=COLORS.get(m, "k"), s=14, alpha=0.7)
+            for x, value, at in zip((i + jitter)[outside], v[outside], shown[outside]):
+                ax.scatter([x], [at], marker="^" if value > hi else "v", color=COLORS.get(m, "k"), s=30)
+                ax.annotate(f"{value:.3g}", (x, at), fontsize=7, xytext=(4, 0), textcoords="offset points")
+            iv = t_interval(v)
+            if iv.n > 1:
+                low = max(iv.low, 0.0) if key in NON_NEGATIVE else iv.low
+                ax.errorbar(i + 0.3, iv.mean, yerr=[[iv.mean - low], [iv.high - iv.mean]], fmt="o", color="k",
+                            capsize=3)
             csv_rows += [{"metric": key, "model": m, "seed": s, "value": x} for s, x in enumerate(v)]
         if key == "test_log_likelihood":
             ax.axhline(truth["test_log_likelihood"], color="k", ls="--", lw=1, label="truth")
             ax.legend(fontsize=8)
         if key == "std_ratio":
             ax.axhline(1.0, color="k", ls="--", lw=1)
+        ax.set_yscale("log" if log else "linear")
+        ax.set_ylim(lo, hi)
         ax.set_xticks(range(len(models)), models, rotation=20, fontsize=8)
         ax.set_title(label, fontsize=9)
-    fig.suptitle("per seed (dots) and mean +- sd over seeds (black); diverged runs excluded", fontsize=10)
+    fig.suptitle("per seed (dots; triangles: outside the axis, value beside) and mean with 95% t interval (black); "
+                 "diverged runs excluded", fontsize=10)
     fig.tight_layout()
     _save(fig, out / "figures" / "comparison.png")
     write_csv(out / "figures" / "comparison.csv", csv_rows, ["metric", "model", "seed", "value"])
@@ -161,8 +196,11 @@ def training_figure(out: Path, models: list[str]) -> None:
     ax[0].legend(fontsize=8)
     last = len(epochs) // 2
     ax[1].set_xlim(epochs[last], epochs[-1])
-    vals = [r["mean_val_elbo"] for r in csv_rows if r["epoch"] >= epochs[last]]
-    ax[1].set_ylim(min(vals) - 0.01, truth["val_log_likelihood"] + 0.01)
+    # the whole band (min..max over seeds) stays in view, not only the mean
+    late = [r for r in csv_rows if r["epoch"] >= epochs[last]]
+    low = min(r["min"] for r in late if np.isfinite(r["min"]))
+    high = max([truth["val_log_likelihood"], *(r["max"] for r in late if np.isfinite(r["max"]))])
+    ax[1].set_ylim(low - 0.01, high + 0.01)
     ax[1].set_title("second half of training (plateau check)")
     fig.tight_layout()
     _save(fig, out / "figures" / "training.png")

@@ -110,10 +110,10 @@ def _device(model: VAE) -> torch.device:
 
 
 @torch.no_grad()
-def _grid_terms(model: VAE, grid: Grid):
-    """Decoder mean, 1/sigma and log(w p(z) / sigma sqrt(2 pi)) at every node,
-    so that log(w p(y|z) p(z)) = -0.5 ((y - mean) / sigma)^2 + offset."""
-    z = grid.nodes[:, :, None, :]                              # [R, G, 1, D]
+def _grid_terms(model: VAE, nodes: torch.Tensor):
+    """Decoder mean, 1/sigma and log(p(z) / sigma sqrt(2 pi)) at every node [R, G, D],
+    so that log p(y|z) p(z) = -0.5 ((y - mean) / sigma)^2 + offset."""
+    z = nodes[:, :, None, :]                                   # [R, G, 1, D]
     mean = model.decoder.mean(z)[:, :, 0]                      # [R, G, Y], decoder evaluated once
     log_sigma = model.decoder.log_noise_as(F64)[:, 0]          # [R, 1, Y]
     log_prior = model.prior().to(F64).log_prob(z)[:, :, 0]     # [R, G]
@@ -135,7 +135,7 @@ def integrate(model: VAE, y, grid: Grid, elbo: bool = True, budget: int = 4_000_
     """log p(y) and, if `elbo`, the ELBO of every point by the fine and the coarse
     rule on one grid: the decoder is evaluated once, and the gap log p - ELBO is
     KL(q(z|y) || p(z|y)) computed on the same nodes."""
-    mean, inv_sigma, offset = _grid_terms(model, grid)
+    mean, inv_sigma, offset = _grid_terms(model, grid.nodes)
     R, G = grid.log_w.shape
     y = _as_batch(y, R, grid.nodes.device)
     order = torch.argsort(y[0, :, 0])          # sorted y: neighbours share a narrow window of q's mass
@@ -249,10 +249,16 @@ def _outer_nodes(grid: Grid, fraction: float = 0.02) -> torch.Tensor:
 
 
 @torch.no_grad()
+def log_joint(model: VAE, y, nodes: torch.Tensor) -> torch.Tensor:
+    """log p(y|z) + log p(z) for every node z [R, G, D] and every y [N]: [R, G, N]."""
+    mean, inv_sigma, offset = _grid_terms(model, nodes)
+    return _log_terms(_as_batch(y, nodes.shape[0], nodes.device), mean, inv_sigma, offset)
+
+
+@torch.no_grad()
 def posterior_on_grid(model: VAE, y, grid: Grid) -> torch.Tensor:
     """The model's exact posterior density p(z|y) at the grid nodes: [R, N, G]."""
-    mean, inv_sigma, offset = _grid_terms(model, grid)
-    terms = _log_terms(_as_batch(y, grid.nodes.shape[0], grid.nodes.device), mean, inv_sigma, offset)
+    terms = log_joint(model, y, grid.nodes)
     log_p = torch.logsumexp(terms + grid.log_w[:, :, None], dim=1, keepdim=True)
     return torch.exp(terms - log_p).transpose(1, 2)
 

@@ -1,0 +1,149 @@
+"""Faults at chosen points (faults.py), never at lucky moments: kill -9 and SIGTERM
+mid-epoch and mid-checkpoint-write, a full disk, and a killed `reproduce` driver.
+Each ends in one line (or a kill) and a folder that a re-run completes bitwise."""
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mogvae.checkpoint import load_checkpoint
+from mogvae.cli import main
+from mogvae.runs import read_history
+
+CONFIG = """
+preset = "mog-both"
+seeds = 2
+[model]
+hidden = [8, 8]
+n_components = 3
+[data]
+n_train = 600
+n_val = 100
+n_test = 200
+[train]
+epochs = 6
+[eval]
+grid_size = 401
+n_generated = 500
+"""
+
+
+def train_cmd(config, out):
+    return [sys.executable, "-m", "mogvae.cli", "train", str(config), "--out", str(out)]
+
+
+def final_state(out: Path):
+    newest = sorted((out / "checkpoints").glob("*.safetensors"))[-1]
+    tensors, meta = load_checkpoint(newest)
+    return newest.name, tensors, meta, (out / "history.jsonl").read_bytes(), (out / "metrics.csv").read_bytes()
+
+
+def assert_same_final_state(out: Path, reference) -> None:
+    name, tensors, meta, history, metrics = final_state(out)
+    ref_name, ref_tensors, ref_meta, ref_history, ref_metrics = reference
+    assert name == ref_name and meta == ref_meta and tensors.keys() == ref_tensors.keys()
+    assert all(torch.equal(tensors[k], ref_tensors[k]) for k in tensors)
+    assert history == ref_history and metrics == ref_metrics
+
+
+def assert_usable(out: Path, killed: bool = False) -> None:
+    """Every file with a final name is complete; no temporary is left behind,
+    except by kill -9 (which nothing can clean up after: the re-run does)."""
+    assert killed or not list(out.rglob("*.tmp"))
+    for ckpt in (out / "checkpoints").glob("*.safetensors"):
+        load_checkpoint(ckpt)
+    epochs = [h["epoch"] for h in read_history(out / "history.jsonl")]
+    assert epochs == list(range(1, len(epochs) + 1))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ref")
+    config = tmp / "run.toml"
+    config.write_text(CONFIG)
+    subprocess.run(train_cmd(config, tmp / "out"), check=True, capture_output=True, timeout=300)
+    return config, final_state(tmp / "out")
+
+
+# Ten trials: (fault, expected exit status). Kills land after an epoch (before its
+# checkpoint) and inside checkpoint writes (temporary complete, not renamed).
+TRIALS = [("epoch:1:KILL", -9), ("epoch:4:KILL", -9), ("epoch:6:KILL", -9), ("checkpoint:1:KILL", -9),
+          ("checkpoint:3:KILL", -9), ("checkpoint:6:KILL", -9), ("epoch:2:TERM", 143), ("checkpoint:4:TERM", 143),
+          ("epoch:5:INT", 130), ("checkpoint:2:INT", 130)]
+
+
+@pytest.mark.parametrize("fault,status", TRIALS)
+def test_a_run_stopped_at_a_chosen_point_resumes_bitwise(reference, tmp_path, fault, status, capsys, monkeypatch):
+    """kill -9 needs a process of its own; SIGTERM and SIGINT are handled, so those
+    trials (and every resume) run in this process, which is faster."""
+    config, ref = reference
+    out = tmp_path / "out"
+    if status == -9:
+        proc = subprocess.run(train_cmd(config, out), capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "MOGVAE_FAULT": fault})
+        assert proc.returncode == status, proc.stderr
+    else:
+        with monkeypatch.context() as m:
+            m.setenv("MOGVAE_FAULT", fault)
+            assert main(["train", str(config), "--out", str(out)]) == status
+        last = capsys.readouterr().err.strip().splitlines()[-1]   # one line, with what to do next
+        assert last.startswith("mogvae: stopped by SIG" if status == 143 else "mogvae: interrupted")
+        assert "re-run the same command to resume" in last
+    assert_usable(out, killed=status == -9)
+    assert main(["train", str(config), "--out", str(out)]) == 0
+    assert_usable(out)
+    assert_same_final_state(out, ref)
+
+
+def test_a_full_disk_is_one_line_and_the_rerun_resumes_bitwise(reference, tmp_path, capsys, monkeypatch):
+    config, ref = reference
+    out = tmp_path / "out"
+    real_fsync, calls = os.fsync, []
+
+    def fsync_until_full(fd):
+        calls.append(fd)
+        if len(calls) > 25:                            # some epochs in: every write from now on fails
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync_until_full)
+    code = main(["train", str(config), "--out", str(out)])
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("training: epoch")]
+    assert code == 1 and len(err) == 1 and "no space left" in err[0] and "re-run the same command" in err[0], err
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert_usable(out)
+    assert main(["train", str(config), "--out", str(out)]) == 0
+    assert_same_final_state(out, ref)
+
+
+def _session_members(sid: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            if int(fields[3]) == sid and fields[0] != "Z":    # field 6 of stat: the session id
+                pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_workers_die_with_a_killed_reproduce_driver(tmp_path):
+    out = tmp_path / "out"
+    driver = subprocess.Popen([sys.executable, "-m", "mogvae.cli", "reproduce", "--quick", "--workers", "2",
+                               "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              env={**os.environ, "MOGVAE_FAULT": "progress:3:KILL"}, start_new_session=True)
+    assert driver.wait(timeout=300) == -signal.SIGKILL
+    deadline = time.monotonic() + 15
+    while _session_members(driver.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _session_members(driver.pid) == []        # workers, and anything they started, are gone
+    assert not (out / "metrics.csv").exists()        # and wrote no results into the abandoned folder
