@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -14,3 +17,13 @@ def _fresh_fault_counters():
     """faults.py counts passes per process; each test starts from zero."""
     from mogvae import faults
     faults._passes.clear()
+
+
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory):
+    """One `mogvae reproduce --quick`, shared by the tests that read its output."""
+    out = tmp_path_factory.mktemp("study") / "out"
+    proc = subprocess.run([sys.executable, "-m", "mogvae.cli", "reproduce", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc

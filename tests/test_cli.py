@@ -15,15 +15,6 @@ COLUMNS = ["model", "seed", "test_log_likelihood", "true_log_likelihood", "test_
 MODELS = ["mfg", "mog-prior", "mog-posterior", "mog-both"]
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("study") / "out"
-    proc = subprocess.run([sys.executable, "-m", "mogvae.cli", "reproduce", "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc
-
-
 def test_quick_reproduce_writes_the_output_contract(quick_run):
     out, proc = quick_run
     config = json.loads((out / "config.json").read_text())
@@ -43,7 +34,7 @@ def test_quick_reproduce_writes_the_output_contract(quick_run):
     assert "test LL" in proc.stdout  # the table is printed
 
 
-def test_metrics_are_consistent_with_an_independent_recomputation(quick_run):
+def test_metrics_identities_hold(quick_run):
     out, _ = quick_run
     test = np.load(out / "data" / "test.npy")
     rows = list(csv.DictReader(open(out / "metrics.csv")))
@@ -52,9 +43,51 @@ def test_metrics_are_consistent_with_an_independent_recomputation(quick_run):
         assert float(r["true_log_likelihood"]) == pytest.approx(truth, abs=1e-12)
         assert float(r["kl_to_truth"]) == pytest.approx(truth - float(r["test_log_likelihood"]), abs=1e-12)
         assert float(r["inference_gap"]) >= -1e-6
-        assert float(r["inference_gap"]) == pytest.approx(
-            float(r["test_log_likelihood"]) - float(r["test_elbo"]), abs=1e-9)
         assert r["diverged"] == "False"
+
+
+def _numpy_log_marginal(weights: dict, r: int, y: np.ndarray, sigma: float, prior: str) -> np.ndarray:
+    """log p(y) of replica r recomputed from the saved weights alone, without mogvae:
+    the decoder MLP by hand in NumPy (SiLU), the prior from its formula, and
+    scipy's Simpson rule on a dense grid of 40,001 nodes over [-14, 14]."""
+    from scipy.integrate import simpson
+    from scipy.special import logsumexp, softplus
+    z = np.linspace(-14, 14, 40_001)
+    h = z[:, None]
+    layers = sorted({k.rsplit(".", 1)[0] for k in weights if k.startswith("decoder.net.net.")},
+                    key=lambda k: int(k.rsplit(".", 1)[1]))
+    for i, name in enumerate(layers):
+        h = h @ weights[f"{name}.weight"][r].astype(np.float64) + weights[f"{name}.bias"][r, 0].astype(np.float64)
+        if i < len(layers) - 1:
+            h = h / (1 + np.exp(-h))                                 # SiLU
+    mean = h[:, 0]
+    if prior == "normal":
+        log_prior = -0.5 * z**2 - 0.5 * np.log(2 * np.pi)
+    else:
+        loc = weights["prior.loc"][r, :, 0].astype(np.float64)
+        scale = softplus(weights["prior.raw_scale"][r, :, 0].astype(np.float64)) + 1e-4
+        comp = -0.5 * ((z[:, None] - loc) / scale) ** 2 - np.log(scale) - 0.5 * np.log(2 * np.pi)
+        log_prior = logsumexp(comp, axis=1) - np.log(len(loc))
+    out = []
+    for chunk in np.array_split(y, max(1, len(y) // 100)):
+        log_lik = -0.5 * ((chunk[:, None] - mean) / sigma) ** 2 - np.log(sigma) - 0.5 * np.log(2 * np.pi)
+        joint = log_lik + log_prior
+        peak = joint.max(1, keepdims=True)
+        out.append(np.log(simpson(np.exp(joint - peak), x=z, axis=1)) + peak[:, 0])
+    return np.concatenate(out)
+
+
+@pytest.mark.parametrize("model,prior", [("mfg", "normal"), ("mog-prior", "mog")])
+def test_test_log_likelihood_matches_an_independent_recomputation_from_saved_weights(quick_run, model, prior):
+    from safetensors.numpy import load_file
+    out, _ = quick_run
+    test = np.load(out / "data" / "test.npy")
+    weights = load_file(out / "runs" / model / "model.safetensors")
+    rows = [r for r in csv.DictReader(open(out / "metrics.csv")) if r["model"] == model]
+    for r in rows:
+        mine = _numpy_log_marginal(weights, int(r["seed"]), test, 0.1, prior).mean()
+        # measured: 1e-10 to 6e-9 nats apart (float32 networks evaluated in float64 both times)
+        assert float(r["test_log_likelihood"]) == pytest.approx(mine, abs=1e-7)
 
 
 def test_report_numbers_come_from_metrics_csv(quick_run):

@@ -1,11 +1,11 @@
-"""Malformed configurations: each one is one line on stderr and exit code 2."""
-import math
-
+"""Malformed configurations: each one is one line on stderr and exit code 2;
+valid ones are read exactly and resume as themselves."""
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mogvae.cli import main
-from mogvae.runs import RunConfig
+from mogvae.runs import RunConfig, RunDir, RunError, load_run_config
 
 BAD_NUMBERS = st.sampled_from(["nan", "inf", "-inf", "-1", "0", "-0.5", "1e400", '"abc"', "[1, 2]", "{a = 1}",
                                "true"])
@@ -82,13 +82,26 @@ def test_malformed_configurations_exit_2_with_one_line(case, tmp_path_factory, c
 finite = st.floats(min_value=1e-6, max_value=0.5, allow_nan=False)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seeds=st.integers(1, 50), lr=finite, sigma=st.floats(0.01, 2.0), hidden=st.lists(st.integers(1, 256), min_size=1,
        max_size=4), preset=st.sampled_from([None, "mfg", "mog-prior", "mog-posterior", "mog-both"]),
        grid=st.integers(50, 3000).map(lambda n: 2 * n + 1))
-def test_valid_configurations_round_trip_unchanged(seeds, lr, sigma, hidden, preset, grid):
-    config = RunConfig(preset=preset, seeds=seeds, train={"lr": lr}, data={"sigma": sigma},
-                       model={"hidden": hidden}, eval={"grid_size": grid})
-    again = RunConfig.model_validate_json(config.model_dump_json())
-    assert again == config
-    assert math.isclose(again.train.lr, lr, rel_tol=0) and again.model.hidden == tuple(hidden)
+def test_a_valid_configuration_is_read_exactly_and_resumes_as_itself(seeds, lr, sigma, hidden, preset, grid,
+                                                                    tmp_path_factory):
+    """mogvae's own path: TOML text -> load_run_config -> the run folder's config.json
+    -> the resume check. A value that changed on the way (a float re-rounded, a
+    list that came back a tuple) would make a run refuse its own resume."""
+    tmp = tmp_path_factory.mktemp("valid")
+    path = tmp / "c.toml"
+    path.write_text(toml_text({"seeds": str(seeds), "train.lr": repr(lr), "data.sigma": repr(sigma),
+                               "model.hidden": str(hidden), "eval.grid_size": str(grid),
+                               **({"preset": f'"{preset}"'} if preset else {})}))
+    config = load_run_config(path, [])
+    assert config.seeds == seeds and config.train.lr == lr and config.data.sigma == sigma
+    assert config.model.hidden == tuple(hidden) and config.eval.grid_size == grid and config.preset == preset
+    first, again = RunDir(tmp / "out"), RunDir(tmp / "out")
+    first.claim(config)
+    again.claim(load_run_config(path, []))                   # raises RunError if anything differs
+    assert again.config_hash == first.config_hash
+    with pytest.raises(RunError, match="train.lr"):
+        RunDir(tmp / "out").claim(load_run_config(path, [f"train.lr={lr * 0.5!r}"]))

@@ -80,7 +80,10 @@ def test_splits_are_independent_of_each_others_size():
     a = make_splits(p, {"train": 100, "test": 50}, seed=0)
     b = make_splits(p, {"train": 300, "test": 50}, seed=0)
     assert np.array_equal(a["test"], b["test"])
-    assert not np.array_equal(a["train"][:50], a["test"])
+    # separate streams: no shared draws (continuous values), and the same distribution
+    assert np.intersect1d(b["train"], b["test"]).size == 0
+    big = make_splits(p, {"train": 5000, "test": 5000}, seed=1)
+    assert stats.ks_2samp(big["train"], big["test"]).pvalue > 1e-3
 
 
 @pytest.mark.parametrize("bad", [0, -1, float("nan"), float("inf")])

@@ -1,6 +1,8 @@
 """User data files: refused before training with one line naming file and row; good ones train."""
 import csv
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,6 +43,8 @@ def write(tmp_path, name, content):
     path = tmp_path / name
     if isinstance(content, np.ndarray):
         np.save(path, content, allow_pickle=True)
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
     else:
         path.write_text(content)
     return path
@@ -57,6 +61,10 @@ def write(tmp_path, name, content):
     ("nan.npy", np.array([0.1, np.nan, 0.2]), "row 2"),
     ("strings.npy", np.array(["a", "b"]), "dtype"),
     ("short.txt", "\n".join(map(str, GOOD[:50])), "ask for 200"),
+    ("huge.npy", np.array([0.1, 1e308, 0.2]), "row 2: 1e+308 is beyond"),
+    ("big.txt", "0.1\n0.2\n1e30\n", "row 3: 1e+30 is beyond"),
+    ("zero_bytes.npy", b"", "not a readable .npy"),
+    ("nul_bytes.csv", b"\0" * 5000, "row 1: longer than"),
 ])
 def test_bad_data_files_are_refused_before_training(tmp_path, capsys, name, content, needle):
     path = write(tmp_path, name, content)
@@ -89,3 +97,41 @@ def test_a_good_file_trains_and_reports_unknown_truth(tmp_path, capsys):
     assert np.isnan(float(rows[0]["kl_to_truth"]))           # no truth for a user's data
     np.testing.assert_array_equal(np.sort(np.concatenate(
         [np.load(tmp_path / "out" / "data" / f"{s}.npy") for s in ("train", "val", "test")])), np.sort(GOOD))
+
+
+def _special(tmp_path, kind):
+    path = tmp_path / f"{kind}.csv"
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(path)                       # reading would block forever
+    elif kind == "oversized":
+        with open(path, "wb") as fh:
+            fh.truncate(2 * 2**30)            # sparse: refused by its size, never read
+    return path
+
+
+@pytest.mark.parametrize("kind,needle", [("folder", "is a folder"), ("fifo", "not a regular file"),
+                                         ("oversized", "limited to")])
+def test_what_is_not_a_data_file_is_named_as_such_and_never_read(tmp_path, capsys, kind, needle):
+    code, err = run(tmp_path, _special(tmp_path, kind), capsys)
+    assert code == 2 and len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_device_is_not_a_data_file(tmp_path, capsys):
+    code, err = run(tmp_path, "/dev/zero", capsys)
+    assert code == 2 and "not a regular file" in err[0], err
+
+
+def test_a_relative_data_path_is_found_beside_the_configuration_file(tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "y.csv").write_text("\n".join(map(str, GOOD)))
+    (folder / "c.toml").write_text(CONFIG.format(path="y.csv"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)                    # the cwd has no y.csv
+    assert main(["train", str(folder / "c.toml"), "--out", str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    used = json.loads((tmp_path / "out" / "config.json").read_text())["data"]["path"]
+    assert Path(used) == folder / "y.csv"

@@ -81,15 +81,18 @@ def test_decoder_log_prob_matches_scipy():
     np.testing.assert_allclose(got, ref, rtol=1e-12)
 
 
-def test_stratified_draws_use_each_component_and_weights_sum_to_one():
-    model = build_model(preset("mog-posterior", n_components=3), replicas=1).double()
+def test_stratified_draws_use_each_component_and_weights_are_the_mixture_weights():
+    model = build_model(preset("mog-posterior", n_components=3, learn_weights=True), replicas=1).double()
     initialize(model, [0])
     y = torch.zeros(1, 2, 1, dtype=torch.float64)
     q = model.posterior(y)
     eps = torch.zeros(1, 1, 3, 2, 1, dtype=torch.float64)
     z = q.stratified_rsample(eps)  # zero noise: exactly the component means
     np.testing.assert_allclose(z[0, 0, :, :, 0].detach().numpy(), q.loc[0, 0, :, :, 0].T.detach().numpy())
-    np.testing.assert_allclose(q.stratum_weights().sum(2).detach().numpy(), 1.0)
+    # learned (unequal) weights: the strata carry torch.distributions' own mixture probabilities
+    probs = q.distribution().mixture_distribution.probs[0, 0]                     # [B, K]
+    assert float(probs.detach().std()) > 1e-3
+    np.testing.assert_allclose(q.stratum_weights()[0, 0].T.detach().numpy(), probs.detach().numpy(), rtol=1e-12)
 
 
 def test_direct_density_equals_exp_log_prob():

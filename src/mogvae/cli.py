@@ -214,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 0
         return COMMANDS[args.command](args)
+    except SystemExit as e:  # --help, --version
+        return e.code if isinstance(e.code, int) else 0
     except UsageError as e:
         print(f"mogvae: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -30,15 +30,17 @@ class Strict(BaseModel):
 
 
 class DataConfig(Strict):
-    name: Literal["paper", "file"] = "paper"
-    path: str | None = Field(None, description="for name = 'file': a .npy, .csv or .txt of y values, one per row")
+    name: Literal["paper", "file"] = Field("paper", description="paper: the paper's 1-D process (exact truth); "
+                                           "file: your own y values (truth unknown: those metrics are NaN)")
+    path: str | None = Field(None, description="for name = 'file': a .npy, .csv or .txt of y values, one per row; "
+                             "a relative path is read from the configuration file's folder")
     sigma: float = Field(0.1, ge=1e-3, le=1e3, description="noise std of y|z (the paper's 0.01 read as a "
                          "variance); also the decoder's known noise. At least 1e-3: below it the truth's quadrature "
                          "needs millions of nodes and the model's posterior is narrower than the evaluation grid")
-    n_train: int = Field(10_000, ge=1)
-    n_val: int = Field(2_000, ge=1)
-    n_test: int = Field(10_000, ge=1)
-    seed: int = Field(0, ge=0)
+    n_train: int = Field(10_000, ge=1, description="training points")
+    n_val: int = Field(2_000, ge=1, description="validation points (the ELBO curve in history)")
+    n_test: int = Field(10_000, ge=1, description="held-out points for the exact evaluation")
+    seed: int = Field(0, ge=0, description="seed of the data draws (or of the shuffle of a file)")
 
     @model_validator(mode="after")
     def _file_has_path(self):
@@ -48,14 +50,17 @@ class DataConfig(Strict):
 
 
 class ModelConfig(Strict):
-    prior: str = "normal"
-    posterior: str = "gaussian"
+    prior: str = Field("normal", description="normal: N(0, I); mog: a learnable mixture of n_components Gaussians")
+    posterior: str = Field("gaussian", description="gaussian: mean-field N(mu(y), sigma(y)^2); mog: a mixture of "
+                                                   "n_components Gaussians from the encoder")
     n_components: int = Field(10, ge=1, le=1000, description="M, for mixture priors/posteriors")
-    latent_dim: int = Field(1, ge=1, le=64)
-    hidden: tuple[int, ...] = Field((64, 64), min_length=1, max_length=8)
-    activation: Literal["tanh", "relu", "silu", "softplus"] = "silu"  # smooth (fast quadrature), and 6x cheaper than tanh on this CPU
-    learn_decoder_noise: bool = False
-    learn_weights: bool = False
+    latent_dim: int = Field(1, ge=1, le=64, description="dimension of z; exact evaluation needs <= 2")
+    hidden: tuple[int, ...] = Field((64, 64), min_length=1, max_length=8,
+                                    description="hidden widths of the encoder and decoder MLPs")
+    activation: Literal["tanh", "relu", "silu", "softplus"] = Field(
+        "silu", description="smooth, so the quadrature converges fast; 6x cheaper than tanh on a CPU")
+    learn_decoder_noise: bool = Field(False, description="learn the decoder's noise (else it is data.sigma, known)")
+    learn_weights: bool = Field(False, description="learn mixture weights (else equal weights)")
 
     @field_validator("prior", "posterior")
     @classmethod
@@ -89,16 +94,16 @@ def preset(name: str, **overrides) -> ModelConfig:
 
 class TrainConfig(Strict):
     epochs: int = Field(200, ge=1, le=100_000, description="enough to plateau on the defaults (figures/training.png)")
-    batch_size: int = Field(256, ge=1)
-    lr: float = Field(1e-3, gt=0, le=1.0)
+    batch_size: int = Field(256, ge=1, description="points per step, per replica")
+    lr: float = Field(1e-3, gt=0, le=1.0, description="Adam's learning rate")
     lr_schedule: Literal["cosine", "constant"] = Field(
         "cosine", description="cosine: anneal to lr * final_lr_factor, so the last epochs average out minibatch noise")
-    final_lr_factor: float = Field(0.01, gt=0, le=1.0)
+    final_lr_factor: float = Field(0.01, gt=0, le=1.0, description="the cosine schedule ends at lr * this")
     on_divergence: Literal["stop", "skip", "rollback"] = Field(
         "stop", description="per replica, on a non-finite loss or gradient (see train.Trainer)")
     max_retries: int = Field(3, ge=0, le=100, description="skips or rollbacks per replica before it stops")
     n_samples: int = Field(1, ge=1, le=1000, description="reparameterized draws per posterior component per step")
-    device: str = "cpu"
+    device: str = Field("cpu", description="cpu, or cuda where a GPU build of PyTorch is installed")
 
 
 class EvalConfig(Strict):

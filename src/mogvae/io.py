@@ -15,13 +15,11 @@ from . import faults
 
 
 def _file_mode() -> int:
-    """What open() would give a new file under this process's umask (mkstemp always gives 0600)."""
+    """What open() would give a new file under the current umask (mkstemp always gives 0600,
+    which would keep collaborators out of a shared results folder)."""
     mask = os.umask(0)
     os.umask(mask)
     return 0o666 & ~mask
-
-
-FILE_MODE = _file_mode()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, fault: str | None = None) -> Path:
@@ -33,7 +31,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, fault: str | None =
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), FILE_MODE)
+            os.fchmod(fh.fileno(), _file_mode())
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())

@@ -159,7 +159,8 @@ def claim(out: Path, layout: Layout, allowed: re.Pattern, *, resume: bool, overw
             raise OutputError(f"{option} {out}: holds an earlier mogvae {layout.kind} output "
                               "(pass --overwrite to replace it)")
     out.mkdir(parents=True, exist_ok=True)
-    write_manifest(out, layout)
+    if read_manifest(out) != layout:  # a resumed folder keeps its manifest untouched
+        write_manifest(out, layout)
     return out
 
 

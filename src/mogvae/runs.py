@@ -52,14 +52,15 @@ class RunError(Exception):
 
 class RunConfig(Strict):
     """What `mogvae train` runs. `preset` (if given) sets model.prior and model.posterior."""
-    preset: str | None = None
-    seeds: int = Field(5, ge=1, le=1000)
-    base_seed: int = Field(0, ge=0)
+    preset: str | None = Field(None, description="mfg | mog-prior | mog-posterior | mog-both: sets model.prior "
+                                                  "and model.posterior")
+    seeds: int = Field(5, ge=1, le=1000, description="replicas trained together, each from its own seed")
+    base_seed: int = Field(0, ge=0, description="replica i is seeded from (base_seed, i) only")
     checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
-    model: ModelConfig = ModelConfig()
-    data: DataConfig = DataConfig()
-    train: TrainConfig = TrainConfig()
-    eval: EvalConfig = EvalConfig()
+    model: ModelConfig = Field(ModelConfig(), description="the VAE: prior, posterior, networks")
+    data: DataConfig = Field(DataConfig(), description="the data and its splits")
+    train: TrainConfig = Field(TrainConfig(), description="the optimizer, schedule and divergence policy")
+    eval: EvalConfig = Field(EvalConfig(), description="the exact evaluation (quadrature over z)")
 
     @model_validator(mode="after")
     def _known_preset(self):
@@ -98,7 +99,7 @@ class RunDir:
             claim(self.path, RUN_LAYOUT, RUN_NAMES, resume=True)
         except OutputError as e:
             raise RunError(str(e)) from None
-        self._lock = open(self.path / LOCK, "w")
+        self._lock = open(self.path / LOCK, "a")  # "a": taking the lock changes nothing on disk
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -1,0 +1,174 @@
+"""What a new user meets: version, help, the configuration reference, threads,
+file modes, progress in log files, finished runs, and refusals made before any
+training (evaluation that could not run, bad paths, duplicates), each one line."""
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mogvae import __version__
+from mogvae.cli import main
+from mogvae.runs import RunConfig
+from mogvae.tomlcompat import loads
+
+TINY = """
+preset = "mfg"
+seeds = 1
+[model]
+hidden = [8]
+[data]
+n_train = 200
+n_val = 50
+n_test = 50
+[train]
+epochs = 3
+[eval]
+grid_size = 401
+n_generated = 200
+"""
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text(TINY)
+    return path
+
+
+def one_line_error(args, capsys) -> str:
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("mogvae: error:") and "Traceback" not in err[0], err
+    return err[0]
+
+
+def test_version_and_bare_command(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"mogvae {__version__}"
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: mogvae") and "reproduce" in out and "train" in out
+
+
+def test_version_answers_without_importing_torch():
+    code = "import sys; from mogvae.cli import main; main(['--version']); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("False")
+
+
+def test_config_show_is_valid_toml_that_parses_back_to_the_defaults(capsys):
+    assert main(["config", "--show"]) == 0
+    text = capsys.readouterr().out
+    assert RunConfig(**loads(text)) == RunConfig()
+
+
+def test_every_configuration_key_is_described():
+    sections = [RunConfig, *(f.annotation for f in RunConfig.model_fields.values() if hasattr(f.annotation,
+                                                                                             "model_fields"))]
+    undocumented = [f"{cls.__name__}.{name}" for cls in sections for name, f in cls.model_fields.items()
+                    if not f.description]
+    assert undocumented == []
+
+
+@pytest.mark.parametrize("extra,threads", [([], 1), (["--threads", "2"], 2)])
+def test_train_sets_the_thread_count_one_by_default(tiny, tmp_path, monkeypatch, extra, threads):
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    assert main(["train", str(tiny), "--out", str(tmp_path / "out"), *extra]) == 0
+    assert calls == [threads]
+
+
+def test_bad_thread_counts_are_refused(tiny, tmp_path, capsys):
+    assert "--threads" in one_line_error(["train", tiny, "--out", tmp_path / "o", "--threads", "0"], capsys)
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_output_files_follow_the_umask(tiny, tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        assert main(["train", str(tiny), "--out", str(tmp_path / "out")]) == 0
+    finally:
+        os.umask(old)
+    files = [p for p in (tmp_path / "out").rglob("*") if p.is_file() and p.name != ".lock"]
+    assert files and {stat.S_IMODE(p.stat().st_mode) for p in files} == {mode}
+
+
+def test_progress_is_printed_as_lines_when_not_on_a_terminal(tiny, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "mogvae.cli", "train", str(tiny), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "training: epoch 1/3" in proc.stderr and "training: epoch 3/3" in proc.stderr
+    assert "\x1b[" not in proc.stderr                     # no terminal control codes in a log file
+
+
+def test_rerunning_a_finished_run_says_so_and_rewrites_nothing(tiny, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    assert main(["train", str(tiny), "--out", str(out)]) == 0
+    capsys.readouterr()
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()}
+
+    def no_evaluation(*a, **k):
+        raise AssertionError("a finished run was evaluated again")
+    monkeypatch.setattr("mogvae.runs.evaluate", no_evaluation)
+    assert main(["train", str(tiny), "--out", str(out)]) == 0
+    assert "run complete" in capsys.readouterr().err
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("model.latent_dim=3", "model.latent_dim = 3"),
+    ("model.latent_dim=2", "eval.grid_size"),             # 2001^2 nodes would not fit in memory
+    ("data.sigma=1e-4", "data.sigma"),
+    ("data.sigma=1e-320", "data.sigma"),
+])
+def test_evaluation_that_could_not_run_is_refused_before_training(tiny, tmp_path, capsys, override, needle):
+    err = one_line_error(["train", tiny, "--out", tmp_path / "out", "--set", override,
+                          "--set", "eval.grid_size=2001"], capsys)
+    assert needle in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_two_dimensional_latent_trains_and_evaluates_at_a_grid_that_fits(tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["train", str(tiny), "--out", str(out), "--set", "model.latent_dim=2",
+                 "--set", "eval.grid_size=101"]) == 0, capsys.readouterr().err
+    assert "test_log_likelihood" in (out / "metrics.csv").read_text()
+
+
+@pytest.mark.parametrize("out,needle", [("x" * 300, "too long"), ("/dev/null", "not a folder"),
+                                        ("/dev/null/sub", "not a folder")])
+def test_unusable_output_paths_are_one_line(tiny, capsys, out, needle, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    assert needle in one_line_error(["train", tiny, "--out", out], capsys).lower()
+
+
+def test_empty_out_is_refused_not_the_current_directory(tiny, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert "empty path" in one_line_error(["train", tiny, "--out", ""], capsys)
+    assert "empty path" in one_line_error(["reproduce", "--quick", "--out", ""], capsys)
+    assert sorted(os.listdir(tmp_path)) == ["run.toml"]
+
+
+def test_a_configuration_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_bytes(b"seeds = 1\n\xff\xfe = 2\n")
+    assert "not UTF-8" in one_line_error(["train", bad, "--out", tmp_path / "o"], capsys)
+
+
+def test_duplicate_models_are_refused(capsys, tmp_path):
+    assert "more than once" in one_line_error(["reproduce", "--models", "mfg", "mfg", "--out", tmp_path / "o"],
+                                              capsys)
+
+
+def test_a_bug_is_one_line_with_the_way_to_see_more(tiny, tmp_path, capsys, monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("something inside went wrong\nsecond line")
+    monkeypatch.setattr("mogvae.runs.evaluate", broken)
+    assert main(["train", str(tiny), "--out", str(tmp_path / "out")]) == 1
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("training:")]
+    assert len(err) == 1 and "internal error: RuntimeError: something inside went wrong" in err[0]
+    assert "MOGVAE_TRACEBACK=1" in err[0]
