@@ -27,3 +27,28 @@ def quick_run(tmp_path_factory):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
+
+
+TINY_TOML = """
+preset = "mfg"
+seeds = 1
+[model]
+hidden = [8]
+[data]
+n_train = 200
+n_val = 50
+n_test = 50
+[train]
+epochs = 3
+[eval]
+grid_size = 401
+n_generated = 200
+"""
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """A `mogvae train` configuration that trains and evaluates in about a second."""
+    path = tmp_path / "run.toml"
+    path.write_text(TINY_TOML)
+    return path

@@ -1,8 +1,6 @@
 """The `mogvae` command end to end, and its refusals."""
 import csv
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest

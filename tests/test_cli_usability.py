@@ -5,7 +5,6 @@ import os
 import stat
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,30 +13,6 @@ from mogvae import __version__
 from mogvae.cli import main
 from mogvae.runs import RunConfig
 from mogvae.tomlcompat import loads
-
-TINY = """
-preset = "mfg"
-seeds = 1
-[model]
-hidden = [8]
-[data]
-n_train = 200
-n_val = 50
-n_test = 50
-[train]
-epochs = 3
-[eval]
-grid_size = 401
-n_generated = 200
-"""
-
-
-@pytest.fixture
-def tiny(tmp_path):
-    path = tmp_path / "run.toml"
-    path.write_text(TINY)
-    return path
-
 
 def one_line_error(args, capsys) -> str:
     code = main([str(a) for a in args])

@@ -1,5 +1,4 @@
 """`mogvae train`: checkpoints, refusals, safe loading (kills and resumes: test_faults.py)."""
-import json
 import os
 import pickle
 from pathlib import Path
@@ -9,7 +8,7 @@ import torch
 
 from mogvae.checkpoint import CheckpointError, load_checkpoint
 from mogvae.cli import main
-from mogvae.runs import RunDir, read_history
+from mogvae.runs import RunDir
 
 SMALL = """
 preset = "mog-both"

@@ -12,23 +12,6 @@ from mogvae.config import StudyConfig
 from mogvae.outdir import MANIFEST, read_manifest
 from mogvae.study import claim_output, output_layout
 
-TRAIN_TOML = """
-preset = "mfg"
-seeds = 1
-[model]
-hidden = [8]
-[data]
-n_train = 200
-n_val = 50
-n_test = 50
-[train]
-epochs = 2
-[eval]
-grid_size = 401
-n_generated = 200
-"""
-
-
 def users_files(root: Path) -> None:
     """What a user may keep in a folder: hidden files, *.tmp files (also ones shaped
     like mogvae's temporaries of names it does not own), subfolders, and stray
@@ -144,10 +127,9 @@ def test_a_crafted_manifest_naming_user_files_is_not_trusted(tmp_path, capsys):
     assert snapshot(root) == before
 
 
-def test_train_refuses_a_folder_of_user_files_and_the_current_directory(user_folder, tmp_path, capsys, monkeypatch):
+def test_train_refuses_a_folder_of_user_files_and_the_current_directory(user_folder, tiny, capsys, monkeypatch):
     root, before = user_folder
-    config = tmp_path / "run.toml"
-    config.write_text(TRAIN_TOML)
+    config = tiny
     err = one_line_error(["train", config, "--out", root], capsys)
     assert "not a mogvae run folder" in err
     monkeypatch.chdir(root)
@@ -156,17 +138,15 @@ def test_train_refuses_a_folder_of_user_files_and_the_current_directory(user_fol
     assert snapshot(root) == before
 
 
-def test_train_refuses_an_existing_file_as_out(tmp_path, capsys):
-    config, target = tmp_path / "run.toml", tmp_path / "results.txt"
-    config.write_text(TRAIN_TOML)
+def test_train_refuses_an_existing_file_as_out(tiny, tmp_path, capsys):
+    config, target = tiny, tmp_path / "results.txt"
     target.write_text("keep")
     assert "not a folder" in one_line_error(["train", config, "--out", target], capsys)
     assert target.read_text() == "keep"
 
 
-def test_a_resumed_run_removes_only_its_own_temporaries(tmp_path, capsys):
-    config, out = tmp_path / "run.toml", tmp_path / "out"
-    config.write_text(TRAIN_TOML)
+def test_a_resumed_run_removes_only_its_own_temporaries(tiny, tmp_path, capsys):
+    config, out = tiny, tmp_path / "out"
     assert main(["train", str(config), "--out", str(out)]) == 0
     (out / "status.json").unlink()                                       # not complete: the next run reopens it
     ours = [out / ".config.json.abcdefgh.tmp", out / "checkpoints" / ".epoch-000002.safetensors.a1b2c3d4.tmp"]

@@ -10,6 +10,10 @@ measured against, so it is computed more precisely than the models are.
 from __future__ import annotations
 
 import math
+import os
+import stat
+from array import array
+from pathlib import Path
 
 import numpy as np
 from numpy.polynomial.legendre import leggauss
@@ -115,12 +119,9 @@ MAX_FILE_BYTES = 512 * 2**20  # a data file is read whole into memory
 MAX_LINE = 256                # characters in one row of a text file
 
 
-def _open_regular(path) -> "io.BufferedReader":
+def _open_regular(path):
     """A regular file of at most MAX_FILE_BYTES, opened for reading. A folder, FIFO
     or device is named as such (never opened: a FIFO would block)."""
-    import os
-    import stat
-    from pathlib import Path
     path = Path(path)
     try:
         st = os.stat(path)
@@ -157,7 +158,6 @@ def _read_npy(path, fh) -> tuple[np.ndarray, range]:
 
 def _read_text(path, fh) -> tuple[np.ndarray, list[int]]:
     """One number per row, streamed line by line with a bounded line length."""
-    from array import array
     values, rows = array("d"), array("q")
     n = 0
     while True:
