@@ -147,3 +147,19 @@ def test_workers_die_with_a_killed_reproduce_driver(tmp_path):
         time.sleep(0.2)
     assert _session_members(driver.pid) == []        # workers, and anything they started, are gone
     assert not (out / "metrics.csv").exists()        # and wrote no results into the abandoned folder
+
+
+def test_sigterm_stops_reproduce_in_one_line_and_the_folder_can_be_replaced(tmp_path):
+    from mogvae.config import StudyConfig, quick
+    from mogvae.study import claim_output
+    out = tmp_path / "out"
+    driver = subprocess.Popen([sys.executable, "-m", "mogvae.cli", "reproduce", "--quick", "--workers", "2",
+                               "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "MOGVAE_FAULT": "progress:3:TERM"}, start_new_session=True)
+    err = driver.communicate(timeout=300)[1].strip().splitlines()
+    assert driver.returncode == 143
+    assert err[-1] == f"mogvae: stopped by SIGTERM; {out} is incomplete: re-run with --overwrite to start again"
+    assert "Traceback" not in "\n".join(err)
+    assert _session_members(driver.pid) == []           # the workers were stopped before the driver exited
+    claim_output(out, quick(StudyConfig()), overwrite=True)  # everything in it is mogvae's: replaceable
+    assert sorted(p.name for p in out.iterdir()) == [".mogvae-manifest.json"]

@@ -102,6 +102,10 @@ def model_figure(out: Path, model: str) -> None:
         a.plot(z, p, "k-", label="exact p_theta(z|y)")
         a.plot(z, q, color=color, ls="--", label="q(z|y)")
         a.set(xlim=mass_window(z, p, q, level=1e-3), xlabel="z (model latent)", ylabel="density", title=f"posterior at y = {y:g}")
+        if q.max() > 4 * p.max():  # narrow components of q (real, and of unit area) would flatten p: say so instead
+            a.set_ylim(0, 2.5 * p.max())
+            a.text(0.02, 0.97, f"q(z|y) peaks at {q.max():.3g}, above the axis", transform=a.transAxes,
+                   fontsize=7, va="top", color=color)
         a.legend(fontsize=8)
         rows += [{"panel": f"posterior_y={y:g}", "seed": 0, "x": zz, "value": f"{pp};{qq}"}
                  for zz, pp, qq in zip(z[::5], p[::5], q[::5])]
