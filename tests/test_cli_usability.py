@@ -1,6 +1,7 @@
 """What a new user meets: version, help, the configuration reference, threads,
 file modes, progress in log files, finished runs, and refusals made before any
 training (evaluation that could not run, bad paths, duplicates), each one line."""
+import errno
 import os
 import stat
 import subprocess
@@ -147,3 +148,19 @@ def test_a_bug_is_one_line_with_the_way_to_see_more(tiny, tmp_path, capsys, monk
     err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("training:")]
     assert len(err) == 1 and "internal error: RuntimeError: something inside went wrong" in err[0]
     assert "MOGVAE_TRACEBACK=1" in err[0]
+
+
+@pytest.mark.parametrize("code,exit_status,words", [(errno.EROFS, 2, "Read-only file system"),
+                                                    (errno.EACCES, 2, "Permission denied"),
+                                                    (errno.EIO, 1, "Input/output error")])
+def test_a_folder_that_cannot_be_written_is_one_line(tiny, tmp_path, capsys, monkeypatch, code, exit_status, words):
+    """A read-only filesystem, a folder without permission (root ignores modes, so the
+    failure is injected where mogvae creates its files), an I/O error."""
+    import tempfile
+
+    def refuse(*args, dir=None, **kwargs):
+        raise OSError(code, os.strerror(code), str(dir))
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    assert main(["train", str(tiny), "--out", str(tmp_path / "out")]) == exit_status
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0] and str(tmp_path / "out") in err[0], err
