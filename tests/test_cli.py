@@ -80,7 +80,8 @@ def test_test_log_likelihood_matches_an_independent_recomputation_from_saved_wei
     from safetensors.numpy import load_file
     out, _ = quick_run
     test = np.load(out / "data" / "test.npy")
-    weights = load_file(out / "runs" / model / "model.safetensors")
+    final = sorted((out / "runs" / f"preset={model}" / "checkpoints").glob("epoch-*.safetensors"))[-1]
+    weights = {k[len("model."):]: v for k, v in load_file(final).items() if k.startswith("model.")}
     rows = [r for r in csv.DictReader(open(out / "metrics.csv")) if r["model"] == model]
     for r in rows:
         mine = _numpy_log_marginal(weights, int(r["seed"]), test, 0.1, prior).mean()

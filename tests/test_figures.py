@@ -16,7 +16,7 @@ MODELS = ["mfg", "mog-prior", "mog-posterior", "mog-both"]
 @pytest.mark.parametrize("model", MODELS)
 def test_every_plotted_latent_density_integrates_to_one_on_its_grid(quick_run, model):
     out, _ = quick_run
-    c = read_npz(out / "runs" / model / "curves.npz")
+    c = read_npz(out / "runs" / f"preset={model}" / "curves.npz")
     R, P = c["q_density"].shape[:2]
     for r in range(R):
         assert trapezoid(c["prior_density"][r], c["z_grid"][r]) == pytest.approx(1, abs=1e-3)

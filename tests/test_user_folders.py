@@ -9,8 +9,8 @@ import pytest
 
 from mogvae.cli import main
 from mogvae.config import StudyConfig
-from mogvae.outdir import MANIFEST, read_manifest
-from mogvae.study import claim_output, output_layout
+from mogvae.outdir import LOCK, MANIFEST, read_manifest
+from mogvae.reproduce import claim_output, output_layout
 
 def users_files(root: Path) -> None:
     """What a user may keep in a folder: hidden files, *.tmp files (also ones shaped
@@ -98,12 +98,12 @@ def test_overwrite_deletes_exactly_the_manifest_files(tmp_path):
     config = fake_reproduce_output(root, models=("mfg", "mog-prior"))
     (root / "figures" / ".mfg.png.k2j4h5g6.tmp").write_text("a temporary of ours")
     claim_output(root, StudyConfig(models=("mfg",)), overwrite=True)
-    assert sorted(p.name for p in root.iterdir()) == [MANIFEST]      # every old file, and its folders, gone
+    assert sorted(p.name for p in root.iterdir()) == [LOCK, MANIFEST]  # every old file, and its folders, gone
     assert read_manifest(root).files == output_layout(StudyConfig(models=("mfg",))).files
     assert config.models == ("mfg", "mog-prior")
 
 
-@pytest.mark.parametrize("stranger", ["thesis.tex", ".hidden", "figures/mine.png", "runs/mfg/notes.txt",
+@pytest.mark.parametrize("stranger", ["thesis.tex", ".hidden", "figures/mine.png", "runs/preset=mfg/notes.txt", "runs/preset=mfg/checkpoints/x.tmp",
                                       "data/.draft.tmp", "src/"])
 def test_overwrite_refuses_an_output_holding_one_foreign_entry(tmp_path, capsys, stranger):
     root = tmp_path / "out"

@@ -116,29 +116,37 @@ def _check_device(device: str) -> None:
 def reproduce(args) -> int:
     from rich.console import Console
 
+    from . import reproduce as study
     from .outdir import OutputError
     from .plots import all_figures
-    from .progress import EpochProgress
+    from .progress import SweepProgress
     from .report import write_report
-    from .study import choose_workers, claim_output, run_study
+    from .sweep import SpecError
+    from .webpage import write_html
 
     config = _study_config(args)
     _check_device(config.train.device)
     try:
-        claim_output(args.out, config, args.overwrite)
-    except OutputError as e:
-        raise UsageError(str(e)) from None
-    args.after_interrupt = f"{args.out} is incomplete: re-run with --overwrite to start again"
+        sweep = study.claim_output(args.out, config, args.overwrite)
+        cells = study.cells_of(config)
+        sweep.check(cells)  # a resume must ask for the same study
+        pending = sweep.pending(cells)
+    except (OutputError, SpecError) as e:
+        raise UsageError(str(e).replace("use a new folder", "pass --overwrite to replace it")) from None
+    args.after_interrupt = f"{args.out} keeps every finished epoch: re-run the same command to resume"
     console = Console(stderr=True)
     console.print(f"mogvae reproduce: {len(config.models)} models x {config.seeds} seeds, "
-                  f"{config.train.epochs} epochs, {choose_workers(config)} worker(s) -> {args.out}", highlight=False)
+                  f"{config.train.epochs} epochs -> {args.out}"
+                  + (f" (resuming: {len(cells) - len(pending)} of {len(cells)} runs finished)"
+                     if len(pending) < len(cells) else ""), highlight=False, soft_wrap=True)
     start = time.perf_counter()
-    with EpochProgress(console, {m: config.train.epochs for m in config.models}) as progress:
-        run_study(config, args.out, progress.update)
-    figures = all_figures(args.out, list(config.models))
+    with SweepProgress(console, {c.name: c.config.train.epochs for c in pending}, len(cells) - len(pending)) as p:
+        runs = study.run(config, sweep, p)
+    figures = all_figures(args.out, runs)
     report = write_report(args.out, list(config.models), figures)
+    write_html(report)
     _print_table(console, args.out, list(config.models))
-    console.print(f"done in {time.perf_counter() - start:.1f} s: {report}")
+    console.print(f"done in {time.perf_counter() - start:.1f} s: {report}", highlight=False)
     return 0
 
 

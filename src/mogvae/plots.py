@@ -65,9 +65,9 @@ def truth_figure(out: Path) -> None:
     write_csv(out / "figures" / "truth.csv", rows, ["panel", "z", "y", "value"])
 
 
-def model_figure(out: Path, model: str) -> None:
-    """The paper's Figures 2-4 for one model: decoder, generated data, posteriors."""
-    c = read_npz(out / "runs" / model / "curves.npz")
+def model_figure(out: Path, model: str, run: Path) -> None:
+    """The paper's Figures 2-4 for one model (its run folder `run`): decoder, generated data, posteriors."""
+    c = read_npz(run / "curves.npz")
     fig, ax = plt.subplots(2, 3, figsize=(15, 8))
     color = COLORS.get(model, "k")
     R = c["decoder"].shape[0]
@@ -176,17 +176,16 @@ def comparison_figure(out: Path, models: list[str]) -> None:
     write_csv(out / "figures" / "comparison.csv", csv_rows, ["metric", "model", "seed", "value"])
 
 
-def training_figure(out: Path, models: list[str]) -> None:
+def training_figure(out: Path, runs: dict[str, Path]) -> None:
+    """Validation ELBO per epoch of each run (history.jsonl): mean over seeds, band min..max."""
+    from .runs import read_history
     truth = json.loads((out / "truth.json").read_text())
     fig, ax = plt.subplots(1, 2, figsize=(13, 4.5))
     csv_rows = []
-    for m in models:
-        hist = read_csv(out / "runs" / m / "history.csv")
-        epochs = sorted({int(h["epoch"]) for h in hist})
-        seeds = sorted({int(h["seed"]) for h in hist})
-        v = np.full((len(epochs), len(seeds)), np.nan)
-        for h in hist:
-            v[int(h["epoch"]) - 1, int(h["seed"])] = float(h["val_elbo"])
+    for m, run in runs.items():
+        hist = read_history(run / "history.jsonl")
+        epochs = [h["epoch"] for h in hist]
+        v = np.array([[np.nan if x is None else x for x in h["val_elbo"]] for h in hist], dtype=float)  # [E, R]
         mean = np.nanmean(v, 1)
         for a in ax:
             a.plot(epochs, mean, color=COLORS.get(m, "k"), label=m)
@@ -211,11 +210,12 @@ def training_figure(out: Path, models: list[str]) -> None:
     write_csv(out / "figures" / "training.csv", csv_rows, ["model", "epoch", "mean_val_elbo", "min", "max"])
 
 
-def all_figures(out: Path, models: list[str]) -> list[Path]:
+def all_figures(out: Path, runs: dict[str, Path]) -> list[Path]:
+    """Every figure of `reproduce`, from the saved files: `runs` maps model -> run folder."""
     truth_figure(out)
-    for m in models:
-        model_figure(out, m)
-    comparison_figure(out, models)
-    training_figure(out, models)
-    names = ["truth", "comparison", "training", *models]
+    for m, run in runs.items():
+        model_figure(out, m, run)
+    comparison_figure(out, list(runs))
+    training_figure(out, runs)
+    names = ["truth", "comparison", "training", *runs]
     return [out / "figures" / f"{n}.png" for n in names]

@@ -48,3 +48,56 @@ class EpochProgress:
             self._last_line[name] = now
             self.console.print(f"{name}: epoch {epochs_done}/{self.totals[name]} "
                                f"({now - self._start:.0f} s)", soft_wrap=True, highlight=False)
+
+
+class SweepProgress:
+    """One display across a sweep: runs done of all, epochs, and an ETA.
+    `epoch(name, done)` as runs train, `finished(name)` as each completes."""
+
+    def __init__(self, console: Console, epochs: dict[str, int], already_done: int, every: float = 30.0):
+        from rich.progress import TimeRemainingColumn
+        self.console, self.epochs, self.every = console, epochs, every
+        self.total_runs = already_done + len(epochs)
+        self.runs_done, self.done = already_done, {name: 0 for name in epochs}
+        self.live, self._last, self._start = console.is_terminal, -float("inf"), time.perf_counter()
+        self._bars = None
+        if self.live:
+            self._bars = Progress(TextColumn("{task.description}"), BarColumn(),
+                                  TextColumn("{task.completed}/{task.total} epochs"), TimeElapsedColumn(),
+                                  TextColumn("ETA"), TimeRemainingColumn(), console=console)
+
+    def __enter__(self):
+        if self._bars is not None:
+            self._bars.__enter__()
+            self._task = self._bars.add_task(self._description(), total=max(1, sum(self.epochs.values())))
+        return self
+
+    def __exit__(self, *exc):
+        if self._bars is not None:
+            self._bars.__exit__(*exc)
+        return False
+
+    def _description(self) -> str:
+        return f"runs {self.runs_done}/{self.total_runs}"
+
+    def epoch(self, name: str, done: int) -> None:
+        self.done[name] = done
+        self._show()
+
+    def finished(self, name: str) -> None:
+        self.done[name] = self.epochs.get(name, 0)
+        self.runs_done += 1
+        self._show(force=True)
+
+    def _show(self, force: bool = False) -> None:
+        done, total = sum(self.done.values()), sum(self.epochs.values())
+        if self.live:
+            self._bars.update(self._task, completed=done, description=self._description())
+            return
+        now = time.perf_counter()
+        if force or now - self._last >= self.every:
+            self._last = now
+            elapsed = now - self._start
+            eta = f", ETA {elapsed / done * (total - done):.0f} s" if 0 < done < total else ""
+            self.console.print(f"sweep: {self.runs_done}/{self.total_runs} runs done, {done}/{total} epochs, "
+                               f"{elapsed:.0f} s{eta}", soft_wrap=True, highlight=False)

@@ -17,6 +17,9 @@ TABLE = [("test_log_likelihood", "test LL", 4), ("kl_to_truth", "KL to truth", 4
          ("w1_decoder", "W1 decoder", 4), ("std_ratio", "std ratio", 3), ("train_seconds", "train s/seed", 1)]
 
 
+TEXT_COLUMNS = {"model", "run", "preset", "diverged", "diverged_epoch"}  # the rest are numbers (grid axes: dotted)
+
+
 @dataclass(frozen=True)
 class Interval:
     mean: float
@@ -45,8 +48,7 @@ def load_metrics(path: Path) -> dict[str, dict[int, dict[str, float]]]:
     """metrics.csv as {model: {seed: {column: value}}}; diverged runs carry NaN metrics."""
     out: dict[str, dict[int, dict[str, float]]] = {}
     for row in read_csv(path):
-        values = {k: (float(v) if k not in ("model", "diverged", "diverged_epoch") else v) for k, v in row.items()
-                  if k != "seed"}
+        values = {k: (v if k in TEXT_COLUMNS else float(v)) for k, v in row.items() if k != "seed" and "." not in k}
         out.setdefault(row["model"], {})[int(row["seed"])] = values
     return out
 

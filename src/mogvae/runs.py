@@ -26,6 +26,7 @@ from pydantic import Field, model_validator
 
 from . import __version__
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .configfile import ConfigError, apply_overrides, read_toml
 from .config import PRESETS, DataConfig, EvalConfig, ModelConfig, Strict, TrainConfig
 from .data import DataError, PaperProcess, UnknownTruth, load_data_file, make_splits, split_file_data
 from . import faults
@@ -170,6 +171,14 @@ class RunDir:
         return (isinstance(status, dict) and status.get("done") is True and status.get("epoch") == epochs
                 and (self.path / "metrics.csv").is_file())
 
+    def train_seconds(self) -> float:
+        """Training wall time of earlier sessions of this run (status.json), 0 for a new run."""
+        try:
+            seconds = json.loads((self.path / "status.json").read_text()).get("train_seconds", 0.0)
+        except (OSError, ValueError, AttributeError):
+            return 0.0
+        return float(seconds) if isinstance(seconds, (int, float)) and seconds >= 0 else 0.0
+
     def append_history(self, trainer: Trainer) -> None:
         with open(self.path / "history.jsonl", "a") as fh:
             fh.write(_history_line(trainer, trainer.epoch - 1))
@@ -245,7 +254,7 @@ class RunSession:
             if not (run.path / "data" / f"{name}.npy").exists():
                 write_npy(run.path / "data" / f"{name}.npy", y)
         run.rewrite_history(trainer)  # exactly the checkpoint's epochs: none duplicated, none missing
-        start = time.perf_counter()
+        earlier, start = self.run.train_seconds(), time.perf_counter()
         while trainer.epoch < config.train.epochs:
             trainer.run_epoch()
             run.append_history(trainer)
@@ -253,65 +262,28 @@ class RunSession:
             if trainer.epoch % config.checkpoint_every == 0 or trainer.epoch == config.train.epochs:
                 run.save_checkpoint(trainer)
             write_json(run.path / "status.json", {"epoch": trainer.epoch, "of": config.train.epochs, "done": False,
-                                                  "seconds_this_session": time.perf_counter() - start})
+                                                  "train_seconds": earlier + time.perf_counter() - start})
             if on_epoch is not None:
                 on_epoch(trainer.epoch)
-        return self._evaluate()
+        return self._evaluate(earlier + time.perf_counter() - start)
 
-    def _evaluate(self) -> Path:
+    def _evaluate(self, train_seconds: float) -> Path:
         history, run = self.trainer.history, self.run
         evaluation = evaluate(self.model, self.process, self.data["test"], self.config.eval, self.seeds,
                               history.diverged)
-        rows = metric_rows(evaluation, history)
+        # wall time is the one number that differs between identical runs: it sits last, per seed
+        rows = [{**row, "train_seconds": train_seconds / len(self.seeds)} for row in metric_rows(evaluation, history)]
         write_csv(run.path / "metrics.csv", rows)
         write_npz(run.path / "curves.npz", evaluation.curves)
         write_json(run.path / "status.json", {"epoch": self.trainer.epoch, "of": self.config.train.epochs,
                                               "done": True, "diverged": sum(history.diverged),
-                                              "events": history.events})
+                                              "events": history.events, "train_seconds": train_seconds})
         return run.path / "metrics.csv"
 
 
 def load_run_config(path: Path, overrides: list[str]) -> RunConfig:
-    """A TOML file plus `key=value` overrides (values in TOML syntax; bare words are strings)."""
-    from .tomlcompat import TOMLDecodeError, loads
-    path = Path(path)
-    if not path.is_file():
-        raise RunError(f"{path}: no such file" if not path.exists() else f"{path}: not a regular file")
+    """A TOML file plus `key=value` overrides (see configfile.py)."""
     try:
-        text = path.read_bytes().decode("utf-8")
-    except OSError as e:
-        raise RunError(f"{path}: cannot read ({e.strerror})") from None
-    except UnicodeDecodeError as e:
-        raise RunError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    try:
-        raw = loads(text)
-    except TOMLDecodeError as e:
-        raise RunError(f"{path}: invalid TOML: {e}") from None
-    data = raw.get("data")
-    if isinstance(data, dict) and isinstance(data.get("path"), str) and data["path"]:
-        # a data file named in a configuration file is found beside that file (--set paths: from the cwd)
-        data["path"] = str((path.parent / data["path"]).absolute()) if not Path(data["path"]).is_absolute() \
-            else data["path"]
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise RunError(f"--set {item!r}: expected key=value")
-        _set_dotted(raw, key.strip(), _parse_value(value.strip()))
-    return RunConfig(**raw)
-
-
-def _parse_value(text: str):
-    from .tomlcompat import TOMLDecodeError, loads
-    try:
-        return loads(f"v = {text}")["v"]
-    except TOMLDecodeError:
-        return text
-
-
-def _set_dotted(d: dict, key: str, value) -> None:
-    *parents, last = key.split(".")
-    for p in parents:
-        if not isinstance(d.setdefault(p, {}), dict):
-            raise RunError(f"--set {key}: {p} is not a section")
-        d = d[p]
-    d[last] = value
+        return RunConfig(**apply_overrides(read_toml(path), overrides))
+    except ConfigError as e:
+        raise RunError(str(e)) from None

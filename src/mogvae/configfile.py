@@ -1,0 +1,76 @@
+"""Configuration files: TOML text -> a dict that a pydantic model validates.
+
+Shared by `mogvae train` (one run) and `mogvae sweep` (a grid of runs): the
+same reading, the same `--set key=value` overrides (values in TOML syntax, bare
+words are strings), and the same rule for data paths: a relative `data.path`
+in a file is read from that file's folder.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from .tomlcompat import TOMLDecodeError, loads
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be read: one line, naming it."""
+
+
+def read_toml(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file" if not path.exists() else f"{path}: not a regular file")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    try:
+        raw = loads(text)
+    except TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    data = raw.get("data")
+    if isinstance(data, dict) and isinstance(data.get("path"), str) and data["path"]:
+        if not Path(data["path"]).is_absolute():  # found beside the file (--set paths: from the cwd)
+            data["path"] = str((path.parent / data["path"]).absolute())
+    return raw
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        set_dotted(raw, key.strip(), parse_value(value.strip()), where=f"--set {key.strip()}")
+    return raw
+
+
+def parse_value(text: str):
+    try:
+        return loads(f"v = {text}")["v"]
+    except TOMLDecodeError:
+        return text
+
+
+def set_dotted(d: dict, key: str, value, where: str) -> None:
+    *parents, last = key.split(".")
+    for p in parents:
+        if not isinstance(d.setdefault(p, {}), dict):
+            raise ConfigError(f"{where}: {p} is not a section")
+        d = d[p]
+    d[last] = value
+
+
+def dotted_fields(model: type[BaseModel], prefix: str = "") -> set[str]:
+    """Every settable key of a configuration model, dotted: {"seeds", "train.lr", ...}."""
+    out = set()
+    for name, field in model.model_fields.items():
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            out |= dotted_fields(sub, f"{prefix}{name}.")
+        else:
+            out.add(prefix + name)
+    return out

@@ -1,0 +1,218 @@
+"""Sweeps: a grid of runs, each a crash-safe run folder (runs.py).
+
+    DIR/sweep.json       the spec, the expanded cells (name, grid values, resolved
+                         configuration and its hash) and the versions
+    DIR/runs/<name>/     one run folder per cell, as `mogvae train` writes it
+    DIR/metrics.csv      one row per (run, replica): the grid axes by their dotted
+                         keys, then model, seed and every metric; rebuilt from the
+                         run folders, so it is never the only copy
+    DIR/report.md, report.html, figures/   made from those files (present.py)
+
+A SPEC is a `mogvae train` configuration plus a `[grid]` table of dotted keys
+mapped to lists, expanded as a Cartesian product; `seeds` is per cell. The
+run is the only unit of work: a cell trains, resumes and evaluates exactly as
+`mogvae train` would, whichever executor runs it (executors.py).
+"""
+from __future__ import annotations
+
+import copy
+import fcntl
+import hashlib
+import itertools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from .configfile import ConfigError, apply_overrides, dotted_fields, read_toml, set_dotted
+from .io import read_csv, write_csv, write_json
+from .outdir import LOCK, Layout, OutputError, claim
+from .runs import RUN_LAYOUT, RunConfig, RunDir, differences
+
+SWEEP_NAMES = re.compile(r"sweep\.json|metrics\.csv|report\.(md|html)|timing\.json|figures/\*|runs/\*")
+SWEEP_LAYOUT = Layout("sweep", files=("sweep.json", "metrics.csv", "report.md", "report.html", "timing.json"),
+                      patterns=("figures/*", "runs/*"))
+
+
+class SpecError(ValueError):
+    """A sweep specification that cannot be expanded: one line naming the key."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    name: str
+    values: dict            # grid key -> value
+    config: RunConfig
+
+    @property
+    def model(self) -> str:
+        """The preset's name, else prior+posterior."""
+        c = self.config
+        return c.preset or f"{c.model.prior}+{c.model.posterior}"
+
+    def resolved(self) -> dict:
+        return self.config.model_dump(mode="json")
+
+
+def config_hash(resolved: dict) -> str:
+    return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()
+
+
+def _validate_error(e: ValidationError, where: str) -> SpecError:
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"]) or "configuration"
+    value = err.get("input")
+    got = "" if isinstance(value, (dict, list)) else f" (got {value!r})"
+    return SpecError(f"{where}{loc}: {err['msg']}{got}")
+
+
+def _label(value) -> str:
+    """A value as part of a folder name: readable, and safe on any filesystem."""
+    text = "-".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+    return re.sub(r"[^A-Za-z0-9._+-]", "-", text)[:40] or "empty"
+
+
+def cell_name(values: dict) -> str:
+    """Stable and readable, from the grid values only: preset=mfg__data.sigma=0.1."""
+    return "__".join(f"{key}={_label(v)}" for key, v in values.items()) or "base"
+
+
+def expand(base: dict, grid: dict) -> list[Cell]:
+    """Every combination of the grid's values over the base configuration, validated."""
+    if not isinstance(grid, dict):
+        raise SpecError("grid: expected a table of dotted keys mapped to lists")
+    known = dotted_fields(RunConfig)
+    for key, values in grid.items():
+        if key not in known:
+            raise SpecError(f"grid.{key}: unknown key (a dotted configuration key such as train.lr)")
+        if not isinstance(values, list) or not values:
+            raise SpecError(f"grid.{key}: expected a non-empty list of values")
+    cells, seen = [], {}
+    for combo in itertools.product(*grid.values()):
+        values = dict(zip(grid, combo))
+        raw = copy.deepcopy(base)
+        for key, value in values.items():
+            set_dotted(raw, key, value, where=f"grid.{key}")
+        try:
+            config = RunConfig(**raw)
+        except ValidationError as e:
+            raise _validate_error(e, "grid: ") from None
+        cell = Cell(cell_name(values), values, config)
+        digest = config_hash(cell.resolved())
+        if digest in seen:
+            raise SpecError(f"grid: cells {seen[digest]} and {cell.name} are the same configuration")
+        if cell.name in (c.name for c in cells):
+            raise SpecError(f"grid: two cells would share the folder name {cell.name}; use distinct values")
+        seen[digest] = cell.name
+        cells.append(cell)
+    return cells
+
+
+def load_spec(path: Path, overrides: list[str]) -> tuple[dict, dict, list[Cell]]:
+    """(base configuration, grid, cells) from a SPEC file and `--set` overrides."""
+    try:
+        raw = apply_overrides(read_toml(path), overrides)
+    except ConfigError as e:
+        raise SpecError(str(e)) from None
+    grid = raw.pop("grid", {})
+    try:
+        RunConfig(**raw)                      # the base alone must be valid: errors name its own keys
+    except ValidationError as e:
+        raise _validate_error(e, "") from None
+    return raw, grid, expand(raw, grid)
+
+
+class SweepDir:
+    """DIR: claimed (new, empty, or a sweep folder), locked against a second
+    sweep, and bound to one set of cells (a changed spec is refused)."""
+
+    def __init__(self, path: Path, layout: Layout = SWEEP_LAYOUT, names: re.Pattern = SWEEP_NAMES,
+                 overwrite: bool = False, option: str = "--out"):
+        self.path = Path(path)
+        claim(self.path, layout, names, resume=True, overwrite=overwrite, option=option)
+        self._lock = open(self.path / LOCK, "a")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputError(f"{option} {self.path}: in use by another mogvae sweep") from None
+
+    def run_path(self, cell: Cell) -> Path:
+        return self.path / "runs" / cell.name
+
+    def check(self, cells: list[Cell]) -> None:
+        """Refuse cells other than those this folder was started with (naming what changed)."""
+        saved = self.path / "sweep.json"
+        if not saved.exists():
+            return
+        try:
+            old_cells = {c["name"]: c["config"] for c in json.loads(saved.read_text())["cells"]}
+        except (ValueError, KeyError, TypeError):
+            raise SpecError(f"{saved}: unreadable (not a mogvae sweep record)") from None
+        new_cells = {c.name: c.resolved() for c in cells}
+        if set(old_cells) != set(new_cells):
+            added, gone = sorted(set(new_cells) - set(old_cells)), sorted(set(old_cells) - set(new_cells))
+            raise SpecError(f"{self.path}: the spec changed: cells added {added}, removed {gone} "
+                            "(a sweep folder holds one grid: use a new folder)")
+        for name in new_cells:
+            diff = differences(old_cells[name], new_cells[name])
+            if diff:
+                raise SpecError(f"{self.path}: the spec changed for {name}: " + ", ".join(diff)
+                                + " (use a new folder)")
+
+    def bind(self, spec: dict, cells: list[Cell], versions: dict) -> None:
+        """Record the sweep, or check that a re-run asks for the same cells."""
+        self.check(cells)
+        write_json(self.path / "sweep.json", {
+            "spec": spec, "versions": versions,
+            "cells": [{"name": c.name, "values": c.values, "config": c.resolved(),
+                       "config_sha256": config_hash(c.resolved())} for c in cells]})
+
+    def pending(self, cells: list[Cell]) -> list[Cell]:
+        return [c for c in cells if not RunDir(self.run_path(c)).is_complete(c.config.train.epochs)]
+
+    def gather(self, cells: list[Cell]) -> list[dict]:
+        """DIR/metrics.csv from the run folders: grid axes, model, seed, metrics."""
+        rows = []
+        for cell in cells:
+            for row in read_csv(self.run_path(cell) / "metrics.csv"):
+                rows.append({**cell.values, "run": cell.name, "model": cell.model, **row})
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        write_csv(self.path / "metrics.csv", rows, columns)
+        return rows
+
+
+def run_layout_files(prefix: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A run folder's own names (and its manifest and lock) under `prefix`."""
+    files = tuple(f"{prefix}/{f}" for f in (*RUN_LAYOUT.files, ".mogvae-manifest.json", LOCK))
+    return files, tuple(f"{prefix}/{p}" for p in RUN_LAYOUT.patterns)
+
+
+def _cost(cell: Cell) -> float:
+    """Relative training cost, for longest-first scheduling (a mixture posterior
+    decodes M points per data point)."""
+    m, c = cell.config.resolved_model(), cell.config
+    per_point = m.n_components if m.posterior == "mog" else 1
+    return per_point * c.seeds * c.train.epochs * c.data.n_train
+
+
+def execute(sweep: SweepDir, cells: list[Cell], workers: int = 0, scheduler: str | None = None,
+            progress=None) -> list[dict]:
+    """Train every unfinished cell (resuming partial ones), then rebuild metrics.csv."""
+    import os
+
+    from .executors import run_dask, run_in_process, run_local
+    pending = sorted(sweep.pending(cells), key=_cost, reverse=True)
+    jobs = [(c.name, c.resolved(), str(sweep.run_path(c))) for c in pending]
+    on_progress = progress.epoch if progress else None
+    on_done = progress.finished if progress else None
+    if scheduler:
+        run_dask(jobs, scheduler, on_done=on_done)
+    else:
+        workers = workers or max(1, min(len(jobs), os.cpu_count() or 1))
+        if workers == 1:
+            run_in_process(jobs, on_progress, on_done)
+        else:
+            run_local(jobs, workers, on_progress, on_done)
+    return sweep.gather(cells)
