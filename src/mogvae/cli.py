@@ -74,6 +74,20 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=1,
                    help="intra-op threads (default 1: measured faster for these small matrices, and 15x "
                         "faster than 2 on a loaded machine; see README)")
+    w = sub.add_parser("sweep", help="train a grid of runs (SPEC: a train configuration plus [grid]); "
+                                     "re-run to resume")
+    w.add_argument("spec", type=Path, help="TOML: a `mogvae train` configuration plus a [grid] table "
+                                          "(see examples/sweep.toml)")
+    w.add_argument("--out", type=_folder, required=True, help="sweep folder (created, or resumed)")
+    where = w.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, help="local worker processes (default: one per core)")
+    where.add_argument("--scheduler", metavar="ADDRESS",
+                       help="an existing Dask scheduler, e.g. tcp://10.0.0.5:8786 (needs a shared filesystem)")
+    w.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting of every cell, e.g. --set train.epochs=50 (repeatable)")
+    rp = sub.add_parser("report", help="write report.md and report.html of a sweep or reproduce folder, "
+                                       "from its saved files")
+    rp.add_argument("dir", type=Path, help="a folder written by mogvae sweep or mogvae reproduce")
     c = sub.add_parser("config", help="print every configuration key with its default and meaning, as TOML")
     c.add_argument("--show", action="store_true", help="print the defaults (the only action; the default)")
     return p
@@ -118,11 +132,8 @@ def reproduce(args) -> int:
 
     from . import reproduce as study
     from .outdir import OutputError
-    from .plots import all_figures
     from .progress import SweepProgress
-    from .report import write_report
     from .sweep import SpecError
-    from .webpage import write_html
 
     config = _study_config(args)
     _check_device(config.train.device)
@@ -141,12 +152,11 @@ def reproduce(args) -> int:
                      if len(pending) < len(cells) else ""), highlight=False, soft_wrap=True)
     start = time.perf_counter()
     with SweepProgress(console, {c.name: c.config.train.epochs for c in pending}, len(cells) - len(pending)) as p:
-        runs = study.run(config, sweep, p)
-    figures = all_figures(args.out, runs)
-    report = write_report(args.out, list(config.models), figures)
-    write_html(report)
+        study.run(config, sweep, p)
+    report = _reproduce_report(args.out)
     _print_table(console, args.out, list(config.models))
-    console.print(f"done in {time.perf_counter() - start:.1f} s: {report}", highlight=False)
+    console.print(f"done in {time.perf_counter() - start:.1f} s: {report} and {report.with_suffix('.html')}",
+                  highlight=False, soft_wrap=True)
     return 0
 
 
@@ -194,6 +204,64 @@ def train(args) -> int:
     return 0
 
 
+def sweep(args) -> int:
+    from rich.console import Console
+
+    from .outdir import OutputError
+    from .progress import SweepProgress
+    from .sweep import SpecError, SweepDir, execute, load_spec, preflight, versions
+    from .sweepreport import write_sweep_report
+
+    if args.workers is not None and not 1 <= args.workers <= 1024:
+        raise UsageError(f"--workers {args.workers}: expected 1 to 1024")
+    try:
+        base, grid, cells = load_spec(args.spec, args.overrides)
+        preflight(cells)
+        folder = SweepDir(args.out)
+        folder.bind({**base, "grid": grid}, cells, versions())
+    except (SpecError, OutputError) as e:
+        raise UsageError(str(e)) from None
+    args.after_interrupt = f"{args.out} keeps every finished epoch: re-run the same command to resume"
+    console = Console(stderr=True)
+    pending = folder.pending(cells)
+    console.print(f"mogvae sweep: {len(cells)} runs ({len(cells) - len(pending)} finished) -> {args.out}",
+                  highlight=False, soft_wrap=True)
+    start = time.perf_counter()
+    with SweepProgress(console, {c.name: c.config.train.epochs for c in pending}, len(cells) - len(pending)) as p:
+        execute(folder, cells, workers=args.workers or 0, scheduler=args.scheduler, progress=p)
+    report = write_sweep_report(args.out, title=f"mogvae sweep: {args.spec.name}")
+    console.print(f"done in {time.perf_counter() - start:.1f} s: {report} and {report.with_suffix('.html')}",
+                  highlight=False, soft_wrap=True)
+    return 0
+
+
+def report(args) -> int:
+    from .outdir import read_manifest
+    from .sweepreport import write_sweep_report
+    layout = read_manifest(args.dir) if args.dir.is_dir() else None
+    if layout is None or layout.kind not in ("sweep", "reproduce"):
+        raise UsageError(f"{args.dir}: not a folder written by mogvae sweep or mogvae reproduce")
+    if layout.kind == "sweep":
+        path = write_sweep_report(args.dir)
+    else:
+        path = _reproduce_report(args.dir)
+    print(f"{path} and {path.with_suffix('.html')}")
+    return 0
+
+
+def _reproduce_report(out: Path) -> Path:
+    import json
+
+    from .plots import all_figures
+    from .report import write_report
+    from .webpage import write_html
+    models = json.loads((out / "config.json").read_text())["study"]["models"]
+    figures = all_figures(out, {m: out / "runs" / f"preset={m}" for m in models})
+    path = write_report(out, models, figures)
+    write_html(path)
+    return path
+
+
 def show_config(args) -> int:
     from .config_toml import defaults_toml
     from .runs import RunConfig
@@ -201,7 +269,7 @@ def show_config(args) -> int:
     return 0
 
 
-COMMANDS = {"reproduce": reproduce, "train": train, "config": show_config}
+COMMANDS = {"reproduce": reproduce, "train": train, "sweep": sweep, "report": report, "config": show_config}
 
 
 def _os_error(e: OSError, args) -> tuple[str, int]:

@@ -11,6 +11,7 @@ are bitwise the same everywhere.
 """
 from __future__ import annotations
 
+import hashlib
 import multiprocessing as mp
 import os
 import queue as queues
@@ -54,37 +55,44 @@ def _die_with_parent() -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _local_worker(name: str, config: dict, out: str, messages) -> None:
+def _local_worker(jobs, messages) -> None:
+    """Take (name, config, out) jobs until None; PyTorch is imported once per worker, not per run."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver decides; Ctrl-C reaches the whole group
-    try:
-        train_run(config, out, progress=lambda epoch: messages.put(("progress", name, epoch)))
-        messages.put(("done", name, None))
-    except BaseException as e:
-        messages.put(("error", name, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"))
+    while (job := jobs.get()) is not None:
+        name, config, out = job
+        try:
+            train_run(config, out, progress=lambda epoch: messages.put(("progress", name, epoch)))
+            messages.put(("done", name, None))
+        except BaseException as e:
+            messages.put(("error", name, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"))
+            return
 
 
 def run_local(jobs: list[tuple[str, dict, str]], workers: int, on_progress=None, on_done=None) -> None:
-    """Each job (name, config, run folder) in a spawned worker process (a clean
-    interpreter: no inherited thread pools or locks), at most `workers` at once.
+    """The jobs (name, config, run folder) on `workers` spawned worker processes (a
+    clean interpreter: no inherited thread pools or locks), in the order given.
     On any exception here, SIGTERM and Ctrl-C included, every worker is killed
     before this returns."""
     ctx = mp.get_context("spawn")
-    messages = ctx.Queue()
-    pending, running = list(jobs), {}
+    queue, messages = ctx.Queue(), ctx.Queue()
+    for job in jobs:
+        queue.put(job)
+    procs = [ctx.Process(target=_local_worker, args=(queue, messages), daemon=True, name=f"mogvae-worker-{i}")
+             for i in range(max(1, min(workers, len(jobs))))]
+    for proc in procs:
+        queue.put(None)
+        proc.start()
+    remaining = {name for name, _, _ in jobs}
     try:
-        while pending or running:
-            while pending and len(running) < workers:
-                name, config, out = pending.pop(0)
-                running[name] = ctx.Process(target=_local_worker, args=(name, config, out, messages),
-                                            daemon=True, name=f"mogvae-{name}")
-                running[name].start()
+        while remaining:
             try:
                 kind, name, payload = messages.get(timeout=0.2)
             except queues.Empty:
-                for name, proc in running.items():  # a worker says "done" or "error" before it exits
-                    if proc.exitcode is not None:
-                        raise WorkerFailed(f"the worker training {name} died (exit code {proc.exitcode})")
+                dead = [p for p in procs if p.exitcode not in (None, 0)]  # 0: ran out of jobs
+                if dead and messages.empty():   # a worker says "done" before taking the next job: none came
+                    raise WorkerFailed(f"a worker died (exit code {dead[0].exitcode}) while training one of "
+                                       f"{sorted(remaining)}")
                 continue
             if kind == "progress":
                 faults.point("progress")
@@ -93,12 +101,15 @@ def run_local(jobs: list[tuple[str, dict, str]], workers: int, on_progress=None,
             elif kind == "error":
                 raise WorkerFailed(f"training {name} failed: {payload}")
             else:
-                running.pop(name).join()
+                remaining.discard(name)
                 if on_done:
                     on_done(name)
+        for proc in procs:
+            proc.join()
     finally:
-        for proc in running.values():
-            proc.kill()
+        for proc in procs:
+            if proc.exitcode is None:
+                proc.kill()
             proc.join()
 
 
@@ -124,8 +135,10 @@ def run_dask(jobs: list[tuple[str, dict, str]], address: str, on_done=None, retr
     except (OSError, TimeoutError) as e:
         raise WorkerFailed(f"--scheduler {address}: cannot connect ({e})") from None
     with client:
-        futures = {client.submit(train_run, config, out, pure=False, retries=retries, key=f"mogvae-run-{name}"): name
-                   for name, config, out in jobs}
+        # a key unique to this run folder: two sweeps on one scheduler never share a result
+        futures = {client.submit(train_run, config, out, pure=False, retries=retries,
+                                 key=f"mogvae-run-{hashlib.sha256(str(Path(out).resolve()).encode()).hexdigest()[:16]}"):
+                   name for name, config, out in jobs}
         for future in as_completed(futures):
             name = futures[future]
             if future.status != "finished":

@@ -176,33 +176,39 @@ def comparison_figure(out: Path, models: list[str]) -> None:
     write_csv(out / "figures" / "comparison.csv", csv_rows, ["metric", "model", "seed", "value"])
 
 
+def _color(name: str, i: int) -> str:
+    return COLORS.get(name, plt.get_cmap("tab20")(i % 20))
+
+
 def training_figure(out: Path, runs: dict[str, Path]) -> None:
-    """Validation ELBO per epoch of each run (history.jsonl): mean over seeds, band min..max."""
+    """Validation ELBO per epoch of each run (history.jsonl): mean over seeds, band min..max;
+    the true validation log-likelihood where it is known (truth.json)."""
     from .runs import read_history
-    truth = json.loads((out / "truth.json").read_text())
+    truth = json.loads((out / "truth.json").read_text()) if (out / "truth.json").exists() else {}
     fig, ax = plt.subplots(1, 2, figsize=(13, 4.5))
     csv_rows = []
-    for m, run in runs.items():
+    for i, (m, run) in enumerate(runs.items()):
         hist = read_history(run / "history.jsonl")
         epochs = [h["epoch"] for h in hist]
         v = np.array([[np.nan if x is None else x for x in h["val_elbo"]] for h in hist], dtype=float)  # [E, R]
         mean = np.nanmean(v, 1)
         for a in ax:
-            a.plot(epochs, mean, color=COLORS.get(m, "k"), label=m)
-            a.fill_between(epochs, np.nanmin(v, 1), np.nanmax(v, 1), color=COLORS.get(m, "k"), alpha=0.2)
+            a.plot(epochs, mean, color=_color(m, i), label=m)
+            a.fill_between(epochs, np.nanmin(v, 1), np.nanmax(v, 1), color=_color(m, i), alpha=0.2)
         csv_rows += [{"model": m, "epoch": e, "mean_val_elbo": mu, "min": lo, "max": hi}
                      for e, mu, lo, hi in zip(epochs, mean, np.nanmin(v, 1), np.nanmax(v, 1))]
     for a in ax:
-        a.axhline(truth["val_log_likelihood"], color="k", ls="--", lw=1, label="true log p*(y), val")
+        if "val_log_likelihood" in truth:
+            a.axhline(truth["val_log_likelihood"], color="k", ls="--", lw=1, label="true log p*(y), val")
         a.set(xlabel="epoch", ylabel="validation ELBO (nats / point)")
     ax[0].set_title("validation ELBO: mean over seeds, band = min..max")
-    ax[0].legend(fontsize=8)
+    ax[0].legend(fontsize=8 if len(runs) <= 8 else 6, ncol=1 if len(runs) <= 8 else 2)
     last = len(epochs) // 2
     ax[1].set_xlim(epochs[last], epochs[-1])
     # the whole band (min..max over seeds) stays in view, not only the mean
     late = [r for r in csv_rows if r["epoch"] >= epochs[last]]
     low = min(r["min"] for r in late if np.isfinite(r["min"]))
-    high = max([truth["val_log_likelihood"], *(r["max"] for r in late if np.isfinite(r["max"]))])
+    high = max([truth.get("val_log_likelihood", -np.inf), *(r["max"] for r in late if np.isfinite(r["max"]))])
     ax[1].set_ylim(low - 0.01, high + 0.01)
     ax[1].set_title("second half of training (plateau check)")
     fig.tight_layout()
@@ -219,3 +225,12 @@ def all_figures(out: Path, runs: dict[str, Path]) -> list[Path]:
     training_figure(out, runs)
     names = ["truth", "comparison", "training", *runs]
     return [out / "figures" / f"{n}.png" for n in names]
+
+
+def sweep_figures(out: Path, runs: dict[str, Path]) -> list[Path]:
+    """A sweep's figures: training curves of every run, and each run's model figure."""
+    training_figure(out, runs)
+    for name, run in runs.items():
+        if (run / "curves.npz").exists():
+            model_figure(out, name, run)
+    return [out / "figures" / "training.png", *(out / "figures" / f"{n}.png" for n in runs)]

@@ -44,12 +44,12 @@ def t_interval(x: np.ndarray) -> Interval:
     return Interval(float(x.mean()), float(x.mean() - half), float(x.mean() + half), len(x))
 
 
-def load_metrics(path: Path) -> dict[str, dict[int, dict[str, float]]]:
-    """metrics.csv as {model: {seed: {column: value}}}; diverged runs carry NaN metrics."""
+def load_metrics(path: Path, by: str = "model") -> dict[str, dict[int, dict[str, float]]]:
+    """metrics.csv as {model (or run): {seed: {column: value}}}; diverged runs carry NaN metrics."""
     out: dict[str, dict[int, dict[str, float]]] = {}
     for row in read_csv(path):
         values = {k: (v if k in TEXT_COLUMNS else float(v)) for k, v in row.items() if k != "seed" and "." not in k}
-        out.setdefault(row["model"], {})[int(row["seed"])] = values
+        out.setdefault(row[by], {})[int(row["seed"])] = values
     return out
 
 

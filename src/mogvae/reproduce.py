@@ -8,18 +8,16 @@ resumes where it stopped, and a finished one is only re-reported.
 """
 from __future__ import annotations
 
-import platform
 import re
 from pathlib import Path
 
 import numpy as np
 
-from . import __version__
 from .config import StudyConfig
 from .data import PaperProcess
 from .io import atomic_write_bytes, write_json
 from .outdir import Layout
-from .sweep import Cell, SweepDir, execute, expand, run_layout_files
+from .sweep import Cell, SweepDir, execute, expand, run_layout_files, versions
 
 SPLITS = ("train", "val", "test")
 FIGURES = ("truth", "comparison", "training")
@@ -53,22 +51,13 @@ def claim_output(out: Path, config: StudyConfig, overwrite: bool) -> SweepDir:
     return SweepDir(out, output_layout(config), NAMES, overwrite=overwrite)
 
 
-def versions() -> dict[str, str]:
-    import matplotlib
-    import pydantic
-    import scipy
-    import torch
-    return {"mogvae": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": np.__version__, "scipy": scipy.__version__, "matplotlib": matplotlib.__version__,
-            "pydantic": pydantic.VERSION, "platform": platform.platform()}
-
-
 def cells_of(config: StudyConfig) -> list[Cell]:
     return expand(*spec(config))
 
 
 def run(config: StudyConfig, sweep: SweepDir, progress=None) -> dict[str, Path]:
-    """Train what is not finished, then write the contract's files; return model -> run folder."""
+    """Train what is not finished, then write the contract's files (but figures and report,
+    which `mogvae report` makes from them); return model -> run folder."""
     from .replicas import replica_seed
     cells = cells_of(config)
     base, grid = spec(config)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from . import faults
 from .configfile import ConfigError, apply_overrides, dotted_fields, read_toml, set_dotted
 from .io import read_csv, write_csv, write_json
 from .outdir import LOCK, Layout, OutputError, claim
@@ -54,6 +55,22 @@ class Cell:
 
     def resolved(self) -> dict:
         return self.config.model_dump(mode="json")
+
+
+def versions() -> dict[str, str]:
+    """What produced a result: recorded beside it."""
+    import platform
+
+    import matplotlib
+    import numpy
+    import pydantic
+    import scipy
+    import torch
+
+    from . import __version__
+    return {"mogvae": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": numpy.__version__, "scipy": scipy.__version__, "matplotlib": matplotlib.__version__,
+            "pydantic": pydantic.VERSION, "platform": platform.platform()}
 
 
 def config_hash(resolved: dict) -> str:
@@ -108,6 +125,26 @@ def expand(base: dict, grid: dict) -> list[Cell]:
         seen[digest] = cell.name
         cells.append(cell)
     return cells
+
+
+def preflight(cells: list[Cell]) -> None:
+    """What would make a run fail after others trained is refused before any:
+    evaluation that cannot run, and data files that cannot be read."""
+    from .data import DataError, load_data_file
+    from .evaluate import check_evaluable
+    checked = set()
+    for cell in cells:
+        try:
+            check_evaluable(cell.config.resolved_model(), cell.config.eval)
+        except ValueError as e:
+            raise SpecError(f"{cell.name}: {e}") from None
+        path = cell.config.data.path
+        if cell.config.data.name == "file" and path not in checked:
+            try:
+                load_data_file(path)
+            except DataError as e:
+                raise SpecError(str(e)) from None
+            checked.add(path)
 
 
 def load_spec(path: Path, overrides: list[str]) -> tuple[dict, dict, list[Cell]]:
@@ -174,6 +211,7 @@ class SweepDir:
 
     def gather(self, cells: list[Cell]) -> list[dict]:
         """DIR/metrics.csv from the run folders: grid axes, model, seed, metrics."""
+        faults.point("gather")
         rows = []
         for cell in cells:
             for row in read_csv(self.run_path(cell) / "metrics.csv"):

@@ -1,0 +1,92 @@
+"""The report of any sweep, from its saved files only (sweep.json, metrics.csv,
+the run folders): per-cell tables, paired comparisons along every grid axis,
+divergence rates, training curves and each cell's model figure. Written as
+report.md and the self-contained report.html (webpage.py).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .io import write_text
+from .report import TABLE, Interval, load_metrics, paired, summary_rows
+from .webpage import write_html
+
+COMPARED = (("test_log_likelihood", "test LL"), ("inference_gap", "inference gap"), ("kl_to_truth", "KL to truth"))
+
+
+def load_sweep(out: Path) -> list[dict]:
+    return json.loads((Path(out) / "sweep.json").read_text())["cells"]
+
+
+def _fmt(value) -> str:
+    return "-".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def cell_table(cells: list[dict], metrics) -> list[str]:
+    axes = list(cells[0]["values"]) if cells else []
+    head = ["run", *axes, "n", "diverged", *(t[1] for t in TABLE)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for cell, row in zip(cells, summary_rows(metrics, [c["name"] for c in cells])):
+        name, n, diverged, *values = row
+        lines.append("| " + " | ".join([name, *(_fmt(cell["values"][a]) for a in axes), n, diverged, *values]) + " |")
+    return lines
+
+
+def comparisons(cells: list[dict], metrics) -> list[str]:
+    """Along each grid axis: every value against the axis's first value, the other
+    axes held fixed, paired by seed index (the same data order and noise)."""
+    lines = []
+    axes = list(cells[0]["values"]) if cells else []
+    by_values = {tuple((a, json.dumps(c["values"][a])) for a in axes): c["name"] for c in cells}
+    for axis in axes:
+        levels = list(dict.fromkeys(json.dumps(c["values"][axis]) for c in cells))
+        if len(levels) < 2:
+            continue
+        lines += ["", f"### Along `{axis}` (each value minus {_fmt(json.loads(levels[0]))}, paired by seed)", "",
+                  "| fixed | " + axis + " | " + " | ".join(label for _, label in COMPARED) + " |",
+                  "|" + "---|" * (2 + len(COMPARED))]
+        for cell in cells:
+            if json.dumps(cell["values"][axis]) == levels[0]:
+                continue
+            base_key = tuple((a, levels[0] if a == axis else json.dumps(cell["values"][a])) for a in axes)
+            base = by_values[base_key]
+            fixed = ", ".join(f"{a}={_fmt(cell['values'][a])}" for a in axes if a != axis) or "-"
+            intervals = [paired(metrics, cell["name"], base, key) for key, _ in COMPARED]
+            lines.append(f"| {fixed} | {_fmt(cell['values'][axis])} | " + " | ".join(map(_interval, intervals)) + " |")
+    return lines
+
+
+def _interval(iv: Interval) -> str:
+    if iv.n < 2:
+        return f"{iv.mean:+.4f} (n = {iv.n})"
+    mark = " **" if iv.excludes_zero() else ""
+    return f"{iv.mean:+.4f} [{iv.low:+.4f}, {iv.high:+.4f}]{mark}"
+
+
+def divergence_lines(cells: list[dict], metrics) -> list[str]:
+    total = sum(len(metrics[c["name"]]) for c in cells)
+    diverged = {c["name"]: sum(r["diverged"] == "True" for r in metrics[c["name"]].values()) for c in cells}
+    out = [f"Diverged replicas: {sum(diverged.values())} of {total}."]
+    out += [f"- {name}: {k} of {len(metrics[name])}" for name, k in diverged.items() if k]
+    return out
+
+
+def write_sweep_report(out: Path, title: str = "mogvae sweep") -> Path:
+    from .plots import sweep_figures
+    out = Path(out)
+    cells = load_sweep(out)
+    metrics = load_metrics(out / "metrics.csv", by="run")
+    figures = sweep_figures(out, {c["name"]: out / "runs" / c["name"] for c in cells})
+    seeds = sorted({len(m) for m in metrics.values()})
+    lines = [f"# {title}", "",
+             f"{len(cells)} runs, {'/'.join(map(str, seeds))} seed(s) each; every likelihood exact (quadrature), "
+             "in nats per test point; mean ± sd over seeds, diverged replicas excluded.", "",
+             "## Per run", "", *cell_table(cells, metrics), "",
+             "## Paired comparisons", "",
+             "Mean difference over seeds with its 95% t interval; ** marks an interval that excludes zero.",
+             *comparisons(cells, metrics), "", "## Divergence", "", *divergence_lines(cells, metrics), "",
+             "## Figures", "", *(f"![{p.stem}](figures/{p.name})" for p in figures), ""]
+    report = write_text(out / "report.md", "\n".join(lines))
+    write_html(report)
+    return report
