@@ -85,6 +85,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="an existing Dask scheduler, e.g. tcp://10.0.0.5:8786 (needs a shared filesystem)")
     w.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting of every cell, e.g. --set train.epochs=50 (repeatable)")
+    st = sub.add_parser("study", help="a built-in study: a sweep with its own figures and reading")
+    st.add_argument("name", choices=["noise"], help="noise: the four models over sigma in 0.1 ... 0.01")
+    st.add_argument("--out", type=_folder, required=True, help="study folder (created, or resumed)")
+    st.add_argument("--seeds", type=int, help="seeds per cell (default: the study's, 10)")
+    st.add_argument("--workers", type=int, help="local worker processes (default: one per core)")
+    st.add_argument("--scheduler", metavar="ADDRESS", help="an existing Dask scheduler instead")
+    st.add_argument("--quick", action="store_true", help="the same pipeline at toy size, in about a minute")
     rp = sub.add_parser("report", help="write report.md and report.html of a sweep or reproduce folder, "
                                        "from its saved files")
     rp.add_argument("dir", type=Path, help="a folder written by mogvae sweep or mogvae reproduce")
@@ -205,17 +212,27 @@ def train(args) -> int:
 
 
 def sweep(args) -> int:
+    from .sweep import SpecError, load_spec
+    try:
+        base, grid, cells = load_spec(args.spec, args.overrides)
+    except SpecError as e:
+        raise UsageError(str(e)) from None
+    return _run_sweep(args, base, grid, cells, f"mogvae sweep: {args.spec.name}")
+
+
+def _run_sweep(args, base: dict, grid: dict, cells, title: str, present=None) -> int:
+    """Claim and lock the folder, train what is unfinished, and write the report;
+    `present(out)` may add a study's own reading and figures to it."""
     from rich.console import Console
 
     from .outdir import OutputError
     from .progress import SweepProgress
-    from .sweep import SpecError, SweepDir, execute, load_spec, preflight, versions
+    from .sweep import SpecError, SweepDir, execute, preflight, versions
     from .sweepreport import write_sweep_report
 
     if args.workers is not None and not 1 <= args.workers <= 1024:
         raise UsageError(f"--workers {args.workers}: expected 1 to 1024")
     try:
-        base, grid, cells = load_spec(args.spec, args.overrides)
         preflight(cells)
         folder = SweepDir(args.out)
         folder.bind({**base, "grid": grid}, cells, versions())
@@ -224,15 +241,36 @@ def sweep(args) -> int:
     args.after_interrupt = f"{args.out} keeps every finished epoch: re-run the same command to resume"
     console = Console(stderr=True)
     pending = folder.pending(cells)
-    console.print(f"mogvae sweep: {len(cells)} runs ({len(cells) - len(pending)} finished) -> {args.out}",
+    console.print(f"mogvae: {len(cells)} runs ({len(cells) - len(pending)} finished) -> {args.out}",
                   highlight=False, soft_wrap=True)
     start = time.perf_counter()
     with SweepProgress(console, {c.name: c.config.train.epochs for c in pending}, len(cells) - len(pending)) as p:
         execute(folder, cells, workers=args.workers or 0, scheduler=args.scheduler, progress=p)
-    report = write_sweep_report(args.out, title=f"mogvae sweep: {args.spec.name}")
+    lead, figures = present(args.out) if present else ([], [])
+    report = write_sweep_report(args.out, title=title, lead=lead, first_figures=figures)
     console.print(f"done in {time.perf_counter() - start:.1f} s: {report} and {report.with_suffix('.html')}",
                   highlight=False, soft_wrap=True)
     return 0
+
+
+def study(args) -> int:
+    from .studies import noise
+    from .studies import spec as study_spec
+    from .sweep import SpecError, expand
+
+    if args.seeds is not None and not 1 <= args.seeds <= 1000:
+        raise UsageError(f"--seeds {args.seeds}: expected 1 to 1000")
+    base, grid = study_spec(args.name, [f"seeds={args.seeds}"] if args.seeds else [], args.quick)
+    try:
+        cells = expand(base, grid)
+    except SpecError as e:
+        raise UsageError(str(e)) from None
+    title = f"mogvae study {args.name}" + (" (quick)" if args.quick else "")
+
+    def present(out: Path) -> list[str]:
+        figure = noise.noise_figure(out)
+        return [["## Where richer priors and posteriors begin to matter", "", *noise.reading(out), ""], [figure]]
+    return _run_sweep(args, base, grid, cells, title, present)
 
 
 def report(args) -> int:
@@ -269,7 +307,8 @@ def show_config(args) -> int:
     return 0
 
 
-COMMANDS = {"reproduce": reproduce, "train": train, "sweep": sweep, "report": report, "config": show_config}
+COMMANDS = {"reproduce": reproduce, "train": train, "sweep": sweep, "study": study, "report": report,
+            "config": show_config}
 
 
 def _os_error(e: OSError, args) -> tuple[str, int]:

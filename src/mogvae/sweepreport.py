@@ -72,16 +72,17 @@ def divergence_lines(cells: list[dict], metrics) -> list[str]:
     return out
 
 
-def write_sweep_report(out: Path, title: str = "mogvae sweep") -> Path:
+def write_sweep_report(out: Path, title: str = "mogvae sweep", lead: list[str] = (), first_figures=()) -> Path:
+    """report.md and report.html; a study puts its own reading (`lead`) and figures first."""
     from .plots import sweep_figures
     out = Path(out)
     cells = load_sweep(out)
     metrics = load_metrics(out / "metrics.csv", by="run")
-    figures = sweep_figures(out, {c["name"]: out / "runs" / c["name"] for c in cells})
+    figures = [*first_figures, *sweep_figures(out, {c["name"]: out / "runs" / c["name"] for c in cells})]
     seeds = sorted({len(m) for m in metrics.values()})
     lines = [f"# {title}", "",
              f"{len(cells)} runs, {'/'.join(map(str, seeds))} seed(s) each; every likelihood exact (quadrature), "
-             "in nats per test point; mean ± sd over seeds, diverged replicas excluded.", "",
+             "in nats per test point; mean ± sd over seeds, diverged replicas excluded.", "", *lead,
              "## Per run", "", *cell_table(cells, metrics), "",
              "## Paired comparisons", "",
              "Mean difference over seeds with its 95% t interval; ** marks an interval that excludes zero.",
