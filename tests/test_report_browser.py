@@ -2,7 +2,6 @@
 installs it where missing) opens it offline, with no console errors, and every
 figure renders: decoded, and not blank."""
 import shutil
-from pathlib import Path
 
 import pytest
 

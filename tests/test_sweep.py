@@ -5,7 +5,6 @@ import csv
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -178,3 +177,13 @@ def test_a_dask_cluster_with_a_worker_killed_mid_run_gives_the_same_numbers(refe
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert once.exists()                                         # a worker really died mid-run
     assert rows_but_wall_time(tmp_path / "out" / "metrics.csv") == rows_but_wall_time(reference / "metrics.csv")
+
+
+def test_report_regenerates_the_same_report_from_saved_files(reference, capsys, tmp_path):
+    before = (reference / "report.md").read_text()
+    (reference / "report.md").unlink()
+    assert main(["report", str(reference)]) == 0
+    assert (reference / "report.md").read_text() == before
+    (tmp_path / "x.txt").write_text("not mogvae's")
+    assert main(["report", str(tmp_path)]) == 2
+    assert "not a folder written by mogvae" in capsys.readouterr().err

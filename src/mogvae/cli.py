@@ -89,8 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("name", choices=["noise"], help="noise: the four models over sigma in 0.1 ... 0.01")
     st.add_argument("--out", type=_folder, required=True, help="study folder (created, or resumed)")
     st.add_argument("--seeds", type=int, help="seeds per cell (default: the study's, 10)")
-    st.add_argument("--workers", type=int, help="local worker processes (default: one per core)")
-    st.add_argument("--scheduler", metavar="ADDRESS", help="an existing Dask scheduler instead")
+    st_where = st.add_mutually_exclusive_group()
+    st_where.add_argument("--workers", type=int, help="local worker processes (default: one per core)")
+    st_where.add_argument("--scheduler", metavar="ADDRESS", help="an existing Dask scheduler instead")
     st.add_argument("--quick", action="store_true", help="the same pipeline at toy size, in about a minute")
     rp = sub.add_parser("report", help="write report.md and report.html of a sweep or reproduce folder, "
                                        "from its saved files")
@@ -220,9 +221,8 @@ def sweep(args) -> int:
     return _run_sweep(args, base, grid, cells, f"mogvae sweep: {args.spec.name}")
 
 
-def _run_sweep(args, base: dict, grid: dict, cells, title: str, present=None) -> int:
-    """Claim and lock the folder, train what is unfinished, and write the report;
-    `present(out)` may add a study's own reading and figures to it."""
+def _run_sweep(args, base: dict, grid: dict, cells, title: str, study: str | None = None) -> int:
+    """Claim and lock the folder, train what is unfinished, and write the report."""
     from rich.console import Console
 
     from .outdir import OutputError
@@ -235,7 +235,7 @@ def _run_sweep(args, base: dict, grid: dict, cells, title: str, present=None) ->
     try:
         preflight(cells)
         folder = SweepDir(args.out)
-        folder.bind({**base, "grid": grid}, cells, versions())
+        folder.bind({**base, "grid": grid}, cells, versions(), title=title, study=study)
     except (SpecError, OutputError) as e:
         raise UsageError(str(e)) from None
     args.after_interrupt = f"{args.out} keeps every finished epoch: re-run the same command to resume"
@@ -246,15 +246,13 @@ def _run_sweep(args, base: dict, grid: dict, cells, title: str, present=None) ->
     start = time.perf_counter()
     with SweepProgress(console, {c.name: c.config.train.epochs for c in pending}, len(cells) - len(pending)) as p:
         execute(folder, cells, workers=args.workers or 0, scheduler=args.scheduler, progress=p)
-    lead, figures = present(args.out) if present else ([], [])
-    report = write_sweep_report(args.out, title=title, lead=lead, first_figures=figures)
+    report = write_sweep_report(args.out)
     console.print(f"done in {time.perf_counter() - start:.1f} s: {report} and {report.with_suffix('.html')}",
                   highlight=False, soft_wrap=True)
     return 0
 
 
 def study(args) -> int:
-    from .studies import noise
     from .studies import spec as study_spec
     from .sweep import SpecError, expand
 
@@ -266,11 +264,7 @@ def study(args) -> int:
     except SpecError as e:
         raise UsageError(str(e)) from None
     title = f"mogvae study {args.name}" + (" (quick)" if args.quick else "")
-
-    def present(out: Path) -> list[str]:
-        figure = noise.noise_figure(out)
-        return [["## Where richer priors and posteriors begin to matter", "", *noise.reading(out), ""], [figure]]
-    return _run_sweep(args, base, grid, cells, title, present)
+    return _run_sweep(args, base, grid, cells, title, study=args.name)
 
 
 def report(args) -> int:

@@ -198,11 +198,13 @@ class SweepDir:
                 raise SpecError(f"{self.path}: the spec changed for {name}: " + ", ".join(diff)
                                 + " (use a new folder)")
 
-    def bind(self, spec: dict, cells: list[Cell], versions: dict) -> None:
-        """Record the sweep, or check that a re-run asks for the same cells."""
+    def bind(self, spec: dict, cells: list[Cell], versions: dict, title: str = "mogvae sweep",
+             study: str | None = None) -> None:
+        """Record the sweep (with the report's title, and the built-in study it is, if
+        any), or check that a re-run asks for the same cells."""
         self.check(cells)
         write_json(self.path / "sweep.json", {
-            "spec": spec, "versions": versions,
+            "title": title, "study": study, "spec": spec, "versions": versions,
             "cells": [{"name": c.name, "values": c.values, "config": c.resolved(),
                        "config_sha256": config_hash(c.resolved())} for c in cells]})
 

@@ -15,10 +15,6 @@ from .webpage import write_html
 COMPARED = (("test_log_likelihood", "test LL"), ("inference_gap", "inference gap"), ("kl_to_truth", "KL to truth"))
 
 
-def load_sweep(out: Path) -> list[dict]:
-    return json.loads((Path(out) / "sweep.json").read_text())["cells"]
-
-
 def _fmt(value) -> str:
     return "-".join(map(str, value)) if isinstance(value, list) else str(value)
 
@@ -72,11 +68,15 @@ def divergence_lines(cells: list[dict], metrics) -> list[str]:
     return out
 
 
-def write_sweep_report(out: Path, title: str = "mogvae sweep", lead: list[str] = (), first_figures=()) -> Path:
-    """report.md and report.html; a study puts its own reading (`lead`) and figures first."""
+def write_sweep_report(out: Path) -> Path:
+    """report.md and report.html, titled as sweep.json says; a built-in study puts
+    its own reading and figures first (studies.PRESENTERS)."""
     from .plots import sweep_figures
+    from .studies import PRESENTERS
     out = Path(out)
-    cells = load_sweep(out)
+    record = json.loads((out / "sweep.json").read_text())
+    title, cells = record.get("title", "mogvae sweep"), record["cells"]
+    lead, first_figures = PRESENTERS[record["study"]](out) if record.get("study") else ([], [])
     metrics = load_metrics(out / "metrics.csv", by="run")
     figures = [*first_figures, *sweep_figures(out, {c["name"]: out / "runs" / c["name"] for c in cells})]
     seeds = sorted({len(m) for m in metrics.values()})

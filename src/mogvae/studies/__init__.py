@@ -20,4 +20,12 @@ def spec(name: str, overrides: list[str], quick: bool) -> tuple[dict, dict]:
     return raw, raw.pop("grid")
 
 
-__all__ = ["spec", "ConfigError", "QUICK"]
+def _present_noise(out) -> tuple[list[str], list]:
+    from . import noise
+    figure = noise.noise_figure(out)
+    return ["## Where richer priors and posteriors begin to matter", "", *noise.reading(out), ""], [figure]
+
+
+PRESENTERS = {"noise": _present_noise}  # a study's own reading and figures, put first in its report
+
+__all__ = ["spec", "ConfigError", "QUICK", "PRESENTERS"]
