@@ -145,13 +145,14 @@ def test_train_refuses_an_existing_file_as_out(tiny, tmp_path, capsys):
     assert target.read_text() == "keep"
 
 
-def test_a_resumed_run_removes_only_its_own_temporaries(tiny, tmp_path, capsys):
+def test_a_resumed_run_removes_only_its_own_temporaries_and_prunes_only_its_checkpoints(tiny, tmp_path, capsys):
     config, out = tiny, tmp_path / "out"
     assert main(["train", str(config), "--out", str(out)]) == 0
     (out / "status.json").unlink()                                       # not complete: the next run reopens it
     ours = [out / ".config.json.abcdefgh.tmp", out / "checkpoints" / ".epoch-000002.safetensors.a1b2c3d4.tmp"]
     theirs = [out / "notes.txt", out / ".draft.tmp", out / "sub" / ".cache.tmp", out / "checkpoints" / "mine.tmp",
-              out / ".thesis.tex.abcdefgh.tmp"]
+              out / ".thesis.tex.abcdefgh.tmp", out / "checkpoints" / "epoch-notes.safetensors",
+              out / "checkpoints" / "epoch-1.safetensors"]     # not our names: neither read, pruned nor deleted
     for p in ours + theirs:
         p.parent.mkdir(exist_ok=True)
         p.write_text("x")

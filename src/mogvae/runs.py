@@ -40,9 +40,10 @@ from .trainstate import check_state, expected_tensors
 
 KEEP_CHECKPOINTS = 2
 SPLITS = ("train", "val", "test")
+CHECKPOINT_NAME = "epoch-[0-9][0-9][0-9][0-9][0-9][0-9].safetensors"  # only these are ours: others are never read or deleted
 RUN_LAYOUT = Layout("run", files=("config.json", "history.jsonl", "metrics.csv", "curves.npz", "status.json",
                                   *(f"data/{s}.npy" for s in SPLITS)),
-                    patterns=("checkpoints/epoch-[0-9][0-9][0-9][0-9][0-9][0-9].safetensors",))
+                    patterns=(f"checkpoints/{CHECKPOINT_NAME}",))
 RUN_NAMES = re.compile(r"config\.json|history\.jsonl|metrics\.csv|curves\.npz|status\.json|data/(train|val|test)\.npy"
                        r"|checkpoints/epoch-(\[0-9\]){6}\.safetensors")
 
@@ -128,7 +129,7 @@ class RunDir:
         exactly; older ones are fallbacks. If there are checkpoints and none
         verifies, refuse rather than silently start over."""
         errors = []
-        for path in sorted(self.checkpoints.glob("epoch-*.safetensors"), reverse=True):
+        for path in sorted(self.checkpoints.glob(CHECKPOINT_NAME), reverse=True):
             try:
                 state = load_checkpoint(path, max_bytes=_checkpoint_bytes(trainer))
                 check_state(trainer, *state)
@@ -155,7 +156,7 @@ class RunDir:
         if not all(bool(torch.isfinite(p).all()) for p in params if p.is_floating_point()):
             raise RunError("refusing to checkpoint non-finite parameters")  # unreachable by design: a guard
         save_checkpoint(self.checkpoints / f"epoch-{trainer.epoch:06d}.safetensors", tensors, meta)
-        for old in sorted(self.checkpoints.glob("epoch-*.safetensors"))[:-KEEP_CHECKPOINTS]:
+        for old in sorted(self.checkpoints.glob(CHECKPOINT_NAME))[:-KEEP_CHECKPOINTS]:
             old.unlink()
 
     def rewrite_history(self, trainer: Trainer) -> None:
