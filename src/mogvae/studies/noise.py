@@ -46,7 +46,7 @@ def _by_cell(rows: list[dict]) -> dict[tuple[str, float], dict[int, dict]]:
 def noise_figure(out: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    from ..plots import COLORS, _save
+    from ..plots import COLORS, _save, robust_limits
     rows = read_csv(out / "metrics.csv")
     cells = _by_cell(rows)
     models = list(dict.fromkeys(r["model"] for r in rows))
@@ -54,11 +54,13 @@ def noise_figure(out: Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     csv_rows = []
     for ax, (key, label) in zip(axes, PANELS):
+        means = []
         for i, m in enumerate(models):
             ivs = [t_interval(np.array([v[key] for v in cells.get((m, s), {}).values()])) for s in sigmas]
             mean = np.array([iv.mean for iv in ivs])
             low = np.array([max(iv.low, 1e-6) if key != "std_ratio" else iv.low for iv in ivs])
             high = np.array([iv.high for iv in ivs])
+            means += list(mean)
             x = np.array(sigmas) * (1 + 0.03 * (i - 1.5))          # a small offset: intervals do not overlap
             ax.errorbar(x, mean, yerr=[mean - low, high - mean], color=COLORS.get(m, "k"), marker="o", ms=4,
                         capsize=3, label=m)
@@ -66,6 +68,7 @@ def noise_figure(out: Path) -> Path:
                           "n": iv.n} for s, iv in zip(sigmas, ivs)]
         if key == "kl_to_truth":
             ref = [best_gaussian_kl(s) for s in sigmas]
+            means += ref
             ax.plot(sigmas, ref, "k--", label="best single Gaussian")
             csv_rows += [{"metric": "best_gaussian_kl", "model": "", "sigma": s, "mean": v, "low": "", "high": "",
                           "n": ""} for s, v in zip(sigmas, ref)]
@@ -74,10 +77,15 @@ def noise_figure(out: Path) -> Path:
             ax.set_yscale("log")
         if key == "std_ratio":
             ax.axhline(1.0, color="k", lw=1, ls=":")
+            ax.set_ylim(*robust_limits(np.array(means + [1.0])))
+        else:  # the means set the axis; an interval longer than it runs off the edge
+            shown = np.array([v for v in means if np.isfinite(v) and v > 0])
+            ax.set_ylim(shown.min() / 5, shown.max() * 5)
         ax.set_xscale("log")
         ax.set(xlabel="observation noise sigma", ylabel=label, title=f"{label} against sigma")
         ax.legend(fontsize=8)
-    fig.suptitle("mean over seeds with 95% t intervals (lower ends clipped at 1e-6 on log axes)", fontsize=10)
+    fig.suptitle("mean over seeds with 95% t intervals; axes span the means (an interval may run off an edge)",
+                 fontsize=10)
     fig.tight_layout()
     path = out / "figures" / "noise.png"
     _save(fig, path)
