@@ -39,8 +39,11 @@ def comparisons(cells: list[dict], metrics) -> list[str]:
         levels = list(dict.fromkeys(json.dumps(c["values"][axis]) for c in cells))
         if len(levels) < 2:
             continue
-        lines += ["", f"### Along `{axis}` (each value minus {_fmt(json.loads(levels[0]))}, paired by seed)", "",
-                  "| fixed | " + axis + " | " + " | ".join(label for _, label in COMPARED) + " |",
+        lines += ["", f"### Along `{axis}` (each value minus {_fmt(json.loads(levels[0]))}, paired by seed)", ""]
+        if axis.startswith("data."):
+            lines += ["This axis changes the data: test log-likelihoods are then on different test sets and "
+                      "differ with the data's own entropy; KL to the truth compares like with like.", ""]
+        lines += ["| fixed | " + axis + " | " + " | ".join(label for _, label in COMPARED) + " |",
                   "|" + "---|" * (2 + len(COMPARED))]
         for cell in cells:
             if json.dumps(cell["values"][axis]) == levels[0]:
