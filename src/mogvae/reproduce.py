@@ -21,7 +21,7 @@ from .sweep import Cell, SweepDir, execute, expand, run_layout_files, versions
 
 SPLITS = ("train", "val", "test")
 FIGURES = ("truth", "comparison", "training")
-NAMES = re.compile(r"(config|truth|timing|sweep)\.json|metrics\.csv|report\.(md|html)|data/(train|val|test)\.npy"
+NAMES = re.compile(r"(config|truth|sweep)\.json|metrics\.csv|report\.(md|html)|data/(train|val|test)\.npy"
                    r"|figures/[a-z0-9-]+\.(png|csv)|runs/preset=[a-z0-9-]+/(\.mogvae-manifest\.json|\.lock|"
                    r"config\.json|history\.jsonl|metrics\.csv|curves\.npz|status\.json|data/(train|val|test)\.npy"
                    r"|checkpoints/epoch-(\[0-9\]){6}\.safetensors)")
@@ -39,7 +39,7 @@ def output_layout(config: StudyConfig) -> Layout:
     """Every file `reproduce` writes for this configuration, and nothing else."""
     runs = [run_layout_files(f"runs/preset={m}") for m in config.models]
     return Layout("reproduce", files=(
-        "config.json", "truth.json", "timing.json", "sweep.json", "metrics.csv", "report.md", "report.html",
+        "config.json", "truth.json", "sweep.json", "metrics.csv", "report.md", "report.html",
         *(f"data/{s}.npy" for s in SPLITS),
         *(f"figures/{name}.{ext}" for name in (*FIGURES, *config.models) for ext in ("png", "csv")),
         *(f for files, _ in runs for f in files)), patterns=tuple(p for _, patterns in runs for p in patterns))
