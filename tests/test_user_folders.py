@@ -123,7 +123,7 @@ def test_a_crafted_manifest_naming_user_files_is_not_trusted(tmp_path, capsys):
     (root / "thesis.tex").write_text("years of work")
     (root / MANIFEST).write_text(json.dumps({"written_by": "mogvae", "kind": "reproduce", "files": ["thesis.tex"]}))
     before = snapshot(root)
-    one_line_error(["reproduce", "--quick", "--out", root, "--overwrite"], capsys)
+    assert "not trusted" in one_line_error(["reproduce", "--quick", "--out", root, "--overwrite"], capsys)
     assert snapshot(root) == before
 
 

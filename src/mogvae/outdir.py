@@ -142,10 +142,13 @@ def claim(out: Path, layout: Layout, allowed: re.Pattern, *, resume: bool, overw
         if recorded is not None and recorded.kind != layout.kind:
             raise OutputError(f"{option} {out}: holds a mogvae {recorded.kind} output, not a {layout.kind} folder; "
                               "choose a new or empty folder")
-        if recorded is None or not _manifest_is_plausible(recorded, allowed):
+        if recorded is None:
             first = sorted(p.name for p in out.iterdir())[0]
             raise OutputError(f"{option} {out}: folder is not empty and is not a mogvae {layout.kind} folder "
                               f"(it holds {first!r}); choose a new or empty folder")
+        if not _manifest_is_plausible(recorded, allowed):
+            raise OutputError(f"{option} {out}: its {MANIFEST} names files that a mogvae {layout.kind} folder "
+                              "never holds; not trusted, nothing touched")
         if overwrite:
             reason = _protected(out)
             if reason:

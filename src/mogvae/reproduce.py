@@ -21,7 +21,7 @@ from .sweep import Cell, SweepDir, execute, expand, run_layout_files, versions
 
 SPLITS = ("train", "val", "test")
 FIGURES = ("truth", "comparison", "training")
-NAMES = re.compile(r"(config|truth|sweep)\.json|metrics\.csv|report\.(md|html)|data/(train|val|test)\.npy"
+NAMES = re.compile(r"(config|truth|sweep|timing)\.json|metrics\.csv|report\.(md|html)|data/(train|val|test)\.npy"
                    r"|figures/[a-z0-9-]+\.(png|csv)|runs/preset=[a-z0-9-]+/(\.mogvae-manifest\.json|\.lock|"
                    r"config\.json|history\.jsonl|metrics\.csv|curves\.npz|status\.json|data/(train|val|test)\.npy"
                    r"|checkpoints/epoch-(\[0-9\]){6}\.safetensors)")

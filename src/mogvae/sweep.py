@@ -32,7 +32,8 @@ from .io import read_csv, write_csv, write_json
 from .outdir import LOCK, Layout, OutputError, claim
 from .runs import RUN_LAYOUT, RunConfig, RunDir, differences
 
-SWEEP_NAMES = re.compile(r"sweep\.json|metrics\.csv|report\.(md|html)|figures/\*|runs/\*")
+# names a sweep folder's manifest may hold (timing.json: written by the first sweeps, kept readable)
+SWEEP_NAMES = re.compile(r"sweep\.json|metrics\.csv|report\.(md|html)|timing\.json|figures/\*|runs/\*")
 SWEEP_LAYOUT = Layout("sweep", files=("sweep.json", "metrics.csv", "report.md", "report.html"),
                       patterns=("figures/*", "runs/*"))
 

@@ -63,6 +63,24 @@ def _interval(iv: Interval) -> str:
     return f"{iv.mean:+.4f} [{iv.low:+.4f}, {iv.high:+.4f}]{mark}"
 
 
+EXACT_TOLERANCE = 1e-3  # nats: an error bound above it means the grid did not resolve that replica's integrands
+
+
+def exactness_lines(cells: list[dict], metrics) -> list[str]:
+    """Replicas whose quadrature error bound (max over test points, log p or ELBO)
+    exceeds EXACT_TOLERANCE: their numbers are not exact at the configured grid."""
+    flagged = [(c["name"], seed, max(r["quadrature_error"], r["elbo_quadrature_error"]))
+               for c in cells for seed, r in sorted(metrics[c["name"]].items())
+               if max(r["quadrature_error"], r["elbo_quadrature_error"]) > EXACT_TOLERANCE]
+    total = sum(len(metrics[c["name"]]) for c in cells)
+    if not flagged:
+        return [f"Every replica's quadrature error bound is below {EXACT_TOLERANCE:g} nats (max over test points)."]
+    return [f"{len(flagged)} of {total} replicas have a quadrature error bound above {EXACT_TOLERANCE:g} nats (max "
+            "over test points, log p or ELBO): at some test points the grid did not resolve their posterior or "
+            "prior (a degenerate, very narrow component, typically). Their means are still reported; read them "
+            "with this bound:", "", *(f"- {name}, seed {seed}: {bound:.2g} nats" for name, seed, bound in flagged)]
+
+
 def divergence_lines(cells: list[dict], metrics) -> list[str]:
     total = sum(len(metrics[c["name"]]) for c in cells)
     diverged = {c["name"]: sum(r["diverged"] == "True" for r in metrics[c["name"]].values()) for c in cells}
@@ -90,6 +108,7 @@ def write_sweep_report(out: Path) -> Path:
              "## Paired comparisons", "",
              "Mean difference over seeds with its 95% t interval; ** marks an interval that excludes zero.",
              *comparisons(cells, metrics), "", "## Divergence", "", *divergence_lines(cells, metrics), "",
+             "## Exactness", "", *exactness_lines(cells, metrics), "",
              "## Figures", "", *(f"![{p.stem}](figures/{p.name})" for p in figures), ""]
     report = write_text(out / "report.md", "\n".join(lines))
     write_html(report)
