@@ -20,13 +20,19 @@ def _fresh_fault_counters():
 
 
 @pytest.fixture(scope="session")
-def quick_run(tmp_path_factory):
-    """One `mogvae reproduce --quick`, shared by the tests that read its output."""
-    out = tmp_path_factory.mktemp("study") / "out"
-    proc = subprocess.run([sys.executable, "-m", "mogvae.cli", "reproduce", "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc
+def quick_run(tmp_path_factory, worker_id):
+    """One `mogvae reproduce --quick`, shared by the tests that read its output, and
+    by both test worker processes (pytest-xdist): the first to arrive makes it."""
+    from filelock import FileLock
+    root = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    out, log = root / "quick-reproduce", root / "quick-reproduce.stdout"
+    with FileLock(str(root / "quick-reproduce.lock")):
+        if not (out / "report.html").exists():
+            proc = subprocess.run([sys.executable, "-m", "mogvae.cli", "reproduce", "--quick", "--out", str(out)],
+                                  capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            log.write_text(proc.stdout)
+    return out, subprocess.CompletedProcess([], 0, stdout=log.read_text(), stderr="")
 
 
 TINY_TOML = """
