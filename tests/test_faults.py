@@ -183,5 +183,6 @@ def test_reproduce_stopped_midway_resumes_to_the_same_numbers(quick_run, tmp_pat
     assert not (out / "metrics.csv").exists()
     done = quick_reproduce(out)
     assert done.returncode == 0, done.stderr
+    assert "to resume from a checkpoint" in done.stderr.splitlines()[0]
     uninterrupted = [r for r in metrics_but_wall_time(quick_run[0]) if r["model"] in ("mfg", "mog-prior")]
     assert metrics_but_wall_time(out) == uninterrupted

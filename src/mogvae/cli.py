@@ -155,9 +155,8 @@ def reproduce(args) -> int:
     args.after_interrupt = f"{args.out} keeps every finished epoch: re-run the same command to resume"
     console = Console(stderr=True)
     console.print(f"mogvae reproduce: {len(config.models)} models x {config.seeds} seeds, "
-                  f"{config.train.epochs} epochs -> {args.out}"
-                  + (f" (resuming: {len(cells) - len(pending)} of {len(cells)} runs finished)"
-                     if len(pending) < len(cells) else ""), highlight=False, soft_wrap=True)
+                  f"{config.train.epochs} epochs, {sweep.describe(cells)} -> {args.out}", highlight=False,
+                  soft_wrap=True)
     start = time.perf_counter()
     with SweepProgress(console, {c.name: c.config.train.epochs for c in pending}, len(cells) - len(pending)) as p:
         study.run(config, sweep, p)
@@ -241,8 +240,7 @@ def _run_sweep(args, base: dict, grid: dict, cells, title: str, study: str | Non
     args.after_interrupt = f"{args.out} keeps every finished epoch: re-run the same command to resume"
     console = Console(stderr=True)
     pending = folder.pending(cells)
-    console.print(f"mogvae: {len(cells)} runs ({len(cells) - len(pending)} finished) -> {args.out}",
-                  highlight=False, soft_wrap=True)
+    console.print(f"mogvae: {folder.describe(cells)} -> {args.out}", highlight=False, soft_wrap=True)
     start = time.perf_counter()
     with SweepProgress(console, {c.name: c.config.train.epochs for c in pending}, len(cells) - len(pending)) as p:
         execute(folder, cells, workers=args.workers or 0, scheduler=args.scheduler, progress=p)

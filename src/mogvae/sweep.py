@@ -212,6 +212,13 @@ class SweepDir:
     def pending(self, cells: list[Cell]) -> list[Cell]:
         return [c for c in cells if not RunDir(self.run_path(c)).is_complete(c.config.train.epochs)]
 
+    def describe(self, cells: list[Cell]) -> str:
+        """'N runs (F finished, P to resume)', for the first line of a (re-)run."""
+        pending = self.pending(cells)
+        partial = sum(any((self.run_path(c) / "checkpoints").glob("epoch-*.safetensors")) for c in pending)
+        return (f"{len(cells)} runs ({len(cells) - len(pending)} finished"
+                + (f", {partial} to resume from a checkpoint" if partial else "") + ")")
+
     def gather(self, cells: list[Cell]) -> list[dict]:
         """DIR/metrics.csv from the run folders: grid axes, model, seed, metrics."""
         faults.point("gather")
