@@ -187,3 +187,14 @@ def test_report_regenerates_the_same_report_from_saved_files(reference, capsys, 
     (tmp_path / "x.txt").write_text("not mogvae's")
     assert main(["report", str(tmp_path)]) == 2
     assert "not a folder written by mogvae" in capsys.readouterr().err
+
+
+def test_tensorboard_curves_go_into_every_run_folder_and_stay_ours(spec, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["sweep", str(spec), "--out", str(out), "--workers", "2", "--tensorboard", "--set", "train.epochs=2",
+            "--set", "seeds=1"]
+    assert main(args) == 0, capsys.readouterr().err
+    for run in (out / "runs").iterdir():
+        assert list((run / "tensorboard").glob("events.out.tfevents.*")), run
+    assert main(args) == 0                        # the folders, tensorboard files and all, are still mogvae's
+    assert "4 runs (4 finished)" in capsys.readouterr().err

@@ -71,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out", type=_folder, required=True, help="run folder (created, or resumed)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting, e.g. --set train.lr=3e-4 (repeatable)")
+    t.add_argument("--tensorboard", action="store_true",
+                   help="also write per-replica curves to DIR/tensorboard (extra: mogvae[tensorboard])")
     t.add_argument("--threads", type=int, default=1,
                    help="intra-op threads (default 1: measured faster for these small matrices, and 15x "
                         "faster than 2 on a loaded machine; see README)")
@@ -85,6 +87,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="an existing Dask scheduler, e.g. tcp://10.0.0.5:8786 (needs a shared filesystem)")
     w.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting of every cell, e.g. --set train.epochs=50 (repeatable)")
+    w.add_argument("--tensorboard", action="store_true",
+                   help="also write per-replica curves into each run folder's tensorboard/")
     st = sub.add_parser("study", help="a built-in study: a sweep with its own figures and reading")
     st.add_argument("name", choices=["noise"], help="noise: the four models over sigma in 0.1 ... 0.01")
     st.add_argument("--out", type=_folder, required=True, help="study folder (created, or resumed)")
@@ -93,6 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     st_where.add_argument("--workers", type=int, help="local worker processes (default: one per core)")
     st_where.add_argument("--scheduler", metavar="ADDRESS", help="an existing Dask scheduler instead")
     st.add_argument("--quick", action="store_true", help="the same pipeline at toy size, in about a minute")
+    st.add_argument("--tensorboard", action="store_true",
+                    help="also write per-replica curves into each run folder's tensorboard/")
     rp = sub.add_parser("report", help="write report.md and report.html of a sweep or reproduce folder, "
                                        "from its saved files")
     rp.add_argument("dir", type=Path, help="a folder written by mogvae sweep or mogvae reproduce")
@@ -125,6 +131,15 @@ def _study_config(args):
     if args.epochs is not None and args.quick:
         config = config.model_copy(update={"train": config.train.model_copy(update={"epochs": args.epochs})})
     return config
+
+
+def _check_tensorboard(args) -> None:
+    from .curvelog import CurveLogUnavailable, check_available
+    if getattr(args, "tensorboard", False):
+        try:
+            check_available()
+        except CurveLogUnavailable as e:
+            raise UsageError(str(e)) from None
 
 
 def _check_device(device: str) -> None:
@@ -192,6 +207,7 @@ def train(args) -> int:
     if not 1 <= args.threads <= 1024:
         raise UsageError(f"--threads {args.threads}: expected 1 to 1024")
     torch.set_num_threads(args.threads)
+    _check_tensorboard(args)
     console = Console(stderr=True)
     log = lambda m: console.print(m, soft_wrap=True, highlight=False)  # noqa: E731
     try:
@@ -206,7 +222,7 @@ def train(args) -> int:
         return 0
     args.after_interrupt = f"{args.out} keeps its last checkpoint: re-run the same command to resume"
     with EpochProgress(console, {"training": config.train.epochs}, {"training": session.trainer.epoch}) as progress:
-        metrics = session.train(on_epoch=lambda e: progress.update("training", e))
+        metrics = session.train(on_epoch=lambda e: progress.update("training", e), tensorboard=args.tensorboard)
     log(f"done: {metrics}")
     return 0
 
@@ -231,6 +247,7 @@ def _run_sweep(args, base: dict, grid: dict, cells, title: str, study: str | Non
 
     if args.workers is not None and not 1 <= args.workers <= 1024:
         raise UsageError(f"--workers {args.workers}: expected 1 to 1024")
+    _check_tensorboard(args)
     try:
         preflight(cells)
         folder = SweepDir(args.out)
@@ -243,7 +260,8 @@ def _run_sweep(args, base: dict, grid: dict, cells, title: str, study: str | Non
     console.print(f"mogvae: {folder.describe(cells)} -> {args.out}", highlight=False, soft_wrap=True)
     start = time.perf_counter()
     with SweepProgress(console, {c.name: c.config.train.epochs for c in pending}, len(cells) - len(pending)) as p:
-        execute(folder, cells, workers=args.workers or 0, scheduler=args.scheduler, progress=p)
+        execute(folder, cells, workers=args.workers or 0, scheduler=args.scheduler, progress=p,
+                tensorboard=args.tensorboard)
     report = write_sweep_report(args.out)
     console.print(f"done in {time.perf_counter() - start:.1f} s: {report} and {report.with_suffix('.html')}",
                   highlight=False, soft_wrap=True)

@@ -27,14 +27,14 @@ class WorkerFailed(RuntimeError):
     """A worker raised, or died without a word (killed, out of memory)."""
 
 
-def train_run(config: dict, out: str, progress=None) -> str:
+def train_run(config: dict, out: str, progress=None, tensorboard: bool = False) -> str:
     """Train (or resume, or find finished) one run folder; return its metrics path."""
     import torch
 
     from .runs import RunConfig, RunSession
     torch.set_num_threads(1)
     session = RunSession(RunConfig(**config), Path(out), log=lambda message: None)
-    return str(session.train(on_epoch=progress))
+    return str(session.train(on_epoch=progress, tensorboard=tensorboard))
 
 
 def _die_with_parent() -> None:
@@ -60,16 +60,18 @@ def _local_worker(jobs, messages) -> None:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver decides; Ctrl-C reaches the whole group
     while (job := jobs.get()) is not None:
-        name, config, out = job
+        name, config, out, tensorboard = job
         try:
-            train_run(config, out, progress=lambda epoch: messages.put(("progress", name, epoch)))
+            train_run(config, out, progress=lambda epoch: messages.put(("progress", name, epoch)),
+                      tensorboard=tensorboard)
             messages.put(("done", name, None))
         except BaseException as e:
             messages.put(("error", name, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"))
             return
 
 
-def run_local(jobs: list[tuple[str, dict, str]], workers: int, on_progress=None, on_done=None) -> None:
+def run_local(jobs: list[tuple[str, dict, str]], workers: int, on_progress=None, on_done=None,
+              tensorboard: bool = False) -> None:
     """The jobs (name, config, run folder) on `workers` spawned worker processes (a
     clean interpreter: no inherited thread pools or locks), in the order given.
     On any exception here, SIGTERM and Ctrl-C included, every worker is killed
@@ -77,7 +79,7 @@ def run_local(jobs: list[tuple[str, dict, str]], workers: int, on_progress=None,
     ctx = mp.get_context("spawn")
     queue, messages = ctx.Queue(), ctx.Queue()
     for job in jobs:
-        queue.put(job)
+        queue.put((*job, tensorboard))
     procs = [ctx.Process(target=_local_worker, args=(queue, messages), daemon=True, name=f"mogvae-worker-{i}")
              for i in range(max(1, min(workers, len(jobs))))]
     for proc in procs:
@@ -113,15 +115,18 @@ def run_local(jobs: list[tuple[str, dict, str]], workers: int, on_progress=None,
             proc.join()
 
 
-def run_in_process(jobs: list[tuple[str, dict, str]], on_progress=None, on_done=None) -> None:
+def run_in_process(jobs: list[tuple[str, dict, str]], on_progress=None, on_done=None,
+                   tensorboard: bool = False) -> None:
     """One job after another in this process (workers = 1, and the tests)."""
     for name, config, out in jobs:
-        train_run(config, out, progress=lambda epoch, name=name: on_progress and on_progress(name, epoch))
+        train_run(config, out, progress=lambda epoch, name=name: on_progress and on_progress(name, epoch),
+                  tensorboard=tensorboard)
         if on_done:
             on_done(name)
 
 
-def run_dask(jobs: list[tuple[str, dict, str]], address: str, on_done=None, retries: int = 2) -> None:
+def run_dask(jobs: list[tuple[str, dict, str]], address: str, on_done=None, retries: int = 2,
+             tensorboard: bool = False) -> None:
     """Submit each job to the Dask scheduler at `address`; return when all are done.
     A failed task is retried `retries` times; a task whose worker dies is
     rescheduled by the scheduler itself. Either way the run resumes from its
@@ -136,7 +141,7 @@ def run_dask(jobs: list[tuple[str, dict, str]], address: str, on_done=None, retr
         raise WorkerFailed(f"--scheduler {address}: cannot connect ({e})") from None
     with client:
         # a key unique to this run folder: two sweeps on one scheduler never share a result
-        futures = {client.submit(train_run, config, out, pure=False, retries=retries,
+        futures = {client.submit(train_run, config, out, tensorboard=tensorboard, pure=False, retries=retries,
                                  key=f"mogvae-run-{hashlib.sha256(str(Path(out).resolve()).encode()).hexdigest()[:16]}"):
                    name for name, config, out in jobs}
         for future in as_completed(futures):

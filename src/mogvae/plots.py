@@ -204,7 +204,8 @@ def training_figure(out: Path, runs: dict[str, Path]) -> None:
     ax[0].set_title("validation ELBO: mean over seeds, band = min..max")
     ax[0].legend(fontsize=8 if len(runs) <= 8 else 6, ncol=1 if len(runs) <= 8 else 2)
     last = len(epochs) // 2
-    ax[1].set_xlim(epochs[last], epochs[-1])
+    if epochs[-1] > epochs[last]:  # a one- or two-epoch run has no second half to zoom into
+        ax[1].set_xlim(epochs[last], epochs[-1])
     # the whole band (min..max over seeds) stays in view, not only the mean
     late = [r for r in csv_rows if r["epoch"] >= epochs[last]]
     low = min(r["min"] for r in late if np.isfinite(r["min"]))

@@ -24,7 +24,7 @@ FIGURES = ("truth", "comparison", "training")
 NAMES = re.compile(r"(config|truth|sweep|timing)\.json|metrics\.csv|report\.(md|html)|data/(train|val|test)\.npy"
                    r"|figures/[a-z0-9-]+\.(png|csv)|runs/preset=[a-z0-9-]+/(\.mogvae-manifest\.json|\.lock|"
                    r"config\.json|history\.jsonl|metrics\.csv|curves\.npz|status\.json|data/(train|val|test)\.npy"
-                   r"|checkpoints/epoch-(\[0-9\]){6}\.safetensors)")
+                   r"|checkpoints/epoch-(\[0-9\]){6}\.safetensors|tensorboard/events\.out\.tfevents\.\*)")
 
 
 def spec(config: StudyConfig) -> tuple[dict, dict]:

@@ -27,6 +27,7 @@ from pydantic import Field, model_validator
 from . import __version__
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .configfile import ConfigError, apply_overrides, read_toml
+from .curvelog import CurveLog
 from .config import PRESETS, DataConfig, EvalConfig, ModelConfig, Strict, TrainConfig
 from .data import DataError, PaperProcess, UnknownTruth, load_data_file, make_splits, split_file_data
 from . import faults
@@ -43,9 +44,9 @@ SPLITS = ("train", "val", "test")
 CHECKPOINT_NAME = "epoch-[0-9][0-9][0-9][0-9][0-9][0-9].safetensors"  # only these are ours: others are never read or deleted
 RUN_LAYOUT = Layout("run", files=("config.json", "history.jsonl", "metrics.csv", "curves.npz", "status.json",
                                   *(f"data/{s}.npy" for s in SPLITS)),
-                    patterns=(f"checkpoints/{CHECKPOINT_NAME}",))
+                    patterns=(f"checkpoints/{CHECKPOINT_NAME}", "tensorboard/events.out.tfevents.*"))
 RUN_NAMES = re.compile(r"config\.json|history\.jsonl|metrics\.csv|curves\.npz|status\.json|data/(train|val|test)\.npy"
-                       r"|checkpoints/epoch-(\[0-9\]){6}\.safetensors")
+                       r"|checkpoints/epoch-(\[0-9\]){6}\.safetensors|tensorboard/events\.out\.tfevents\.\*")
 
 
 class RunError(Exception):
@@ -247,10 +248,13 @@ class RunSession:
             self.trainer.load_state(*state)
             log(f"resuming {out} at epoch {self.trainer.epoch}")
 
-    def train(self, on_epoch=None) -> Path:
+    def train(self, on_epoch=None, tensorboard: bool = False) -> Path:
+        """Train to the configured epoch, checkpointing, then evaluate; `tensorboard`
+        also writes the per-replica curves for TensorBoard (curvelog.py)."""
         run, trainer, config = self.run, self.trainer, self.config
         if self.complete:
             return run.path / "metrics.csv"
+        curves = CurveLog(run.path) if tensorboard else None
         for name, y in self.data.items():
             if not (run.path / "data" / f"{name}.npy").exists():
                 write_npy(run.path / "data" / f"{name}.npy", y)
@@ -264,8 +268,12 @@ class RunSession:
                 run.save_checkpoint(trainer)
             write_json(run.path / "status.json", {"epoch": trainer.epoch, "of": config.train.epochs, "done": False,
                                                   "train_seconds": earlier + time.perf_counter() - start})
+            if curves is not None:
+                curves.epoch(trainer.epoch, trainer.history.train_loss[-1], trainer.history.val_elbo[-1])
             if on_epoch is not None:
                 on_epoch(trainer.epoch)
+        if curves is not None:
+            curves.close()
         return self._evaluate(earlier + time.perf_counter() - start)
 
     def _evaluate(self, train_seconds: float) -> Path:

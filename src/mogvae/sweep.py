@@ -246,7 +246,7 @@ def _cost(cell: Cell) -> float:
 
 
 def execute(sweep: SweepDir, cells: list[Cell], workers: int = 0, scheduler: str | None = None,
-            progress=None) -> list[dict]:
+            progress=None, tensorboard: bool = False) -> list[dict]:
     """Train every unfinished cell (resuming partial ones), then rebuild metrics.csv."""
     import os
 
@@ -256,11 +256,11 @@ def execute(sweep: SweepDir, cells: list[Cell], workers: int = 0, scheduler: str
     on_progress = progress.epoch if progress else None
     on_done = progress.finished if progress else None
     if scheduler:
-        run_dask(jobs, scheduler, on_done=on_done)
+        run_dask(jobs, scheduler, on_done=on_done, tensorboard=tensorboard)
     else:
         workers = workers or max(1, min(len(jobs), os.cpu_count() or 1))
         if workers == 1:
-            run_in_process(jobs, on_progress, on_done)
+            run_in_process(jobs, on_progress, on_done, tensorboard=tensorboard)
         else:
-            run_local(jobs, workers, on_progress, on_done)
+            run_local(jobs, workers, on_progress, on_done, tensorboard=tensorboard)
     return sweep.gather(cells)
