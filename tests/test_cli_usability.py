@@ -166,16 +166,15 @@ def test_a_folder_that_cannot_be_written_is_one_line(tiny, tmp_path, capsys, mon
     assert len(err) == 1 and words in err[0] and str(tmp_path / "out") in err[0], err
 
 
-def test_tensorboard_curves_are_the_history_per_replica(tmp_path, capsys):
+def test_tensorboard_curves_are_the_history_per_replica(tiny, tmp_path, capsys):
     """--tensorboard: every replica's curves, read back with TensorBoard's own reader,
     equal history.jsonl (TensorBoard stores float32)."""
     import json
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    config = tmp_path / "run.toml"
-    config.write_text(TINY_TWO_SEEDS)
     out = tmp_path / "out"
-    assert main(["train", str(config), "--out", str(out), "--tensorboard"]) == 0, capsys.readouterr().err
+    assert main(["train", str(tiny), "--out", str(out), "--tensorboard", "--set", "seeds=2",
+                 "--set", 'preset="mog-prior"', "--set", "model.n_components=3"]) == 0, capsys.readouterr().err
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
@@ -185,20 +184,3 @@ def test_tensorboard_curves_are_the_history_per_replica(tmp_path, capsys):
             assert [s.step for s in scalars] == [h["epoch"] for h in history]
             assert [s.value for s in scalars] == pytest.approx([h[key][r] for h in history], rel=1e-6)
 
-
-TINY_TWO_SEEDS = """
-preset = "mog-prior"
-seeds = 2
-[model]
-hidden = [8]
-n_components = 3
-[data]
-n_train = 200
-n_val = 50
-n_test = 50
-[train]
-epochs = 3
-[eval]
-grid_size = 401
-n_generated = 200
-"""

@@ -149,12 +149,20 @@ class StudyConfig(Strict):
         return json.dumps(self.model_dump(mode="json"), indent=2)
 
 
+QUICK = {"seeds": 2, "data.n_train": 1000, "data.n_val": 200, "data.n_test": 1000, "train.epochs": 5,
+         "eval.grid_size": 1001, "eval.n_generated": 2000, "model.hidden": (16, 16)}
+"""Toy size, for `--quick` (reproduce and the studies): the same pipeline well under a minute."""
+
+
 def quick(config: StudyConfig) -> StudyConfig:
-    """The same pipeline at toy size, for smoke tests (well under a minute)."""
+    """The same pipeline at toy size (QUICK; seeds and epochs are capped, not raised)."""
+    sections = {}
+    for key, value in QUICK.items():
+        if "." in key:
+            section, field = key.split(".")
+            sections.setdefault(section, {})[field] = value
     return config.model_copy(update={
-        "seeds": min(config.seeds, 2),
-        "data": config.data.model_copy(update={"n_train": 1000, "n_val": 200, "n_test": 1000}),
-        "train": config.train.model_copy(update={"epochs": min(config.train.epochs, 5)}),
-        "eval": config.eval.model_copy(update={"grid_size": 1001, "n_generated": 2000}),
-        "model": config.model.model_copy(update={"hidden": (16, 16)}),
+        "seeds": min(config.seeds, QUICK["seeds"]),
+        **{name: getattr(config, name).model_copy(update=fields) for name, fields in sections.items()},
+        "train": config.train.model_copy(update={"epochs": min(config.train.epochs, QUICK["train.epochs"])}),
     })

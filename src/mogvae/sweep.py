@@ -30,7 +30,7 @@ from . import faults
 from .configfile import ConfigError, apply_overrides, dotted_fields, read_toml, set_dotted
 from .io import read_csv, write_csv, write_json
 from .outdir import LOCK, Layout, OutputError, claim
-from .runs import RUN_LAYOUT, RunConfig, RunDir, differences
+from .runs import CHECKPOINT_NAME, RUN_LAYOUT, RunConfig, RunDir, differences
 
 # names a sweep folder's manifest may hold (timing.json: written by the first sweeps, kept readable)
 SWEEP_NAMES = re.compile(r"sweep\.json|metrics\.csv|report\.(md|html)|timing\.json|figures/\*|runs/\*")
@@ -215,7 +215,7 @@ class SweepDir:
     def describe(self, cells: list[Cell]) -> str:
         """'N runs (F finished, P to resume)', for the first line of a (re-)run."""
         pending = self.pending(cells)
-        partial = sum(any((self.run_path(c) / "checkpoints").glob("epoch-*.safetensors")) for c in pending)
+        partial = sum(any((self.run_path(c) / "checkpoints").glob(CHECKPOINT_NAME)) for c in pending)
         return (f"{len(cells)} runs ({len(cells) - len(pending)} finished"
                 + (f", {partial} to resume from a checkpoint" if partial else "") + ")")
 

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 from importlib import resources
 
-from ..configfile import ConfigError, apply_overrides
+from ..config import QUICK
+from ..configfile import apply_overrides, set_dotted
 from ..tomlcompat import loads
-
-QUICK = {"seeds": 2, "data.n_train": 1000, "data.n_val": 200, "data.n_test": 1000, "train.epochs": 5,
-         "eval.grid_size": 1001, "eval.n_generated": 2000, "model.hidden": [16, 16]}
 
 
 def spec(name: str, overrides: list[str], quick: bool) -> tuple[dict, dict]:
     """A study's (base configuration, grid); `quick` shrinks it to toy size (the grid stays)."""
     raw = loads(resources.files(__package__).joinpath(f"{name}.toml").read_text())
     if quick:
-        raw = apply_overrides(raw, [f"{k}={v!r}".replace("'", '"') for k, v in QUICK.items()])
+        for key, value in QUICK.items():
+            set_dotted(raw, key, list(value) if isinstance(value, tuple) else value, where="--quick")
     raw = apply_overrides(raw, overrides)
     return raw, raw.pop("grid")
 
@@ -28,4 +27,4 @@ def _present_noise(out) -> tuple[list[str], list]:
 
 PRESENTERS = {"noise": _present_noise}  # a study's own reading and figures, put first in its report
 
-__all__ = ["spec", "ConfigError", "QUICK", "PRESENTERS"]
+__all__ = ["spec", "PRESENTERS"]
