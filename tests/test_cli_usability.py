@@ -1,7 +1,9 @@
 """What a new user meets: version, help, the configuration reference, threads,
 file modes, progress in log files, finished runs, and refusals made before any
 training (evaluation that could not run, bad paths, duplicates), each one line."""
+import csv
 import errno
+import math
 import os
 import stat
 import subprocess
@@ -96,14 +98,15 @@ def test_rerunning_a_finished_run_says_so_and_rewrites_nothing(tiny, tmp_path, c
 
 
 @pytest.mark.parametrize("override,needle", [
-    ("model.latent_dim=3", "model.latent_dim = 3"),
+    ("model.latent_dim=3\0train.objective=exact", "model.latent_dim <= 2"),   # the oracle needs quadrature
+    ("model.latent_dim=2\0train.objective=exact\0train.exact_grid=1001\0eval.grid_size=101", "train.exact_grid"),
     ("model.latent_dim=2", "eval.grid_size"),             # 2001^2 nodes would not fit in memory
     ("data.sigma=1e-4", "data.sigma"),
     ("data.sigma=1e-320", "data.sigma"),
 ])
 def test_evaluation_that_could_not_run_is_refused_before_training(tiny, tmp_path, capsys, override, needle):
-    err = one_line_error(["train", tiny, "--out", tmp_path / "out", "--set", override,
-                          "--set", "eval.grid_size=2001"], capsys)
+    sets = [x for o in ["eval.grid_size=2001", *override.split("\0")] for x in ("--set", o)]
+    err = one_line_error(["train", tiny, "--out", tmp_path / "out", *sets], capsys)
     assert needle in err
     assert not (tmp_path / "out").exists()
 
@@ -113,6 +116,17 @@ def test_a_two_dimensional_latent_trains_and_evaluates_at_a_grid_that_fits(tiny,
     assert main(["train", str(tiny), "--out", str(out), "--set", "model.latent_dim=2",
                  "--set", "eval.grid_size=101"]) == 0, capsys.readouterr().err
     assert "test_log_likelihood" in (out / "metrics.csv").read_text()
+
+
+def test_a_three_dimensional_latent_is_evaluated_by_importance_sampling(tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["train", str(tiny), "--out", str(out), "--set", "model.latent_dim=3",
+                 "--set", "eval.n_importance=200"]) == 0, capsys.readouterr().err
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    for row in rows:
+        assert math.isfinite(float(row["test_log_likelihood"])) and math.isfinite(float(row["test_elbo"]))
+        assert 0 < float(row["test_log_likelihood_stderr"]) < 0.1
+        assert math.isnan(float(row["quadrature_error"]))       # no grid: the error is the standard error
 
 
 @pytest.mark.parametrize("out,needle", [("x" * 300, "too long"), ("/dev/null", "not a folder"),

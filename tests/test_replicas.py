@@ -64,10 +64,12 @@ def test_noise_of_a_replica_is_the_same_alone_or_among_others():
     assert torch.equal(among[1], alone[0])
 
 
-@pytest.mark.parametrize("name", ["mfg", "mog-posterior"])
-def test_a_replica_trains_the_same_alone_or_among_others(name):
+@pytest.mark.parametrize("name,objective", [("mfg", "elbo"), ("mog-posterior", "elbo"), ("mog-both", "iwae"),
+                                            ("mog-prior", "exact")])
+def test_a_replica_trains_the_same_alone_or_among_others(name, objective):
     data = make_splits(PaperProcess(), {"train": 600, "val": 100}, 0)
-    cfg = TrainConfig(epochs=3, batch_size=64)
+    cfg = TrainConfig(epochs=3, batch_size=64, objective=objective, n_samples=3 if objective == "iwae" else 1,
+                      exact_grid=401)
     seeds = [replica_seed(0, i) for i in range(3)]
     results = []
     for replica_seeds in (seeds, seeds[1:2]):

@@ -23,17 +23,17 @@ def run(name, epochs, inject=None, monkeypatch=None):
     if inject is not None:
         step_to_poison, replica, value = inject
         calls = {"n": 0}
-        real = train_module.elbo
+        real = train_module.bound
 
-        def poisoned(model, y, eps):
-            out = real(model, y, eps)
+        def poisoned(model, y, eps, objective):
+            out = real(model, y, eps, objective)
             if torch.is_grad_enabled():  # a training step, not validation
                 if calls["n"] == step_to_poison:
                     out = out.clone()
                     out[replica] = value
                 calls["n"] += 1
             return out
-        monkeypatch.setattr(train_module, "elbo", poisoned)
+        monkeypatch.setattr(train_module, "bound", poisoned)
     history = fit(model, DATA["train"], DATA["val"], TrainConfig(epochs=epochs, batch_size=100), SEEDS, gens)
     return model, history
 
@@ -78,17 +78,17 @@ def run_policy(name, policy, poison_steps, replica=1, max_retries=3, monkeypatch
     gens = initialize(model, SEEDS)
     if poison_steps:
         calls = {"n": 0}
-        real = train_module.elbo
+        real = train_module.bound
 
-        def poisoned(model, y, eps):
-            out = real(model, y, eps)
+        def poisoned(model, y, eps, objective):
+            out = real(model, y, eps, objective)
             if torch.is_grad_enabled():
                 if calls["n"] in poison_steps:
                     out = out.clone()
                     out[replica] = math.nan
                 calls["n"] += 1
             return out
-        monkeypatch.setattr(train_module, "elbo", poisoned)
+        monkeypatch.setattr(train_module, "bound", poisoned)
     cfg = TrainConfig(epochs=epochs, batch_size=100, on_divergence=policy, max_retries=max_retries)
     return model, fit(model, DATA["train"], DATA["val"], cfg, SEEDS, gens)
 

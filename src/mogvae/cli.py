@@ -90,7 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--tensorboard", action="store_true",
                    help="also write per-replica curves into each run folder's tensorboard/")
     st = sub.add_parser("study", help="a built-in study: a sweep with its own figures and reading")
-    st.add_argument("name", choices=["noise"], help="noise: the four models over sigma in 0.1 ... 0.01")
+    st.add_argument("name", choices=["noise", "families"],
+                    help="noise: the four models over sigma in 0.1 ... 0.01; families: every prior x posterior "
+                         "with the gap decomposition against the exact-likelihood oracle")
     st.add_argument("--out", type=_folder, required=True, help="study folder (created, or resumed)")
     st.add_argument("--seeds", type=int, help="seeds per cell (default: the study's, 10)")
     st_where = st.add_mutually_exclusive_group()

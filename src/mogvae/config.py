@@ -50,7 +50,9 @@ class DataConfig(Strict):
 
 
 class ModelConfig(Strict):
-    prior: str = Field("normal", description="normal: N(0, I); mog: a learnable mixture of n_components Gaussians")
+    prior: str = Field("normal", description="normal: N(0, I); mog: a learnable mixture of n_components Gaussians; "
+                                             "vamp: the VampPrior, the encoder at n_components learnable "
+                                             "pseudo-inputs")
     posterior: str = Field("gaussian", description="gaussian: mean-field N(mu(y), sigma(y)^2); mog: a mixture of "
                                                    "n_components Gaussians from the encoder")
     n_components: int = Field(10, ge=1, le=1000, description="M, for mixture priors/posteriors")
@@ -92,6 +94,13 @@ def preset(name: str, **overrides) -> ModelConfig:
     return ModelConfig(**{**PRESETS[name], **overrides})
 
 
+def _odd(v: int, info) -> int:
+    if v % 2 == 0:
+        raise ValueError(f"{info.field_name} must be odd (every other node forms the coarse rule whose difference "
+                         f"bounds the error), got {v}")
+    return v
+
+
 class TrainConfig(Strict):
     epochs: int = Field(200, ge=1, le=100_000, description="enough to plateau on the defaults (figures/training.png)")
     batch_size: int = Field(256, ge=1, description="points per step, per replica")
@@ -102,21 +111,30 @@ class TrainConfig(Strict):
     on_divergence: Literal["stop", "skip", "rollback"] = Field(
         "stop", description="per replica, on a non-finite loss or gradient (see train.Trainer)")
     max_retries: int = Field(3, ge=0, le=100, description="skips or rollbacks per replica before it stops")
-    n_samples: int = Field(1, ge=1, le=1000, description="reparameterized draws per posterior component per step")
+    n_samples: int = Field(1, ge=1, le=1000, description="reparameterized draws per posterior component per step "
+                           "(with objective = 'iwae', the K of the bound, per component)")
+    objective: Literal["elbo", "iwae", "exact"] = Field(
+        "elbo", description="elbo: the VAE; iwae: the importance-weighted bound with n_samples draws per component "
+        "(stratified over a mixture posterior); exact: the maximum-likelihood oracle, prior and decoder trained on "
+        "log p(y) by quadrature (latent_dim <= 2), the encoder on the ELBO of that model")
+    exact_grid: int = Field(1001, ge=101, le=20_001, description="latent nodes per axis of the quadrature that "
+                            "objective = 'exact' differentiates (odd; evaluation reports its error at the optimum)")
     device: str = Field("cpu", description="cpu, or cuda where a GPU build of PyTorch is installed")
+
+    _odd_grid = field_validator("exact_grid")(lambda cls, v, info: _odd(v, info))
 
 
 class EvalConfig(Strict):
     grid_size: int = Field(2001, ge=101, description="latent nodes per axis over the prior (odd)")
     grid_span: float = Field(8.0, gt=2, description="grid covers each prior component to +- span scales")
     n_generated: int = Field(20_000, ge=100, description="samples drawn from each model for sample-based metrics")
+    n_importance: int = Field(5000, ge=2, le=1_000_000, description="importance samples per point where quadrature "
+                              "cannot go (latent_dim > 2): log p(y) with its standard error")
+    gap_points: int = Field(1000, ge=0, le=1_000_000, description="test points (the first ones) on which the "
+                            "approximation and amortization gaps are measured: each needs its own optimized q "
+                            "(0: skip them)")
 
-    @field_validator("grid_size")
-    @classmethod
-    def _odd(cls, v):
-        if v % 2 == 0:
-            raise ValueError(f"grid_size must be odd (the coarse grid for the error estimate takes every other node), got {v}")
-        return v
+    _odd_grid = field_validator("grid_size")(lambda cls, v, info: _odd(v, info))
 
 
 class StudyConfig(Strict):
@@ -150,7 +168,7 @@ class StudyConfig(Strict):
 
 
 QUICK = {"seeds": 2, "data.n_train": 1000, "data.n_val": 200, "data.n_test": 1000, "train.epochs": 5,
-         "eval.grid_size": 1001, "eval.n_generated": 2000, "model.hidden": (16, 16)}
+         "eval.grid_size": 1001, "eval.n_generated": 2000, "eval.gap_points": 100, "model.hidden": (16, 16)}
 """Toy size, for `--quick` (reproduce and the studies): the same pipeline well under a minute."""
 
 

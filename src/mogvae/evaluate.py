@@ -9,31 +9,47 @@ import numpy as np
 import torch
 from scipy.stats import wasserstein_distance
 
-from .config import EvalConfig, ModelConfig
+from .config import EvalConfig, ModelConfig, TrainConfig
 from .data import PaperProcess
 from .model import VAE
 from .quadrature import MAX_LATENT, integrate, latent_grid, log_joint, log_marginal, posterior_on_grid
 from .replicas import make_generators, replica_count
 
 PROBE_Y = (1.0, 0.2, -3.0)       # the paper's Figures 2-4
+GAP_METRICS = ("approximation_gap", "amortization_gap", "gap_log_likelihood", "gap_elbo", "gap_true_log_likelihood",
+               "gap_rule_error", "gap_optimizer_steps")   # see gaps.py; on the first eval.gap_points test points
 GENERATE_OFFSET = 104729         # generation noise: replica seed + offset
+IMPORTANCE_OFFSET = 130363       # importance-sampling draws: replica seed + offset
 METRICS = ("test_log_likelihood", "true_log_likelihood", "test_elbo", "inference_gap",
            "kl_to_truth", "w1_to_truth", "w1_samples", "w1_decoder", "std_ratio",
-           "quadrature_error", "grid_edge_mass", "elbo_quadrature_error")
-TRUTH_METRICS = ("true_log_likelihood", "kl_to_truth", "w1_to_truth", "w1_decoder")  # NaN without a known truth
+           "quadrature_error", "grid_edge_mass", "elbo_quadrature_error", "test_log_likelihood_stderr",
+           "training_grid_error", *GAP_METRICS)
+TRUTH_METRICS = ("true_log_likelihood", "kl_to_truth", "w1_to_truth", "w1_decoder",
+                 "gap_true_log_likelihood")  # NaN without a known truth
 PROBE_SPAN, PROBE_GRID = 60.0, 12001  # probes far outside the data have posteriors deep in the prior's tail
 
 
 MAX_GRID_NODES = 250_000   # latent nodes per replica: the decoder on the grid and the 2-D ELBO terms stay ~1 GB
 
 
-def check_evaluable(model: ModelConfig, config: EvalConfig) -> None:
-    """Refuse, before any training, a configuration whose exact evaluation cannot
-    run here (ValueError naming the field): every trained run can be evaluated."""
+MAX_TRAINING_NODES = 20_001  # latent nodes per replica the exact objective differentiates at every step
+
+
+def check_evaluable(model: ModelConfig, config: EvalConfig, train: TrainConfig | None = None) -> None:
+    """Refuse, before any training, a configuration that cannot be trained or
+    evaluated here (ValueError naming the field): every trained run can be evaluated.
+    latent_dim <= 2 is evaluated by quadrature; beyond, by importance sampling."""
     d = model.latent_dim
+    if train is not None and train.objective == "exact":
+        if d > MAX_LATENT:
+            raise ValueError(f"train.objective = 'exact' differentiates log p(y) by quadrature over z: it needs "
+                             f"model.latent_dim <= {MAX_LATENT}, got {d}")
+        if train.exact_grid ** d > MAX_TRAINING_NODES:
+            fit = int(MAX_TRAINING_NODES ** (1 / d)) // 2 * 2 - 1
+            raise ValueError(f"train.exact_grid = {train.exact_grid} with latent_dim = {d} is "
+                             f"{train.exact_grid ** d:,} nodes at every step: set train.exact_grid <= {fit}")
     if d > MAX_LATENT:
-        raise ValueError(f"model.latent_dim = {d}: exact evaluation (quadrature over z) needs latent_dim <= "
-                         f"{MAX_LATENT}")
+        return
     nodes = config.grid_size ** d
     if nodes > MAX_GRID_NODES:
         fit = int(MAX_GRID_NODES ** (1 / d)) // 2 * 2 - 1
@@ -48,15 +64,20 @@ class Evaluation:
 
 
 def evaluate(model: VAE, process: PaperProcess, y_test: np.ndarray, config: EvalConfig,
-             seeds: list[int], diverged: list[bool]) -> Evaluation:
+             seeds: list[int], diverged: list[bool], training_grid: int | None = None) -> Evaluation:
+    """`training_grid`: the exact objective's grid size, whose error at the trained
+    optimum is reported (training_grid_error): a decoder that made the integrand
+    spiky between its nodes would show there."""
     model = model.cpu().eval()
     R = len(seeds)
-    grid = latent_grid(model, config.grid_size, config.grid_span, y=y_test)
-    exact = integrate(model, y_test, grid)
-    log_p, elbo = exact.log_p, exact.elbo                                   # [R, N]
-    true_log_p = process.log_prob(y_test)
     y_grid = _y_grid(y_test)
-    model_density = torch.exp(log_marginal(model, y_grid, grid).log_p).numpy()  # [R, Gy]
+    true_log_p = process.log_prob(y_test)
+    if model.latent_dim <= MAX_LATENT:
+        terms = _quadrature_terms(model, y_test, y_grid, config)
+        terms.update(_gap_terms(model, y_test, terms, config, true_log_p, training_grid))
+    else:
+        terms = _importance_terms(model, y_test, y_grid, config, seeds)
+    log_p, elbo, model_density = terms.pop("log_p"), terms.pop("elbo"), terms.pop("model_density")
     true_density = np.exp(process.log_prob(y_grid))
     z_gen, y_gen, f_gen = _generate(model, seeds, config.n_generated)
     u = np.random.default_rng(GENERATE_OFFSET).uniform(size=config.n_generated)
@@ -74,18 +95,67 @@ def evaluate(model: VAE, process: PaperProcess, y_test: np.ndarray, config: Eval
             "w1_samples": float(wasserstein_distance(y_gen[r], y_test)),
             "w1_decoder": float(wasserstein_distance(f_gen[r], f_true)),
             "std_ratio": float(np.std(y_gen[r]) / np.std(y_test)),
-            "quadrature_error": float((log_p[r] - exact.log_p_coarse[r]).abs().max()),
-            "grid_edge_mass": float(exact.edge_mass[r].max()),
-            "elbo_quadrature_error": float(torch.maximum((elbo[r] - exact.elbo_coarse[r]).abs(),
-                                                         (1 - exact.q_mass[r]).abs()).max()),
         }
-        model_based = [v for k, v in m.items() if k not in TRUTH_METRICS]
+        m.update({k: float(terms[k][r]) if k in terms else math.nan for k in METRICS if k not in m})
+        model_based = [v for k, v in m.items() if k not in TRUTH_METRICS and k not in SAMPLED_NAN]
         if diverged[r] or not all(math.isfinite(v) for v in model_based):
             m = {k: math.nan for k in m}  # never report a diverged replica as a result
         metrics.append(m)
     curves = {"y_grid": y_grid, "model_density": model_density, "true_density": true_density,
-              **_histograms(y_gen, y_grid), **_latent_curves(model, process, grid)}
+              **_histograms(y_gen, y_grid)}
+    if terms.get("grid") is not None:
+        curves.update(_latent_curves(model, process, terms["grid"]))
     return Evaluation(metrics, curves)
+
+
+SAMPLED_NAN = ("quadrature_error", "grid_edge_mass", "elbo_quadrature_error", "test_log_likelihood_stderr",
+               "training_grid_error", *GAP_METRICS)
+"""NaN by design on one of the two paths: the quadrature's bounds under importance
+sampling, the standard error under quadrature (its error is the bound)."""
+
+
+def _quadrature_terms(model: VAE, y_test, y_grid, config: EvalConfig) -> dict:
+    grid = latent_grid(model, config.grid_size, config.grid_span, y=y_test)
+    exact = integrate(model, y_test, grid)
+    nan = np.full(len(exact.log_p), math.nan)
+    return {"log_p": exact.log_p, "elbo": exact.elbo, "grid": grid,
+            "model_density": torch.exp(log_marginal(model, y_grid, grid).log_p).numpy(),
+            "quadrature_error": (exact.log_p - exact.log_p_coarse).abs().amax(1).numpy(),
+            "grid_edge_mass": exact.edge_mass.amax(1).numpy(),
+            "elbo_quadrature_error": torch.maximum((exact.elbo - exact.elbo_coarse).abs(),
+                                                   (1 - exact.q_mass).abs()).amax(1).numpy(),
+            "test_log_likelihood_stderr": nan}
+
+
+def _gap_terms(model: VAE, y_test, terms: dict, config: EvalConfig, true_log_p, training_grid) -> dict:
+    from .gaps import gap_metrics
+    from .quadrature import training_log_marginal
+    R, out = terms["log_p"].shape[0], {}
+    if training_grid is not None:
+        with torch.no_grad():
+            y = torch.as_tensor(np.asarray(y_test, dtype=np.float64)).reshape(1, -1, 1).expand(R, -1, -1)
+            on_training_grid = training_log_marginal(model, y, training_grid, config.grid_span)
+        out["training_grid_error"] = (on_training_grid - terms["log_p"]).abs().amax(1).numpy()
+    n = min(config.gap_points, len(y_test))
+    if n > 0:
+        truth = None if not np.all(np.isfinite(true_log_p[:n])) else true_log_p[:n]
+        gaps = gap_metrics(model, y_test[:n], terms["log_p"][:, :n], terms["elbo"][:, :n], truth)
+        out.update({k: v.numpy() for k, v in gaps.items()})
+    return out
+
+
+def _importance_terms(model: VAE, y_test, y_grid, config: EvalConfig, seeds: list[int]) -> dict:
+    """latent_dim > 2: log p(y) by importance sampling (likelihood.py), the ELBO by
+    Monte Carlo from q, each mean with its standard error over draws and points."""
+    from .likelihood import importance_log_likelihood, monte_carlo_elbo
+    gens = [s + IMPORTANCE_OFFSET for s in seeds]
+    log_p, se = importance_log_likelihood(model, y_test, config.n_importance, gens)
+    density, _ = importance_log_likelihood(model, y_grid, config.n_importance, gens)
+    nan = np.full(len(seeds), math.nan)
+    return {"log_p": log_p, "elbo": monte_carlo_elbo(model, y_test, config.n_importance, gens),
+            "model_density": torch.exp(density).numpy(),
+            "quadrature_error": nan, "grid_edge_mass": nan, "elbo_quadrature_error": nan,
+            "test_log_likelihood_stderr": (torch.sqrt((se * se).sum(1)) / se.shape[1]).numpy()}
 
 
 def metric_rows(evaluation: Evaluation, history) -> list[dict]:

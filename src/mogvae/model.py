@@ -39,5 +39,7 @@ def build_model(config: ModelConfig, replicas: int, data_dim: int = 1, noise: fl
     prior = PRIORS[config.prior](**common, **mixture)
     posterior = POSTERIORS[config.posterior](**common, **mixture)
     decoder = GaussianDecoder(**common, noise=noise, learn_noise=config.learn_decoder_noise)
+    if hasattr(prior, "attach"):
+        prior.attach(posterior)       # a prior built from the encoder (VampPrior)
     return VAE(prior, posterior, decoder)
 

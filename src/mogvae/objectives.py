@@ -23,12 +23,13 @@ def draw_noise(model: VAE, generators, batch: int, n_samples: int = 1, dtype=tor
     return randn_per_replica(generators, noise_shape(model, batch, n_samples), dtype=dtype)
 
 
-def log_weights(model: VAE, y: torch.Tensor, eps: torch.Tensor):
-    """log p(y|z) + log p(z) - log q(z|y) at stratified draws z ~ q_k.
+def log_weights(model: VAE, y: torch.Tensor, eps: torch.Tensor, q=None):
+    """log p(y|z) + log p(z) - log q(z|y) at stratified draws z ~ q_k, with q the
+    encoder's posterior unless given (the gap decomposition's per-point optimum).
     y [R, B, Y], eps [R, n, K, B, D] -> (log_w [R, n, K, B], stratum weights [R, 1, K, B])."""
     # Densities are computed in y's precision: float32 in training, float64 when
     # quadrature evaluates the (float32) networks.
-    q = model.posterior(y).to(y.dtype)
+    q = (model.posterior(y) if q is None else q).to(y.dtype)
     z = q.stratified_rsample(eps.to(y.dtype))          # [R, n, K, B, D]
     R, n, K, B, D = z.shape
     z = z.reshape(R, n * K, B, D)                     # [R, S, B, D], a view
@@ -50,3 +51,9 @@ def iwae_bound(model: VAE, y: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     log_w, pi = log_weights(model, y, eps)
     n = log_w.shape[1]
     return torch.logsumexp(log_w + torch.log(pi), dim=(1, 2)) - math.log(n)
+
+
+def bound(model: VAE, y: torch.Tensor, eps: torch.Tensor, objective: str) -> torch.Tensor:
+    """The training bound per point, [R, B]: the ELBO or the IWAE bound (with
+    eps's n draws per component as its K)."""
+    return iwae_bound(model, y, eps) if objective == "iwae" else elbo(model, y, eps)

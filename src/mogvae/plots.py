@@ -217,21 +217,30 @@ def training_figure(out: Path, runs: dict[str, Path]) -> None:
     write_csv(out / "figures" / "training.csv", csv_rows, ["model", "epoch", "mean_val_elbo", "min", "max"])
 
 
+def has_latent_curves(run: Path) -> bool:
+    """The model figure draws z: it exists for 1-D latents (see evaluate._latent_curves)."""
+    if not (run / "curves.npz").exists():
+        return False
+    with np.load(run / "curves.npz") as c:
+        return "decoder" in c.files
+
+
 def all_figures(out: Path, runs: dict[str, Path]) -> list[Path]:
     """Every figure of `reproduce`, from the saved files: `runs` maps model -> run folder."""
     truth_figure(out)
-    for m, run in runs.items():
-        model_figure(out, m, run)
+    drawn = [m for m, run in runs.items() if has_latent_curves(run)]
+    for m in drawn:
+        model_figure(out, m, runs[m])
     comparison_figure(out, list(runs))
     training_figure(out, runs)
-    names = ["truth", "comparison", "training", *runs]
+    names = ["truth", "comparison", "training", *drawn]
     return [out / "figures" / f"{n}.png" for n in names]
 
 
 def sweep_figures(out: Path, runs: dict[str, Path]) -> list[Path]:
-    """A sweep's figures: training curves of every run, and each run's model figure."""
+    """A sweep's figures: training curves of every run, and each run's model figure (1-D latents)."""
     training_figure(out, runs)
-    for name, run in runs.items():
-        if (run / "curves.npz").exists():
-            model_figure(out, name, run)
-    return [out / "figures" / "training.png", *(out / "figures" / f"{n}.png" for n in runs)]
+    drawn = [name for name, run in runs.items() if has_latent_curves(run)]
+    for name in drawn:
+        model_figure(out, name, runs[name])
+    return [out / "figures" / "training.png", *(out / "figures" / f"{n}.png" for n in drawn)]

@@ -1,6 +1,8 @@
 """Priors p(z): each returns a normalized `DiagMixture` with B = 1."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,8 +56,40 @@ class MixturePrior(nn.Module):
                            scale[:, None, None])
 
 
+class VampPrior(nn.Module):
+    """p(z) = (1/M) sum_m q(z | u_m): the posterior's encoder applied to M learnable
+    pseudo-inputs u_m in data space (Tomczak & Welling 2018). A mixture posterior
+    makes each term a mixture, so the prior has M x K components. The encoder is
+    the posterior's own (attached by `build_model`, not a sub-module: its
+    parameters belong to the posterior, once)."""
+
+    def __init__(self, replicas: int, latent_dim: int, data_dim: int = 1, n_components: int = 10, **_):
+        super().__init__()
+        if n_components < 1:
+            raise ValueError(f"n_components must be >= 1, got {n_components!r}")
+        self.pseudo_inputs = nn.Parameter(torch.zeros(replicas, n_components, data_dim))
+        self._encoder = None
+
+    def attach(self, posterior: nn.Module) -> None:
+        object.__setattr__(self, "_encoder", posterior)   # not registered: no second copy in state_dict
+
+    def reset_replica(self, r: int, generator: torch.Generator) -> None:
+        # spread over the paper's data range, [0, 1] plus noise; the encoder maps them into z
+        with torch.no_grad():
+            self.pseudo_inputs[r].normal_(0.5, 0.5, generator=generator)
+
+    def forward(self) -> DiagMixture:
+        if self._encoder is None:
+            raise RuntimeError("a VampPrior needs its posterior's encoder: build it with build_model")
+        q = self._encoder(self.pseudo_inputs)                        # batch [R, 1, M], K components
+        R, _, M, K, D = q.loc.shape
+        logits = torch.log_softmax(q.logits, -1) - math.log(M)        # [R, 1, M, K]
+        return DiagMixture(logits.reshape(R, 1, 1, M * K), q.loc.reshape(R, 1, 1, M * K, D),
+                           q.scale.reshape(R, 1, 1, M * K, D))
+
+
 def _inverse_softplus(x: float) -> float:
     return float(torch.log(torch.expm1(torch.tensor(x))))
 
 
-PRIORS = {"normal": StandardNormalPrior, "mog": MixturePrior}
+PRIORS = {"normal": StandardNormalPrior, "mog": MixturePrior, "vamp": VampPrior}

@@ -220,7 +220,7 @@ class RunSession:
     def __init__(self, config: RunConfig, out: Path, log=print):
         self.config, self.run = config, RunDir(out)
         try:
-            check_evaluable(config.resolved_model(), config.eval)
+            check_evaluable(config.resolved_model(), config.eval, config.train)
         except ValueError as e:
             raise RunError(str(e)) from None
         d = config.data
@@ -278,8 +278,9 @@ class RunSession:
 
     def _evaluate(self, train_seconds: float) -> Path:
         history, run = self.trainer.history, self.run
+        train = self.config.train
         evaluation = evaluate(self.model, self.process, self.data["test"], self.config.eval, self.seeds,
-                              history.diverged)
+                              history.diverged, train.exact_grid if train.objective == "exact" else None)
         # wall time is the one number that differs between identical runs: it sits last, per seed
         rows = [{**row, "train_seconds": train_seconds / len(self.seeds)} for row in metric_rows(evaluation, history)]
         write_csv(run.path / "metrics.csv", rows)

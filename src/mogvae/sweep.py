@@ -50,9 +50,10 @@ class Cell:
 
     @property
     def model(self) -> str:
-        """The preset's name, else prior+posterior."""
+        """The preset's name, else prior+posterior; /exact or /iwae for those objectives."""
         c = self.config
-        return c.preset or f"{c.model.prior}+{c.model.posterior}"
+        name = c.preset or f"{c.model.prior}+{c.model.posterior}"
+        return name if c.train.objective == "elbo" else f"{name}/{c.train.objective}"
 
     def resolved(self) -> dict:
         return self.config.model_dump(mode="json")
@@ -98,21 +99,34 @@ def cell_name(values: dict) -> str:
 
 
 def expand(base: dict, grid: dict) -> list[Cell]:
-    """Every combination of the grid's values over the base configuration, validated."""
+    """Every combination of the grid's values over the base configuration, validated;
+    then the cells of each `[[grid.also]]` table, itself a small grid (for cells that
+    belong beside the product but not in it: the oracle of each prior, say)."""
     if not isinstance(grid, dict):
         raise SpecError("grid: expected a table of dotted keys mapped to lists")
+    grid = dict(grid)
+    also = grid.pop("also", [])
+    if not isinstance(also, list) or not all(isinstance(g, dict) and g for g in also):
+        raise SpecError("grid.also: expected [[grid.also]] tables of dotted keys mapped to lists")
+    cells: list[Cell] = []
+    seen: dict = {}
+    for i, part in enumerate([grid, *also]):
+        _expand_into(cells, seen, base, part, "grid." if i == 0 else f"grid.also[{i}].")
+    return cells
+
+
+def _expand_into(cells: list[Cell], seen: dict, base: dict, grid: dict, where: str) -> None:
     known = dotted_fields(RunConfig)
     for key, values in grid.items():
         if key not in known:
-            raise SpecError(f"grid.{key}: unknown key (a dotted configuration key such as train.lr)")
+            raise SpecError(f"{where}{key}: unknown key (a dotted configuration key such as train.lr)")
         if not isinstance(values, list) or not values:
-            raise SpecError(f"grid.{key}: expected a non-empty list of values")
-    cells, seen = [], {}
+            raise SpecError(f"{where}{key}: expected a non-empty list of values")
     for combo in itertools.product(*grid.values()):
         values = dict(zip(grid, combo))
         raw = copy.deepcopy(base)
         for key, value in values.items():
-            set_dotted(raw, key, value, where=f"grid.{key}")
+            set_dotted(raw, key, value, where=f"{where}{key}")
         try:
             config = RunConfig(**raw)
         except ValidationError as e:
@@ -125,7 +139,6 @@ def expand(base: dict, grid: dict) -> list[Cell]:
             raise SpecError(f"grid: two cells would share the folder name {cell.name}; use distinct values")
         seen[digest] = cell.name
         cells.append(cell)
-    return cells
 
 
 def preflight(cells: list[Cell]) -> None:
@@ -136,7 +149,7 @@ def preflight(cells: list[Cell]) -> None:
     checked = set()
     for cell in cells:
         try:
-            check_evaluable(cell.config.resolved_model(), cell.config.eval)
+            check_evaluable(cell.config.resolved_model(), cell.config.eval, cell.config.train)
         except ValueError as e:
             raise SpecError(f"{cell.name}: {e}") from None
         path = cell.config.data.path
@@ -242,6 +255,8 @@ def _cost(cell: Cell) -> float:
     decodes M points per data point)."""
     m, c = cell.config.resolved_model(), cell.config
     per_point = m.n_components if m.posterior == "mog" else 1
+    if c.train.objective == "exact":     # measured: a step over 1001 nodes costs about a 10-component posterior's
+        per_point = max(per_point, c.train.exact_grid // 100)
     return per_point * c.seeds * c.train.epochs * c.data.n_train
 
 

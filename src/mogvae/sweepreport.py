@@ -19,13 +19,19 @@ def _fmt(value) -> str:
     return "-".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
+def _axes(cells: list[dict]) -> list[str]:
+    """Every grid key, in order of first appearance ([[grid.also]] cells may add or lack some)."""
+    return list(dict.fromkeys(a for c in cells for a in c["values"]))
+
+
 def cell_table(cells: list[dict], metrics) -> list[str]:
-    axes = list(cells[0]["values"]) if cells else []
+    axes = _axes(cells)
     head = ["run", *axes, "n", "diverged", *(t[1] for t in TABLE)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for cell, row in zip(cells, summary_rows(metrics, [c["name"] for c in cells])):
         name, n, diverged, *values = row
-        lines.append("| " + " | ".join([name, *(_fmt(cell["values"][a]) for a in axes), n, diverged, *values]) + " |")
+        lines.append("| " + " | ".join([name, *(_fmt(cell["values"].get(a, "–")) for a in axes), n, diverged,
+                                         *values]) + " |")
     return lines
 
 
@@ -34,6 +40,7 @@ def comparisons(cells: list[dict], metrics) -> list[str]:
     axes held fixed, paired by seed index (the same data order and noise)."""
     lines = []
     axes = list(cells[0]["values"]) if cells else []
+    cells = [c for c in cells if list(c["values"]) == axes]   # the main grid; [[grid.also]] cells stand apart
     by_values = {tuple((a, json.dumps(c["values"][a])) for a in axes): c["name"] for c in cells}
     for axis in axes:
         levels = list(dict.fromkeys(json.dumps(c["values"][axis]) for c in cells))

@@ -15,7 +15,8 @@ import torch
 
 from .config import TrainConfig
 from .model import VAE
-from .objectives import draw_noise, elbo
+from .objectives import bound, draw_noise, elbo
+from .quadrature import training_log_marginal
 from .replicas import make_generators
 
 VAL_NOISE_OFFSET = 7919  # val noise generators: seed + offset, reset each epoch
@@ -109,9 +110,8 @@ class Trainer:
         for begin in range(0, n, cfg.batch_size):
             y = self.data[order[:, begin:begin + cfg.batch_size]]                                     # [R, B, 1]
             eps = draw_noise(self.model, self.generators, y.shape[1], cfg.n_samples).to(self.device)
-            loss = -elbo(self.model, y, eps).mean(1)                                                  # [R]
             self.optimizer.zero_grad(set_to_none=False)
-            torch.where(self.active, loss, torch.zeros_like(loss)).sum().backward()
+            loss = self._backward(y, eps)                                                             # [R]
             ok = torch.isfinite(loss) & _per_replica_finite_grads(self.model)
             bad = self.active & ~ok
             if bad.any():
@@ -128,6 +128,40 @@ class Trainer:
         self.history.val_elbo.append(_masked(val_elbo, self.active))
         self.epoch += 1
         self.history.seconds += time.perf_counter() - start
+
+    def _backward(self, y: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """The objective's gradients into each parameter's .grad (stopped replicas
+        contribute none); returns the loss per replica, [R].
+
+        objective = "exact": every parameter that log p(y) depends on (prior,
+        decoder, and a prior's own use of the encoder) follows the quadrature
+        log-likelihood alone; the rest (the encoder) follows the ELBO of that model,
+        so the oracle also has a posterior to report, without that posterior
+        pulling the generative model."""
+        cfg = self.config
+
+        def live(loss):
+            return torch.where(self.active, loss, torch.zeros_like(loss)).sum()
+
+        if cfg.objective != "exact":
+            loss = -bound(self.model, y, eps, cfg.objective).mean(1)
+            live(loss).backward()
+            return loss
+        loss = -training_log_marginal(self.model, y, cfg.exact_grid).mean(1)
+        grads = list(torch.autograd.grad(live(loss), self.params, allow_unused=True))
+        rest = [i for i, g in enumerate(grads) if g is None]
+        if rest:
+            elbo_loss = live(-elbo(self.model, y, eps).mean(1))
+            for i, g in zip(rest, torch.autograd.grad(elbo_loss, [self.params[i] for i in rest], allow_unused=True)):
+                grads[i] = g
+        for p, g in zip(self.params, grads):
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            if g is None:
+                p.grad.zero_()
+            else:
+                p.grad.copy_(g)
+        return loss
 
     def _on_divergence(self, bad: torch.Tensor, loss: torch.Tensor, snapshot) -> None:
         policy = self.config.on_divergence

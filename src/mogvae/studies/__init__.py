@@ -25,6 +25,12 @@ def _present_noise(out) -> tuple[list[str], list]:
     return ["## Where richer priors and posteriors begin to matter", "", *noise.reading(out), ""], [figure]
 
 
-PRESENTERS = {"noise": _present_noise}  # a study's own reading and figures, put first in its report
+def _present_families(out) -> tuple[list[str], list]:
+    from . import families
+    figure = families.families_figure(out)
+    return ["## Where each family's shortfall comes from", "", *families.reading(out), ""], [figure]
+
+
+PRESENTERS = {"noise": _present_noise, "families": _present_families}  # a study's own reading and figures, put first in its report
 
 __all__ = ["spec", "PRESENTERS"]

@@ -1,0 +1,137 @@
+"""The families study: the four-term decomposition of log p*(y) - ELBO(y) per
+prior x posterior and sigma (gaps.py), each VAE paired by seed with the
+exact-likelihood oracle of its prior; a stacked-bar figure; paired answers to
+"does a richer prior, or a richer posterior, shrink each term?"."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ..gaps import decomposition
+from ..io import read_csv, write_csv
+from ..report import Interval, t_interval
+
+TERMS = (("misspecification", "misspecification", "#8172b3"),
+         ("over_regularization", "over-regularization", "#dd8452"),
+         ("approximation_gap", "approximation gap", "#55a868"),
+         ("amortization_gap", "amortization gap", "#4c72b0"))
+NEEDED = ("gap_true_log_likelihood", "gap_log_likelihood", "gap_elbo", "approximation_gap", "amortization_gap",
+          "test_log_likelihood")
+
+
+def _rows(out: Path) -> tuple[dict, dict]:
+    """(VAE replicas {(sigma, prior, posterior): {seed: metrics}}, oracles {(sigma, prior): {seed: metrics}})."""
+    vaes: dict = {}
+    oracles: dict = {}
+    for r in read_csv(out / "metrics.csv"):
+        if r["diverged"] == "True":
+            continue
+        values = {k: float(r[k]) for k in NEEDED}
+        sigma, prior = float(r["data.sigma"]), r["model.prior"]
+        if r.get("train.objective") == "exact":
+            oracles.setdefault((sigma, prior), {})[int(r["seed"])] = values
+        else:
+            vaes.setdefault((sigma, prior, r["model.posterior"]), {})[int(r["seed"])] = values
+    return vaes, oracles
+
+
+def decompositions(out: Path) -> list[dict]:
+    """One row per VAE replica with an oracle replica of the same prior, sigma and seed."""
+    vaes, oracles = _rows(out)
+    rows = []
+    for (sigma, prior, posterior), seeds in vaes.items():
+        for seed, vae in sorted(seeds.items()):
+            oracle = oracles.get((sigma, prior), {}).get(seed)
+            if oracle is None:
+                continue
+            rows.append({"sigma": sigma, "prior": prior, "posterior": posterior, "seed": seed,
+                         **decomposition(vae, oracle)})
+    return rows
+
+
+def _intervals(rows: list[dict]) -> dict:
+    """{(sigma, prior, posterior): {term: Interval}}."""
+    cells: dict = {}
+    for r in rows:
+        cells.setdefault((r["sigma"], r["prior"], r["posterior"]), []).append(r)
+    return {k: {t: t_interval(np.array([r[t] for r in v])) for t in (*(x[0] for x in TERMS), "total")}
+            for k, v in cells.items()}
+
+
+def families_figure(out: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    from ..plots import _save
+    rows = decompositions(out)
+    write_csv(out / "figures" / "decomposition.csv", rows,
+              ["sigma", "prior", "posterior", "seed", *(t[0] for t in TERMS), "total"])
+    cells = _intervals(rows)
+    sigmas = sorted({k[0] for k in cells}, reverse=True)
+    fig, axes = plt.subplots(1, len(sigmas), figsize=(7 * len(sigmas), 4.8), squeeze=False)
+    for ax, sigma in zip(axes[0], sigmas):
+        keys = sorted(k for k in cells if k[0] == sigma)
+        x = np.arange(len(keys))
+        up, down = np.zeros(len(keys)), np.zeros(len(keys))
+        for term, label, color in TERMS:
+            v = np.array([cells[k][term].mean for k in keys])
+            pos, neg = np.clip(v, 0, None), np.clip(v, None, 0)
+            ax.bar(x, pos, bottom=up, color=color, label=label)
+            ax.bar(x, neg, bottom=down, color=color, hatch="//", edgecolor="white")
+            up, down = up + pos, down + neg
+        total = [cells[k]["total"] for k in keys]
+        ax.errorbar(x, [t.mean for t in total], yerr=[[t.mean - t.low for t in total], [t.high - t.mean for t in total]],
+                    fmt="k_", ms=14, capsize=4, label="total, log p* − ELBO (95% CI)")
+        ax.axhline(0, color="k", lw=0.8)
+        span = max(up.max(), *(t.mean for t in total)) - min(down.min(), 0.0)
+        ax.set_ylim(min(down.min(), 0.0) - 0.15 * span, max(up.max(), *(t.mean for t in total)) + 0.25 * span)
+        ax.set_xticks(x, [f"{k[1]}\n+{k[2]}" for k in keys])
+        ax.set(title=f"sigma = {sigma:g}", ylabel="nats per test point, mean over seeds")
+        ax.legend(fontsize=8)
+    fig.suptitle("Where the ELBO falls short of log p*: prior + posterior family (negative parts hatched, below 0; "
+                 "axes span the bars, an interval may run off an edge)", fontsize=10)
+    fig.tight_layout()
+    path = out / "figures" / "families.png"
+    _save(fig, path)
+    return path
+
+
+def reading(out: Path) -> list[str]:
+    rows = decompositions(out)
+    cells = _intervals(rows)
+    if not cells:
+        return ["No VAE has an oracle of its prior to pair with: the decomposition needs both."]
+    lines = ["Mean over seeds [95% t interval], nats per test point, on the first `eval.gap_points` test points. "
+             "The four terms sum to the total exactly, per replica.", "",
+             "| sigma | prior + posterior | " + " | ".join(t[1] for t in TERMS) + " | total |",
+             "|" + "---|" * (3 + len(TERMS))]
+    for key in sorted(cells, key=lambda k: (-k[0], k[1], k[2])):
+        iv = cells[key]
+        lines.append(f"| {key[0]:g} | {key[1]} + {key[2]} | " +
+                     " | ".join(_fmt(iv[t]) for t, _, _ in TERMS) + f" | {_fmt(iv['total'])} |")
+    lines += ["", "### Does a richer prior or a richer posterior shrink each term? (paired by seed, "
+              "against normal + gaussian)", "",
+              "| sigma | change | " + " | ".join(t[1] for t in TERMS) + " | total |",
+              "|" + "---|" * (3 + len(TERMS))]
+    by_key = {}
+    for r in rows:
+        by_key.setdefault((r["sigma"], r["prior"], r["posterior"]), {})[r["seed"]] = r
+    for sigma in sorted({k[0] for k in cells}, reverse=True):
+        base = by_key.get((sigma, "normal", "gaussian"), {})
+        for key in sorted(k for k in by_key if k[0] == sigma and k[1:] != ("normal", "gaussian")):
+            seeds = sorted(set(base) & set(by_key[key]))
+            diffs = {t: t_interval(np.array([by_key[key][s][t] - base[s][t] for s in seeds]))
+                     for t in (*(x[0] for x in TERMS), "total")}
+            lines.append(f"| {sigma:g} | {key[1]} + {key[2]} | " +
+                         " | ".join(_fmt(diffs[t]) for t, _, _ in TERMS) + f" | {_fmt(diffs['total'])} |")
+    lines += ["", "A negative change shrinks the term; ** marks an interval that excludes zero. Misspecification "
+              "and over-regularization pair each VAE with the oracle of its own prior (train.objective = "
+              "\"exact\"); an oracle that trains worse than its VAE shows as negative over-regularization."]
+    return lines
+
+
+def _fmt(iv: Interval) -> str:
+    if iv.n < 2 or not math.isfinite(iv.low):
+        return f"{iv.mean:+.5f} (n = {iv.n})"
+    return f"{iv.mean:+.5f} [{iv.low:+.5f}, {iv.high:+.5f}]" + (" **" if iv.excludes_zero() else "")

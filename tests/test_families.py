@@ -1,0 +1,87 @@
+"""The richer families (VampPrior), the sweep's [[grid.also]] cells, and the
+families study end to end at toy size."""
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from scipy.integrate import trapezoid
+
+from mogvae.cli import main
+from mogvae.config import ModelConfig
+from mogvae.model import build_model
+from mogvae.replicas import initialize
+from mogvae.sweep import SpecError, expand
+
+
+@pytest.mark.parametrize("posterior", ["gaussian", "mog"])
+def test_the_vamp_prior_is_the_encoder_at_its_pseudo_inputs_and_integrates_to_one(posterior):
+    config = ModelConfig(prior="vamp", posterior=posterior, n_components=4, hidden=(8,))
+    model = build_model(config, replicas=2).double()
+    initialize(model, [1, 2])
+    z = torch.linspace(-12, 12, 40001, dtype=torch.float64)
+    density = torch.exp(model.prior().log_prob(z.reshape(1, -1, 1, 1).expand(2, -1, -1, -1)))[:, :, 0]
+    q = model.posterior(model.prior.pseudo_inputs)                     # each replica's encoder at its own u: [2, 1, M]
+    for r in range(2):
+        w = torch.softmax(q.logits[r, 0], -1).detach().numpy()                           # [M, K]
+        loc, scale = q.loc[r, 0, ..., 0].detach().numpy(), q.scale[r, 0, ..., 0].detach().numpy()
+        ref = (w[..., None] * stats.norm.pdf(z.numpy()[None, None], loc[..., None], scale[..., None])).sum((0, 1))
+        np.testing.assert_allclose(density[r].detach().numpy(), ref / w.shape[0], rtol=1e-10, atol=1e-300)
+        assert trapezoid(density[r].detach().numpy(), z.numpy()) == pytest.approx(1.0, abs=1e-8)
+
+
+def test_the_vamp_prior_shares_the_encoder_without_a_second_copy():
+    model = build_model(ModelConfig(prior="vamp", posterior="gaussian", hidden=(8,)), replicas=1)
+    initialize(model, [3])
+    names = list(model.state_dict())
+    assert "prior.pseudo_inputs" in names and not any(n.startswith("prior._encoder") for n in names)
+    assert len({id(p) for p in model.parameters()}) == len(list(model.parameters()))
+    loss = model.prior().log_prob(torch.zeros(1, 1, 1, 1)).sum()
+    loss.backward()                      # the prior's density reaches the encoder's weights
+    assert model.posterior.encoder.net[0].weight.grad.abs().sum() > 0
+
+
+BASE = {"seeds": 1, "train": {"epochs": 1}}
+
+
+def test_also_tables_add_cells_beside_the_product():
+    grid = {"data.sigma": [0.1, 0.05], "preset": ["mfg", "mog-prior"],
+            "also": [{"model.prior": ["normal", "mog"], "train.objective": ["exact"]}]}
+    cells = expand(BASE, grid)
+    assert len(cells) == 6
+    assert [c.name for c in cells[4:]] == ["model.prior=normal__train.objective=exact",
+                                           "model.prior=mog__train.objective=exact"]
+    assert [c.model for c in cells[4:]] == ["normal+gaussian/exact", "mog+gaussian/exact"]
+    assert "also" in grid                                            # the caller's spec is not changed
+
+
+@pytest.mark.parametrize("also,needle", [
+    ([{"model.prior": "mog"}], "grid.also[1].model.prior"),
+    ([{"nope": [1]}], "grid.also[1].nope"),
+    ("x", "grid.also"),
+    ([{"preset": ["mfg"]}], "same configuration"),
+])
+def test_bad_also_tables_are_one_line(also, needle):
+    with pytest.raises(SpecError, match=None) as e:
+        expand(BASE, {"preset": ["mfg"], "also": also})
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_families_study_runs_at_toy_size_and_decomposes_exactly(tmp_path, capsys):
+    out = tmp_path / "families"
+    assert main(["study", "families", "--quick", "--seeds", "2", "--out", str(out)]) == 0, capsys.readouterr().err
+    report = (out / "report.md").read_text()
+    assert "## Where each family's shortfall comes from" in report and "![families](figures/families.png)" in report
+    rows = list(csv.DictReader((out / "figures" / "decomposition.csv").open()))
+    assert len(rows) == 2 * 3 * 2 * 2                                # sigma x prior x posterior x seed
+    metrics = {(r["run"], r["seed"]): r for r in csv.DictReader((out / "metrics.csv").open())}
+    for r in rows:
+        terms = [float(r[k]) for k in ("misspecification", "over_regularization", "approximation_gap",
+                                       "amortization_gap")]
+        assert sum(terms) == pytest.approx(float(r["total"]), abs=1e-12)
+        run = f"data.sigma={float(r['sigma']):g}__model.prior={r['prior']}__model.posterior={r['posterior']}"
+        vae = metrics[(run, r["seed"])]
+        assert float(r["total"]) == float(vae["gap_true_log_likelihood"]) - float(vae["gap_elbo"])
+        assert float(r["amortization_gap"]) >= 0 and math.isfinite(float(r["misspecification"]))

@@ -1,0 +1,103 @@
+"""log p(y) by importance sampling against closed forms and quadrature; the IWAE
+bound's order in K; the one entry point's choice of method."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from mogvae.config import TrainConfig, preset
+from mogvae.data import PaperProcess
+from mogvae.likelihood import importance_log_likelihood, log_likelihood, monte_carlo_elbo
+from mogvae.model import build_model
+from mogvae.objectives import draw_noise, elbo, iwae_bound
+from mogvae.quadrature import integrate, latent_grid
+from mogvae.replicas import initialize, make_generators
+from mogvae.train import fit
+from test_quadrature import SIGMA, Y, linear_vae
+
+PAPER_Y = PaperProcess(0.1).sample(150, seed=3)[1]
+
+
+def random_model(name: str, seeds=(11, 12)):
+    model = build_model(preset(name, hidden=(16, 16)), replicas=len(seeds))
+    initialize(model, list(seeds))
+    return model.eval()
+
+
+def trained_model(name: str, seeds=(11, 12)):
+    """A few epochs: an encoder near the posterior, as importance sampling is used after training."""
+    model = random_model(name, seeds)
+    y_train, y_val = PaperProcess(0.1).sample(1000, seed=4)[1], PaperProcess(0.1).sample(100, seed=5)[1]
+    fit(model, y_train, y_val, TrainConfig(epochs=10, batch_size=100), list(seeds), make_generators(list(seeds)))
+    return model.eval()
+
+
+def quadrature_log_p(model, y) -> torch.Tensor:
+    return integrate(model, y, latent_grid(model, 2001, 8.0, y=y), elbo=False).log_p
+
+
+def test_importance_sampling_matches_the_closed_form_where_quadrature_cannot_go():
+    a, b = [1.2, -0.7, 0.4], -0.1
+    model = linear_vae(a, b)
+    est = log_likelihood(model, Y, n_samples=4000)
+    assert est.method == "importance"                                  # latent_dim = 3: auto chooses sampling
+    ref = stats.norm.logpdf(Y, b, math.sqrt(sum(x * x for x in a) + SIGMA**2))
+    z = (est.value[0].numpy() - ref) / est.error[0].numpy()
+    assert np.all(np.abs(z) < 3), z
+    assert np.all(est.error[0].numpy() > 0)
+
+
+@pytest.mark.parametrize("name", ["mfg", "mog-prior", "mog-posterior", "mog-both"])
+def test_importance_sampling_agrees_with_quadrature_within_three_standard_errors(name):
+    model = trained_model(name)
+    est = log_likelihood(model, PAPER_Y, "importance", n_samples=5000, seeds=[5, 6])
+    ref = log_likelihood(model, PAPER_Y, "quadrature")
+    assert ref.method == "quadrature" and float(ref.error.max()) < 1e-6
+    z = (est.value - ref.value) / est.error
+    # Gaussian errors would put 0.3% beyond 3 SE; measured 0-3.3% (all low: heavy-tailed weights where
+    # q misses part of the posterior, which the sample variance understates; see likelihood.py)
+    assert float((z.abs() > 3).double().mean()) <= 0.05, z
+    mean_se = torch.sqrt((est.error ** 2).sum(1)) / est.error.shape[1]
+    assert torch.all((est.value.mean(1) - ref.value.mean(1)).abs() < 3 * mean_se + 1e-4)
+
+
+def test_the_estimators_bias_shrinks_as_k_grows():
+    model = random_model("mfg", seeds=(21,))                            # an untrained encoder: a poor proposal
+    ref = quadrature_log_p(model, PAPER_Y)
+    bias = []
+    for k in (2, 16, 128):
+        draws = [importance_log_likelihood(model, PAPER_Y, k, [s])[0] for s in range(8)]
+        bias.append(float((ref - torch.stack(draws).mean(0)).mean()))
+    assert bias[0] > bias[1] > bias[2] > -1e-3, bias                  # log p_hat is biased low, less with K
+
+
+def test_the_iwae_bound_is_below_log_p_and_rises_with_k_in_expectation():
+    model = random_model("mog-both")
+    y = torch.as_tensor(PAPER_Y, dtype=torch.float64).reshape(1, -1, 1).expand(2, -1, -1)
+    ref = quadrature_log_p(model, PAPER_Y).mean(1)
+    gens = make_generators([1, 2])
+    with torch.no_grad():
+        means = [torch.stack([iwae_bound(model, y, draw_noise(model, gens, y.shape[1], k, torch.float64)).mean(1)
+                              for _ in range(20)]).mean(0) for k in (1, 5, 50)]
+        elbos = torch.stack([elbo(model, y, draw_noise(model, gens, y.shape[1], 1, torch.float64)).mean(1)
+                             for _ in range(20)]).mean(0)
+    assert torch.all(elbos < means[0]) and torch.all(means[0] < means[1]) and torch.all(means[1] < means[2])
+    assert torch.all(means[2] < ref)
+    gaussian = random_model("mfg")                                     # one component: K = 1 is the ELBO itself
+    eps = draw_noise(gaussian, gens, y.shape[1], 1, torch.float64)
+    with torch.no_grad():
+        assert torch.equal(iwae_bound(gaussian, y, eps), elbo(gaussian, y, eps))
+    mc = monte_carlo_elbo(model, PAPER_Y, 4000, [1, 2]).mean(1)
+    exact = integrate(model, PAPER_Y, latent_grid(model, 2001, 8.0, y=PAPER_Y)).elbo.mean(1)
+    assert torch.allclose(mc, exact, atol=0.01)
+
+
+def test_methods_are_checked():
+    model = linear_vae([1.0, 0.5, 0.2], 0.0)
+    with pytest.raises(ValueError, match="latent_dim <= 2"):
+        log_likelihood(model, Y, "quadrature")
+    with pytest.raises(ValueError, match="unknown method"):
+        log_likelihood(model, Y, "exact")
+    assert log_likelihood(linear_vae([1.0], 0.0), Y).method == "quadrature"

@@ -1,0 +1,115 @@
+"""The exact-likelihood oracle (train.objective = "exact") and the gap
+decomposition, against finite differences, closed forms and the quadrature."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from mogvae.config import TrainConfig, preset
+from mogvae.data import PaperProcess
+from mogvae.decoders import GaussianDecoder
+from mogvae.gaps import best_posterior, decomposition
+from mogvae.model import VAE, build_model
+from mogvae.posteriors import GaussianPosterior
+from mogvae.priors import StandardNormalPrior
+from mogvae.quadrature import latent_grid, log_marginal, training_log_marginal
+from mogvae.replicas import initialize
+from mogvae.train import fit
+from test_quadrature import SIGMA, Y, linear_vae
+
+DATA = PaperProcess(0.1).sample(40, seed=9)[1]
+
+
+@pytest.mark.parametrize("name", ["mfg", "mog-both"])
+def test_the_oracles_gradient_matches_finite_differences_of_the_quadrature(name):
+    model = build_model(preset(name, hidden=(8,)), replicas=1).double()
+    initialize(model, [3])
+    y = torch.as_tensor(DATA).reshape(1, -1, 1)
+    params = {k: p for k, p in model.named_parameters() if not k.startswith("posterior.")}   # log p's parameters
+    loss = training_log_marginal(model, y, 1001).mean()
+    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+
+    def quadrature_mean() -> float:      # the evaluation's rule, on a grid rebuilt around the moved prior
+        return float(log_marginal(model, DATA, latent_grid(model, 2001, 8.0)).log_p.mean())
+
+    h = 1e-6
+    checked = 0
+    for name_, p in params.items():
+        for index in [(0,) + (0,) * (p.dim() - 1), tuple(s - 1 for s in p.shape)]:
+            with torch.no_grad():
+                p[index] += h
+                up = quadrature_mean()
+                p[index] -= 2 * h
+                down = quadrature_mean()
+                p[index] += h
+            assert grads[name_][index] == pytest.approx((up - down) / (2 * h), abs=1e-6), (name_, index)
+            checked += 1
+    assert checked >= 8
+
+
+def linear_model(replicas: int) -> VAE:
+    """y = a z + b + noise, z ~ N(0, 1): the MLE of this family is closed-form."""
+    decoder = GaussianDecoder(replicas, 1, 1, hidden=(), noise=SIGMA)
+    return VAE(StandardNormalPrior(replicas, 1), GaussianPosterior(replicas, 1, 1, hidden=()), decoder)
+
+
+def test_the_oracle_reaches_the_closed_form_maximum_likelihood_of_a_linear_gaussian_model():
+    a, b = 1.2, 0.5
+    rng = np.random.default_rng(0)
+    y = b + math.sqrt(a**2 + SIGMA**2) * rng.standard_normal(500)
+    model = linear_model(2)
+    gens = initialize(model, [1, 2])
+    fit(model, y, y[:100], TrainConfig(epochs=150, batch_size=500, lr=0.05, objective="exact", exact_grid=401,
+                                       lr_schedule="constant"), [1, 2], gens)
+    weight = model.decoder.net.net[0].weight.detach()[:, 0, 0].double()
+    bias = model.decoder.net.net[0].bias.detach()[:, 0, 0].double()
+    a_mle = math.sqrt(y.var() - SIGMA**2)                        # p(y) = N(b, a^2 + sigma^2): mean and variance
+    np.testing.assert_allclose(bias.numpy(), y.mean(), atol=2e-3)
+    np.testing.assert_allclose(weight.abs().numpy(), a_mle, atol=2e-3)   # the sign of a is not identified
+    best = stats.norm.logpdf(y, y.mean(), y.std()).mean()
+    got = log_marginal(model, y, latent_grid(model, 2001, 8.0)).log_p.mean(1).numpy()
+    assert np.all(got <= best + 1e-9) and np.all(got > best - 1e-5)
+
+
+def closed_form_posterior(a, b, y):
+    v = SIGMA**2 / (a**2 + SIGMA**2)
+    return a * (y - b) / (a**2 + SIGMA**2), math.sqrt(v)
+
+
+def test_a_gaussian_posterior_has_no_approximation_gap_when_the_posterior_is_gaussian():
+    a, b = 1.7, 0.3
+    model = linear_vae([a], b)                  # an encoder that is not the posterior: a real amortization gap
+    best = best_posterior(model, Y)
+    log_p = stats.norm.logpdf(Y, b, math.sqrt(a**2 + SIGMA**2))
+    assert best.converged
+    np.testing.assert_allclose(best.elbo_star[0].numpy(), log_p, atol=1e-5)      # approximation gap 0
+    q = model.posterior(torch.as_tensor(Y).reshape(1, -1, 1))
+    mu, s = q.loc[0, 0, :, 0, 0].detach().numpy(), q.scale[0, 0, :, 0, 0].detach().numpy()
+    m, v = closed_form_posterior(a, b, Y)
+    kl = np.log(v / s) + (s**2 + (mu - m) ** 2) / (2 * v**2) - 0.5          # KL(q || p(z|y)) = log p - ELBO(q)
+    np.testing.assert_allclose(best.elbo_star[0].numpy() - best.elbo_encoder[0].numpy(), kl, rtol=1e-6, atol=1e-6)
+    assert np.all(kl > 0.01)
+
+
+def test_the_four_terms_sum_to_the_total_and_the_amortization_gap_is_not_negative(tmp_path):
+    from mogvae.cli import main
+    from mogvae.io import read_csv
+    rows = {}
+    for objective in ("elbo", "exact"):
+        out = tmp_path / objective
+        config = tmp_path / f"{objective}.toml"
+        config.write_text(f'preset = "mog-both"\nseeds = 2\n[model]\nhidden = [8]\n[data]\nn_train = 300\n'
+                          f'n_val = 50\nn_test = 60\n[train]\nepochs = 3\nobjective = "{objective}"\n'
+                          f'exact_grid = 401\n[eval]\ngrid_size = 401\nn_generated = 200\ngap_points = 40\n')
+        assert main(["train", str(config), "--out", str(out)]) == 0
+        rows[objective] = [{k: float(v) for k, v in r.items() if k not in ("diverged", "diverged_epoch")}
+                           for r in read_csv(out / "metrics.csv")]
+    for vae, oracle in zip(rows["elbo"], rows["exact"]):
+        parts = decomposition(vae, oracle)
+        total = parts.pop("total")
+        assert sum(parts.values()) == pytest.approx(total, abs=1e-12)
+        assert parts["amortization_gap"] >= 0 and parts["approximation_gap"] > -1e-6
+        assert vae["gap_rule_error"] < 1e-5
+        assert math.isnan(vae["training_grid_error"]) and oracle["training_grid_error"] < 1e-4
