@@ -14,7 +14,7 @@ INVALID = {  # field -> values that must be refused
     "checkpoint_every": BAD_NUMBERS, "preset": st.sampled_from(['"vamp"', "3", '""']),
     "model.n_components": BAD_NUMBERS, "model.latent_dim": BAD_NUMBERS,
     "model.hidden": st.sampled_from(["[]", "[0]", "[-3]", '"64"', "[64, 1e9]", "[1.5]"]),
-    "model.activation": st.sampled_from(['"gelu"', "1"]), "model.prior": st.sampled_from(['"vamp"', "[]"]),
+    "model.activation": st.sampled_from(['"gelu"', "1"]), "model.prior": st.sampled_from(['"flow"', "[]"]),
     "model.posterior": st.sampled_from(['"flow"']),
     "data.sigma": BAD_NUMBERS, "data.n_train": BAD_NUMBERS, "data.name": st.sampled_from(['"mnist"']),
     "train.lr": BAD_NUMBERS, "train.epochs": BAD_NUMBERS, "train.batch_size": BAD_NUMBERS,

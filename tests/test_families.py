@@ -74,6 +74,9 @@ def test_the_families_study_runs_at_toy_size_and_decomposes_exactly(tmp_path, ca
     assert main(["study", "families", "--quick", "--seeds", "2", "--out", str(out)]) == 0, capsys.readouterr().err
     report = (out / "report.md").read_text()
     assert "## Where each family's shortfall comes from" in report and "![families](figures/families.png)" in report
+    assert "## Importance sampling against quadrature" in report and "![importance](figures/importance.png)" in report
+    sampled = list(csv.DictReader((out / "figures" / "importance.csv").open()))
+    assert len(sampled) == 12 * 4 and all(math.isfinite(float(r["bias"])) for r in sampled)
     rows = list(csv.DictReader((out / "figures" / "decomposition.csv").open()))
     assert len(rows) == 2 * 3 * 2 * 2                                # sigma x prior x posterior x seed
     metrics = {(r["run"], r["seed"]): r for r in csv.DictReader((out / "metrics.csv").open())}

@@ -19,6 +19,7 @@ _EXPORTS = {
     "StudyConfig": "config",
     "elbo": "objectives", "iwae_bound": "objectives",
     "integrate": "quadrature", "latent_grid": "quadrature",
+    "log_likelihood": "likelihood", "best_posterior": "gaps", "trained_model": "runs",
     "evaluate": "evaluate",
     "initialize": "replicas", "replica_seed": "replicas",
     "Trainer": "train", "fit": "train",

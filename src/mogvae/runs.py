@@ -291,6 +291,18 @@ class RunSession:
         return run.path / "metrics.csv"
 
 
+def trained_model(run: Path):
+    """(model, config, seeds) of a finished run folder, read-only: the newest
+    checkpoint's weights in the model its config.json describes."""
+    config = RunConfig(**json.loads((Path(run) / "config.json").read_text()))
+    seeds = [replica_seed(config.base_seed, i) for i in range(config.seeds)]
+    model = build_model(config.resolved_model(), replicas=len(seeds), noise=config.data.sigma)
+    newest = sorted((Path(run) / "checkpoints").glob(CHECKPOINT_NAME))[-1]
+    tensors, _ = load_checkpoint(newest)
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    return model.eval(), config, seeds
+
+
 def load_run_config(path: Path, overrides: list[str]) -> RunConfig:
     """A TOML file plus `key=value` overrides (see configfile.py)."""
     try:

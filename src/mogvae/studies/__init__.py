@@ -26,9 +26,14 @@ def _present_noise(out) -> tuple[list[str], list]:
 
 
 def _present_families(out) -> tuple[list[str], list]:
-    from . import families
+    import json
+
+    from . import families, importance
     figure = families.families_figure(out)
-    return ["## Where each family's shortfall comes from", "", *families.reading(out), ""], [figure]
+    quick = json.loads((out / "sweep.json").read_text()).get("title", "").endswith("(quick)")
+    sampled, rows = importance.importance_figure(out, *(((1, 10, 100, 1000), 50) if quick else ()))
+    return (["## Where each family's shortfall comes from", "", *families.reading(out), "",
+             "## Importance sampling against quadrature", "", *importance.reading(rows), ""], [figure, sampled])
 
 
 PRESENTERS = {"noise": _present_noise, "families": _present_families}  # a study's own reading and figures, put first in its report

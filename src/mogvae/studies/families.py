@@ -114,7 +114,8 @@ def reading(out: Path) -> list[str]:
               "against normal + gaussian)", "",
               "| sigma | change | " + " | ".join(t[1] for t in TERMS) + " | total |",
               "|" + "---|" * (3 + len(TERMS))]
-    by_key = {}
+    by_key: dict = {}
+    verdicts: dict = {}
     for r in rows:
         by_key.setdefault((r["sigma"], r["prior"], r["posterior"]), {})[r["seed"]] = r
     for sigma in sorted({k[0] for k in cells}, reverse=True):
@@ -125,10 +126,34 @@ def reading(out: Path) -> list[str]:
                      for t in (*(x[0] for x in TERMS), "total")}
             lines.append(f"| {sigma:g} | {key[1]} + {key[2]} | " +
                          " | ".join(_fmt(diffs[t]) for t, _, _ in TERMS) + f" | {_fmt(diffs['total'])} |")
+            verdicts.setdefault(sigma, []).append((key[1:], diffs))
+    lines += ["", *_sentences(verdicts)]
     lines += ["", "A negative change shrinks the term; ** marks an interval that excludes zero. Misspecification "
               "and over-regularization pair each VAE with the oracle of its own prior (train.objective = "
               "\"exact\"); an oracle that trains worse than its VAE shows as negative over-regularization."]
     return lines
+
+
+RICHER = {("normal", "mog"): "a richer posterior (normal + mog)", ("mog", "gaussian"): "a richer prior (mog + gaussian)",
+          ("vamp", "gaussian"): "a VampPrior (vamp + gaussian)", ("mog", "mog"): "both (mog + mog)"}
+
+
+def _sentences(verdicts: dict) -> list[str]:
+    """Yacoby et al.'s question, read off the paired intervals: does a richer
+    posterior, or a richer prior, shrink the over-regularization?"""
+    out = []
+    for sigma, changes in verdicts.items():
+        parts = []
+        for family, diffs in changes:
+            if family not in RICHER:
+                continue
+            iv = diffs["over_regularization"]
+            verdict = ("shrinks it" if iv.excludes_zero() and iv.mean < 0 else
+                       "grows it" if iv.excludes_zero() else "does not change it detectably")
+            parts.append(f"{RICHER[family]} {verdict} ({iv.mean:+.5f} nats)")
+        if parts:
+            out.append(f"- Over-regularization at sigma = {sigma:g}: " + "; ".join(parts) + ".")
+    return out
 
 
 def _fmt(iv: Interval) -> str:
