@@ -186,3 +186,16 @@ def test_reproduce_stopped_midway_resumes_to_the_same_numbers(quick_run, tmp_pat
     assert "to resume from a checkpoint" in done.stderr.splitlines()[0]
     uninterrupted = [r for r in metrics_but_wall_time(quick_run[0]) if r["model"] in ("mfg", "mog-prior")]
     assert metrics_but_wall_time(out) == uninterrupted
+
+
+@pytest.mark.parametrize("objective", ["iwae", "exact"])
+def test_the_other_objectives_resume_bitwise(tmp_path, objective, capsys, monkeypatch):
+    config = tmp_path / "run.toml"
+    config.write_text(CONFIG.replace("epochs = 6", f'epochs = 4\nobjective = "{objective}"\nn_samples = 2\n'
+                                                   "exact_grid = 401"))
+    assert main(["train", str(config), "--out", str(tmp_path / "straight")]) == 0
+    with monkeypatch.context() as m:
+        m.setenv("MOGVAE_FAULT", "checkpoint:2:TERM")
+        assert main(["train", str(config), "--out", str(tmp_path / "stopped")]) == 143
+    assert main(["train", str(config), "--out", str(tmp_path / "stopped")]) == 0
+    assert_same_final_state(tmp_path / "stopped", final_state(tmp_path / "straight"))
