@@ -53,7 +53,12 @@ def iwae_bound(model: VAE, y: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(log_w + torch.log(pi), dim=(1, 2)) - math.log(n)
 
 
+BOUNDS = {"elbo": elbo, "iwae": iwae_bound}
+"""The sampled training objectives by name; "exact" (the oracle) is not a bound on
+sampled draws but the quadrature log-likelihood (quadrature.training_log_marginal)."""
+
+
 def bound(model: VAE, y: torch.Tensor, eps: torch.Tensor, objective: str) -> torch.Tensor:
     """The training bound per point, [R, B]: the ELBO or the IWAE bound (with
     eps's n draws per component as its K)."""
-    return iwae_bound(model, y, eps) if objective == "iwae" else elbo(model, y, eps)
+    return BOUNDS[objective](model, y, eps)

@@ -116,7 +116,26 @@ def training_log_marginal(model: VAE, y: torch.Tensor, size: int, span: float = 
     offset = (log_prior + grid.log_w.to(y.dtype) - log_sigma.sum(-1)
               - 0.5 * y.shape[-1] * math.log(2 * math.pi) - 0.5 * (mean * mean * inv_var).sum(-1))   # [R, G]
     exponent = torch.baddbmm(offset[:, None, :], y * inv_var, mean.transpose(1, 2))             # [R, B, G]
-    return torch.logsumexp(exponent, dim=2) - 0.5 * (y * y * inv_var).sum(-1)
+    return LogSumExp.apply(exponent) - 0.5 * (y * y * inv_var).sum(-1)
+
+
+class LogSumExp(torch.autograd.Function):
+    """log sum_g exp(x_g) over the last axis, keeping the normalized weights from the
+    forward pass for the backward (torch.logsumexp recomputes exp(x - lse) there:
+    measured, the two exps over [R, B, G] were 40% of an exact-objective step)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        peak = x.amax(-1, keepdim=True)
+        weights = (x - peak).exp_()
+        total = weights.sum(-1, keepdim=True)
+        ctx.save_for_backward(weights.div_(total))
+        return (total.log_() + peak).squeeze(-1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (weights,) = ctx.saved_tensors
+        return weights * grad[..., None]
 
 
 def _reach(loc: torch.Tensor, scale: torch.Tensor, span: float):
