@@ -10,7 +10,7 @@ from scipy import stats
 from mogvae.config import TrainConfig, preset
 from mogvae.data import PaperProcess
 from mogvae.decoders import GaussianDecoder
-from mogvae.gaps import best_posterior, decomposition
+from mogvae.gaps import TOLERANCE, best_posterior, decomposition
 from mogvae.model import VAE, build_model
 from mogvae.posteriors import GaussianPosterior
 from mogvae.priors import StandardNormalPrior
@@ -102,7 +102,7 @@ def test_the_four_terms_sum_to_the_total_and_the_amortization_gap_is_not_negativ
         config = tmp_path / f"{objective}.toml"
         config.write_text(f'preset = "mog-both"\nseeds = 2\n[model]\nhidden = [8]\n[data]\nn_train = 300\n'
                           f'n_val = 50\nn_test = 60\n[train]\nepochs = 3\nobjective = "{objective}"\n'
-                          f'exact_grid = 401\n[eval]\ngrid_size = 401\nn_generated = 200\ngap_points = 40\n')
+                          f'exact_grid = 401\n[eval]\ngrid_size = 2001\nn_generated = 200\ngap_points = 40\n')
         assert main(["train", str(config), "--out", str(out)]) == 0
         rows[objective] = [{k: float(v) for k, v in r.items() if k not in ("diverged", "diverged_epoch")}
                            for r in read_csv(out / "metrics.csv")]
@@ -136,3 +136,17 @@ def test_the_fused_log_sum_exp_matches_torch_in_value_and_gradient():
     x = (torch.randn(2, 3, 50, dtype=torch.float64) * 30).requires_grad_(True)
     torch.testing.assert_close(LogSumExp.apply(x), torch.logsumexp(x, -1), rtol=0, atol=1e-12)
     assert torch.autograd.gradcheck(LogSumExp.apply, (x,))
+
+
+def test_the_reported_gaps_use_the_evaluations_grid_rule_and_match_the_closed_form():
+    from mogvae.gaps import gap_metrics
+    from mogvae.quadrature import integrate
+    a, b = 1.7, 0.3
+    model = linear_vae([a], b)
+    exact = integrate(model, Y, latent_grid(model, 2001, 8.0, y=Y))
+    gaps = gap_metrics(model, Y, exact.log_p, exact.elbo)
+    log_p = stats.norm.logpdf(Y, b, math.sqrt(a**2 + SIGMA**2))
+    assert float(gaps["approximation_gap"][0]) == pytest.approx(0.0, abs=TOLERANCE)    # to the optimizer's tolerance
+    assert float(gaps["amortization_gap"][0]) == pytest.approx(float(np.mean(log_p - exact.elbo[0].numpy())),
+                                                                abs=TOLERANCE)
+    assert float(gaps["gap_rule_error"][0]) < 1e-8

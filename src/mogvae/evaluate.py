@@ -139,7 +139,8 @@ def _gap_terms(model: VAE, y_test, terms: dict, config: EvalConfig, true_log_p, 
     n = min(config.gap_points, len(y_test))
     if n > 0:
         truth = None if not np.all(np.isfinite(true_log_p[:n])) else true_log_p[:n]
-        gaps = gap_metrics(model, y_test[:n], terms["log_p"][:, :n], terms["elbo"][:, :n], truth)
+        gaps = gap_metrics(model, y_test[:n], terms["log_p"][:, :n], terms["elbo"][:, :n], truth,
+                           config.grid_size, config.grid_span)
         out.update({k: v.numpy() for k, v in gaps.items()})
     return out
 

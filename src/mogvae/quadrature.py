@@ -49,11 +49,12 @@ def _trapezoid_log_weights(h: torch.Tensor, n: int) -> torch.Tensor:
     return torch.log(w)
 
 
-def latent_grid(model: VAE, size: int, span: float, y=None, max_size: int = 20_001) -> Grid:
+def latent_grid(model: VAE, size: int, span: float, y=None, max_size: int = 20_001, q=None) -> Grid:
     """Uniform grid, one per replica, over every prior component to +- `span`
     scales and, when `y` is given, over every component of q(z|y) too (so the
     ELBO's integrand is covered). `size` nodes span the prior; a wider range gets
-    more nodes at the same spacing, up to `max_size`."""
+    more nodes at the same spacing, up to `max_size`. `q` (batch over y) stands in for
+    the encoder's posterior (the gap decomposition's optimized q)."""
     if size % 2 == 0:
         raise ValueError(f"grid size must be odd, got {size}")
     prior = model.prior().to(F64)
@@ -64,7 +65,7 @@ def latent_grid(model: VAE, size: int, span: float, y=None, max_size: int = 20_0
     lo, hi = p_lo, p_hi
     spacing = (hi - lo) / (size - 1)
     if y is not None:
-        q = model.posterior(as_batch(y, lo.shape[0], lo.device)).to(F64)
+        q = (model.posterior(as_batch(y, lo.shape[0], lo.device)) if q is None else q).to(F64)
         q_lo, q_hi = _reach(q.loc, q.scale, span)
         lo, hi = torch.minimum(lo, q_lo), torch.maximum(hi, q_hi)
         need = int(((hi - lo) / spacing).max().ceil()) + 1
@@ -176,15 +177,18 @@ def _log_terms(y: torch.Tensor, mean, inv_sigma, offset) -> torch.Tensor:
 
 @torch.no_grad()
 def integrate(model: VAE, y, grid: Grid, elbo: bool = True, budget: int = 4_000_000,
-              elbo_chunk: int = 128, elbo_budget: int = 16_000_000) -> "Integrals":
+              elbo_chunk: int = 128, elbo_budget: int = 16_000_000, q: DiagMixture | None = None) -> "Integrals":
     """log p(y) and, if `elbo`, the ELBO of every point by the fine and the coarse
     rule on one grid: the decoder is evaluated once, and the gap log p - ELBO is
-    KL(q(z|y) || p(z|y)) computed on the same nodes."""
+    KL(q(z|y) || p(z|y)) computed on the same nodes. `q` (batch over y, [R, 1, N, K, D])
+    replaces the encoder's posterior in the ELBO (the gap decomposition's optimized q)."""
     mean, inv_sigma, offset = _grid_terms(model, grid.nodes)
     R, G = grid.log_w.shape
     y = as_batch(y, R, grid.nodes.device)
     order = torch.argsort(y[0, :, 0])          # sorted y: neighbours share a narrow window of q's mass
     y = y[:, order]
+    if q is not None:
+        q = DiagMixture(q.logits[:, :, order], q.loc[:, :, order], q.scale[:, :, order]).to(F64)
     chunk = max(1, budget // (R * G))          # keeps the [R, G, n] terms a few MB
     outer = _outer_nodes(grid)
     parts: dict[str, list] = {k: [] for k in Integrals.__dataclass_fields__}
@@ -198,14 +202,19 @@ def integrate(model: VAE, y, grid: Grid, elbo: bool = True, budget: int = 4_000_
         # ELBO in sub-chunks of sorted points that share q's window and stride (128: measured best, 0.4-0.6 s per model)
         for e in range(0, yc.shape[1] if elbo else 0, elbo_chunk):
             sub = slice(e, e + elbo_chunk)
-            _elbo_chunk(model, yc[:, sub], grid, terms[:, :, sub], log_p[:, sub], parts, elbo_budget)
+            q_sub = None if q is None else _points(q, slice(s + e, s + min(e + elbo_chunk, yc.shape[1])))
+            _elbo_chunk(model, yc[:, sub], grid, terms[:, :, sub], log_p[:, sub], parts, elbo_budget, q_sub)
     out = {k: torch.cat(v, 1) if v else None for k, v in parts.items()}
     inverse = torch.argsort(order)
     return Integrals(**{k: v[:, inverse] if v is not None else None for k, v in out.items()})
 
 
+def _points(q: DiagMixture, sub: slice) -> DiagMixture:
+    return DiagMixture(q.logits[:, :, sub], q.loc[:, :, sub], q.scale[:, :, sub])
+
+
 def _elbo_chunk(model: VAE, y: torch.Tensor, grid: Grid, terms: torch.Tensor, log_p: torch.Tensor,
-                parts: dict, budget: int, span: float = 10.0, per_scale: float = 4.0):
+                parts: dict, budget: int, q: DiagMixture | None = None, span: float = 10.0, per_scale: float = 4.0):
     """E_q[log p(y|z) p(z) - log q(z|y)] on the grid, for a chunk of sorted y.
 
     The cost is K mixture terms per node, so in 1-D only the window holding q's
@@ -217,7 +226,7 @@ def _elbo_chunk(model: VAE, y: torch.Tensor, grid: Grid, terms: torch.Tensor, lo
     taken a few at a time so that the [R, nodes, points, K] terms stay within
     `budget` elements, however wide the window (memory is bounded; the result
     does not depend on the split: every point's sum is its own)."""
-    q = model.posterior(y).to(F64)
+    q = model.posterior(y).to(F64) if q is None else q
     if len(grid.axes) == 1:
         axis = grid.axes[0]
         h = axis[:, 1] - axis[:, 0]                                         # [R]
@@ -239,7 +248,7 @@ def _elbo_chunk(model: VAE, y: torch.Tensor, grid: Grid, terms: torch.Tensor, lo
     step = max(1, budget // (R * n_nodes * K))
     for s in range(0, n, step):
         sub = slice(s, s + step)
-        qs = DiagMixture(q.logits[:, :, sub], q.loc[:, :, sub], q.scale[:, :, sub])
+        qs = _points(q, sub)
         for suffix, idx, w in (("", fine, weights[0]), ("_coarse", coarse, weights[1])):
             nodes, t = grid.nodes[:, idx], terms[:, idx, sub]
             q_dens = qs.density(nodes[:, :, None, :])                       # [R, G', n]
