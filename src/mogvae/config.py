@@ -130,7 +130,7 @@ class EvalConfig(Strict):
     n_generated: int = Field(20_000, ge=100, description="samples drawn from each model for sample-based metrics")
     n_importance: int = Field(5000, ge=2, le=1_000_000, description="importance samples per point where quadrature "
                               "cannot go (latent_dim > 2): log p(y) with its standard error")
-    gap_points: int = Field(1000, ge=0, le=1_000_000, description="test points (the first ones) on which the "
+    gap_points: int = Field(500, ge=0, le=1_000_000, description="test points (the first ones) on which the "
                             "approximation and amortization gaps are measured: each needs its own optimized q "
                             "(0: skip them)")
 

@@ -13,7 +13,8 @@ from scipy import stats
 from .io import read_csv, write_text
 
 TABLE = [("test_log_likelihood", "test LL", 4), ("kl_to_truth", "KL to truth", 4), ("test_elbo", "test ELBO", 4),
-         ("inference_gap", "inference gap", 4), ("w1_to_truth", "W1 exact", 4), ("w1_samples", "W1 samples", 4),
+         ("inference_gap", "inference gap", 4), ("approximation_gap", "approx. gap", 5),
+         ("amortization_gap", "amort. gap", 5), ("w1_to_truth", "W1 exact", 4), ("w1_samples", "W1 samples", 4),
          ("w1_decoder", "W1 decoder", 4), ("std_ratio", "std ratio", 3), ("train_seconds", "train s/seed", 1)]
 
 
@@ -67,7 +68,7 @@ def summary_rows(metrics, models) -> list[list[str]]:
         ok = [r for r in runs.values() if r["diverged"] != "True"]
         cells = []
         for key, _, digits in TABLE:
-            v = np.array([r[key] for r in ok], dtype=float)
+            v = np.array([r.get(key, np.nan) for r in ok], dtype=float)   # a column older runs lack: nan
             cells.append("n/a" if not len(v) else
                          f"{v.mean():.{digits}f} ± {v.std(ddof=1) if len(v) > 1 else 0:.{digits}f}")
         rows.append([m, str(len(runs)), str(len(runs) - len(ok)), *cells])
