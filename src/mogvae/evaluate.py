@@ -134,7 +134,7 @@ def _gap_terms(model: VAE, y_test, terms: dict, config: EvalConfig, true_log_p, 
     if training_grid is not None:
         with torch.no_grad():
             y = torch.as_tensor(np.asarray(y_test, dtype=np.float64)).reshape(1, -1, 1).expand(R, -1, -1)
-            on_training_grid = training_log_marginal(model, y, training_grid, config.grid_span)
+            on_training_grid = training_log_marginal(model, y, training_grid)   # the span training used
         out["training_grid_error"] = (on_training_grid - terms["log_p"]).abs().amax(1).numpy()
     n = min(config.gap_points, len(y_test))
     if n > 0:
