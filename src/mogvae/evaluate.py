@@ -12,7 +12,7 @@ from scipy.stats import wasserstein_distance
 from .config import EvalConfig, ModelConfig, TrainConfig
 from .data import PaperProcess
 from .model import VAE
-from .quadrature import MAX_LATENT, integrate, latent_grid, log_joint, log_marginal, posterior_on_grid
+from .quadrature import MAX_GRID_NODES, MAX_LATENT, integrate, latent_grid, log_joint, log_marginal, posterior_on_grid
 from .replicas import make_generators, replica_count
 
 PROBE_Y = (1.0, 0.2, -3.0)       # the paper's Figures 2-4
@@ -28,8 +28,6 @@ TRUTH_METRICS = ("true_log_likelihood", "kl_to_truth", "w1_to_truth", "w1_decode
                  "gap_true_log_likelihood")  # NaN without a known truth
 PROBE_SPAN, PROBE_GRID = 60.0, 12001  # probes far outside the data have posteriors deep in the prior's tail
 
-
-MAX_GRID_NODES = 250_000   # latent nodes per replica: the decoder on the grid and the 2-D ELBO terms stay ~1 GB
 
 
 MAX_TRAINING_NODES = 20_001  # latent nodes per replica the exact objective differentiates at every step
@@ -129,11 +127,11 @@ def _quadrature_terms(model: VAE, y_test, y_grid, config: EvalConfig) -> dict:
 
 def _gap_terms(model: VAE, y_test, terms: dict, config: EvalConfig, true_log_p, training_grid) -> dict:
     from .gaps import gap_metrics
-    from .quadrature import training_log_marginal
+    from .quadrature import as_batch, training_log_marginal
     R, out = terms["log_p"].shape[0], {}
     if training_grid is not None:
         with torch.no_grad():
-            y = torch.as_tensor(np.asarray(y_test, dtype=np.float64)).reshape(1, -1, 1).expand(R, -1, -1)
+            y = as_batch(y_test, R, torch.device("cpu"))                       # evaluation runs on the CPU
             on_training_grid = training_log_marginal(model, y, training_grid)   # the span training used
         out["training_grid_error"] = (on_training_grid - terms["log_p"]).abs().amax(1).numpy()
     n = min(config.gap_points, len(y_test))

@@ -31,6 +31,7 @@ from .mixtures import DiagMixture
 from .model import VAE
 from .objectives import log_weights
 from .quadrature import F64, as_batch, hermite_rule
+from .replicas import replica_count
 
 MIN_SCALE = 1e-4
 TOLERANCE = 1e-5    # nats per point: stop when the mean best ELBO rose by less over the last CHECK_EVERY steps
@@ -73,8 +74,7 @@ def best_posterior(model: VAE, y, max_steps: int = MAX_STEPS, tolerance: float =
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        device = next(model.parameters()).device
-        y = as_batch(y, next(model.parameters()).shape[0], device)
+        y = as_batch(y, replica_count(model), next(model.parameters()).device)
         parts = [_optimize(model, y[:, s:s + chunk], max_steps, tolerance) for s in range(0, y.shape[1], chunk)]
     finally:
         for p in model.parameters():

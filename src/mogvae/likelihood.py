@@ -33,12 +33,11 @@ import torch
 from .mixtures import DiagMixture
 from .model import VAE
 from .objectives import log_weights
-from .quadrature import MAX_LATENT, F64, as_batch, integrate, latent_grid
+from .quadrature import MAX_GRID_NODES, MAX_LATENT, F64, as_batch, integrate, latent_grid
 from .replicas import make_generators, randn_per_replica, replica_count
 
 METHODS = ("auto", "quadrature", "importance")
 DEFENSIVE = 0.1          # the prior's share of the proposal
-MAX_QUADRATURE_NODES = 250_000   # latent nodes per replica (see evaluate.check_evaluable)
 
 
 @dataclass(frozen=True)
@@ -57,7 +56,7 @@ def resolve_method(method: str, latent_dim: int, grid_size: int = 2001) -> str:
         raise ValueError(f"quadrature needs latent_dim <= {MAX_LATENT}, got {latent_dim}: use method='importance'")
     if method != "auto":
         return method
-    fits = latent_dim <= MAX_LATENT and grid_size ** latent_dim <= MAX_QUADRATURE_NODES
+    fits = latent_dim <= MAX_LATENT and grid_size ** latent_dim <= MAX_GRID_NODES
     return "quadrature" if fits else "importance"
 
 
@@ -82,17 +81,10 @@ def importance_log_likelihood(model: VAE, y, n_samples: int, seeds: list[int],
                               budget: int = 2_000_000) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p_hat, standard error), each [R, N], float64 densities (see the module note).
     Points are taken in chunks whose [R, n, K, B] weights stay within `budget`."""
-    R = replica_count(model)
     K = model.posterior.k + model.prior().n_components
     n = max(2, math.ceil(n_samples / K))                      # draws per component (two, for a variance)
-    device = next(model.parameters()).device
-    y = as_batch(y, R, device)                                # [R, N, Y], float64
-    gens = make_generators(seeds)
-    chunk = max(1, budget // (R * n * K))
     values, errors = [], []
-    for s in range(0, y.shape[1], chunk):
-        yc = y[:, s:s + chunk]
-        eps = randn_per_replica(gens, (n, K, yc.shape[1], model.latent_dim), dtype=F64).to(device)
+    for yc, eps in _draws(model, y, n, K, seeds, budget):
         proposal = defensive(model.posterior(yc).to(F64), model.prior().to(F64), DEFENSIVE)
         log_w, pi = log_weights(model, yc, eps, proposal)             # [R, n, K, B], [R, 1, K, B]
         m = log_w.amax(dim=(1, 2), keepdim=True)
@@ -120,16 +112,22 @@ def defensive(q: DiagMixture, prior: DiagMixture, alpha: float) -> DiagMixture:
 def monte_carlo_elbo(model: VAE, y, n_samples: int, seeds: list[int], budget: int = 2_000_000) -> torch.Tensor:
     """The ELBO per point by stratified Monte Carlo from q (n_samples draws per point,
     split over q's components): [R, N]. Unbiased; where quadrature cannot go."""
-    R, K = replica_count(model), model.posterior.k
-    n = max(1, math.ceil(n_samples / K))
-    device = next(model.parameters()).device
-    y = as_batch(y, R, device)
-    gens = make_generators(seeds)
-    chunk = max(1, budget // (R * n * K))
+    K = model.posterior.k
     out = []
-    for s in range(0, y.shape[1], chunk):
-        yc = y[:, s:s + chunk]
-        eps = randn_per_replica(gens, (n, K, yc.shape[1], model.latent_dim), dtype=F64).to(device)
+    for yc, eps in _draws(model, y, max(1, math.ceil(n_samples / K)), K, seeds, budget):
         log_w, pi = log_weights(model, yc, eps)
         out.append((log_w * pi).sum(2).mean(1))
     return torch.cat(out, 1)
+
+
+def _draws(model: VAE, y, n: int, K: int, seeds: list[int], budget: int):
+    """Chunks of points y [R, B, Y] (float64) with each replica's standard-normal draws
+    for them, eps [R, n, K, B, D], replica r from seeds[r] alone; chunks keep
+    [R, n, K, B] within `budget` elements."""
+    R, device = replica_count(model), next(model.parameters()).device
+    y = as_batch(y, R, device)                                # [R, N, Y], float64
+    gens = make_generators(seeds)
+    chunk = max(1, budget // (R * n * K))
+    for s in range(0, y.shape[1], chunk):
+        yc = y[:, s:s + chunk]
+        yield yc, randn_per_replica(gens, (n, K, yc.shape[1], model.latent_dim), dtype=F64).to(device)

@@ -28,6 +28,7 @@ from .model import VAE
 from .objectives import log_weights
 
 MAX_LATENT = 2
+MAX_GRID_NODES = 250_000   # latent nodes per replica: the decoder on the grid and the 2-D ELBO terms stay ~1 GB
 F64 = torch.float64  # densities and sums; the networks run in the precision they were trained in
 
 
