@@ -65,7 +65,7 @@ def test_noise_of_a_replica_is_the_same_alone_or_among_others():
 
 
 @pytest.mark.parametrize("name,objective", [("mfg", "elbo"), ("mog-posterior", "elbo"), ("mog-both", "iwae"),
-                                            ("mog-prior", "exact")])
+                                            ("mog-prior", "exact"), ("mfg+flow", "elbo")])
 def test_a_replica_trains_the_same_alone_or_among_others(name, objective):
     data = make_splits(PaperProcess(), {"train": 600, "val": 100}, 0)
     cfg = TrainConfig(epochs=3, batch_size=64, objective=objective, n_samples=3 if objective == "iwae" else 1,
@@ -73,14 +73,17 @@ def test_a_replica_trains_the_same_alone_or_among_others(name, objective):
     seeds = [replica_seed(0, i) for i in range(3)]
     results = []
     for replica_seeds in (seeds, seeds[1:2]):
-        model = build_model(preset(name, hidden=(16, 16)), replicas=len(replica_seeds))
+        base, _, posterior = name.partition("+")          # "mfg+flow": that preset with a flow posterior
+        model = build_model(preset(base, hidden=(16, 16), **({"posterior": posterior} if posterior else {})),
+                            replicas=len(replica_seeds))
         gens = initialize(model, replica_seeds)
         history = fit(model, data["train"], data["val"], cfg, replica_seeds, gens)
         results.append((model, history))
     (many, h_many), (one, h_one) = results
     for (key, p_many), p_one in zip(many.named_parameters(), one.parameters()):
         torch.testing.assert_close(p_many[1], p_one[0], rtol=1e-4, atol=1e-5, msg=key)
-    np.testing.assert_allclose([v[1] for v in h_many.val_elbo], [v[0] for v in h_one.val_elbo], rtol=1e-5)
+    # float32 sums over the validation set: relative 1e-5, and absolute 1e-6 where an ELBO is near 0
+    np.testing.assert_allclose([v[1] for v in h_many.val_elbo], [v[0] for v in h_one.val_elbo], rtol=1e-5, atol=1e-6)
 
 
 PINNED_SEEDS = [8668861027912758289, 4881901421217228719, 7229315352737646090]  # replica_seed(0, 0..2) since 0.1.0

@@ -3,6 +3,7 @@ resumed and skipped, the driver killed at chosen points, a Dask cluster with a
 worker killed mid-run: the same numbers every way."""
 import csv
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -86,6 +87,35 @@ def test_a_changed_spec_is_refused_naming_what_differs(reference, spec, capsys):
     spec.write_text(SPEC.replace('[0.1, 0.2]', '[0.1, 0.2, 0.3]'))
     assert main(["sweep", str(spec), "--out", str(reference)]) == 2
     assert "cells added" in capsys.readouterr().err
+
+
+def test_extend_adds_cells_and_keeps_finished_runs_untouched(reference, spec, capsys, tmp_path):
+    grown = tmp_path / "grown"
+    shutil.copytree(reference, grown)
+    before = {p: p.stat().st_mtime_ns for p in (grown / "runs").rglob("*") if p.is_file()}
+    spec.write_text(SPEC.replace('[0.1, 0.2]', '[0.1, 0.2, 0.3]'))
+    assert main(["sweep", str(spec), "--out", str(grown), "--workers", "1", "--extend"]) == 0
+    assert "6 runs (4 finished" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in before} == before          # the finished runs: not rewritten
+    assert len(rows_but_wall_time(grown / "metrics.csv")) == 3 * len(rows_but_wall_time(reference / "metrics.csv")) // 2
+    spec.write_text(SPEC.replace('[0.1, 0.2]', '[0.1]'))                 # a removed cell: still refused
+    assert main(["sweep", str(spec), "--out", str(grown), "--extend"]) == 2
+    assert "removed" in capsys.readouterr().err
+
+
+def test_a_folder_written_before_a_field_existed_is_the_same_configuration(reference, spec, capsys):
+    import json
+    record = reference / "sweep.json"
+    saved = record.read_text()
+    data = json.loads(saved)
+    for cell in data["cells"]:
+        del cell["config"]["model"]["flow_bins"]                          # as written before flow_bins existed
+    try:
+        record.write_text(json.dumps(data))
+        assert main(["sweep", str(spec), "--out", str(reference), "--workers", "1"]) == 0
+        assert "4 runs (4 finished)" in capsys.readouterr().err
+    finally:
+        record.write_text(saved)
 
 
 def test_a_second_sweep_on_the_same_folder_is_refused(spec, tmp_path, capsys):

@@ -89,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a setting of every cell, e.g. --set train.epochs=50 (repeatable)")
     w.add_argument("--tensorboard", action="store_true",
                    help="also write per-replica curves into each run folder's tensorboard/")
+    w.add_argument("--extend", action="store_true",
+                   help="let a re-run add cells to the folder's grid (finished runs are kept; "
+                        "a changed or removed cell is still refused)")
     st = sub.add_parser("study", help="a built-in study: a sweep with its own figures and reading")
     st.add_argument("name", choices=["noise", "families"],
                     help="noise: the four models over sigma in 0.1 ... 0.01; families: every prior x posterior "
@@ -101,6 +104,9 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--quick", action="store_true", help="the same pipeline at toy size, in about a minute")
     st.add_argument("--tensorboard", action="store_true",
                     help="also write per-replica curves into each run folder's tensorboard/")
+    st.add_argument("--extend", action="store_true",
+                    help="let a re-run add cells to the folder's grid (finished runs are kept; "
+                         "a changed or removed cell is still refused)")
     rp = sub.add_parser("report", help="write report.md and report.html of a sweep or reproduce folder, "
                                        "from its saved files")
     rp.add_argument("dir", type=Path, help="a folder written by mogvae sweep or mogvae reproduce")
@@ -253,7 +259,7 @@ def _run_sweep(args, base: dict, grid: dict, cells, title: str, study: str | Non
     try:
         preflight(cells)
         folder = SweepDir(args.out)
-        folder.bind({**base, "grid": grid}, cells, versions(), title=title, study=study)
+        folder.bind({**base, "grid": grid}, cells, versions(), title=title, study=study, extend=args.extend)
     except (SpecError, OutputError) as e:
         raise UsageError(str(e)) from None
     args.after_interrupt = f"{args.out} keeps every finished epoch: re-run the same command to resume"

@@ -54,8 +54,10 @@ class ModelConfig(Strict):
                                              "vamp: the VampPrior, the encoder at n_components learnable "
                                              "pseudo-inputs")
     posterior: str = Field("gaussian", description="gaussian: mean-field N(mu(y), sigma(y)^2); mog: a mixture of "
-                                                   "n_components Gaussians from the encoder")
+                                                   "n_components Gaussians from the encoder; flow: a rational-"
+                                                   "quadratic spline flow of flow_bins bins on the encoder's Gaussian")
     n_components: int = Field(10, ge=1, le=1000, description="M, for mixture priors/posteriors")
+    flow_bins: int = Field(8, ge=2, le=64, description="spline bins per latent coordinate, for the flow posterior")
     latent_dim: int = Field(1, ge=1, le=64, description="dimension of z; exact evaluation needs <= 2")
     hidden: tuple[int, ...] = Field((64, 64), min_length=1, max_length=8,
                                     description="hidden widths of the encoder and decoder MLPs")

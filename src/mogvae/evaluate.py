@@ -170,9 +170,9 @@ def metric_rows(evaluation: Evaluation, history) -> list[dict]:
 def _probe_posteriors(model: VAE, probes: np.ndarray, window_nodes: int = 2001, per_component: int = 121):
     """q(z|y) and the exact p_theta(z|y) at the probe values of y, each on a plotting
     grid that resolves both: the union of a uniform grid over the window holding
-    their mass and a grid over +-6 scales of every component of q (a narrow
-    component between uniform nodes would otherwise show as a spike of the wrong
-    area). Returns z, q, p as [R, P, nodes], sorted along z. log p(y) comes
+    their mass and the draws of each stratum of q at standard-normal quantiles
+    -6..6 (+-6 scales of a Gaussian component: a narrow component between uniform
+    nodes would otherwise show as a spike of the wrong area). Returns z, q, p as [R, P, nodes], sorted along z. log p(y) comes
     from the wide uniform grid, so p is normalized exactly as evaluation does."""
     R, P = replica_count(model), len(probes)
     wide = latent_grid(model, PROBE_GRID, PROBE_SPAN)
@@ -182,13 +182,14 @@ def _probe_posteriors(model: VAE, probes: np.ndarray, window_nodes: int = 2001, 
     zw = wide.nodes[..., 0]                                                # [R, Gw]
     p_wide = posterior_on_grid(model, probes, wide)                        # [R, P, Gw]
     q_wide = torch.exp(q.log_prob(wide.nodes[:, :, None, :].expand(-1, -1, P, -1))).transpose(1, 2)
+    # each stratum's draws at standard-normal quantiles -6..6: nodes where q's mass is, for any family
+    eps = torch.linspace(-6, 6, per_component, dtype=torch.float64)
+    strata = q.stratified_rsample(eps[None, :, None, None, None].expand(R, -1, q.strata, P, 1))   # [R, n, K, P, 1]
     grids = []
     for r in range(R):
         for j in range(P):
             lo, hi = mass_window(zw[r].numpy(), p_wide[r, j].numpy(), q_wide[r, j].numpy())
-            loc, scale = q.loc[r, 0, j, :, 0].numpy(), q.scale[r, 0, j, :, 0].numpy()
-            parts = [np.linspace(lo, hi, window_nodes)] + [m + s * np.linspace(-6, 6, per_component)
-                                                           for m, s in zip(loc, scale)]
+            parts = [np.linspace(lo, hi, window_nodes), strata[r, :, :, j, 0].T.reshape(-1).numpy()]
             grids.append(np.sort(np.concatenate(parts)))
     z = torch.as_tensor(np.stack(grids).reshape(R, P, -1))                 # [R, P, S]
     q_density = torch.exp(q.log_prob(z.transpose(1, 2)[..., None]))       # z [R, S, P, 1] -> [R, S, P]

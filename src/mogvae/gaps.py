@@ -9,9 +9,10 @@ p_MLE is the exact-likelihood oracle of the same prior and decoder family
 (train.objective = "exact"), so the first two terms pair two runs (the study
 does that: `decomposition`). The last two need only the model: ELBO*(y) is the
 ELBO of the best q of the posterior's family for that one point, found here by
-optimizing q's parameters (component logits, locations, scales) from the
-encoder's output, on Gauss-Hermite quadrature over each component of q (its
-nodes follow q, so a narrowing q cannot slip between them).
+optimizing q's parameters (the encoder's raw output for that point: a mixture's
+logits, locations and scales, a flow's spline) from the encoder's output, on
+Gauss-Hermite quadrature over the standard-normal draws of each stratum of q
+(its nodes follow q, so a narrowing q cannot slip between them).
 
 The decomposition telescopes: the four terms sum to log p* - ELBO exactly, on
 the same points. log p_theta and ELBO come from the evaluation's grid rule;
@@ -25,39 +26,44 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from .mixtures import DiagMixture
 from .model import VAE
 from .objectives import log_weights
 from .quadrature import F64, as_batch, hermite_rule
 from .replicas import replica_count
 
-MIN_SCALE = 1e-4
 TOLERANCE = 1e-5    # nats per point: stop when the mean best ELBO rose by less over the last CHECK_EVERY steps
 CHECK_EVERY = 25
 MAX_STEPS = 1000
 LEARNING_RATE = 0.1
 NODES = {1: (12, 64), 2: (8, 24)}   # Gauss-Hermite nodes per axis: (while optimizing, reported)
+PIECE_NODES = (8, 16)   # for a piecewise-smooth q, Gauss-Legendre nodes per piece (while optimizing, reported)
 
 
 @dataclass(frozen=True)
 class BestPosterior:
     """Per replica and point, [R, N]: the ELBO of the optimized q and of the
     encoder's q (both by Gauss-Hermite with the reporting nodes), the steps taken,
-    and the optimized q itself (batch [R, 1, N])."""
+    and the optimized q itself (a distribution with batch [R, 1, N])."""
     elbo_star: torch.Tensor
     elbo_encoder: torch.Tensor
     steps: int
     converged: bool
-    q: DiagMixture
+    q: object
 
 
-def hermite_elbo(model: VAE, y: torch.Tensor, q: DiagMixture, n_nodes: int) -> torch.Tensor:
+def hermite_elbo(model: VAE, y: torch.Tensor, q, n_nodes: int) -> torch.Tensor:
     """ELBO(q) = sum_k pi_k E_{q_k}[log p(y, z) - log q(z)] by an n-node Gauss-Hermite
-    rule per axis on each component: y [R, B, Y] -> [R, B], differentiable in q."""
+    rule per axis on the standard-normal draws of each stratum (for a piecewise-smooth
+    q, its own Gauss-Legendre rule with n / 8 nodes per piece): y [R, B, Y] -> [R, B],
+    differentiable in q."""
     R, B = y.shape[:2]
-    K, D = q.n_components, q.loc.shape[-1]
+    K, D = q.strata, q.dim
+    rule = q.base_rule(PIECE_NODES[n_nodes >= 32])   # a piecewise-smooth q (a flow): Gauss-Legendre on its pieces
+    if rule is not None:
+        eps, w = rule
+        log_w, pi = log_weights(model, y, eps, q)
+        return (log_w * pi * w).sum((1, 2))
     nodes, weights = hermite_rule(n_nodes, D)
     nodes, weights = nodes.to(y.device), weights.to(y.device)
     eps = nodes[None, :, None, None, :].expand(R, -1, K, B, D)
@@ -79,39 +85,30 @@ def best_posterior(model: VAE, y, max_steps: int = MAX_STEPS, tolerance: float =
     finally:
         for p in model.parameters():
             p.requires_grad_(True)
-    q = DiagMixture(*(torch.cat([getattr(p[4], k) for p in parts], 2) for k in ("logits", "loc", "scale")))
+    q = model.posterior.from_raw(torch.cat([p[4] for p in parts], 1))
     return BestPosterior(torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1),
                          max(p[2] for p in parts), all(p[3] for p in parts), q)
 
 
 def _optimize(model: VAE, y: torch.Tensor, max_steps: int, tolerance: float):
-    D = model.latent_dim
-    fast, final = NODES[D]
+    fast, final = NODES[model.latent_dim]
+    posterior = model.posterior
     with torch.no_grad():
-        start = model.posterior(y).to(F64)
-    logits = start.logits.detach().clone().requires_grad_(model.posterior.learn_weights)
-    loc = start.loc.detach().clone().requires_grad_(True)
-    raw = _inverse_softplus(start.scale.detach() - MIN_SCALE).requires_grad_(True)
-    params = [loc, raw] + ([logits] if logits.requires_grad else [])
-    optimizer = torch.optim.Adam(params, lr=LEARNING_RATE)
-
-    def q_now() -> DiagMixture:
-        return DiagMixture(logits, loc, F.softplus(raw) + MIN_SCALE)
-
+        start = posterior.raw(y).to(F64)                  # [R, B, out]: the encoder's q for each point
+    raw = start.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([raw], lr=LEARNING_RATE)
     best = torch.full(y.shape[:2], -math.inf, dtype=F64, device=y.device)
-    best_params = [p.detach().clone() for p in (logits, loc, raw)]
+    best_raw = raw.detach().clone()
     previous, steps, converged = None, 0, False
     while True:
         if steps % CHECK_EVERY == 0 or steps == max_steps:
             # keep each point's best q by the reporting rule: the search's coarse rule can be gamed
             # by q's components (measured: 12 nodes rose while 64 fell), the reporting rule is not
             with torch.no_grad():
-                value = hermite_elbo(model, y, q_now(), final)
+                value = hermite_elbo(model, y, posterior.from_raw(raw), final)
                 better = value > best
                 best = torch.where(better, value, best)
-                for kept, p in zip(best_params, (logits, loc, raw)):
-                    mask = better.reshape(better.shape[0], 1, better.shape[1], *[1] * (p.dim() - 3))
-                    kept.copy_(torch.where(mask, p, kept))
+                best_raw = torch.where(better[..., None], raw, best_raw)
             if previous is not None and float((best - previous).mean()) < tolerance:
                 converged = True
                 break
@@ -119,18 +116,13 @@ def _optimize(model: VAE, y: torch.Tensor, max_steps: int, tolerance: float):
                 break
             previous = best.clone()
         optimizer.zero_grad()
-        (-hermite_elbo(model, y, q_now(), fast).sum()).backward()
+        (-hermite_elbo(model, y, posterior.from_raw(raw), fast).sum()).backward()
         optimizer.step()
         steps += 1
     with torch.no_grad():
-        encoder = hermite_elbo(model, y, start, final)
-        q_best = DiagMixture(best_params[0], best_params[1], F.softplus(best_params[2]) + MIN_SCALE)
+        encoder = hermite_elbo(model, y, posterior.from_raw(start), final)
     # the encoder's q is the first candidate: ELBO* >= its ELBO by the same rule
-    return best, encoder, steps, converged, q_best
-
-
-def _inverse_softplus(x: torch.Tensor) -> torch.Tensor:
-    return x + torch.log(-torch.expm1(-x))
+    return best, encoder, steps, converged, best_raw.detach()
 
 
 def gap_metrics(model: VAE, y, log_p: torch.Tensor, elbo: torch.Tensor, true_log_p=None,

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .mixtures import DiagMixture
+from .distributions import Defensive
 from .model import VAE
 from .objectives import log_weights
 from .quadrature import MAX_GRID_NODES, MAX_LATENT, F64, as_batch, integrate, latent_grid
@@ -81,11 +81,11 @@ def importance_log_likelihood(model: VAE, y, n_samples: int, seeds: list[int],
                               budget: int = 2_000_000) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p_hat, standard error), each [R, N], float64 densities (see the module note).
     Points are taken in chunks whose [R, n, K, B] weights stay within `budget`."""
-    K = model.posterior.k + model.prior().n_components
+    K = model.posterior.k + model.prior().strata
     n = max(2, math.ceil(n_samples / K))                      # draws per component (two, for a variance)
     values, errors = [], []
     for yc, eps in _draws(model, y, n, K, seeds, budget):
-        proposal = defensive(model.posterior(yc).to(F64), model.prior().to(F64), DEFENSIVE)
+        proposal = Defensive(model.posterior(yc).to(F64), model.prior().to(F64), DEFENSIVE)
         log_w, pi = log_weights(model, yc, eps, proposal)             # [R, n, K, B], [R, 1, K, B]
         m = log_w.amax(dim=(1, 2), keepdim=True)
         w = torch.exp(log_w - m)                                      # scaled weights, max 1
@@ -96,16 +96,6 @@ def importance_log_likelihood(model: VAE, y, n_samples: int, seeds: list[int],
         values.append((torch.log(p_hat) + m[:, :, 0])[:, 0])
         errors.append((torch.sqrt(var) / p_hat)[:, 0])
     return torch.cat(values, 1), torch.cat(errors, 1)
-
-
-def defensive(q: DiagMixture, prior: DiagMixture, alpha: float) -> DiagMixture:
-    """The mixture (1 - alpha) q + alpha prior, as one DiagMixture with q's batch."""
-    B = q.loc.shape[2]
-    log_q = torch.log_softmax(q.logits, -1) + math.log1p(-alpha)
-    log_p = (torch.log_softmax(prior.logits, -1) + math.log(alpha)).expand(-1, -1, B, -1)
-    shape = (-1, -1, B, -1, -1)
-    return DiagMixture(torch.cat([log_q, log_p], -1), torch.cat([q.loc, prior.loc.expand(*shape)], -2),
-                       torch.cat([q.scale, prior.scale.expand(*shape)], -2))
 
 
 @torch.no_grad()

@@ -6,6 +6,9 @@ first and the decoder can flatten without a copy):
 
     logits [R, 1, B, K]      loc, scale [R, 1, B, K, D]      (B = 1 for a prior)
     a latent sample z [R, S, B, D]; log_prob(z) -> [R, S, B]
+
+It implements the latent-distribution protocol (distributions.py): its strata
+are its components.
 """
 from __future__ import annotations
 
@@ -15,16 +18,22 @@ from dataclasses import dataclass
 import torch
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
+from .distributions import Latent
+
 
 @dataclass(frozen=True)
-class DiagMixture:
+class DiagMixture(Latent):
     logits: torch.Tensor  # [R, 1, B, K]  mixture weights, unnormalized
     loc: torch.Tensor     # [R, 1, B, K, D]
     scale: torch.Tensor   # [R, 1, B, K, D]
 
     @property
-    def n_components(self) -> int:
+    def strata(self) -> int:
         return self.loc.shape[-2]
+
+    @property
+    def dim(self) -> int:
+        return self.loc.shape[-1]
 
     @property
     def weights(self) -> torch.Tensor:
@@ -39,7 +48,7 @@ class DiagMixture:
 
     def distribution(self):
         """The torch distribution: batch shape [R, 1, B], event shape [D]."""
-        if self.n_components == 1:
+        if self.strata == 1:
             return Independent(Normal(self.loc[..., 0, :], self.scale[..., 0, :], validate_args=False), 1)
         return MixtureSameFamily(
             Categorical(logits=self.logits, validate_args=False),
@@ -60,6 +69,24 @@ class DiagMixture:
         log_norm = torch.log(self.scale).sum(-1) + 0.5 * self.loc.shape[-1] * math.log(2 * math.pi)
         log_comp = -0.5 * (r * r).sum(-1) - log_norm + torch.log_softmax(self.logits, -1)
         return torch.exp(log_comp).sum(-1)
+
+    def reach(self, span: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every component's loc -+ span * scale, lowest and highest: [R, B, D] each."""
+        return ((self.loc - span * self.scale).amin(-2)[:, 0], (self.loc + span * self.scale).amax(-2)[:, 0])
+
+    def resolution(self) -> torch.Tensor:
+        """The narrowest component's scale: [R, B]."""
+        return self.scale.amin(dim=(-2, -1))[:, 0]
+
+    def select(self, index) -> "DiagMixture":
+        return DiagMixture(self.logits[:, :, index], self.loc[:, :, index], self.scale[:, :, index])
+
+    def pool(self) -> "DiagMixture":
+        """(1/B) sum_b q_b, itself a mixture (of B x K components) with B = 1."""
+        R, _, B, K, D = self.loc.shape
+        logits = torch.log_softmax(self.logits, -1) - math.log(B)          # [R, 1, B, K]
+        return DiagMixture(logits.reshape(R, 1, 1, B * K), self.loc.reshape(R, 1, 1, B * K, D),
+                           self.scale.reshape(R, 1, 1, B * K, D))
 
     def stratified_rsample(self, eps: torch.Tensor) -> torch.Tensor:
         """Reparameterized draws, n per component: eps [R, n, K, B, D] -> z [R, n, K, B, D].

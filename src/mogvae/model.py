@@ -17,7 +17,7 @@ class VAE(nn.Module):
 
     @property
     def latent_dim(self) -> int:
-        return self.prior().loc.shape[-1]
+        return self.posterior.d
 
     def generate(self, generators: list[torch.Generator], n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw (z, y) from the model: z [R, n, D], y [R, n, Y]."""
@@ -35,7 +35,7 @@ def build_model(config: ModelConfig, replicas: int, data_dim: int = 1, noise: fl
     Parameters are left uninitialized: call `replicas.initialize` with seeds."""
     common = dict(replicas=replicas, latent_dim=config.latent_dim, data_dim=data_dim,
                   hidden=tuple(config.hidden), activation=config.activation)
-    mixture = dict(n_components=config.n_components, learn_weights=config.learn_weights)
+    mixture = dict(n_components=config.n_components, learn_weights=config.learn_weights, flow_bins=config.flow_bins)
     prior = PRIORS[config.prior](**common, **mixture)
     posterior = POSTERIORS[config.posterior](**common, **mixture)
     decoder = GaussianDecoder(**common, noise=noise, learn_noise=config.learn_decoder_noise)

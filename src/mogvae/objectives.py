@@ -30,10 +30,10 @@ def log_weights(model: VAE, y: torch.Tensor, eps: torch.Tensor, q=None):
     # Densities are computed in y's precision: float32 in training, float64 when
     # quadrature evaluates the (float32) networks.
     q = (model.posterior(y) if q is None else q).to(y.dtype)
-    z = q.stratified_rsample(eps.to(y.dtype))          # [R, n, K, B, D]
+    z, log_q = q.rsample_with_log_prob(eps.to(y.dtype))   # [R, n, K, B, D], [R, n, K, B]
     R, n, K, B, D = z.shape
     z = z.reshape(R, n * K, B, D)                     # [R, S, B, D], a view
-    log_w = (model.decoder.log_prob(y, z) + model.prior().to(y.dtype).log_prob(z) - q.log_prob(z))
+    log_w = (model.decoder.log_prob(y, z) + model.prior().to(y.dtype).log_prob(z) - log_q.reshape(R, n * K, B))
     return log_w.reshape(R, n, K, B), q.stratum_weights()
 
 

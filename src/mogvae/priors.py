@@ -1,7 +1,6 @@
-"""Priors p(z): each returns a normalized `DiagMixture` with B = 1."""
+"""Priors p(z): each returns a normalized latent distribution (distributions.py)
+with B = 1: a `DiagMixture`, or for a VampPrior the pool of its posterior's family."""
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -58,8 +57,9 @@ class MixturePrior(nn.Module):
 
 class VampPrior(nn.Module):
     """p(z) = (1/M) sum_m q(z | u_m): the posterior's encoder applied to M learnable
-    pseudo-inputs u_m in data space (Tomczak & Welling 2018). A mixture posterior
-    makes each term a mixture, so the prior has M x K components. The encoder is
+    pseudo-inputs u_m in data space (Tomczak & Welling 2018), of whatever family
+    the posterior is (`pool`): a mixture posterior makes it a mixture of M x K
+    components, a flow posterior a mixture of M flows. The encoder is
     the posterior's own (attached by `build_model`, not a sub-module: its
     parameters belong to the posterior, once)."""
 
@@ -78,14 +78,10 @@ class VampPrior(nn.Module):
         with torch.no_grad():
             self.pseudo_inputs[r].normal_(0.5, 0.5, generator=generator)
 
-    def forward(self) -> DiagMixture:
+    def forward(self):
         if self._encoder is None:
             raise RuntimeError("a VampPrior needs its posterior's encoder: build it with build_model")
-        q = self._encoder(self.pseudo_inputs)                        # batch [R, 1, M], K components
-        R, _, M, K, D = q.loc.shape
-        logits = torch.log_softmax(q.logits, -1) - math.log(M)        # [R, 1, M, K]
-        return DiagMixture(logits.reshape(R, 1, 1, M * K), q.loc.reshape(R, 1, 1, M * K, D),
-                           q.scale.reshape(R, 1, 1, M * K, D))
+        return self._encoder(self.pseudo_inputs).pool()               # batch [R, 1, M] -> B = 1
 
 
 def _inverse_softplus(x: float) -> float:

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from . import __version__
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -75,6 +75,18 @@ class RunConfig(Strict):
         return self.model.model_copy(update=PRESETS[self.preset]) if self.preset else self.model
 
 
+def upgraded(old: dict) -> dict:
+    """A configuration recorded by an earlier version, with the fields added since at
+    their defaults. A field is only ever added with a default that does what the
+    code did before it existed (model.flow_bins means nothing to a mixture), so a
+    folder written before a field existed is still the same configuration. Anything
+    the current schema refuses is returned as it was (and then differs)."""
+    try:
+        return RunConfig(**old).model_dump(mode="json")
+    except (ValidationError, TypeError):
+        return old
+
+
 def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     """Dotted names of the fields whose values differ, with both values."""
     out = []
@@ -119,7 +131,7 @@ class RunDir:
                 old = json.loads(saved.read_text())
             except ValueError:
                 raise RunError(f"{saved}: unreadable (not JSON)") from None
-            diff = differences(old, resolved)
+            diff = differences(upgraded(old), resolved)
             if diff:
                 raise RunError(f"{self.path}: was started with a different configuration: " + ", ".join(diff))
         else:

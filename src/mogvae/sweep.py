@@ -30,7 +30,7 @@ from . import faults
 from .configfile import ConfigError, apply_overrides, dotted_fields, read_toml, set_dotted
 from .io import read_csv, write_csv, write_json
 from .outdir import LOCK, Layout, OutputError, claim
-from .runs import CHECKPOINT_NAME, RUN_LAYOUT, RunConfig, RunDir, differences
+from .runs import CHECKPOINT_NAME, RUN_LAYOUT, RunConfig, RunDir, differences, upgraded
 
 # names a sweep folder's manifest may hold (timing.json: written by the first sweeps, kept readable)
 SWEEP_NAMES = re.compile(r"sweep\.json|metrics\.csv|report\.(md|html)|timing\.json|figures/\*|runs/\*")
@@ -192,8 +192,9 @@ class SweepDir:
     def run_path(self, cell: Cell) -> Path:
         return self.path / "runs" / cell.name
 
-    def check(self, cells: list[Cell]) -> None:
-        """Refuse cells other than those this folder was started with (naming what changed)."""
+    def check(self, cells: list[Cell], extend: bool = False) -> None:
+        """Refuse cells other than those this folder was started with (naming what changed);
+        with `extend`, cells may be added (the grid grows, its finished runs stay)."""
         saved = self.path / "sweep.json"
         if not saved.exists():
             return
@@ -202,21 +203,21 @@ class SweepDir:
         except (ValueError, KeyError, TypeError):
             raise SpecError(f"{saved}: unreadable (not a mogvae sweep record)") from None
         new_cells = {c.name: c.resolved() for c in cells}
-        if set(old_cells) != set(new_cells):
-            added, gone = sorted(set(new_cells) - set(old_cells)), sorted(set(old_cells) - set(new_cells))
+        added, gone = sorted(set(new_cells) - set(old_cells)), sorted(set(old_cells) - set(new_cells))
+        if gone or (added and not extend):
             raise SpecError(f"{self.path}: the spec changed: cells added {added}, removed {gone} "
-                            "(a sweep folder holds one grid: use a new folder)")
-        for name in new_cells:
-            diff = differences(old_cells[name], new_cells[name])
+                            "(a sweep folder holds one grid: use a new folder, or --extend to add cells)")
+        for name in set(new_cells) & set(old_cells):
+            diff = differences(upgraded(old_cells[name]), new_cells[name])
             if diff:
                 raise SpecError(f"{self.path}: the spec changed for {name}: " + ", ".join(diff)
                                 + " (use a new folder)")
 
     def bind(self, spec: dict, cells: list[Cell], versions: dict, title: str = "mogvae sweep",
-             study: str | None = None) -> None:
+             study: str | None = None, extend: bool = False) -> None:
         """Record the sweep (with the report's title, and the built-in study it is, if
-        any), or check that a re-run asks for the same cells."""
-        self.check(cells)
+        any), or check that a re-run asks for the same cells (or, with `extend`, more)."""
+        self.check(cells, extend)
         write_json(self.path / "sweep.json", {
             "title": title, "study": study, "spec": spec, "versions": versions,
             "cells": [{"name": c.name, "values": c.values, "config": c.resolved(),
@@ -254,7 +255,7 @@ def _cost(cell: Cell) -> float:
     """Relative training cost, for longest-first scheduling (a mixture posterior
     decodes M points per data point)."""
     m, c = cell.config.resolved_model(), cell.config
-    per_point = m.n_components if m.posterior == "mog" else 1
+    per_point = m.n_components if m.posterior == "mog" else 1   # a flow: measured 1.2x a Gaussian's step
     if c.train.objective == "exact":     # measured: a step over 1001 nodes costs about a 10-component posterior's
         per_point = max(per_point, c.train.exact_grid // 100)
     return per_point * c.seeds * c.train.epochs * c.data.n_train

@@ -134,8 +134,9 @@ def reading(out: Path) -> list[str]:
     return lines
 
 
-RICHER = {("normal", "mog"): "a richer posterior (normal + mog)", ("mog", "gaussian"): "a richer prior (mog + gaussian)",
-          ("vamp", "gaussian"): "a VampPrior (vamp + gaussian)", ("mog", "mog"): "both (mog + mog)"}
+RICHER = {("normal", "mog"): "a richer posterior (normal + mog)", ("normal", "flow"): "a flow posterior (normal + flow)",
+          ("mog", "gaussian"): "a richer prior (mog + gaussian)", ("vamp", "gaussian"): "a VampPrior (vamp + gaussian)",
+          ("mog", "mog"): "both (mog + mog)"}
 
 
 def _sentences(verdicts: dict) -> list[str]:

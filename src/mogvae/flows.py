@@ -1,0 +1,127 @@
+"""A rational-quadratic spline flow on a Gaussian base, per point and replica.
+
+    z = loc + scale * T(u),   u ~ N(0, I),
+    T: a monotone rational-quadratic spline per coordinate (Durkan et al. 2019) on
+       [-bound, bound], the identity outside,
+    log q(z) = sum_d [ log N(u_d) - log T'(u_d) - log scale_d ].
+
+The spline is zuko's `MonotonicRQSTransform`, which takes its bin widths, heights
+and knot derivatives as tensors of any batch shape: here [R, 1, B, D, bins], so
+one flow per replica and point, the encoder's output (no per-replica modules).
+With equal widths and heights and unit derivatives T is the identity, so the
+family contains the mean-field Gaussian. In D >= 2 the coordinates are
+transformed independently (a factorized flow): each marginal may be
+multimodal, but q has no correlation between coordinates.
+
+It implements the latent-distribution protocol (distributions.py) with one
+stratum: a draw is T of one standard-normal draw.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from numpy.polynomial.legendre import leggauss
+from zuko.transforms import MonotonicRQSTransform
+
+from .distributions import Latent
+
+BOUND = 5.0     # the spline acts on [-5, 5] of the base: all but 6e-7 of N(0, 1)'s mass
+RESOLVE = 16    # quadrature nodes per bin, in units of 4 (see `resolution`)
+LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+@dataclass(frozen=True)
+class SplineFlow(Latent):
+    loc: torch.Tensor          # [R, 1, B, D]
+    scale: torch.Tensor        # [R, 1, B, D]
+    widths: torch.Tensor       # [R, 1, B, D, bins]   unconstrained
+    heights: torch.Tensor      # [R, 1, B, D, bins]   unconstrained
+    derivatives: torch.Tensor  # [R, 1, B, D, bins - 1]  unconstrained
+    strata = 1
+    smooth = False      # C1 only: the second derivative jumps at the knots
+
+    @property
+    def dim(self) -> int:
+        return self.loc.shape[-1]
+
+    def _spline(self, sample_axis: bool = False) -> MonotonicRQSTransform:
+        """T with parameters [R, 1, B, D, .] (or [R, 1, 1, B, D, .] for [R, n, K, B, D] inputs)."""
+        w, h, d = self.widths, self.heights, self.derivatives
+        if sample_axis:
+            w, h, d = w[:, :, None], h[:, :, None], d[:, :, None]
+        return MonotonicRQSTransform(w, h, d, bound=BOUND)
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """z [R, S, B, D] -> [R, S, B], by T's analytic inverse."""
+        v = (z - self.loc) / self.scale
+        spline = self._spline()
+        u = spline.inv(v)
+        _, log_slope = spline.call_and_ladj(u)
+        return (-0.5 * u * u - LOG_SQRT_2PI - log_slope - torch.log(self.scale)).sum(-1)
+
+    def stratified_rsample(self, eps: torch.Tensor) -> torch.Tensor:
+        """eps [R, n, 1, B, D] -> z [R, n, 1, B, D]."""
+        return self.rsample_with_log_prob(eps)[0]
+
+    def rsample_with_log_prob(self, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The draw and its log density from the forward pass alone (no inverse):
+        exact, and differentiable in the flow's parameters."""
+        v, log_slope = self._spline(sample_axis=True).call_and_ladj(eps)
+        loc, scale = self.loc[:, :, None], self.scale[:, :, None]
+        z = loc + scale * v
+        log_q = (-0.5 * eps * eps - LOG_SQRT_2PI - log_slope - torch.log(scale)).sum(-1)
+        return z, log_q
+
+    def stratum_weights(self) -> torch.Tensor:
+        return torch.ones_like(self.loc[..., 0])[:, :, None]        # [R, 1, 1, B]
+
+    def reach(self, span: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where u = -+span lands: [R, B, D] each (T is increasing)."""
+        ends = torch.tensor([-span, span], dtype=self.loc.dtype, device=self.loc.device)
+        v = self._spline()(ends[:, None, None, None, None].expand(2, *self.loc.shape))     # [2, R, 1, B, D]
+        return (self.loc + self.scale * v[0])[:, 0], (self.loc + self.scale * v[1])[:, 0]
+
+    def resolution(self) -> torch.Tensor:
+        """The narrowest bin's width in z (each bin is one smooth rational-quadratic
+        piece; the identity tails count as width scale), over RESOLVE: [R, B].
+
+        The spline is only C1 (its second derivative jumps at the knots), so the
+        trapezoid rule converges as h^2 on q, not faster than any power as on a
+        Gaussian: measured on untrained flows, 4 nodes per bin left 4e-4 of q's mass
+        unaccounted, 64 nodes per bin (4 per resolution) 2e-6. The fine and coarse
+        rules still bound the error (|fine - coarse| is 3x the fine rule's error at h^2)."""
+        heights = self._spline().vertical.diff(dim=-1).amin(-1)      # [R, 1, B, D]
+        return (self.scale * heights.clamp(max=1.0)).amin(-1)[:, 0] / RESOLVE
+
+    def base_rule(self, n: int, span: float = 8.0):
+        """A rule for E_{u ~ N(0, 1)}[g(z(u))] that respects the spline's pieces:
+        Gauss-Legendre with n nodes on each bin and on each tail [-span, -BOUND],
+        [BOUND, span] (g is smooth on each, only C1 across the knots, where a rule
+        over the whole line converges slowly). Returns eps [R, J, 1, B, 1] and
+        weights [R, J, 1, B] (the N(0, 1) density folded in); None for D > 1,
+        where the tensor product would be (bins + 2)^2 n^2 nodes per point."""
+        if self.dim != 1:
+            return None
+        knots = self._spline().horizontal[..., 0, :]                  # [R, 1, B, bins + 1]
+        ends = torch.full_like(knots[..., :1], span)
+        edges = torch.cat([-ends, knots, ends], -1)
+        a, b = edges[..., :-1, None], edges[..., 1:, None]           # [R, 1, B, P, 1]
+        x, w = (torch.as_tensor(t, dtype=knots.dtype, device=knots.device) for t in leggauss(n))
+        u = (a + b) / 2 + (b - a) / 2 * x                            # [R, 1, B, P, n]
+        weights = (b - a) / 2 * w * torch.exp(-0.5 * u * u - LOG_SQRT_2PI)
+        R, _, B = knots.shape[:3]
+        eps = u.reshape(R, 1, B, -1).permute(0, 3, 1, 2)[..., None]  # [R, J, 1, B, 1]
+        return eps, weights.reshape(R, 1, B, -1).permute(0, 3, 1, 2)
+
+    def select(self, index) -> "SplineFlow":
+        return SplineFlow(*(t[:, :, index] for t in self._tensors()))
+
+    def to(self, dtype: torch.dtype) -> "SplineFlow":
+        if self.loc.dtype == dtype:
+            return self
+        return SplineFlow(*(t.to(dtype) for t in self._tensors()))
+
+    def _tensors(self):
+        return self.loc, self.scale, self.widths, self.heights, self.derivatives
