@@ -15,7 +15,7 @@ INVALID = {  # field -> values that must be refused
     "model.n_components": BAD_NUMBERS, "model.latent_dim": BAD_NUMBERS,
     "model.hidden": st.sampled_from(["[]", "[0]", "[-3]", '"64"', "[64, 1e9]", "[1.5]"]),
     "model.activation": st.sampled_from(['"gelu"', "1"]), "model.prior": st.sampled_from(['"flow"', "[]"]),
-    "model.posterior": st.sampled_from(['"flow"']),
+    "model.posterior": st.sampled_from(['"planar"', '""']),
     "data.sigma": BAD_NUMBERS, "data.n_train": BAD_NUMBERS, "data.name": st.sampled_from(['"mnist"']),
     "train.lr": BAD_NUMBERS, "train.epochs": BAD_NUMBERS, "train.batch_size": BAD_NUMBERS,
     "train.final_lr_factor": BAD_NUMBERS, "train.on_divergence": st.sampled_from(['"ignore"', "0"]),

@@ -76,9 +76,9 @@ def test_the_families_study_runs_at_toy_size_and_decomposes_exactly(tmp_path, ca
     assert "## Where each family's shortfall comes from" in report and "![families](figures/families.png)" in report
     assert "## Importance sampling against quadrature" in report and "![importance](figures/importance.png)" in report
     sampled = list(csv.DictReader((out / "figures" / "importance.csv").open()))
-    assert len(sampled) == 12 * 4 and all(math.isfinite(float(r["bias"])) for r in sampled)
+    assert len(sampled) == 18 * 4 and all(math.isfinite(float(r["bias"])) for r in sampled)
     rows = list(csv.DictReader((out / "figures" / "decomposition.csv").open()))
-    assert len(rows) == 2 * 3 * 2 * 2                                # sigma x prior x posterior x seed
+    assert len(rows) == 2 * 3 * 3 * 2                                # sigma x prior x posterior x seed
     metrics = {(r["run"], r["seed"]): r for r in csv.DictReader((out / "metrics.csv").open())}
     for r in rows:
         terms = [float(r[k]) for k in ("misspecification", "over_regularization", "approximation_gap",
@@ -88,3 +88,13 @@ def test_the_families_study_runs_at_toy_size_and_decomposes_exactly(tmp_path, ca
         vae = metrics[(run, r["seed"])]
         assert float(r["total"]) == float(vae["gap_true_log_likelihood"]) - float(vae["gap_elbo"])
         assert float(r["amortization_gap"]) >= 0 and math.isfinite(float(r["misspecification"]))
+
+
+def test_a_vampprior_with_more_pseudo_inputs_than_training_points_is_refused(tmp_path, capsys):
+    from mogvae.cli import main
+    config = tmp_path / "vamp.toml"
+    config.write_text('seeds = 1\n[model]\nprior = "vamp"\nn_components = 20\n[data]\nn_train = 10\n')
+    assert main(["train", str(config), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.n_components = 20" in err[0] and "data.n_train = 10" in err[0]
+    assert not (tmp_path / "out").exists()
