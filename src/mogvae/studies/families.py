@@ -9,10 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import ModelConfig
 from ..gaps import decomposition
 from ..io import read_csv, write_csv
 from ..report import Interval, t_interval
 
+DEFAULT_POSTERIOR = ModelConfig().posterior
 TERMS = (("misspecification", "misspecification", "#8172b3"),
          ("over_regularization", "over-regularization", "#dd8452"),
          ("approximation_gap", "approximation gap", "#55a868"),
@@ -21,29 +23,37 @@ NEEDED = ("gap_true_log_likelihood", "gap_log_likelihood", "gap_elbo", "approxim
           "test_log_likelihood")
 
 
+def prior_family(prior: str, posterior: str) -> tuple[str, str]:
+    """What fixes the prior's family: the prior, and for a VampPrior also the posterior,
+    whose encoder family it pools (a pool of Gaussians, of mixtures, or of flows)."""
+    return (prior, posterior if prior == "vamp" else "")
+
+
 def _rows(out: Path) -> tuple[dict, dict]:
-    """(VAE replicas {(sigma, prior, posterior): {seed: metrics}}, oracles {(sigma, prior): {seed: metrics}})."""
+    """(VAE replicas {(sigma, prior, posterior): {seed: metrics}},
+    oracles {(sigma, prior_family): {seed: metrics}})."""
     vaes: dict = {}
     oracles: dict = {}
     for r in read_csv(out / "metrics.csv"):
         if r["diverged"] == "True":
             continue
         values = {k: float(r[k]) for k in NEEDED}
-        sigma, prior = float(r["data.sigma"]), r["model.prior"]
+        # a cell that does not set the posterior (the first oracles) has the default one
+        sigma, prior, posterior = float(r["data.sigma"]), r["model.prior"], r["model.posterior"] or DEFAULT_POSTERIOR
         if r.get("train.objective") == "exact":
-            oracles.setdefault((sigma, prior), {})[int(r["seed"])] = values
+            oracles.setdefault((sigma, prior_family(prior, posterior)), {})[int(r["seed"])] = values
         else:
-            vaes.setdefault((sigma, prior, r["model.posterior"]), {})[int(r["seed"])] = values
+            vaes.setdefault((sigma, prior, posterior), {})[int(r["seed"])] = values
     return vaes, oracles
 
 
 def decompositions(out: Path) -> list[dict]:
-    """One row per VAE replica with an oracle replica of the same prior, sigma and seed."""
+    """One row per VAE replica with an oracle replica of the same prior family, sigma and seed."""
     vaes, oracles = _rows(out)
     rows = []
     for (sigma, prior, posterior), seeds in vaes.items():
         for seed, vae in sorted(seeds.items()):
-            oracle = oracles.get((sigma, prior), {}).get(seed)
+            oracle = oracles.get((sigma, prior_family(prior, posterior)), {}).get(seed)
             if oracle is None:
                 continue
             rows.append({"sigma": sigma, "prior": prior, "posterior": posterior, "seed": seed,
@@ -130,7 +140,8 @@ def reading(out: Path) -> list[str]:
     lines += ["", *_sentences(verdicts)]
     lines += ["", "A negative change shrinks the term; ** marks an interval that excludes zero. Misspecification "
               "and over-regularization pair each VAE with the oracle of its own prior (train.objective = "
-              "\"exact\"); an oracle that trains worse than its VAE shows as negative over-regularization."]
+              "\"exact\"; a VampPrior's oracle pools the same encoder family as its VAE); an oracle that trains worse "
+              "than its VAE shows as negative over-regularization."]
     return lines
 
 
