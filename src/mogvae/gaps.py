@@ -144,17 +144,21 @@ def gap_metrics(model: VAE, y, log_p: torch.Tensor, elbo: torch.Tensor, true_log
     on_grid = integrate(model, y, grid, q=best.q)
     star = torch.maximum(on_grid.elbo, elbo)
     rule_error = torch.maximum((on_grid.elbo - on_grid.elbo_coarse).abs(), (1 - on_grid.q_mass).abs())
-    out = {
+    return {
+        **gap_means(log_p, elbo, true_log_p),
         "approximation_gap": (log_p - star).mean(1),
         "amortization_gap": (star - elbo).mean(1),
-        "gap_log_likelihood": log_p.mean(1),
-        "gap_elbo": elbo.mean(1),
         "gap_rule_error": torch.where(on_grid.elbo >= elbo, rule_error, torch.zeros_like(rule_error)).amax(1),
         "gap_optimizer_steps": torch.full((log_p.shape[0],), float(best.steps)),
     }
+
+
+def gap_means(log_p: torch.Tensor, elbo: torch.Tensor, true_log_p=None) -> dict[str, torch.Tensor]:
+    """The means over the gap points, per replica [R], that pair a run with others: log p,
+    ELBO and (if known) log p*. All an oracle contributes to the decomposition."""
     truth = math.nan if true_log_p is None else float(true_log_p.mean())
-    out["gap_true_log_likelihood"] = torch.full((log_p.shape[0],), truth, dtype=F64)
-    return out
+    return {"gap_log_likelihood": log_p.mean(1), "gap_elbo": elbo.mean(1),
+            "gap_true_log_likelihood": torch.full((log_p.shape[0],), truth, dtype=F64)}
 
 
 def decomposition(vae: dict[str, float], oracle: dict[str, float]) -> dict[str, float]:
