@@ -29,7 +29,7 @@ import torch
 
 from .model import VAE
 from .objectives import log_weights
-from .quadrature import F64, as_batch, hermite_rule
+from .quadrature import F64, as_batch, hermite_rule, rule_elbo
 from .replicas import replica_count
 
 TOLERANCE = 1e-5    # nats per point: stop when the mean best ELBO rose by less over the last CHECK_EVERY steps
@@ -61,9 +61,7 @@ def hermite_elbo(model: VAE, y: torch.Tensor, q, n_nodes: int) -> torch.Tensor:
     K, D = q.strata, q.dim
     rule = q.base_rule(PIECE_NODES[n_nodes >= 32])   # a piecewise-smooth q (a flow): Gauss-Legendre on its pieces
     if rule is not None:
-        eps, w = rule
-        log_w, pi = log_weights(model, y, eps, q)
-        return (log_w * pi * w).sum((1, 2))
+        return rule_elbo(model, y, q, rule)
     nodes, weights = hermite_rule(n_nodes, D)
     nodes, weights = nodes.to(y.device), weights.to(y.device)
     eps = nodes[None, :, None, None, :].expand(R, -1, K, B, D)
