@@ -69,6 +69,10 @@ class RunConfig(Strict):
     def _known_preset(self):
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose from {list(PRESETS)}")
+        return self
+
+    @model_validator(mode="after")
+    def _pseudo_inputs_fit_the_data(self):
         m = self.resolved_model()
         if m.prior == "vamp" and m.n_components > self.data.n_train:
             raise ValueError(f"model.n_components = {m.n_components} pseudo-inputs for a VampPrior, but data.n_train "
