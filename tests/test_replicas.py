@@ -11,8 +11,9 @@ from mogvae.replicas import MLP, BatchedLinear, initialize, randn_per_replica, m
 from mogvae.train import fit
 
 
-def test_batched_linear_gradients_match_per_replica_autograd():
-    R, B, I, O = 4, 7, 3, 5
+@pytest.mark.parametrize("I, O", [(3, 5), (1, 5), (3, 1), (1, 1)])   # the matmul, outer-product and dot paths
+def test_batched_linear_gradients_match_per_replica_autograd(I, O):
+    R, B = 4, 7
     layer = BatchedLinear(R, I, O).double()
     initialize(layer, list(range(R)))
     x = torch.randn(R, B, I, dtype=torch.float64)

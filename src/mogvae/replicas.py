@@ -54,6 +54,11 @@ class BatchedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.in_features == 1:  # a 1-D input (the paper's y and z): an outer product, not a matmul
             return torch.addcmul(self.bias, x, self.weight)  # [R, B, 1] * [R, 1, O]
+        if self.out_features == 1:
+            # A 1-D output (the paper's decoder mean): a batched matrix-vector product, which MKL's
+            # bmm runs at a few GFLOP/s, forward and in both gradients. A product and a sum over the
+            # features took a mixture posterior's step 11% faster (benchmarks/train_throughput.py).
+            return (x * self.weight.transpose(1, 2)).sum(-1, keepdim=True) + self.bias   # [R, B, 1]
         return torch.baddbmm(self.bias, x, self.weight)  # [R, B, O]
 
 
