@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .compiled import CompiledLoss, latent_points_per_step, should_compile
 from .config import TrainConfig
 from .model import VAE
 from .objectives import bound, draw_noise, elbo
@@ -90,6 +91,7 @@ class Trainer:
         self.data = torch.as_tensor(np.asarray(y_train), dtype=torch.float32, device=self.device).reshape(-1, 1)
         self.val = torch.as_tensor(np.asarray(y_val), dtype=torch.float32, device=self.device).reshape(1, -1, 1)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)
+        self.loss = self._compiled_loss(R)
         self.schedule = _schedule(self.optimizer, config)
         self.active = torch.ones(R, dtype=torch.bool, device=self.device)
         self.lr_factor = torch.ones(R, dtype=torch.float64)
@@ -144,7 +146,7 @@ class Trainer:
             return torch.where(self.active, loss, torch.zeros_like(loss)).sum()
 
         if cfg.objective != "exact":
-            loss = -bound(self.model, y, eps, cfg.objective).mean(1)
+            loss = self.loss(y, eps)
             live(loss).backward()
             return loss
         loss = -training_log_marginal(self.model, y, cfg.exact_grid).mean(1)
@@ -162,6 +164,20 @@ class Trainer:
             else:
                 p.grad.copy_(g)
         return loss
+
+    def _sampled_loss(self, y: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """The negative training bound per replica, [R]."""
+        return -bound(self.model, y, eps, self.config.objective).mean(1)
+
+    def _compiled_loss(self, replicas: int):
+        """The loss, compiled where `train.compile` says so (mogvae.compiled)."""
+        cfg, n = self.config, len(self.data)
+        batch = min(cfg.batch_size, n)
+        steps = cfg.epochs * -(-n // cfg.batch_size)
+        points = latent_points_per_step(replicas, self.model.posterior.k, batch, cfg.n_samples)
+        if should_compile(cfg.compile, self.device.type, cfg.objective, steps, points):
+            return CompiledLoss(self._sampled_loss, batch)
+        return self._sampled_loss
 
     def _on_divergence(self, bad: torch.Tensor, loss: torch.Tensor, snapshot) -> None:
         policy = self.config.on_divergence

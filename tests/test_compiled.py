@@ -1,0 +1,86 @@
+"""train.compile: the compiled loss trains the same model to float32 rounding, resumes bitwise,
+falls back to eager in one line when compiling fails, and `auto` compiles only long CPU jobs."""
+import pytest
+import torch
+
+import mogvae.compiled as compiled
+from mogvae.config import TrainConfig, preset
+from mogvae.data import PaperProcess, make_splits
+from mogvae.model import build_model
+from mogvae.replicas import initialize
+from mogvae.train import Trainer
+
+DATA = make_splits(PaperProcess(), {"train": 250, "val": 50}, 0)   # 100, 100, 50: a ragged last batch
+SEEDS = [5, 6]
+
+
+def trainer(compile_setting: str, epochs: int = 2) -> Trainer:
+    model = build_model(preset("mog-posterior", hidden=(8, 8), n_components=3), replicas=len(SEEDS))
+    gens = initialize(model, SEEDS)
+    config = TrainConfig(epochs=epochs, batch_size=100, compile=compile_setting)
+    return Trainer(model, DATA["train"], DATA["val"], config, SEEDS, gens)
+
+
+def parameters(t: Trainer) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in t.model.parameters()]
+
+
+@pytest.fixture(scope="module")
+def compiled_two_epochs():
+    t = trainer("on")
+    assert isinstance(t.loss, compiled.CompiledLoss)
+    t.run_epoch()
+    tensors, meta = t.state()
+    tensors = {k: v.clone() for k, v in tensors.items()}   # state() shares storage with the live trainer
+    t.run_epoch()
+    return parameters(t), t.history, (tensors, meta)
+
+
+def test_compiled_training_matches_eager_to_rounding(compiled_two_epochs):
+    eager = trainer("off")
+    assert not isinstance(eager.loss, compiled.CompiledLoss)
+    eager.run_epoch()
+    eager.run_epoch()
+    params, history, _ = compiled_two_epochs
+    for a, b in zip(params, parameters(eager)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)     # 20 Adam steps of a few 1e-7 each
+    for a, b in zip(history.val_elbo[-1], eager.history.val_elbo[-1]):
+        assert abs(a - b) < 1e-4
+
+
+def test_a_compiled_run_resumes_bitwise(compiled_two_epochs):
+    params, history, (tensors, meta) = compiled_two_epochs
+    resumed = trainer("on")
+    resumed.load_state(tensors, meta)
+    resumed.run_epoch()
+    for a, b in zip(params, parameters(resumed)):
+        assert torch.equal(a, b)
+    assert resumed.history.val_elbo == history.val_elbo
+
+
+def test_a_failing_compile_says_so_once_and_trains_eagerly(monkeypatch, capsys):
+    def broken(fn, **_):
+        def call(*args):
+            raise RuntimeError("no C++ compiler found\nsecond line")
+        return call
+    monkeypatch.setattr(compiled.torch, "compile", broken)
+    t, eager = trainer("on", epochs=1), trainer("off", epochs=1)
+    t.run_epoch()
+    eager.run_epoch()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["mogvae: torch.compile failed (RuntimeError: no C++ compiler found); training eagerly"]
+    for a, b in zip(parameters(t), parameters(eager)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("setting, device, objective, steps, points, expected", [
+    ("off", "cpu", "elbo", 10**9, 10**6, False),
+    ("on", "cpu", "elbo", 1, 1, True),
+    ("on", "cpu", "exact", 10**9, 10**6, False),               # the oracle's quadrature is never compiled
+    ("auto", "cpu", "elbo", 8000, 5 * 10 * 256, False),         # reproduce's mixture posterior: 31 s to save
+    ("auto", "cpu", "elbo", 8000, 10 * 10 * 256, True),         # the noise study's, R = 10: 61 s
+    ("auto", "cuda", "elbo", 10**9, 10**6, False),
+    ("auto", "cpu", "iwae", 10**9, 10**6, True),
+])
+def test_auto_compiles_only_what_repays_the_compile(setting, device, objective, steps, points, expected):
+    assert compiled.should_compile(setting, device, objective, steps, points) is expected
