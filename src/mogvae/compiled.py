@@ -18,6 +18,7 @@ import torch
 
 SAVED_PER_POINT_STEP = 0.3e-6   # seconds saved per latent point per step (measured: 0.27-0.63 us)
 COMPILE_COST = 30.0             # seconds for a cold compile, with margin (measured: 10-25 s)
+RECOMPILE_LIMIT = 64            # compiled graphs per process (architectures x batch sizes)
 PAYBACK = 2.0                   # auto compiles when the expected saving is this many compile costs
 
 
@@ -43,7 +44,13 @@ class CompiledLoss:
     compiler, say), it says so in one line and runs eagerly from then on."""
 
     def __init__(self, loss, full_batch: int):
-        torch._dynamo.reset()          # one trainer at a time per process: its guards start clean
+        # Trainers of one architecture share a compiled graph (parameters are its inputs); each new
+        # architecture or batch size in a process adds one. Past dynamo's limit (8) it would run
+        # eagerly without a word, so numbers would depend on what the process trained before:
+        # allow many, and make hitting the limit an error that the fallback below reports.
+        dynamo = torch._dynamo.config
+        dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
+        dynamo.fail_on_recompile_limit_hit = True
         self.eager, self.full_batch = loss, full_batch
         self.compiled = torch.compile(loss, dynamic=False)
 

@@ -98,10 +98,11 @@ class Trainer:
         self.data = torch.as_tensor(np.asarray(y_train), dtype=torch.float32, device=self.device).reshape(-1, 1)
         self.val = torch.as_tensor(np.asarray(y_val), dtype=torch.float32, device=self.device).reshape(1, -1, 1)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)
-        # A step runs its batch in chunks of about CHUNK_ROWS decoded points per replica, forward and
-        # backward, so that its activations stay in cache (R drops out: a replica alone or among
-        # others computes the same chunks).
-        self.chunk = max(1, CHUNK_ROWS // (model.posterior.k * config.n_samples))
+        # On a CPU a step runs its batch in chunks of about CHUNK_ROWS decoded points per replica,
+        # forward and backward, so that its activations stay in cache (R drops out: a replica alone
+        # or among others computes the same chunks). A GPU wants the whole batch at once.
+        rows = CHUNK_ROWS if self.device.type == "cpu" else config.batch_size * model.posterior.k * config.n_samples
+        self.chunk = max(1, rows // (model.posterior.k * config.n_samples))
         self.loss = self._compiled_loss(R)
         self.schedule = _schedule(self.optimizer, config)
         self.active = torch.ones(R, dtype=torch.bool, device=self.device)
@@ -188,11 +189,10 @@ class Trainer:
     def _compiled_loss(self, replicas: int):
         """The loss, compiled where `train.compile` says so (mogvae.compiled)."""
         cfg, n = self.config, len(self.data)
-        batch = min(cfg.batch_size, n, self.chunk)
         steps = cfg.epochs * -(-n // cfg.batch_size)
-        points = latent_points_per_step(replicas, self.model.posterior.k, batch, cfg.n_samples)
+        points = latent_points_per_step(replicas, self.model.posterior.k, min(cfg.batch_size, n), cfg.n_samples)
         if should_compile(cfg.compile, self.device.type, cfg.objective, steps, points):
-            return CompiledLoss(self._sampled_loss, batch)
+            return CompiledLoss(self._sampled_loss, min(cfg.batch_size, n, self.chunk))   # compiled per chunk
         return self._sampled_loss
 
     def _on_divergence(self, bad: torch.Tensor, loss: torch.Tensor, snapshot) -> None:
