@@ -15,7 +15,7 @@ $(BIN)/mogvae: pyproject.toml
 
 setup: $(BIN)/mogvae
 
-# The benchmarks compare against pythae too: the `bench` extra.
+# The benchmarks compare against pythae and JAX too: the `bench` extra.
 $(VENV)/.bench-installed: $(BIN)/mogvae
 	$(BIN)/pip install --quiet -e '.[test,bench]'
 	touch $@
@@ -29,9 +29,11 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 bench: setup-bench
+	$(BIN)/python benchmarks/engines.py
 	$(BIN)/python benchmarks/train_throughput.py
 
 bench-quick: setup-bench
+	$(BIN)/python benchmarks/engines.py --quick
 	$(BIN)/python benchmarks/train_throughput.py --quick
 
 clean:
