@@ -1,10 +1,9 @@
 """torch.compile of the training loss, where it repays its compile time.
 
-Measured on a 2-core CPU, one thread, interleaved, against eager (after the
-eager narrow-output path of replicas.BatchedLinear): inductor fuses a step's
-element-wise work and took it 1.2x faster for a mixture posterior at R = 5,
-1.4x at R = 10, 1.2x for mfg at R = 5, for a compile of 10-25 s per process
-(about 2 s from its on-disk cache). So `auto` compiles only jobs whose expected
+Measured on a 2-core CPU, one thread, in separate processes against eager:
+inductor fuses a step's element-wise work and took it 1.2x faster for a mixture
+posterior at R = 5, 1.2-1.3x at R = 10, 1.3x for mfg at R = 5, for a compile of
+5-30 s per process (about 2 s from its on-disk cache). So `auto` compiles only jobs whose expected
 saving is twice a cold compile. Compiled kernels round differently from eager
 ones (parameters differ by 1e-7 to 1e-5 after a few epochs), so the choice is
 part of the configuration (`train.compile`): a run and its resumption use the
@@ -16,8 +15,8 @@ import sys
 
 import torch
 
-SAVED_PER_POINT_STEP = 0.3e-6   # seconds saved per latent point per step (measured: 0.27-0.63 us)
-COMPILE_COST = 30.0             # seconds for a cold compile, with margin (measured: 10-25 s)
+SAVED_PER_POINT_STEP = 0.3e-6   # seconds saved per latent point per step (measured: 0.3-0.7 us)
+COMPILE_COST = 30.0             # seconds for a cold compile (measured: 5-30 s)
 RECOMPILE_LIMIT = 64            # compiled graphs per process (architectures x batch sizes)
 PAYBACK = 2.0                   # auto compiles when the expected saving is this many compile costs
 

@@ -123,7 +123,7 @@ class TrainConfig(Strict):
                             "objective = 'exact' differentiates (odd; evaluation reports its error at the optimum)")
     device: str = Field("cpu", description="cpu, or cuda where a GPU build of PyTorch is installed")
     compile: Literal["auto", "on", "off"] = Field(
-        "auto", description="torch.compile the training loss: 1.2-1.4x faster steps for a 10-25 s compile per "
+        "auto", description="torch.compile the training loss: 1.2-1.3x faster steps for a 5-30 s compile per "
         "process; auto compiles CPU jobs long enough to repay it twice (see mogvae.compiled). Compiled kernels round "
         "differently (about 1e-7), so a run keeps its choice")
 
