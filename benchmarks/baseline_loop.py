@@ -20,34 +20,35 @@ def mlp(i: int, hidden: tuple[int, ...], o: int) -> nn.Sequential:
 
 
 class PlainVAE(nn.Module):
-    def __init__(self, prior: str, posterior: str, k: int = 10, hidden=(64, 64), sigma: float = 0.1):
+    def __init__(self, prior: str, posterior: str, k: int = 10, hidden=(64, 64), sigma: float = 0.1,
+                 data_dim: int = 1, latent_dim: int = 1):
         super().__init__()
-        self.kq = k if posterior == "mog" else 1
-        self.encoder = mlp(1, hidden, 2 * self.kq)
-        self.decoder = mlp(1, hidden, 1)
+        self.kq, self.d = (k if posterior == "mog" else 1), latent_dim
+        self.encoder = mlp(data_dim, hidden, 2 * self.kq * latent_dim)
+        self.decoder = mlp(latent_dim, hidden, data_dim)
         self.sigma = sigma
         self.mog_prior = prior == "mog"
         if self.mog_prior:
-            self.prior_loc = nn.Parameter(torch.randn(k, 1))
-            self.prior_raw_scale = nn.Parameter(torch.full((k, 1), 0.54))
+            self.prior_loc = nn.Parameter(torch.randn(k, latent_dim))
+            self.prior_raw_scale = nn.Parameter(torch.full((k, latent_dim), 0.54))
 
     def prior(self):
         if not self.mog_prior:
-            return Independent(Normal(torch.zeros(1), torch.ones(1)), 1)
+            return Independent(Normal(torch.zeros(self.d), torch.ones(self.d)), 1)
         k = self.prior_loc.shape[0]
         return MixtureSameFamily(Categorical(logits=torch.zeros(k)),
                                  Independent(Normal(self.prior_loc, F.softplus(self.prior_raw_scale) + 1e-4), 1))
 
     def neg_elbo(self, y: torch.Tensor) -> torch.Tensor:
-        h = self.encoder(y)                                                 # [B, 2K]
-        loc, scale = h[:, :self.kq, None], F.softplus(h[:, self.kq:, None]) + 1e-4  # [B, K, 1]
+        h = self.encoder(y).reshape(len(y), 2 * self.kq, self.d)           # [B, 2K, d]
+        loc, scale = h[:, :self.kq], F.softplus(h[:, self.kq:]) + 1e-4     # [B, K, d]
         z = loc + scale * torch.randn_like(loc)                             # one draw per component
         if self.kq == 1:
             q = Independent(Normal(loc[:, 0], scale[:, 0]), 1)
         else:
             q = MixtureSameFamily(Categorical(logits=torch.zeros(y.shape[0], self.kq)),
                                   Independent(Normal(loc, scale), 1))
-        zs = z.transpose(0, 1)                                              # [K, B, 1]
+        zs = z.transpose(0, 1)                                              # [K, B, d]
         log_lik = Normal(self.decoder(zs), self.sigma).log_prob(y).sum(-1)  # [K, B]
         log_w = log_lik + self.prior().log_prob(zs) - q.log_prob(zs)
         return -log_w.mean(0).mean()

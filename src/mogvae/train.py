@@ -96,8 +96,10 @@ class Trainer:
         self.device = torch.device(config.device)
         self.model, self.config, self.seeds, self.generators = model.to(self.device), config, seeds, generators
         R = len(seeds)
-        self.data = torch.as_tensor(np.asarray(y_train), dtype=torch.float32, device=self.device).reshape(-1, 1)
-        self.val = torch.as_tensor(np.asarray(y_val), dtype=torch.float32, device=self.device).reshape(1, -1, 1)
+        # y is [N] (one observed dimension, the paper's) or [N, D]
+        as_tensor = lambda y: torch.as_tensor(np.asarray(y), dtype=torch.float32, device=self.device)  # noqa: E731
+        self.data = as_tensor(y_train).reshape(len(y_train), -1)
+        self.val = as_tensor(y_val).reshape(1, len(y_val), -1)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)
         # On a CPU a step runs its batch in chunks of about CHUNK_ROWS decoded points per replica,
         # forward and backward, so that its activations stay in cache (R drops out: a replica alone
