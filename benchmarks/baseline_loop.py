@@ -54,6 +54,15 @@ class PlainVAE(nn.Module):
         return -log_w.mean(0).mean()
 
 
+def plain_epochs(model: PlainVAE, optimizer, loader, epochs: int) -> None:
+    """`epochs` passes of the plain loop over a DataLoader of (y,) batches."""
+    for _ in range(epochs):
+        for (yb,) in loader:
+            optimizer.zero_grad()
+            model.neg_elbo(yb).backward()
+            optimizer.step()
+
+
 def train_plain(name_prior: str, name_posterior: str, y, seed: int, epochs: int, batch_size: int = 256,
                 lr: float = 1e-3) -> float:
     torch.manual_seed(seed)

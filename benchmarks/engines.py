@@ -35,7 +35,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from baseline_loop import PlainVAE  # noqa: E402
+from baseline_loop import PlainVAE, plain_epochs  # noqa: E402
 
 from mogvae.config import TrainConfig, preset  # noqa: E402
 from mogvae.data import PaperProcess, make_splits  # noqa: E402
@@ -102,11 +102,7 @@ class PerSeedEngine:
         self.seeds, self.setup_seconds = 1, 0.0
 
     def epochs(self, n):
-        for _ in range(n):
-            for (yb,) in self.loader:
-                self.opt.zero_grad()
-                self.vae.neg_elbo(yb).backward()
-                self.opt.step()
+        plain_epochs(self.vae, self.opt, self.loader, n)
 
 
 class PythaeEngine:

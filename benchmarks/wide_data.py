@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from baseline_loop import PlainVAE  # noqa: E402
+from baseline_loop import PlainVAE, plain_epochs  # noqa: E402
 
 from mogvae.config import TrainConfig, preset  # noqa: E402
 from mogvae.model import build_model  # noqa: E402
@@ -61,11 +61,7 @@ class PerSeedLoop:
         self.epochs(1)
 
     def epochs(self, n):
-        for _ in range(n):
-            for (yb,) in self.loader:
-                self.opt.zero_grad()
-                self.vae.neg_elbo(yb).backward()
-                self.opt.step()
+        plain_epochs(self.vae, self.opt, self.loader, n)
 
 
 ENGINES = {"mogvae": Mogvae, "per-seed loop": PerSeedLoop}
