@@ -29,6 +29,16 @@ def _check_positive_finite(name: str, value: float) -> float:
     return value
 
 
+def kinked_rule(half_panels: int, nodes_per_panel: int) -> tuple[np.ndarray, np.ndarray]:
+    """Composite Gauss-Legendre on [0, 1]: `half_panels` equal panels on each side of KINK (so
+    KINK is an edge, and the rule sees only smooth pieces), `nodes_per_panel` nodes each.
+    Returns (nodes, weights), float64."""
+    x, w = leggauss(nodes_per_panel)
+    edges = np.linspace(0.0, 1.0, 2 * half_panels + 1)
+    a, b = edges[:-1, None], edges[1:, None]
+    return ((b - a) / 2 * x + (a + b) / 2).ravel(), ((b - a) / 2 * w).ravel()
+
+
 class PaperProcess:
     """The 1-D process of the paper with its exact marginal and posterior."""
 
@@ -41,11 +51,8 @@ class PaperProcess:
         # p(y|z) as a function of z varies on the scale sigma / |f'(z)| >= sigma / 2,
         # so panels a quarter of that wide make the rule exact to float64 precision.
         panels = max(32, math.ceil(KINK / (self.sigma / 8)))
-        x, w = leggauss(nodes_per_panel)
-        edges = np.linspace(0.0, 1.0, 2 * panels + 1)  # contains KINK as an edge
-        a, b = edges[:-1, None], edges[1:, None]
-        self._z_nodes = ((b - a) / 2 * x + (a + b) / 2).ravel()
-        self._log_w = np.log(((b - a) / 2 * w).ravel())
+        self._z_nodes, weights = kinked_rule(panels, nodes_per_panel)
+        self._log_w = np.log(weights)
 
     @staticmethod
     def f(z):

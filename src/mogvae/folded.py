@@ -23,8 +23,9 @@ import itertools
 import math
 
 import numpy as np
-from numpy.polynomial.legendre import leggauss
 from scipy.special import logsumexp
+
+from .data import kinked_rule
 
 AMPLITUDE = 1 / 8
 GOLDEN = (math.sqrt(5) - 1) / 2
@@ -84,7 +85,10 @@ class FoldedProcess:
 
     def log_likelihood(self, y, z) -> np.ndarray:
         """log N(y; m(z), sigma^2 I), y [..., D] broadcast against z [..., L] -> [...]."""
-        r = (np.asarray(y, np.float64) - self.mean(z)) / self.sigma
+        return self._log_normal(np.asarray(y, np.float64), self.mean(z))
+
+    def _log_normal(self, y: np.ndarray, mean: np.ndarray) -> np.ndarray:
+        r = (y - mean) / self.sigma
         return -0.5 * (r * r).sum(-1) - self.data_dim * (math.log(self.sigma) + 0.5 * math.log(2 * math.pi))
 
     # -- the truth --------------------------------------------------------------------------------
@@ -93,11 +97,7 @@ class FoldedProcess:
         In z, p(y|z) varies on the scale sigma / slope; panels a `panel_fraction` of that wide
         (both halves [0, 1/2] and [1/2, 1] get the same count, so the kink is an edge)."""
         width = panel_fraction * self.sigma / self.max_slope()
-        half = max(16, math.ceil(0.5 / width))
-        x, w = leggauss(NODES_PER_PANEL)
-        edges = np.linspace(0.0, 1.0, 2 * half + 1)
-        a, b = edges[:-1, None], edges[1:, None]
-        nodes, weights = ((b - a) / 2 * x + (a + b) / 2).ravel(), ((b - a) / 2 * w).ravel()
+        nodes, weights = kinked_rule(max(16, math.ceil(0.5 / width)), NODES_PER_PANEL)
         grid = np.stack(np.meshgrid(*[nodes] * self.latent_dim, indexing="ij"), -1).reshape(-1, self.latent_dim)
         log_w = sum(np.log(g) for g in np.meshgrid(*[weights] * self.latent_dim, indexing="ij")).ravel()
         return grid, log_w
@@ -109,8 +109,7 @@ class FoldedProcess:
         m = self.mean(self._nodes)                                              # [G, D]
         chunk = max(1, budget // (len(self._nodes) * self.data_dim))
         for s in range(0, len(y), chunk):
-            r = (y[s:s + chunk, None, :] - m[None]) / self.sigma                # [c, G, D]
-            log_lik = -0.5 * (r * r).sum(-1) - self.data_dim * (math.log(self.sigma) + 0.5 * math.log(2 * math.pi))
+            log_lik = self._log_normal(y[s:s + chunk, None, :], m[None])            # [c, G]: the mean once
             out[s:s + chunk] = logsumexp(log_lik + self._log_w, axis=1)
         return out
 
