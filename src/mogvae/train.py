@@ -97,15 +97,14 @@ class Trainer:
         self.model, self.config, self.seeds, self.generators = model.to(self.device), config, seeds, generators
         R = len(seeds)
         # y is [N] (one observed dimension, the paper's) or [N, D]
-        as_tensor = lambda y: torch.as_tensor(np.asarray(y), dtype=torch.float32, device=self.device)  # noqa: E731
-        self.data = as_tensor(y_train).reshape(len(y_train), -1)
-        self.val = as_tensor(y_val).reshape(1, len(y_val), -1)
+        self.data = _float32(y_train, self.device).reshape(len(y_train), -1)
+        self.val = _float32(y_val, self.device).reshape(1, len(y_val), -1)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)
         # On a CPU a step runs its batch in chunks of about CHUNK_ROWS decoded points per replica,
         # forward and backward, so that its activations stay in cache (R drops out: a replica alone
         # or among others computes the same chunks). A GPU wants the whole batch at once.
-        rows = CHUNK_ROWS if self.device.type == "cpu" else config.batch_size * model.posterior.k * config.n_samples
-        self.chunk = max(1, rows // (model.posterior.k * config.n_samples))
+        self.chunk = (max(1, CHUNK_ROWS // (model.posterior.k * config.n_samples)) if self.device.type == "cpu"
+                      else config.batch_size)
         self.loss = self._compiled_loss(R)
         self.schedule = _schedule(self.optimizer, config)
         self.active = torch.ones(R, dtype=torch.bool, device=self.device)
@@ -304,6 +303,10 @@ def _schedule(optimizer, config: TrainConfig):
         return None
     return torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=config.epochs, eta_min=config.lr * config.final_lr_factor)
+
+
+def _float32(y, device) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(y), dtype=torch.float32, device=device)
 
 
 def _masked(values: torch.Tensor, active: torch.Tensor) -> list[float]:
