@@ -5,6 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mogvae.cli import main
+from mogvae.configfile import dotted_fields
 from mogvae.runs import RunConfig, RunDir, RunError, load_run_config
 
 BAD_NUMBERS = st.sampled_from(["nan", "inf", "-inf", "-1", "0", "-0.5", "1e400", '"abc"', "[1, 2]", "{a = 1}",
@@ -16,7 +17,7 @@ INVALID = {  # field -> values that must be refused
     "model.hidden": st.sampled_from(["[]", "[0]", "[-3]", '"64"', "[64, 1e9]", "[1.5]"]),
     "model.activation": st.sampled_from(['"gelu"', "1"]), "model.prior": st.sampled_from(['"flow"', "[]"]),
     "model.posterior": st.sampled_from(['"planar"', '""']),
-    "data.sigma": BAD_NUMBERS, "data.n_train": BAD_NUMBERS, "data.name": st.sampled_from(['"mnist"']),
+    "data.sigma": BAD_NUMBERS, "data.n_train": BAD_NUMBERS, "data.name": st.sampled_from(['"mnist"', "3"]),
     "train.lr": BAD_NUMBERS, "train.epochs": BAD_NUMBERS, "train.batch_size": BAD_NUMBERS,
     "train.final_lr_factor": BAD_NUMBERS, "train.on_divergence": st.sampled_from(['"ignore"', "0"]),
     "train.max_retries": st.sampled_from(["-1", "nan", "1e6"]),
@@ -51,8 +52,7 @@ def malformed(draw):
     if kind == "unknown key":
         name = draw(st.from_regex(r"[a-z][a-z_]{0,12}", fullmatch=True))
         section = draw(st.sampled_from(SECTIONS))
-        known = set(RunConfig.model_fields) | {f for s in ("model", "data", "train", "eval")
-                                               for f in getattr(RunConfig.model_fields[s].annotation, "model_fields")}
+        known = {key.rsplit(".", 1)[-1] for key in dotted_fields(RunConfig)}
         if name in known:
             name = name + "_x"
         return toml_text({section + name: "1"}), []

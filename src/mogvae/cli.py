@@ -353,11 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mogvae: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"]) or "configuration"
-        value = err.get("input")
-        got = "" if isinstance(value, (dict, list)) else f" (got {value!r})"
-        print(f"mogvae: error: {where}: {err['msg']}{got}", file=sys.stderr)
+        from .config import describe_error
+        print(f"mogvae: error: {describe_error(e)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as e:
         what, code = ("stopped by SIGTERM", EXIT_SIGTERM) if isinstance(e, Terminated) else ("interrupted", EXIT_SIGINT)

@@ -6,9 +6,9 @@ field. Named model presets give the paper's 2x2 design.
 from __future__ import annotations
 
 import json
-from typing import Literal
+from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 from .priors import PRIORS
 from .posteriors import POSTERIORS
@@ -29,24 +29,86 @@ class Strict(BaseModel):
         return data
 
 
-class DataConfig(Strict):
-    name: Literal["paper", "file"] = Field("paper", description="paper: the paper's 1-D process (exact truth); "
-                                           "file: your own y values (truth unknown: those metrics are NaN)")
-    path: str | None = Field(None, description="for name = 'file': a .npy, .csv or .txt of y values, one per row; "
-                             "a relative path is read from the configuration file's folder")
+class _Splits(Strict):
+    """What every data source shares: split sizes, the seed of its draws and the noise."""
     sigma: float = Field(0.1, ge=1e-3, le=1e3, description="noise std of y|z (the paper's 0.01 read as a "
-                         "variance); also the decoder's known noise. At least 1e-3: below it the truth's quadrature "
-                         "needs millions of nodes and the model's posterior is narrower than the evaluation grid")
-    n_train: int = Field(10_000, ge=1, description="training points")
-    n_val: int = Field(2_000, ge=1, description="validation points (the ELBO curve in history)")
-    n_test: int = Field(10_000, ge=1, description="held-out points for the exact evaluation")
-    seed: int = Field(0, ge=0, description="seed of the data draws (or of the shuffle of a file)")
+                         "variance); also the decoder's known noise (its initial value where learned). At least "
+                         "1e-3: below it the truth's quadrature needs millions of nodes and the model's posterior is "
+                         "narrower than the evaluation grid")
+    n_train: int = Field(10_000, ge=1, description="training points (tabular: at most this many)")
+    n_val: int = Field(2_000, ge=1, description="validation points, the ELBO curve in history (tabular: at most)")
+    n_test: int = Field(10_000, ge=1, description="held-out points for the exact evaluation (tabular: at most)")
+    seed: int = Field(0, ge=0, description="seed of the data draws (or of the shuffle of a file or data set)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_null_path(cls, data):
+        """Folders written before the sources were a union recorded `path = null` for every source."""
+        if isinstance(data, dict) and "path" in data and data["path"] is None and "path" not in cls.model_fields:
+            data = {k: v for k, v in data.items() if k != "path"}
+        return data
+
+
+class PaperSource(_Splits):
+    """The paper's 1-D process (exact truth)."""
+    name: Literal["paper"] = Field("paper", description="the data source: paper | file | folded | tabular (each "
+                                   "has its own keys; see the README)")
+
+
+class FileSource(_Splits):
+    """Your own values: one row per point, one column per dimension (truth unknown: those metrics are NaN)."""
+    name: Literal["file"] = "file"
+    path: str = Field(description="a .npy, .csv or .txt, one point per row (columns: dimensions); a relative path "
+                      "is read from the configuration file's folder")
+
+
+class FoldedSource(_Splits):
+    """The paper's process lifted to data_dim observed and latent_dim latent dimensions (mogvae.folded), exact truth."""
+    name: Literal["folded"] = "folded"
+    data_dim: int = Field(2, ge=1, le=1000, description="D, observed dimensions")
+    latent_dim: Literal[1, 2] = Field(1, description="L, the process's latent dimensions (the truth is a quadrature)")
+    breaking: int | Literal["all"] = Field(0, description="coordinates that break the fold symmetry (0: the true "
+                                           "posterior keeps its 2^L mirrored modes; 'all': every coordinate past "
+                                           "the first L)")
 
     @model_validator(mode="after")
-    def _file_has_path(self):
-        if (self.name == "file") != (self.path is not None):
-            raise ValueError("data.path is required with name = 'file' and only then")
+    def _dimensions_fit(self):
+        if self.data_dim < self.latent_dim:
+            raise ValueError(f"data.data_dim = {self.data_dim} is less than data.latent_dim = {self.latent_dim}: each "
+                             f"latent coordinate has its own observed coordinate")
+        if self.breaking != "all" and not 0 <= self.breaking <= self.data_dim - self.latent_dim:
+            raise ValueError(f"data.breaking = {self.breaking} must be in [0, data_dim - latent_dim] = "
+                             f"[0, {self.data_dim - self.latent_dim}] (or 'all')")
         return self
+
+    @property
+    def breaking_count(self) -> int:
+        return self.data_dim - self.latent_dim if self.breaking == "all" else self.breaking
+
+
+TABULAR_SETS = ("breast_cancer", "diabetes", "digits")
+
+
+class TabularSource(_Splits):
+    """A real data set shipped inside scikit-learn (mogvae.tabular): no truth, so those metrics are NaN."""
+    name: Literal["tabular"] = "tabular"
+    dataset: Literal[TABULAR_SETS] = Field("breast_cancer", description="breast_cancer (569 x 30), diabetes "
+                                           "(442 x 10) or digits (1797 x 61 after dropping constant pixels)")
+    val_fraction: float = Field(0.15, gt=0, lt=0.5, description="the share of rows in the validation split")
+    test_fraction: float = Field(0.2, gt=0, lt=0.5, description="the share of rows in the test split")
+
+
+def _source_tag(value) -> str | None:
+    """The source a [data] table names; a table without `name` is the paper's (as before sources existed)."""
+    name = value.get("name", "paper") if isinstance(value, dict) else getattr(value, "name", None)
+    return name if name in SOURCES else None
+
+
+SOURCES = {"paper": PaperSource, "file": FileSource, "folded": FoldedSource, "tabular": TabularSource}
+DataConfig = Annotated[Union[tuple(Annotated[cls, Tag(name)] for name, cls in SOURCES.items())],
+                       Discriminator(_source_tag, custom_error_type="unknown_source",
+                                     custom_error_message=f"data.name must be one of {list(SOURCES)}")]
+"""The data section: one of SOURCES, chosen by `name`, each with its own validated keys."""
 
 
 class ModelConfig(Strict):
@@ -149,7 +211,7 @@ class StudyConfig(Strict):
     seeds: int = Field(5, ge=1, le=1000)
     base_seed: int = Field(0, ge=0)
     model: ModelConfig = ModelConfig()
-    data: DataConfig = DataConfig()
+    data: PaperSource = PaperSource()    # reproduce is the paper's study
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     workers: int = Field(0, ge=0, le=64, description="worker processes; 0 picks by the machine")
@@ -190,3 +252,15 @@ def quick(config: StudyConfig) -> StudyConfig:
         **{name: getattr(config, name).model_copy(update=fields) for name, fields in sections.items()},
         "train": config.train.model_copy(update={"epochs": min(config.train.epochs, QUICK["train.epochs"])}),
     })
+
+
+def describe_error(e) -> str:
+    """A pydantic ValidationError as one line, 'where: what (got value)'. The source's tag, which
+    pydantic puts in the location of a union member's field (data.folded.breaking), is dropped."""
+    err = e.errors()[0]
+    loc = [str(x) for x in err["loc"]]
+    if len(loc) >= 2 and loc[0] == "data" and loc[1] in SOURCES:
+        del loc[1]
+    value = err.get("input")
+    got = "" if isinstance(value, (dict, list)) else f" (got {value!r})"
+    return f"{'.'.join(loc) or 'configuration'}: {err['msg']}{got}"

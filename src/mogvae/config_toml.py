@@ -51,5 +51,19 @@ def defaults_toml(model: type[BaseModel]) -> str:
         inner, nested = _fields(section)
         if nested:
             raise TypeError(f"{model.__name__}.{name}: nested sections are not supported")
-        lines += ["", *_comment(description), f"[{name}]", *inner]
+        lines += ["", *_comment(description), f"[{name}]", *inner, *_alternatives(model, name, section)]
     return "\n".join(lines) + "\n"
+
+
+def _alternatives(model: type[BaseModel], name: str, default: type[BaseModel]) -> list[str]:
+    """For a union of sections (the data sources), the other members' own keys, commented out."""
+    from .configfile import section_models
+    others = [m for m in section_models(model.model_fields[name].annotation) if m is not default]
+    lines = []
+    for other in others:
+        own = [k for k in other.model_fields if k not in default.model_fields or k == "name"]
+        fields = {k: other.model_fields[k] for k in own}
+        shown = ", ".join(f"{k} = (required)" if f.is_required() else f"{k} = {_value(f.get_default())}"
+                          for k, f in fields.items())
+        lines += ["", *_comment(f"or: {(other.__doc__ or '').strip()}"), f"# {shown}"]
+    return lines

@@ -8,6 +8,7 @@ in a file is read from that file's folder.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
 from pydantic import BaseModel
 
@@ -64,13 +65,25 @@ def set_dotted(d: dict, key: str, value, where: str) -> None:
     d[last] = value
 
 
+def section_models(annotation) -> list[type[BaseModel]]:
+    """The models a field's annotation holds: one for a section, each member for a union of
+    sections (the data sources), none for a plain value."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    out = []
+    for arg in get_args(annotation):
+        out += section_models(arg)
+    return out
+
+
 def dotted_fields(model: type[BaseModel], prefix: str = "") -> set[str]:
-    """Every settable key of a configuration model, dotted: {"seeds", "train.lr", ...}."""
+    """Every settable key of a configuration model, dotted: {"seeds", "train.lr", ...}; a union
+    of sections contributes every member's keys (data.path, data.data_dim, ...)."""
     out = set()
     for name, field in model.model_fields.items():
-        sub = field.annotation
-        if isinstance(sub, type) and issubclass(sub, BaseModel):
-            out |= dotted_fields(sub, f"{prefix}{name}.")
-        else:
+        sections = section_models(field.annotation)
+        if not sections:
             out.add(prefix + name)
+        for sub in sections:
+            out |= dotted_fields(sub, f"{prefix}{name}.")
     return out

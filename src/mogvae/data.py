@@ -123,7 +123,8 @@ class DataError(ValueError):
 
 MAX_ABS_VALUE = 1e6          # larger values overflow float32 losses: standardize such data first
 MAX_FILE_BYTES = 512 * 2**20  # a data file is read whole into memory
-MAX_LINE = 256                # characters in one row of a text file
+MAX_LINE = 16_384             # characters in one row of a text file
+MAX_COLUMNS = 1000            # observed dimensions a file may have
 
 
 def _open_regular(path):
@@ -156,54 +157,68 @@ def _read_npy(path, fh) -> tuple[np.ndarray, range]:
         raise DataError(f"{path}: not a readable .npy of numbers ({first})") from None
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
-    if y.ndim != 1:
-        raise DataError(f"{path}: expected one value per row, got an array of shape {y.shape}")
+    if y.ndim not in (1, 2) or (y.ndim == 2 and not 1 <= y.shape[1] <= MAX_COLUMNS):
+        raise DataError(f"{path}: expected one point per row (at most {MAX_COLUMNS} columns), got an array of "
+                        f"shape {y.shape}")
     if not np.issubdtype(y.dtype, np.number) or np.issubdtype(y.dtype, np.complexfloating):
         raise DataError(f"{path}: expected real numbers, got dtype {y.dtype}")
     return y, range(1, len(y) + 1)
 
 
 def _read_text(path, fh) -> tuple[np.ndarray, list[int]]:
-    """One number per row, streamed line by line with a bounded line length."""
+    """One point per row, its values separated by commas or spaces, streamed line by line with a
+    bounded line length; every row must have as many values as the first."""
     values, rows = array("d"), array("q")
-    n = 0
+    n, width = 0, None
     while True:
         raw = fh.readline(MAX_LINE + 1)
         if not raw:
             break
         n += 1
         if len(raw) > MAX_LINE and not raw.endswith(b"\n"):
-            raise DataError(f"{path}: row {n}: longer than {MAX_LINE} characters (one value per row expected)")
+            raise DataError(f"{path}: row {n}: longer than {MAX_LINE} characters")
         line = raw.decode("utf-8", errors="replace")
         text = line.split("#")[0].strip().rstrip(",")
         if not text:
             continue
-        if "," in text or len(text.split()) > 1:
-            raise DataError(f"{path}: row {n}: expected one value per row, got {line.strip()[:40]!r}")
-        try:
-            values.append(float(text))
-        except ValueError:
-            raise DataError(f"{path}: row {n}: not a number ({text[:40]!r})") from None
+        fields = [f.strip() for f in (text.split(",") if "," in text else text.split())]
+        if width is None:
+            width = len(fields)
+            if width > MAX_COLUMNS:
+                raise DataError(f"{path}: row {n}: {width} values; a data file has at most {MAX_COLUMNS} columns")
+        elif len(fields) != width:
+            raise DataError(f"{path}: row {n}: {len(fields)} values, but the first row has {width}")
+        for column, field in enumerate(fields, 1):
+            try:
+                values.append(float(field))
+            except ValueError:
+                where = f", column {column}" if width > 1 else ""
+                raise DataError(f"{path}: row {n}{where}: not a number ({field[:40]!r})") from None
         rows.append(n)
-    return np.frombuffer(values, dtype=np.float64).copy(), rows
+    y = np.frombuffer(values, dtype=np.float64).copy()
+    return (y if width in (None, 1) else y.reshape(-1, width)), rows
 
 
 def load_data_file(path) -> np.ndarray:
-    """y values from a .npy (no pickles) or a text file with one number per line
-    (# comments allowed). Refuses what is not a regular file or is larger than
-    MAX_FILE_BYTES, empty files, other shapes, text, NaN, inf, and values beyond
-    +-MAX_ABS_VALUE; each refusal names the file and, where there is one, the row."""
+    """y values, [n] for one column or [n, D] for D, from a .npy (no pickles) or a text file
+    with one point per line, its values separated by commas or spaces (# comments allowed).
+    Refuses what is not a regular file or is larger than MAX_FILE_BYTES, empty files, ragged
+    rows, other shapes, text, NaN, inf, and values beyond +-MAX_ABS_VALUE; each refusal names
+    the file and, where there is one, the row."""
     with _open_regular(path) as fh:
         y, rows = _read_npy(path, fh) if str(path).endswith(".npy") else _read_text(path, fh)
     if len(y) == 0:
         raise DataError(f"{path}: no data")
     y = y.astype(np.float64)
-    bad = np.flatnonzero(~np.isfinite(y))
+    flat = y.reshape(len(y), -1)
+    bad = np.flatnonzero(~np.isfinite(flat).all(1))
     if len(bad):
-        raise DataError(f"{path}: row {rows[bad[0]]}: {y[bad[0]]} is not finite ({len(bad)} such rows)")
-    big = np.flatnonzero(np.abs(y) > MAX_ABS_VALUE)
+        value = flat[bad[0]][~np.isfinite(flat[bad[0]])][0]
+        raise DataError(f"{path}: row {rows[bad[0]]}: {value} is not finite ({len(bad)} such rows)")
+    big = np.flatnonzero((np.abs(flat) > MAX_ABS_VALUE).any(1))
     if len(big):
-        raise DataError(f"{path}: row {rows[big[0]]}: {y[big[0]]:g} is beyond +-{MAX_ABS_VALUE:g} "
+        value = flat[big[0]][np.abs(flat[big[0]]) > MAX_ABS_VALUE][0]
+        raise DataError(f"{path}: row {rows[big[0]]}: {value:g} is beyond +-{MAX_ABS_VALUE:g} "
                         f"({len(big)} such rows); standardize the data first")
     return y
 
@@ -232,7 +247,7 @@ class UnknownTruth:
         return np.full(np.shape(z), np.nan)
 
     def log_prob(self, y):
-        return np.full(np.shape(np.atleast_1d(y)), np.nan)
+        return np.full(len(np.atleast_1d(y)), np.nan)
 
     def posterior(self, y, z_grid):
-        return np.full((np.size(y), np.size(z_grid)), np.nan)
+        return np.full((len(np.atleast_1d(y)), len(z_grid)), np.nan)

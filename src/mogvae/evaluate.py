@@ -10,7 +10,7 @@ import torch
 from scipy.stats import wasserstein_distance
 
 from .config import EvalConfig, ModelConfig, TrainConfig
-from .data import PaperProcess
+from .data import PaperProcess, UnknownTruth
 from .model import VAE
 from .quadrature import MAX_GRID_NODES, MAX_LATENT, integrate, latent_grid, log_joint, log_marginal, posterior_on_grid
 from .replicas import make_generators, replica_count
@@ -68,7 +68,8 @@ def evaluate(model: VAE, process: PaperProcess, y_test: np.ndarray, config: Eval
     spiky between its nodes would show there."""
     model = model.cpu().eval()
     R = len(seeds)
-    y_grid = _y_grid(y_test)
+    one_d = np.ndim(y_test) == 1          # the y-density metrics and figures are 1-D (module METRICS_D)
+    y_grid = _y_grid(y_test) if one_d else None
     true_log_p = process.log_prob(y_test)
     if model.latent_dim <= MAX_LATENT:
         terms = _quadrature_terms(model, y_test, y_grid, config)
@@ -76,10 +77,10 @@ def evaluate(model: VAE, process: PaperProcess, y_test: np.ndarray, config: Eval
     else:
         terms = _importance_terms(model, y_test, y_grid, config, seeds)
     log_p, elbo, model_density = terms.pop("log_p"), terms.pop("elbo"), terms.pop("model_density")
-    true_density = np.exp(process.log_prob(y_grid))
+    true_density = np.exp(process.log_prob(y_grid)) if one_d else None
     z_gen, y_gen, f_gen = _generate(model, seeds, config.n_generated)
-    u = np.random.default_rng(GENERATE_OFFSET).uniform(size=config.n_generated)
-    f_true = process.f(u)
+    f_true = _true_means(process, config.n_generated)
+    y_cols = y_test.reshape(len(y_test), -1)
 
     metrics = []
     for r in range(R):
@@ -89,21 +90,47 @@ def evaluate(model: VAE, process: PaperProcess, y_test: np.ndarray, config: Eval
             "test_elbo": float(elbo[r].mean()),
             "inference_gap": float((log_p[r] - elbo[r]).mean()),
             "kl_to_truth": float(true_log_p.mean() - log_p[r].mean()),
-            "w1_to_truth": _w1_densities(y_grid, model_density[r], true_density),
-            "w1_samples": float(wasserstein_distance(y_gen[r], y_test)),
-            "w1_decoder": float(wasserstein_distance(f_gen[r], f_true)),
-            "std_ratio": float(np.std(y_gen[r]) / np.std(y_test)),
+            "w1_to_truth": _w1_densities(y_grid, model_density[r], true_density) if one_d else math.nan,
+            "w1_samples": _marginal_w1(y_gen[r], y_cols),
+            "w1_decoder": _marginal_w1(f_gen[r], f_true) if f_true is not None else math.nan,
+            "std_ratio": float(np.mean(np.std(y_gen[r], 0) / np.std(y_cols, 0))),
         }
         m.update({k: float(terms[k][r]) if k in terms else math.nan for k in METRICS if k not in m})
-        model_based = [v for k, v in m.items() if k not in TRUTH_METRICS and k not in SAMPLED_NAN]
+        model_based = [v for k, v in m.items() if k not in TRUTH_METRICS and k not in SAMPLED_NAN
+                       and (one_d or k not in ONE_D_METRICS)]
         if diverged[r] or not all(math.isfinite(v) for v in model_based):
             m = {k: math.nan for k in m}  # never report a diverged replica as a result
         metrics.append(m)
-    curves = {"y_grid": y_grid, "model_density": model_density, "true_density": true_density,
-              **_histograms(y_gen, y_grid)}
-    if terms.get("grid") is not None:
-        curves.update(_latent_curves(model, process, terms["grid"]))
+    curves = {}
+    if one_d:
+        curves = {"y_grid": y_grid, "model_density": model_density, "true_density": true_density,
+                  **_histograms(y_gen[..., 0], y_grid)}
+        if terms.get("grid") is not None:
+            curves.update(_latent_curves(model, process, terms["grid"]))
     return Evaluation(metrics, curves)
+
+
+ONE_D_METRICS = ("w1_to_truth",)
+"""NaN for D > 1: W1 between the model's and the true density of y needs y's CDF. With D > 1,
+w1_samples and w1_decoder are the mean over coordinates of the 1-D W1 between marginals, and
+std_ratio the mean over coordinates of the ratio of standard deviations."""
+
+
+def _marginal_w1(a: np.ndarray, b: np.ndarray) -> float:
+    """W1 between samples a [n, D] and b [m, D], coordinate by coordinate, averaged over D
+    (for D = 1, the W1 of the two samples)."""
+    return float(np.mean([wasserstein_distance(a[:, k], b[:, k]) for k in range(a.shape[1])]))
+
+
+def _true_means(process, n: int) -> np.ndarray | None:
+    """The true decoder's outputs at n uniform latents [n, D] (GENERATE_OFFSET's stream), or
+    None without a known truth."""
+    rng = np.random.default_rng(GENERATE_OFFSET)
+    if hasattr(process, "mean"):                                      # folded.FoldedProcess
+        return process.mean(rng.uniform(size=(n, process.latent_dim)))
+    if hasattr(process, "f") and not isinstance(process, UnknownTruth):
+        return process.f(rng.uniform(size=n))[:, None]
+    return None
 
 
 SAMPLED_NAN = ("quadrature_error", "grid_edge_mass", "elbo_quadrature_error", "test_log_likelihood_stderr",
@@ -116,8 +143,8 @@ def _quadrature_terms(model: VAE, y_test, y_grid, config: EvalConfig) -> dict:
     grid = latent_grid(model, config.grid_size, config.grid_span, y=y_test)
     exact = integrate(model, y_test, grid)
     nan = np.full(len(exact.log_p), math.nan)
-    return {"log_p": exact.log_p, "elbo": exact.elbo, "grid": grid,
-            "model_density": torch.exp(log_marginal(model, y_grid, grid).log_p).numpy(),
+    density = None if y_grid is None else torch.exp(log_marginal(model, y_grid, grid).log_p).numpy()
+    return {"log_p": exact.log_p, "elbo": exact.elbo, "grid": grid, "model_density": density,
             "quadrature_error": (exact.log_p - exact.log_p_coarse).abs().amax(1).numpy(),
             "grid_edge_mass": exact.edge_mass.amax(1).numpy(),
             "elbo_quadrature_error": torch.maximum((exact.elbo - exact.elbo_coarse).abs(),
@@ -154,10 +181,11 @@ def _importance_terms(model: VAE, y_test, y_grid, config: EvalConfig, seeds: lis
     from .likelihood import importance_log_likelihood, monte_carlo_elbo
     gens = [s + IMPORTANCE_OFFSET for s in seeds]
     log_p, se = importance_log_likelihood(model, y_test, config.n_importance, gens)
-    density, _ = importance_log_likelihood(model, y_grid, config.n_importance, gens)
+    density = None if y_grid is None else \
+        torch.exp(importance_log_likelihood(model, y_grid, config.n_importance, gens)[0]).numpy()
     nan = np.full(len(seeds), math.nan)
     return {"log_p": log_p, "elbo": monte_carlo_elbo(model, y_test, config.n_importance, gens),
-            "model_density": torch.exp(density).numpy(),
+            "model_density": density,
             "quadrature_error": nan, "grid_edge_mass": nan, "elbo_quadrature_error": nan,
             "test_log_likelihood_stderr": (torch.sqrt((se * se).sum(1)) / se.shape[1]).numpy()}
 
@@ -229,8 +257,8 @@ def _w1_densities(y: np.ndarray, p: np.ndarray, q: np.ndarray) -> float:
 def _generate(model: VAE, seeds: list[int], n: int):
     gens = make_generators([s + GENERATE_OFFSET for s in seeds])
     z, y = model.generate(gens, n)
-    f = model.decoder.mean(z[:, :, None, :])[:, :, 0, 0]
-    return z.numpy(), y[..., 0].double().numpy(), f.double().numpy()
+    f = model.decoder.mean(z[:, :, None, :])[:, :, 0]
+    return z.numpy(), y.double().numpy(), f.double().numpy()            # y, f: [R, n, D]
 
 
 def _histograms(y_gen: np.ndarray, y_grid: np.ndarray, bins: int = 80) -> dict[str, np.ndarray]:

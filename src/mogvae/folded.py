@@ -70,6 +70,10 @@ class FoldedProcess:
         out[..., breaking] = AMPLITUDE * np.cos(math.pi * (z @ self.freq[breaking].T) + self.phase[breaking])
         return out
 
+    def f(self, z) -> np.ndarray:
+        """With L = 1, the first coordinate's mean at latents z [...]: the paper's f (1-D figures)."""
+        return self.mean(np.asarray(z, np.float64)[..., None])[..., 0]
+
     def max_slope(self) -> float:
         """An upper bound on |dm_k/dz_l| over k, l: the paper's f has 2; a symmetric cosine 4 pi j A
         (du/dz = 2), a breaking one pi j A."""

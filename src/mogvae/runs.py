@@ -21,6 +21,7 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from pydantic import Field, ValidationError, model_validator
 
@@ -28,14 +29,15 @@ from . import __version__
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .configfile import ConfigError, apply_overrides, read_toml
 from .curvelog import CurveLog
-from .config import PRESETS, DataConfig, EvalConfig, ModelConfig, Strict, TrainConfig
-from .data import DataError, PaperProcess, UnknownTruth, load_data_file, make_splits, split_file_data
+from .config import PRESETS, DataConfig, EvalConfig, PaperSource, ModelConfig, Strict, TrainConfig
+from .data import DataError
 from . import faults
 from .evaluate import check_evaluable, evaluate, metric_rows
 from .io import write_csv, write_json, write_npy, write_npz, write_text
 from .model import build_model
 from .outdir import LOCK, Layout, OutputError, claim, remove_stale_temporaries
 from .replicas import initialize, replica_seed
+from .sources import load_source
 from .train import Trainer
 from .trainstate import check_state, expected_tensors
 
@@ -61,7 +63,8 @@ class RunConfig(Strict):
     base_seed: int = Field(0, ge=0, description="replica i is seeded from (base_seed, i) only")
     checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
     model: ModelConfig = Field(ModelConfig(), description="the VAE: prior, posterior, networks")
-    data: DataConfig = Field(DataConfig(), description="the data and its splits")
+    data: DataConfig = Field(PaperSource(), description="the data source and its splits (data.name: paper, file, "
+                             "folded or tabular)")
     train: TrainConfig = Field(TrainConfig(), description="the optimizer, schedule and divergence policy")
     eval: EvalConfig = Field(EvalConfig(), description="the exact evaluation (quadrature over z)")
 
@@ -143,6 +146,8 @@ class RunDir:
             diff = differences(upgraded(old), resolved)
             if diff:
                 raise RunError(f"{self.path}: was started with a different configuration: " + ", ".join(diff))
+            # the checkpoints of a folder written by an earlier version carry the hash of its config.json
+            self.config_hash = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()
         else:
             write_json(saved, resolved)
 
@@ -244,21 +249,17 @@ class RunSession:
             check_evaluable(config.resolved_model(), config.eval, config.train)
         except ValueError as e:
             raise RunError(str(e)) from None
-        d = config.data
-        sizes = {"train": d.n_train, "val": d.n_val, "test": d.n_test}
-        if d.name == "file":  # a user's data: checked before anything is written, and no known truth
-            try:
-                self.data = split_file_data(load_data_file(d.path), sizes, d.seed, d.path)
-            except DataError as e:
-                raise RunError(str(e)) from None
-            self.process = UnknownTruth()
-        else:
-            self.process = PaperProcess(d.sigma)
-            self.data = make_splits(self.process, sizes, d.seed)
+        try:  # a user's data is checked before anything is written
+            source = load_source(config.data)
+        except DataError as e:
+            raise RunError(str(e)) from None
+        self.data, self.process, self.data_dim = source.splits, source.truth, source.data_dim
+        _check_fits(config, source)
         self.run.lock()
         self.run.claim(config)
         self.seeds = [replica_seed(config.base_seed, i) for i in range(config.seeds)]
-        self.model = build_model(config.resolved_model(), replicas=len(self.seeds), noise=d.sigma)
+        self.model = build_model(config.resolved_model(), replicas=len(self.seeds), data_dim=self.data_dim,
+                                 noise=config.data.sigma)
         self.trainer = Trainer(self.model, self.data["train"], self.data["val"], config.train, self.seeds,
                                initialize(self.model, self.seeds))
         self.complete = self.run.is_complete(config.train.epochs)
@@ -312,12 +313,22 @@ class RunSession:
         return run.path / "metrics.csv"
 
 
+def _check_fits(config: RunConfig, source) -> None:
+    """What only the loaded data can refuse: a VampPrior's pseudo-inputs stand in for training points."""
+    m, n = config.resolved_model(), len(source.splits["train"])
+    if m.prior == "vamp" and m.n_components > n:
+        raise RunError(f"model.n_components = {m.n_components} pseudo-inputs for a VampPrior, but the training split "
+                       f"has {n} points: use at most {n}")
+
+
 def trained_model(run: Path):
     """(model, config, seeds) of a finished run folder, read-only: the newest
-    checkpoint's weights in the model its config.json describes."""
+    checkpoint's weights in the model its config.json and saved data describe."""
     config = RunConfig(**json.loads((Path(run) / "config.json").read_text()))
     seeds = [replica_seed(config.base_seed, i) for i in range(config.seeds)]
-    model = build_model(config.resolved_model(), replicas=len(seeds), noise=config.data.sigma)
+    test = np.load(Path(run) / "data" / "test.npy", mmap_mode="r", allow_pickle=False)
+    model = build_model(config.resolved_model(), replicas=len(seeds), data_dim=1 if test.ndim == 1 else test.shape[1],
+                        noise=config.data.sigma)
     newest = sorted((Path(run) / "checkpoints").glob(CHECKPOINT_NAME))[-1]
     tensors, _ = load_checkpoint(newest)
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})

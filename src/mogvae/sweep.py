@@ -27,6 +27,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from . import faults
+from .config import describe_error
 from .configfile import ConfigError, apply_overrides, dotted_fields, read_toml, set_dotted
 from .io import read_csv, write_csv, write_json
 from .outdir import LOCK, Layout, OutputError, claim
@@ -80,11 +81,7 @@ def config_hash(resolved: dict) -> str:
 
 
 def _validate_error(e: ValidationError, where: str) -> SpecError:
-    err = e.errors()[0]
-    loc = ".".join(str(x) for x in err["loc"]) or "configuration"
-    value = err.get("input")
-    got = "" if isinstance(value, (dict, list)) else f" (got {value!r})"
-    return SpecError(f"{where}{loc}: {err['msg']}{got}")
+    return SpecError(f"{where}{describe_error(e)}")
 
 
 def _label(value) -> str:
@@ -152,8 +149,8 @@ def preflight(cells: list[Cell]) -> None:
             check_evaluable(cell.config.resolved_model(), cell.config.eval, cell.config.train)
         except ValueError as e:
             raise SpecError(f"{cell.name}: {e}") from None
-        path = cell.config.data.path
-        if cell.config.data.name == "file" and path not in checked:
+        path = getattr(cell.config.data, "path", None)
+        if path is not None and path not in checked:
             try:
                 load_data_file(path)
             except DataError as e:
