@@ -93,9 +93,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="let a re-run add cells to the folder's grid (finished runs are kept; "
                         "a changed or removed cell is still refused)")
     st = sub.add_parser("study", help="a built-in study: a sweep with its own figures and reading")
-    st.add_argument("name", choices=["noise", "families"],
+    st.add_argument("name", choices=["noise", "families", "dimension", "tabular"],
                     help="noise: the four models over sigma in 0.1 ... 0.01; families: every prior x posterior "
-                         "with the gap decomposition against the exact-likelihood oracle")
+                         "with the gap decomposition against the exact-likelihood oracle; dimension: the four "
+                         "models on the folded process at D = 1 ... 20, ambiguous and symmetry-broken; tabular: "
+                         "the four models on three scikit-learn data sets at d_z = 2 and 5")
     st.add_argument("--out", type=_folder, required=True, help="study folder (created, or resumed)")
     st.add_argument("--seeds", type=int, help="seeds per cell (default: the study's, 10)")
     st_where = st.add_mutually_exclusive_group()

@@ -57,7 +57,9 @@ def comparisons(cells: list[dict], metrics) -> list[str]:
             if json.dumps(cell["values"][axis]) == levels[0]:
                 continue
             base_key = tuple((a, levels[0] if a == axis else json.dumps(cell["values"][a])) for a in axes)
-            base = by_values[base_key]
+            base = by_values.get(base_key)
+            if base is None:   # a [[grid.also]] cell with the main grid's keys, at a level the grid lacks
+                continue
             fixed = ", ".join(f"{a}={_fmt(cell['values'][a])}" for a in axes if a != axis) or "-"
             intervals = [paired(metrics, cell["name"], base, key) for key, _ in COMPARED]
             lines.append(f"| {fixed} | {_fmt(cell['values'][axis])} | " + " | ".join(map(_interval, intervals)) + " |")

@@ -10,11 +10,16 @@ from ..tomlcompat import loads
 
 
 def spec(name: str, overrides: list[str], quick: bool) -> tuple[dict, dict]:
-    """A study's (base configuration, grid); `quick` shrinks it to toy size (the grid stays)."""
+    """A study's (base configuration, grid); `quick` shrinks it to toy size: config.QUICK, then
+    the study's own [quick] keys (dotted) and, where it has one, its smaller [quick.grid]."""
     raw = loads(resources.files(__package__).joinpath(f"{name}.toml").read_text())
+    own = raw.pop("quick", {})
     if quick:
         for key, value in QUICK.items():
             set_dotted(raw, key, list(value) if isinstance(value, tuple) else value, where="--quick")
+        raw["grid"] = own.pop("grid", raw["grid"])
+        for key, value in own.items():
+            set_dotted(raw, key, value, where="--quick")
     raw = apply_overrides(raw, overrides)
     return raw, raw.pop("grid")
 
@@ -36,6 +41,12 @@ def _present_families(out) -> tuple[list[str], list]:
              "## Importance sampling against quadrature", "", *importance.reading(rows), ""], [figure, sampled])
 
 
-PRESENTERS = {"noise": _present_noise, "families": _present_families}  # a study's own reading and figures, put first in its report
+def _present_dimension(out) -> tuple[list[str], list]:
+    from . import dimension
+    figure = dimension.dimension_figure(out)
+    return ["## Does the paper's finding survive more observed dimensions?", "", *dimension.reading(out), ""], [figure]
+
+
+PRESENTERS = {"noise": _present_noise, "families": _present_families, "dimension": _present_dimension}  # a study's own reading and figures, put first in its report
 
 __all__ = ["spec", "PRESENTERS"]

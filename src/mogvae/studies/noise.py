@@ -13,11 +13,11 @@ from scipy.integrate import trapezoid
 
 from ..data import PaperProcess
 from ..io import read_csv, write_csv
-from ..report import Interval, paired, t_interval
+from ..report import t_interval
+from .paired import RICHER, by_cell, interval_cell, richer_against_mfg, verdicts
 
 PANELS = (("kl_to_truth", "KL(p* || p_theta), nats"), ("inference_gap", "inference gap, nats"),
           ("std_ratio", "std(generated) / std(test)"))
-RICHER = (("mog-prior", "a richer prior"), ("mog-posterior", "a richer posterior"), ("mog-both", "both"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -35,12 +35,7 @@ def best_gaussian_kl(sigma: float, nodes: int = 4001) -> float:
 
 
 def _by_cell(rows: list[dict]) -> dict[tuple[str, float], dict[int, dict]]:
-    out: dict = {}
-    for r in rows:
-        if r["diverged"] != "True":
-            out.setdefault((r["model"], float(r["data.sigma"])), {})[int(r["seed"])] = {
-                k: float(v) for k, v in r.items() if k in dict(PANELS) or k == "test_log_likelihood"}
-    return out
+    return by_cell(rows, lambda r: float(r["data.sigma"]), [*dict(PANELS), "test_log_likelihood"])
 
 
 def noise_figure(out: Path) -> Path:
@@ -99,28 +94,13 @@ def reading(out: Path) -> list[str]:
     sigmas = sorted({s for _, s in cells}, reverse=True)
     lines = ["| sigma | best single Gaussian KL | " + " | ".join(f"{m} − mfg, test LL" for m, _ in RICHER) + " |",
              "|" + "---|" * (2 + len(RICHER))]
-    helps: dict[str, list[float]] = {m: [] for m, _ in RICHER}
+    helps: dict[str, list[str]] = {m: [] for m, _ in RICHER}
     for s in sigmas:
-        metrics = {m: cells.get((m, s), {}) for m in ("mfg", *(m for m, _ in RICHER))}
-        cols = []
-        for m, _ in RICHER:
-            iv = paired({k: v for k, v in metrics.items()}, m, "mfg", "test_log_likelihood")
-            cols.append(_cell(iv))
+        intervals = richer_against_mfg(cells, s)
+        for (m, _), iv in zip(RICHER, intervals):
             if iv.excludes_zero() and iv.mean > 0:
-                helps[m].append(s)
-        lines.append(f"| {s:g} | {best_gaussian_kl(s):.4f} | " + " | ".join(cols) + " |")
+                helps[m].append(f"{s:g}")
+        lines.append(f"| {s:g} | {best_gaussian_kl(s):.4f} | " + " | ".join(map(interval_cell, intervals)) + " |")
     lines += ["", "Mean difference in nats per test point [95% t interval, paired by seed]; ** marks an interval "
               "that excludes zero.", ""]
-    for m, words in RICHER:
-        where = ", ".join(f"{s:g}" for s in helps[m])
-        lines.append(f"- **{words.capitalize()}** ({m}) " + (
-            f"beats mfg, by an interval that excludes zero, at sigma = {where}; at the other sigmas this many "
-            "seeds cannot tell them apart." if where else
-            "beats mfg at no sigma in this study (no interval excludes zero in its favour)."))
-    return lines
-
-
-def _cell(iv: Interval) -> str:
-    if iv.n < 2:
-        return f"{iv.mean:+.4f} (n = {iv.n})"
-    return f"{iv.mean:+.4f} [{iv.low:+.4f}, {iv.high:+.4f}]" + (" **" if iv.excludes_zero() else "")
+    return lines + verdicts(helps, "sigma")
