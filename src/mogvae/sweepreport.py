@@ -109,6 +109,15 @@ def divergence_lines(cells: list[dict], metrics) -> list[str]:
     return out
 
 
+def _how_evaluated(metrics) -> str:
+    """Quadrature (exact, with its error bound) unless some run has latent_dim > 2, whose
+    log-likelihood is an importance-sampling estimate with a standard error."""
+    sampled = any(math.isfinite(r.get("test_log_likelihood_stderr", math.nan))
+                  for runs in metrics.values() for r in runs.values())
+    return ("likelihoods by quadrature where latent_dim <= 2 (exact, with its error bound), by importance sampling "
+            "beyond (an estimate with its standard error)" if sampled else "every likelihood exact (quadrature)")
+
+
 def write_sweep_report(out: Path) -> Path:
     """report.md and report.html, titled as sweep.json says; a built-in study puts
     its own reading and figures first (studies.PRESENTERS)."""
@@ -122,7 +131,7 @@ def write_sweep_report(out: Path) -> Path:
     figures = [*first_figures, *sweep_figures(out, {c["name"]: out / "runs" / c["name"] for c in cells})]
     seeds = sorted({len(m) for m in metrics.values()})
     lines = [f"# {title}", "",
-             f"{len(cells)} runs, {'/'.join(map(str, seeds))} seed(s) each; every likelihood exact (quadrature), "
+             f"{len(cells)} runs, {'/'.join(map(str, seeds))} seed(s) each; {_how_evaluated(metrics)}, "
              "in nats per test point; mean ± sd over seeds, diverged replicas excluded.", "", *lead,
              "## Per run", "", *cell_table(cells, metrics), "",
              "## Paired comparisons", "",

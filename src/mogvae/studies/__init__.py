@@ -47,6 +47,13 @@ def _present_dimension(out) -> tuple[list[str], list]:
     return ["## Does the paper's finding survive more observed dimensions?", "", *dimension.reading(out), ""], [figure]
 
 
-PRESENTERS = {"noise": _present_noise, "families": _present_families, "dimension": _present_dimension}  # a study's own reading and figures, put first in its report
+def _present_tabular(out) -> tuple[list[str], list]:
+    from . import tabular
+    figure = tabular.tabular_figure(out)
+    return ["## Richer prior or richer posterior on real data?", "", *tabular.reading(out), ""], [figure]
+
+
+PRESENTERS = {"noise": _present_noise, "families": _present_families, "dimension": _present_dimension,
+              "tabular": _present_tabular}  # a study's own reading and figures, put first in its report
 
 __all__ = ["spec", "PRESENTERS"]

@@ -38,6 +38,7 @@ def _dims(cells: dict, setting: str) -> list[int]:
 
 def dimension_figure(out: Path) -> Path:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
 
     from ..plots import COLORS, _save
     cells, models = _cells(out)
@@ -65,6 +66,7 @@ def dimension_figure(out: Path) -> Path:
             if shown:   # the means set the axis; an interval longer than it runs off the edge
                 ax.set_ylim(min(shown) / 3, max(shown) * 3)
             ax.set_xticks(dims, [str(d) for d in dims])
+            ax.xaxis.set_minor_locator(NullLocator())          # the log axis's 2x10^0 ... labels would crowd D
             ax.set(xlabel="observed dimensions D", ylabel=label, title=f"{label.split(',')[0]}: {title}")
             ax.title.set_fontsize(9)
             ax.legend(fontsize=8)
