@@ -7,6 +7,7 @@ import pytest
 from scipy import integrate, stats
 
 from mogvae.cli import main
+from mogvae.folded import FoldedProcess
 from mogvae.studies.noise import best_gaussian_kl
 
 
@@ -37,3 +38,47 @@ def test_the_noise_study_runs_at_toy_size_and_reads_its_question(tmp_path, capsy
     assert len(reference) == 5
     assert float(reference[0].split(",")[3]) == pytest.approx(best_gaussian_kl(0.01), rel=1e-12)
     assert np.isfinite([float(r.split(",")[3]) for r in rows[1:] if r.startswith("kl_to_truth")]).all()
+
+
+def _metric(out, model, key, **axes):
+    """Per-seed values of `key` for `model` at the given grid axes, straight from metrics.csv."""
+    import csv
+    rows = [r for r in csv.DictReader(open(out / "metrics.csv")) if r["model"] == model
+            and all(r[k] == str(v) for k, v in axes.items())]
+    return {int(r["seed"]): float(r[key]) for r in rows}
+
+
+def test_the_dimension_study_runs_at_toy_size_and_its_reading_comes_from_metrics(tmp_path, capsys):
+    out = tmp_path / "dimension"
+    assert main(["study", "dimension", "--quick", "--out", str(out)]) == 0, capsys.readouterr().err
+    report = (out / "report.md").read_text()
+    assert "## Does the paper's finding survive more observed dimensions?" in report
+    assert "![dimension](figures/dimension.png)" in report
+    for setting in ("0", "all"):
+        axes = {"data.breaking": setting, "data.data_dim": 5}
+        mfg, post = (_metric(out, m, "test_log_likelihood", **axes) for m in ("mfg", "mog-posterior"))
+        diff = np.mean([post[s] - mfg[s] for s in mfg])
+        row = [line for line in report.split(f"breaking = {setting})")[1].splitlines() if line.startswith("| 5 |")][0]
+        assert f"{diff:+.4f}" in row.split("|")[7], row
+        truth = FoldedProcess(5, 1, 0 if setting == "0" else 4, 0.1).log_prob(
+            np.load(out / "runs" / f"data.breaking={setting}__data.data_dim=5__preset=mfg" / "data" / "test.npy"))
+        assert row.split("|")[2].strip() == f"{truth.mean():.4f}"
+    figure_rows = (out / "figures" / "dimension.csv").read_text().splitlines()
+    kl = _metric(out, "mog-both", "kl_to_truth", **{"data.breaking": "all", "data.data_dim": 5})
+    assert any(r.startswith("all,5,kl_to_truth,mog-both,") and abs(float(r.split(",")[4]) - np.mean(list(
+        kl.values()))) < 1e-12 for r in figure_rows)
+
+
+def test_the_tabular_study_runs_at_toy_size_and_reads_per_dimension(tmp_path, capsys):
+    out = tmp_path / "tabular"
+    assert main(["study", "tabular", "--quick", "--out", str(out)]) == 0, capsys.readouterr().err
+    report = (out / "report.md").read_text()
+    assert "## Richer prior or richer posterior on real data?" in report
+    for latent, how in ((2, "2-D quadrature"), (5, "importance sampling")):
+        axes = {"data.dataset": "diabetes", "model.latent_dim": latent}
+        mfg, prior = (_metric(out, m, "test_log_likelihood", **axes) for m in ("mfg", "mog-prior"))
+        diff = np.mean([prior[s] - mfg[s] for s in mfg])
+        row = [line for line in report.splitlines() if line.startswith(f"| diabetes | {latent} |")][0]
+        assert how in row and f"{diff:+.3f}" in row.split("|")[5]
+        assert row.split("|")[8].strip().startswith(f"{diff / 10:+.4f}")     # diabetes has 10 dimensions
+    assert (out / "figures" / "tabular.png").read_bytes()[:4] == b"\x89PNG"
