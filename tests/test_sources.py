@@ -185,3 +185,16 @@ def test_config_show_lists_every_source_and_parses_back(capsys):
     for needle in ('name = "file", path = (required)', 'name = "folded", data_dim = 2', 'name = "tabular"'):
         assert needle in text
     assert RunConfig(**loads(text)) == RunConfig()
+
+
+def test_a_two_latent_folded_run_is_evaluated_by_2d_quadrature_against_its_truth(tmp_path, capsys):
+    data = 'name = "folded"\ndata_dim = 3\nlatent_dim = 2\nn_train = 300\nn_val = 50\nn_test = 30'
+    code, err = train(tmp_path, capsys, data, model="latent_dim = 2", grid=151)
+    assert code == 0, err
+    out = tmp_path / "out"
+    y = np.load(out / "data" / "test.npy")
+    truth = FoldedProcess(3, 2, 0, 0.1).log_prob(y).mean()
+    for row in rows(out / "metrics.csv"):
+        assert float(row["true_log_likelihood"]) == pytest.approx(truth, abs=1e-12)
+        assert np.isfinite(float(row["quadrature_error"])) and np.isnan(float(row["test_log_likelihood_stderr"]))
+        assert float(row["kl_to_truth"]) > 0               # a model two epochs old is far from the truth
