@@ -68,7 +68,7 @@ def evaluate(model: VAE, process: PaperProcess, y_test: np.ndarray, config: Eval
     spiky between its nodes would show there."""
     model = model.cpu().eval()
     R = len(seeds)
-    one_d = np.ndim(y_test) == 1          # the y-density metrics and figures are 1-D (module METRICS_D)
+    one_d = np.ndim(y_test) == 1          # the y-density metrics and figures are 1-D (ONE_D_METRICS)
     y_grid = _y_grid(y_test) if one_d else None
     true_log_p = process.log_prob(y_test)
     if model.latent_dim <= MAX_LATENT:
