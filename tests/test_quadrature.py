@@ -265,3 +265,31 @@ def test_the_truth_in_small_chunks_is_the_same():
     p = PaperProcess(0.01)                                   # many nodes: the default chunks are small
     y = np.linspace(-0.5, 1.0, 301)
     np.testing.assert_allclose(p.log_prob(y, budget=10**4), p.log_prob(y, budget=10**9), rtol=0, atol=1e-12)
+
+
+def test_2d_elbo_of_a_narrow_q_matches_the_closed_form_with_3d_observations():
+    """y = A z + b + noise, z ~ N(0, I_2), q = N(m(y), diag s^2) with s near 0.007: far narrower
+    than the 301^2 grid's spacing over the prior (0.05), which the rule over q's own draws does not
+    need. ELBO = E_q log N(y; Az + b, sigma^2 I) + E_q log N(z; 0, I) + H(q), each in closed form."""
+    A = np.array([[1.2, -0.4], [0.3, 0.9], [-0.8, 0.5]])
+    b = np.array([0.1, -0.3, 0.2])
+    decoder = GaussianDecoder(1, 2, 3, hidden=(), noise=SIGMA).double()
+    posterior = GaussianPosterior(1, 2, 3, hidden=()).double()
+    initialize(posterior, [0])
+    with torch.no_grad():
+        decoder.net.net[0].weight[:] = torch.tensor(A.T[None])
+        decoder.net.net[0].bias[:] = torch.tensor(b)
+        posterior.encoder.net[0].weight[0, :, 2:] = 0.0           # a constant raw scale ...
+        posterior.encoder.net[0].bias[0, 0, 2:] = -5.0            # ... of about 0.007
+    model = VAE(StandardNormalPrior(1, 2).double(), posterior, decoder)
+    y = stats.multivariate_normal(b, A @ A.T + SIGMA**2 * np.eye(3)).rvs(6, random_state=2)
+    q = model.posterior(torch.tensor(y).reshape(1, -1, 3))
+    m, s = q.loc[0, 0, :, 0].detach().numpy(), q.scale[0, 0, :, 0].detach().numpy()     # [N, 2]
+    assert s.max() < 0.01
+    fit = (-0.5 * 3 * math.log(2 * math.pi * SIGMA**2)
+           - (((y - m @ A.T - b) ** 2).sum(1) + (s**2 @ (A**2).T).sum(1)) / (2 * SIGMA**2))
+    prior = (-math.log(2 * math.pi) - 0.5 * (m**2 + s**2).sum(1))
+    entropy = (0.5 * np.log(2 * math.pi * math.e * s**2)).sum(1)
+    got = integrate(model, y, latent_grid(model, 301, 8.0))
+    np.testing.assert_allclose(got.elbo[0].numpy(), fit + prior + entropy, rtol=0, atol=1e-8)
+    assert (got.elbo - got.elbo_coarse).abs().max() < 1e-6 and (got.q_mass - 1).abs().max() < 1e-12
