@@ -198,3 +198,11 @@ def test_a_two_latent_folded_run_is_evaluated_by_2d_quadrature_against_its_truth
         assert float(row["true_log_likelihood"]) == pytest.approx(truth, abs=1e-12)
         assert np.isfinite(float(row["quadrature_error"])) and np.isnan(float(row["test_log_likelihood_stderr"]))
         assert float(row["kl_to_truth"]) > 0               # a model two epochs old is far from the truth
+
+
+def test_a_sweep_refuses_before_training_a_cell_its_data_cannot_hold():
+    from mogvae.sweep import SpecError, expand, preflight
+    base = {"seeds": 1, "model": {"prior": "vamp", "n_components": 300}, "data": {"name": "tabular"}}
+    cells = expand(base, {"data.dataset": ["breast_cancer", "diabetes"]})
+    with pytest.raises(SpecError, match=r"data.dataset=diabetes: .*VampPrior, but the training split has 287"):
+        preflight(cells)

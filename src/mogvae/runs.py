@@ -254,7 +254,7 @@ class RunSession:
         except DataError as e:
             raise RunError(str(e)) from None
         self.data, self.process, self.data_dim = source.splits, source.truth, source.data_dim
-        _check_fits(config, source)
+        check_fits(config, source)
         self.run.lock()
         self.run.claim(config)
         self.seeds = [replica_seed(config.base_seed, i) for i in range(config.seeds)]
@@ -313,7 +313,7 @@ class RunSession:
         return run.path / "metrics.csv"
 
 
-def _check_fits(config: RunConfig, source) -> None:
+def check_fits(config: RunConfig, source) -> None:
     """What only the loaded data can refuse: a VampPrior's pseudo-inputs stand in for training points."""
     m, n = config.resolved_model(), len(source.splits["train"])
     if m.prior == "vamp" and m.n_components > n:

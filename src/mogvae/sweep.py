@@ -140,22 +140,27 @@ def _expand_into(cells: list[Cell], seen: dict, base: dict, grid: dict, where: s
 
 def preflight(cells: list[Cell]) -> None:
     """What would make a run fail after others trained is refused before any:
-    evaluation that cannot run, and data files that cannot be read."""
-    from .data import DataError, load_data_file
+    evaluation that cannot run, data that cannot be read, and a model the data
+    cannot hold (each distinct data section is loaded once)."""
+    from .data import DataError
     from .evaluate import check_evaluable
-    checked = set()
+    from .runs import RunError, check_fits
+    from .sources import load_source
+    sources: dict[str, object] = {}
     for cell in cells:
         try:
             check_evaluable(cell.config.resolved_model(), cell.config.eval, cell.config.train)
         except ValueError as e:
             raise SpecError(f"{cell.name}: {e}") from None
-        path = getattr(cell.config.data, "path", None)
-        if path is not None and path not in checked:
-            try:
-                load_data_file(path)
-            except DataError as e:
-                raise SpecError(str(e)) from None
-            checked.add(path)
+        key = cell.config.data.model_dump_json()
+        try:
+            if key not in sources:
+                sources[key] = load_source(cell.config.data)
+            check_fits(cell.config, sources[key])
+        except DataError as e:
+            raise SpecError(str(e)) from None
+        except RunError as e:
+            raise SpecError(f"{cell.name}: {e}") from None
 
 
 def load_spec(path: Path, overrides: list[str]) -> tuple[dict, dict, list[Cell]]:
