@@ -141,6 +141,8 @@ def test_a_folded_source_with_one_dimension_gives_the_papers_1d_splits():
     ('name = "folded"\ndata_dim = 3\nbreaking = 3', "", "data.breaking = 3 must be in [0, data_dim - latent_dim]"),
     ('name = "folded"\ndata_dim = 3\nbreaking = "some"', "", "data.breaking"),
     ('name = "mnist"', "", "data.name must be one of"),
+    ("name = []", "", "data.name must be one of"),
+    ("name = {a = 1}", "", "data.name must be one of"),
     ('name = "tabular"\ndataset = "iris"', "", "data.dataset"),
     ('name = "tabular"\nval_fraction = 0.6', "", "data.val_fraction"),
     ('name = "paper"\npath = "y.csv"', "", "data.path: Extra inputs are not permitted"),

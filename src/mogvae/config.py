@@ -101,7 +101,7 @@ class TabularSource(_Splits):
 def _source_tag(value) -> str | None:
     """The source a [data] table names; a table without `name` is the paper's (as before sources existed)."""
     name = value.get("name", "paper") if isinstance(value, dict) else getattr(value, "name", None)
-    return name if name in SOURCES else None
+    return name if isinstance(name, str) and name in SOURCES else None     # [] or {} is no name: refused
 
 
 SOURCES = {"paper": PaperSource, "file": FileSource, "folded": FoldedSource, "tabular": TabularSource}
