@@ -10,7 +10,7 @@ import numpy as np
 
 from ..io import read_csv, write_csv
 from ..report import t_interval
-from .paired import RICHER, by_cell, interval_cell, richer_against_mfg, verdicts
+from .paired import MEANS_CAPTION, RICHER, by_cell, interval_cell, richer_against_mfg, verdicts
 
 PANELS = (("kl_to_truth", "KL(p* || p_theta), nats per point"), ("inference_gap", "inference gap, nats per point"))
 SETTINGS = (("0", "ambiguous (breaking = 0): bimodal true posterior at every D"),
@@ -70,8 +70,7 @@ def dimension_figure(out: Path) -> Path:
             ax.set(xlabel="observed dimensions D", ylabel=label, title=f"{label.split(',')[0]}: {title}")
             ax.title.set_fontsize(9)
             ax.legend(fontsize=8)
-    fig.suptitle("mean over seeds with 95% t intervals; axes span the means (an interval may run off an edge)",
-                 fontsize=10)
+    fig.suptitle(MEANS_CAPTION, fontsize=10)
     fig.tight_layout()
     path = out / "figures" / "dimension.png"
     _save(fig, path)

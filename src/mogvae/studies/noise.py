@@ -14,7 +14,7 @@ from scipy.integrate import trapezoid
 from ..data import PaperProcess
 from ..io import read_csv, write_csv
 from ..report import t_interval
-from .paired import RICHER, by_cell, interval_cell, richer_against_mfg, verdicts
+from .paired import MEANS_CAPTION, RICHER, by_cell, interval_cell, richer_against_mfg, verdicts
 
 PANELS = (("kl_to_truth", "KL(p* || p_theta), nats"), ("inference_gap", "inference gap, nats"),
           ("std_ratio", "std(generated) / std(test)"))
@@ -79,8 +79,7 @@ def noise_figure(out: Path) -> Path:
         ax.set_xscale("log")
         ax.set(xlabel="observation noise sigma", ylabel=label, title=f"{label} against sigma")
         ax.legend(fontsize=8)
-    fig.suptitle("mean over seeds with 95% t intervals; axes span the means (an interval may run off an edge)",
-                 fontsize=10)
+    fig.suptitle(MEANS_CAPTION, fontsize=10)
     fig.tight_layout()
     path = out / "figures" / "noise.png"
     _save(fig, path)

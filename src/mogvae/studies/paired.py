@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from ..report import Interval, paired
 
+MEANS_CAPTION = ("mean over seeds with 95% t intervals; axes span the means (an interval may run off "
+                 "an edge)")   # the noise and dimension figures
 RICHER = (("mog-prior", "a richer prior"), ("mog-posterior", "a richer posterior"), ("mog-both", "both"))
 
 
