@@ -3,9 +3,11 @@ does not exist. Write to a temporary sibling, fsync, rename, fsync the folder.""
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -28,8 +30,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, fault: str | None =
     faults.py point passed between the complete temporary and the rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
+    tmp = None
+    try:   # mkstemp inside the try: a SIGTERM raised just after it returns still removes the temporary
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as fh:
             os.fchmod(fh.fileno(), _file_mode())
             fh.write(data)
@@ -39,7 +42,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, fault: str | None =
             faults.point(fault)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -69,9 +73,72 @@ def write_npz(path, arrays: dict[str, np.ndarray]) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def read_npz(path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+class UnreadableFile(ValueError):
+    """A file mogvae wrote and now reads back that is not what it wrote (a link, a FIFO, a
+    device, too large, damaged): one line naming it. Nothing is read from such a file."""
+
+
+MAX_RECORD_BYTES = 256 * 2**20   # sweep.json, metrics.csv, history.jsonl, status.json, config.json
+MAX_ARRAY_BYTES = 2**31          # curves.npz, data/*.npy
+
+
+def read_bytes(path, max_bytes: int = MAX_RECORD_BYTES) -> bytes:
+    """The bytes of a regular file of at most max_bytes, as checkpoints are read: a
+    symbolic link, FIFO, device or folder is refused without reading it (a link to
+    /dev/zero never ends; a FIFO blocks forever)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        why = "a symbolic link" if e.errno == errno.ELOOP else e.strerror   # O_NOFOLLOW met a link
+        raise UnreadableFile(f"{path}: cannot read ({why})") from None
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise UnreadableFile(f"{path}: not a regular file (a FIFO, socket or device); mogvae reads back "
+                                 "only the files it wrote")
+        if st.st_size > max_bytes:
+            raise UnreadableFile(f"{path}: {st.st_size:,} bytes, more than mogvae ever writes there ({max_bytes:,})")
+        data = fh.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise UnreadableFile(f"{path}: grew past {max_bytes:,} bytes while being read")
+    return data
+
+
+def read_text(path, max_bytes: int = MAX_RECORD_BYTES) -> str:
+    try:
+        return read_bytes(path, max_bytes).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UnreadableFile(f"{path}: damaged (not UTF-8 text at byte {e.start})") from None
+
+
+def read_json(path, max_bytes: int = MAX_RECORD_BYTES):
+    """A JSON file mogvae wrote; damaged or absurdly nested JSON is an UnreadableFile."""
+    try:
+        return json.loads(read_text(path, max_bytes))
+    except (ValueError, RecursionError) as e:
+        if isinstance(e, UnreadableFile):
+            raise
+        raise UnreadableFile(f"{path}: damaged (not the JSON mogvae wrote: {str(e)[:80] or 'too deeply nested'})") \
+            from None
+
+
+def read_npy(path, max_bytes: int = MAX_ARRAY_BYTES) -> np.ndarray:
+    try:
+        return np.load(io.BytesIO(read_bytes(path, max_bytes)), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        if isinstance(e, UnreadableFile):
+            raise
+        raise UnreadableFile(f"{path}: damaged (not the .npy mogvae wrote)") from None
+
+
+def read_npz(path, max_bytes: int = MAX_ARRAY_BYTES) -> dict[str, np.ndarray]:
+    try:
+        with np.load(io.BytesIO(read_bytes(path, max_bytes)), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (ValueError, OSError, EOFError, KeyError) as e:
+        if isinstance(e, UnreadableFile):
+            raise
+        raise UnreadableFile(f"{path}: damaged (not the .npz mogvae wrote)") from None
 
 
 def write_csv(path, rows: list[dict], columns: list[str] | None = None) -> Path:
@@ -83,6 +150,12 @@ def write_csv(path, rows: list[dict], columns: list[str] | None = None) -> Path:
     return write_text(path, buf.getvalue())
 
 
-def read_csv(path) -> list[dict[str, str]]:
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
+def read_csv(path, max_bytes: int = MAX_RECORD_BYTES) -> list[dict[str, str]]:
+    """Rows of a CSV file mogvae wrote; a row whose width differs from the header's is damage."""
+    try:
+        rows = list(csv.DictReader(io.StringIO(read_text(path, max_bytes), newline="")))
+    except csv.Error as e:
+        raise UnreadableFile(f"{path}: damaged ({e})") from None
+    if any(None in row or None in row.values() for row in rows):
+        raise UnreadableFile(f"{path}: damaged (a row's width differs from the header's)")
+    return rows

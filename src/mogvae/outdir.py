@@ -14,9 +14,11 @@ A user's folder is sacred. Every folder mogvae writes into carries a manifest,
 """
 from __future__ import annotations
 
-import json
+import fcntl
 import os
 import re
+import socket
+import stat
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
@@ -77,10 +79,11 @@ def read_manifest(root: Path) -> Layout | None:
     path = root / MANIFEST
     if not path.is_file() or path.is_symlink():
         return None
+    from .io import read_json
     try:
-        data = json.loads(path.read_text())
+        data = read_json(path, max_bytes=2**20)       # a manifest names a few dozen files
         layout = Layout(data["kind"], tuple(data["files"]), tuple(data.get("patterns", ())))
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError, OSError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
     if data.get("written_by") != "mogvae":
         return None
@@ -149,6 +152,7 @@ def claim(out: Path, layout: Layout, allowed: re.Pattern, *, resume: bool, overw
         if not _manifest_is_plausible(recorded, allowed):
             raise OutputError(f"{option} {out}: its {MANIFEST} names files that a mogvae {layout.kind} folder "
                               "never holds; not trusted, nothing touched")
+        check_own_folders(out, layout, option)
         if overwrite:
             reason = _protected(out)
             if reason:
@@ -165,6 +169,56 @@ def claim(out: Path, layout: Layout, allowed: re.Pattern, *, resume: bool, overw
     if read_manifest(out) != layout:  # a resumed folder keeps its manifest untouched
         write_manifest(out, layout)
     return out
+
+
+def take_lock(root: Path, what: str, wait: bool = False):
+    """Hold root's lock file (an flock: the kernel releases it when its holder dies,
+    even by kill -9) and write who holds it. With `wait`, block until the holder
+    finishes (a Dask task of a killed driver, still training); else refuse in one
+    line that names the holder (`what`: the kind of holder, "sweep" or "process").
+    Returns the open file: the lock lasts as long as it does. A lock that is a
+    link or not a regular file is refused, never followed or truncated."""
+    try:
+        fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+    except OSError as e:
+        raise OutputError(f"{root / LOCK}: cannot be used as mogvae's lock ({e.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OutputError(f"{root / LOCK}: not a regular file; mogvae's lock must be one")
+    fh = os.fdopen(fd, "r+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        holder = lock_holder(root)
+        fh.close()
+        raise OutputError(f"{root}: in use by another mogvae {what}" + (f" ({holder})" if holder else "")
+                          + "; wait for it to finish, or stop it, and run the same command again") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+    fh.flush()
+    return fh
+
+
+def lock_holder(root: Path) -> str:
+    """Who holds root's lock, as its holder wrote it ('' if unknown)."""
+    try:
+        fd = os.open(root / LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return ""
+    with os.fdopen(fd, "rb") as fh:
+        text = fh.read(200).decode("utf-8", "replace").strip()
+    return "".join(c for c in text.splitlines()[0] if c.isprintable()) if text else ""
+
+
+def check_own_folders(root: Path, layout: Layout, option: str = "--out") -> None:
+    """The sub-folders mogvae writes into must be real folders of root: one that is a link (or a
+    file) would send mogvae's writes, or its clean-up, somewhere it never claimed."""
+    for rel in sorted(layout.folders()):
+        path = root / rel
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            raise OutputError(f"{option} {root}: {rel} is a link or a file, not the folder mogvae made; "
+                              "nothing written")
 
 
 def remove_owned(root: Path, layout: Layout) -> None:

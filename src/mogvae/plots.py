@@ -2,7 +2,6 @@
 beside it as CSV (long format), so every plotted number can be checked."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -13,7 +12,7 @@ import numpy as np  # noqa: E402
 
 from .data import PaperProcess  # noqa: E402
 from .evaluate import mass_window  # noqa: E402
-from .io import atomic_write_bytes, read_csv, read_npz, write_csv  # noqa: E402
+from .io import atomic_write_bytes, read_csv, read_json, read_npz, write_csv  # noqa: E402
 
 COLORS = {"mfg": "#4c72b0", "mog-prior": "#dd8452", "mog-posterior": "#55a868", "mog-both": "#c44e52"}
 COMPARED = [("test_log_likelihood", "test log-likelihood (nats)"), ("kl_to_truth", "KL(p* || p_theta) (nats)"),
@@ -35,7 +34,7 @@ def truth_figure(out: Path) -> None:
     """The paper's Figure 1: joint density, f, and posteriors p*(z|y). Each of the
     paper's probe values gets its own panel and y-range: the spikes at y = 1 and
     y = -3 (mass squeezed against z = 0 and 1) would flatten the y = 0.2 curve."""
-    sigma = json.loads((out / "truth.json").read_text())["sigma"]
+    sigma = read_json(out / "truth.json")["sigma"]
     process = PaperProcess(sigma)
     z = np.linspace(0, 1, 1001)
     y = np.linspace(-0.4, 0.65, 301)
@@ -136,7 +135,7 @@ def comparison_figure(out: Path, models: list[str]) -> None:
     Non-negative quantities spanning more than a decade get a log axis instead."""
     from .report import t_interval
     rows = [r for r in read_csv(out / "metrics.csv") if r["diverged"] == "False"]
-    truth = json.loads((out / "truth.json").read_text())
+    truth = read_json(out / "truth.json")
     fig, axes = plt.subplots(2, 4, figsize=(17, 7.5))
     csv_rows = []
     for ax, (key, label) in zip(axes.ravel(), COMPARED):
@@ -184,7 +183,7 @@ def training_figure(out: Path, runs: dict[str, Path]) -> None:
     """Validation ELBO per epoch of each run (history.jsonl): mean over seeds, band min..max;
     the true validation log-likelihood where it is known (truth.json)."""
     from .runs import read_history
-    truth = json.loads((out / "truth.json").read_text()) if (out / "truth.json").exists() else {}
+    truth = read_json(out / "truth.json") if (out / "truth.json").exists() else {}
     fig, ax = plt.subplots(1, 2, figsize=(13, 4.5))
     csv_rows = []
     for i, (m, run) in enumerate(runs.items()):
@@ -221,8 +220,7 @@ def has_latent_curves(run: Path) -> bool:
     """The model figure draws z: it exists for 1-D latents (see evaluate._latent_curves)."""
     if not (run / "curves.npz").exists():
         return False
-    with np.load(run / "curves.npz") as c:
-        return "decoder" in c.files
+    return "decoder" in read_npz(run / "curves.npz")
 
 
 def all_figures(out: Path, runs: dict[str, Path]) -> list[Path]:

@@ -15,7 +15,7 @@ import numpy as np
 
 from .config import StudyConfig
 from .data import PaperProcess
-from .io import atomic_write_bytes, write_json
+from .io import MAX_ARRAY_BYTES, atomic_write_bytes, read_bytes, read_npy, write_json
 from .outdir import Layout
 from .sweep import Cell, SweepDir, execute, expand, run_layout_files, versions
 
@@ -69,8 +69,8 @@ def run(config: StudyConfig, sweep: SweepDir, progress=None) -> dict[str, Path]:
     runs = {c.config.preset: sweep.run_path(c) for c in cells}
     first = next(iter(runs.values()))
     for split in SPLITS:  # every run trained on the same data: the first run's copy is the study's
-        atomic_write_bytes(sweep.path / "data" / f"{split}.npy", (first / "data" / f"{split}.npy").read_bytes())
+        atomic_write_bytes(sweep.path / "data" / f"{split}.npy", read_bytes(first / "data" / f"{split}.npy", MAX_ARRAY_BYTES))
     process = PaperProcess(config.data.sigma)
     write_json(sweep.path / "truth.json", {f"{s}_log_likelihood": float(process.log_prob(
-        np.load(sweep.path / "data" / f"{s}.npy")).mean()) for s in ("val", "test")} | {"sigma": process.sigma})
+        read_npy(sweep.path / "data" / f"{s}.npy")).mean()) for s in ("val", "test")} | {"sigma": process.sigma})
     return runs

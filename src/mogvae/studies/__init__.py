@@ -31,11 +31,10 @@ def _present_noise(out) -> tuple[list[str], list]:
 
 
 def _present_families(out) -> tuple[list[str], list]:
-    import json
-
+    from ..sweep import read_record
     from . import families, importance
     figure = families.families_figure(out)
-    quick = json.loads((out / "sweep.json").read_text()).get("title", "").endswith("(quick)")
+    quick = read_record(out).get("title", "").endswith("(quick)")
     sampled, rows = importance.importance_figure(out, *(((1, 10, 100, 1000), 50) if quick else ()))
     return (["## Where each family's shortfall comes from", "", *families.reading(out), "",
              "## Importance sampling against quadrature", "", *importance.reading(rows), ""], [figure, sampled])

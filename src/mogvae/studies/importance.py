@@ -4,12 +4,13 @@ over points and replicas) against the number of samples K, and how often the
 estimate lies beyond three of its own standard errors from the exact value."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from ..io import write_csv
+from ..io import read_npy, write_csv
+from ..sweep import read_record
+from ..webpage import md_text
 
 K_VALUES = (1, 10, 100, 1000, 5000)
 POINTS = 200
@@ -18,14 +19,14 @@ POINTS = 200
 def importance_rows(out: Path, ks=K_VALUES, points: int = POINTS) -> list[dict]:
     from ..likelihood import log_likelihood
     from ..runs import trained_model
-    cells = json.loads((out / "sweep.json").read_text())["cells"]
+    cells = read_record(out)["cells"]
     rows = []
     for cell in cells:
         run = out / "runs" / cell["name"]
         if cell["config"]["train"]["objective"] != "elbo" or not (run / "metrics.csv").exists():
             continue
         model, config, seeds = trained_model(run)
-        y = np.load(run / "data" / "test.npy", allow_pickle=False)[:points]
+        y = read_npy(run / "data" / "test.npy")[:points]
         exact = log_likelihood(model, y, "quadrature", grid_size=config.eval.grid_size).value
         for k in ks:
             est = log_likelihood(model, y, "importance", n_samples=k, seeds=seeds)
@@ -73,5 +74,5 @@ def reading(rows: list[dict]) -> list[str]:
     return [f"At K = {top}, over every VAE of the study, the importance-sampling estimate's bias is at most "
             f"{max(r['bias'] for r in at_top):.2e} nats and its mean standard error at most "
             f"{max(r['mean_stderr'] for r in at_top):.2e}; the share of points beyond three standard errors of the "
-            f"exact value is at most {worst['beyond_3se']:.1%} ({worst['run']}; 0.3% if the errors were Gaussian). "
+            f"exact value is at most {worst['beyond_3se']:.1%} ({md_text(worst['run'])}; 0.3% if the errors were Gaussian). "
             "Table: figures/importance.csv."]
