@@ -2,7 +2,6 @@
 from metrics.csv alone (one source of truth for every number)."""
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +9,8 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from .io import read_csv, write_text
+from .io import read_csv, read_json, write_text
+from .webpage import md_text
 
 TABLE = [("test_log_likelihood", "test LL", 4), ("kl_to_truth", "KL to truth", 4), ("test_elbo", "test ELBO", 4),
          ("inference_gap", "inference gap", 4), ("approximation_gap", "approx. gap", 5),
@@ -78,7 +78,7 @@ def summary_rows(metrics, models) -> list[list[str]]:
 def _table(metrics, models) -> str:
     head = "| model | runs | diverged | " + " | ".join(t[1] for t in TABLE) + " |"
     lines = [head, "|" + "---|" * (len(TABLE) + 3)]
-    lines += ["| " + " | ".join(row) + " |" for row in summary_rows(metrics, models)]
+    lines += ["| " + " | ".join([md_text(row[0]), *row[1:]]) + " |" for row in summary_rows(metrics, models)]
     return "\n".join(lines)
 
 
@@ -116,12 +116,12 @@ def reading(metrics, truth: dict) -> list[str]:
         ratio = t_interval(np.array([r["std_ratio"] for r in metrics[m].values()], dtype=float))
         if ratio.n > 1:
             learns = ratio.low <= 1 <= ratio.high
-            out.append(f"- {m}: std(generated)/std(test) = {ratio.mean:.3f} [95% CI {ratio.low:.3f}, {ratio.high:.3f}]: "
+            out.append(f"- {md_text(m)}: std(generated)/std(test) = {ratio.mean:.3f} [95% CI {ratio.low:.3f}, {ratio.high:.3f}]: "
                        + ("consistent with learning the variance." if learns else
                           "does not learn the variance (the paper's observation)."))
     kl = {m: t_interval(np.array([r["kl_to_truth"] for r in metrics[m].values()], dtype=float)) for m in metrics}
     out.append("- Distance to the truth, KL(p* || p_theta) in nats: "
-               + ", ".join(f"{m} {iv.mean:.4f}" for m, iv in kl.items())
+               + ", ".join(f"{md_text(m)} {iv.mean:.4f}" for m, iv in kl.items())
                + f" (true test log-likelihood {truth['test_log_likelihood']:.4f}).")
     diverged = sum(r["diverged"] == "True" for runs in metrics.values() for r in runs.values())
     total = sum(len(runs) for runs in metrics.values())
@@ -132,8 +132,8 @@ def reading(metrics, truth: dict) -> list[str]:
 
 def write_report(out: Path, models: list[str], figures: list[Path]) -> Path:
     metrics = load_metrics(out / "metrics.csv")
-    truth = json.loads((out / "truth.json").read_text())
-    config = json.loads((out / "config.json").read_text())["study"]
+    truth = read_json(out / "truth.json")
+    config = read_json(out / "config.json")["study"]
     n = config["seeds"]
     lines = [
         "# mogvae reproduce: expressive prior vs expressive posterior",
@@ -163,7 +163,7 @@ def write_report(out: Path, models: list[str], figures: list[Path]) -> Path:
         "## Figures",
         "",
     ]
-    lines += [f"![{p.stem}](figures/{p.name})" for p in figures]
+    lines += [f"![{md_text(p.stem)}](figures/{p.name})" for p in figures]
     return write_text(out / "report.md", "\n".join(lines) + "\n")
 
 

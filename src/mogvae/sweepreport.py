@@ -9,15 +9,16 @@ import json
 import math
 from pathlib import Path
 
-from .io import write_text
+from .io import UnreadableFile, write_text
 from .report import TABLE, Interval, load_metrics, paired, summary_rows
-from .webpage import write_html
+from .webpage import md_text, write_html
 
 COMPARED = (("test_log_likelihood", "test LL"), ("inference_gap", "inference gap"), ("kl_to_truth", "KL to truth"))
 
 
 def _fmt(value) -> str:
-    return "-".join(map(str, value)) if isinstance(value, list) else str(value)
+    """A grid value as report text (escaped: a value is the user's, or read back from sweep.json)."""
+    return md_text("-".join(map(str, value)) if isinstance(value, list) else value)
 
 
 def _axes(cells: list[dict]) -> list[str]:
@@ -27,11 +28,11 @@ def _axes(cells: list[dict]) -> list[str]:
 
 def cell_table(cells: list[dict], metrics) -> list[str]:
     axes = _axes(cells)
-    head = ["run", *axes, "n", "diverged", *(t[1] for t in TABLE)]
+    head = ["run", *map(md_text, axes), "n", "diverged", *(t[1] for t in TABLE)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for cell, row in zip(cells, summary_rows(metrics, [c["name"] for c in cells])):
         name, n, diverged, *values = row
-        lines.append("| " + " | ".join([name, *(_fmt(cell["values"].get(a, "–")) for a in axes), n, diverged,
+        lines.append("| " + " | ".join([md_text(name), *(_fmt(cell["values"].get(a, "–")) for a in axes), n, diverged,
                                          *values]) + " |")
     return lines
 
@@ -47,11 +48,11 @@ def comparisons(cells: list[dict], metrics) -> list[str]:
         levels = list(dict.fromkeys(json.dumps(c["values"][axis]) for c in cells))
         if len(levels) < 2:
             continue
-        lines += ["", f"### Along `{axis}` (each value minus {_fmt(json.loads(levels[0]))}, paired by seed)", ""]
+        lines += ["", f"### Along {md_text(axis)} (each value minus {_fmt(json.loads(levels[0]))}, paired by seed)", ""]
         if axis.startswith("data."):
             lines += ["This axis changes the data: test log-likelihoods are then on different test sets and "
                       "differ with the data's own entropy; KL to the truth compares like with like.", ""]
-        lines += ["| fixed | " + axis + " | " + " | ".join(label for _, label in COMPARED) + " |",
+        lines += ["| fixed | " + md_text(axis) + " | " + " | ".join(label for _, label in COMPARED) + " |",
                   "|" + "---|" * (2 + len(COMPARED))]
         for cell in cells:
             if json.dumps(cell["values"][axis]) == levels[0]:
@@ -60,7 +61,7 @@ def comparisons(cells: list[dict], metrics) -> list[str]:
             base = by_values.get(base_key)
             if base is None:   # a [[grid.also]] cell with the main grid's keys, at a level the grid lacks
                 continue
-            fixed = ", ".join(f"{a}={_fmt(cell['values'][a])}" for a in axes if a != axis) or "-"
+            fixed = ", ".join(f"{md_text(a)}={_fmt(cell['values'][a])}" for a in axes if a != axis) or "-"
             intervals = [paired(metrics, cell["name"], base, key) for key, _ in COMPARED]
             lines.append(f"| {fixed} | {_fmt(cell['values'][axis])} | " + " | ".join(map(_interval, intervals)) + " |")
     return lines
@@ -98,14 +99,14 @@ def exactness_lines(cells: list[dict], metrics) -> list[str]:
     return [f"{len(flagged)} of {total} replicas have a quadrature error bound above {EXACT_TOLERANCE:g} nats (max "
             "over test points: log p, ELBO, an oracle's training grid, the gap rule): at some test points the grid did not resolve their posterior or "
             "prior (a degenerate, very narrow component, typically). Their means are still reported; read them "
-            "with this bound:", "", *(f"- {name}, seed {seed}: {bound:.2g} nats" for name, seed, bound in flagged)]
+            "with this bound:", "", *(f"- {md_text(name)}, seed {seed}: {bound:.2g} nats" for name, seed, bound in flagged)]
 
 
 def divergence_lines(cells: list[dict], metrics) -> list[str]:
     total = sum(len(metrics[c["name"]]) for c in cells)
     diverged = {c["name"]: sum(r["diverged"] == "True" for r in metrics[c["name"]].values()) for c in cells}
     out = [f"Diverged replicas: {sum(diverged.values())} of {total}."]
-    out += [f"- {name}: {k} of {len(metrics[name])}" for name, k in diverged.items() if k]
+    out += [f"- {md_text(name)}: {k} of {len(metrics[name])}" for name, k in diverged.items() if k]
     return out
 
 
@@ -118,19 +119,42 @@ def _how_evaluated(metrics) -> str:
             "beyond (an estimate with its standard error)" if sampled else "every likelihood exact (quadrature)")
 
 
+def _finished_metrics(out: Path) -> dict:
+    """metrics.csv by run; one that is missing or damaged is refused in one line (a re-run of the
+    sweep's command rebuilds it from the run folders)."""
+    path = out / "metrics.csv"
+    if not path.exists():
+        return {}
+    try:
+        return load_metrics(path, by="run")
+    except (KeyError, ValueError) as e:
+        if isinstance(e, UnreadableFile):
+            raise
+        raise UnreadableFile(f"{path}: damaged (not the table mogvae wrote); re-run the sweep's command to rebuild "
+                             "it from the run folders") from None
+
+
 def write_sweep_report(out: Path) -> Path:
     """report.md and report.html, titled as sweep.json says; a built-in study puts
     its own reading and figures first (studies.PRESENTERS)."""
     from .plots import sweep_figures
     from .studies import PRESENTERS
+    from .sweep import read_record
     out = Path(out)
-    record = json.loads((out / "sweep.json").read_text())
+    record = read_record(out)
     title, cells = record.get("title", "mogvae sweep"), record["cells"]
-    lead, first_figures = PRESENTERS[record["study"]](out) if record.get("study") else ([], [])
-    metrics = load_metrics(out / "metrics.csv", by="run")
+    metrics = _finished_metrics(out)
+    unfinished = [c["name"] for c in cells if c["name"] not in metrics]
+    cells = [c for c in cells if c["name"] in metrics]     # a sweep stopped before its end: what is finished
+    if not cells:
+        raise UnreadableFile(f"{out}: no run of this sweep has finished yet; re-run its command to train them")
+    study = PRESENTERS.get(record.get("study")) if not unfinished else None
+    lead, first_figures = study(out) if study else ([], [])
     figures = [*first_figures, *sweep_figures(out, {c["name"]: out / "runs" / c["name"] for c in cells})]
     seeds = sorted({len(m) for m in metrics.values()})
-    lines = [f"# {title}", "",
+    lines = [f"# {md_text(title)}", "",
+             *([f"**Unfinished:** {len(unfinished)} of {len(unfinished) + len(cells)} runs have not finished; this "
+                "report shows the others (a study's own reading waits for all of them).", ""] if unfinished else []),
              f"{len(cells)} runs, {'/'.join(map(str, seeds))} seed(s) each; {_how_evaluated(metrics)}, "
              "in nats per test point; mean ± sd over seeds, diverged replicas excluded.", "", *lead,
              "## Per run", "", *cell_table(cells, metrics), "",
@@ -138,7 +162,7 @@ def write_sweep_report(out: Path) -> Path:
              "Mean difference over seeds with its 95% t interval; ** marks an interval that excludes zero.",
              *comparisons(cells, metrics), "", "## Divergence", "", *divergence_lines(cells, metrics), "",
              "## Exactness", "", *exactness_lines(cells, metrics), "",
-             "## Figures", "", *(f"![{p.stem}](figures/{p.name})" for p in figures), ""]
+             "## Figures", "", *(f"![{md_text(p.stem)}](figures/{p.name})" for p in figures), ""]
     report = write_text(out / "report.md", "\n".join(lines))
-    write_html(report)
+    write_html(report, str(title))
     return report

@@ -13,6 +13,7 @@ from ..config import ModelConfig
 from ..gaps import decomposition
 from ..io import read_csv, write_csv
 from ..report import Interval, t_interval
+from ..webpage import md_text
 
 DEFAULT_POSTERIOR = ModelConfig().posterior
 TERMS = (("misspecification", "misspecification", "#8172b3"),
@@ -118,7 +119,7 @@ def reading(out: Path) -> list[str]:
              "|" + "---|" * (3 + len(TERMS))]
     for key in sorted(cells, key=lambda k: (-k[0], k[1], k[2])):
         iv = cells[key]
-        lines.append(f"| {key[0]:g} | {key[1]} + {key[2]} | " +
+        lines.append(f"| {key[0]:g} | {md_text(key[1])} + {md_text(key[2])} | " +
                      " | ".join(_fmt(iv[t]) for t, _, _ in TERMS) + f" | {_fmt(iv['total'])} |")
     lines += ["", "### Does a richer prior or a richer posterior shrink each term? (paired by seed, "
               "against normal + gaussian)", "",
@@ -134,7 +135,7 @@ def reading(out: Path) -> list[str]:
             seeds = sorted(set(base) & set(by_key[key]))
             diffs = {t: t_interval(np.array([by_key[key][s][t] - base[s][t] for s in seeds]))
                      for t in (*(x[0] for x in TERMS), "total")}
-            lines.append(f"| {sigma:g} | {key[1]} + {key[2]} | " +
+            lines.append(f"| {sigma:g} | {md_text(key[1])} + {md_text(key[2])} | " +
                          " | ".join(_fmt(diffs[t]) for t, _, _ in TERMS) + f" | {_fmt(diffs['total'])} |")
             verdicts.setdefault(sigma, []).append((key[1:], diffs))
     lines += ["", *_sentences(verdicts)]

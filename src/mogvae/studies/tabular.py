@@ -4,13 +4,14 @@ with its standard error), per point and per observed dimension, each richer mode
 paired by seed."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from ..io import read_csv, write_csv
+from ..io import read_csv, read_npy, write_csv
 from ..report import t_interval
+from ..sweep import read_record
+from ..webpage import md_text
 from .paired import RICHER, by_cell, interval_cell, richer_against_mfg, verdicts
 
 MODELS = ("mfg", *(m for m, _ in RICHER))
@@ -24,10 +25,10 @@ def _level(row: dict) -> tuple[str, int]:
 def _dimensions(out: Path) -> dict[str, int]:
     """Observed dimensions of each data set, from a run's saved test split."""
     dims = {}
-    for cell in json.loads((out / "sweep.json").read_text())["cells"]:
+    for cell in read_record(out)["cells"]:
         test = out / "runs" / cell["name"] / "data" / "test.npy"
         if test.exists():
-            dims[cell["values"]["data.dataset"]] = int(np.load(test, mmap_mode="r").shape[1])
+            dims[cell["values"]["data.dataset"]] = int(read_npy(test).shape[1])
     return dims
 
 
@@ -86,9 +87,9 @@ def reading(out: Path) -> list[str]:
         intervals = richer_against_mfg(cells, (name, d))
         for (m, _), diff in zip(RICHER, intervals):
             if diff.excludes_zero() and diff.mean > 0:
-                helps[m].append(f"{name} (d_z = {d})")
+                helps[m].append(f"{md_text(name)} (d_z = {d})")
         per_dim = " / ".join(f"{diff.mean / dims.get(name, np.nan):+.4f}" for diff in intervals)
-        lines.append(f"| {name} | {d} | {how} | {iv.mean:.3f} [{iv.low:.3f}, {iv.high:.3f}] | "
+        lines.append(f"| {md_text(name)} | {d} | {how} | {iv.mean:.3f} [{iv.low:.3f}, {iv.high:.3f}] | "
                      + " | ".join(interval_cell(diff, 3) for diff in intervals) + f" | {per_dim} |")
     lines += ["", "Test log-likelihood in nats per test point (higher is better): mfg's mean [95% t interval over "
               "seeds], then each richer model minus mfg, paired by seed, ** where the interval excludes zero; the "
