@@ -2,8 +2,11 @@
 
 Shared by `mogvae train` (one run) and `mogvae sweep` (a grid of runs): the
 same reading, the same `--set key=value` overrides (values in TOML syntax, bare
-words are strings), and the same rule for data paths: a relative `data.path`
-in a file is read from that file's folder.
+words are strings), and one rule for data paths: **a relative `data.path` is
+relative to where it is written**. In a file (its `[data]` table, or a value of
+its `[grid]`), that file's folder; on the command line (`--set`), the current
+directory. Either way it is made absolute as it is read, before anything is
+recorded, so a run resumed from another folder reads the same file.
 """
 from __future__ import annotations
 
@@ -33,11 +36,19 @@ def read_toml(path: Path) -> dict:
         raw = loads(text)
     except TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
-    data = raw.get("data")
-    if isinstance(data, dict) and isinstance(data.get("path"), str) and data["path"]:
-        if not Path(data["path"]).is_absolute():  # found beside the file (--set paths: from the cwd)
-            data["path"] = str((path.parent / data["path"]).absolute())
+    absolute_data_path(raw.get("data"), path.parent)   # a grid's values: sweep.expand, from the same folder
     return raw
+
+
+def _absolute(path, base: Path):
+    """A relative path string made absolute against `base`; anything else as it is (validation names it)."""
+    return str((base / path).absolute()) if isinstance(path, str) and path and not Path(path).is_absolute() else path
+
+
+def absolute_data_path(data, base: Path) -> None:
+    """A [data] table's relative path made absolute against `base`, in place."""
+    if isinstance(data, dict) and "path" in data:
+        data["path"] = _absolute(data["path"], base)
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -46,6 +57,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected key=value")
         set_dotted(raw, key.strip(), parse_value(value.strip()), where=f"--set {key.strip()}")
+        if key.strip() in ("data", "data.path"):        # written on the command line: from the current directory
+            absolute_data_path(raw.get("data"), Path.cwd())
     return raw
 
 

@@ -13,7 +13,6 @@ command continues from the newest valid checkpoint, bitwise identically.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -32,10 +31,11 @@ from .curvelog import CurveLog
 from .config import PRESETS, DataConfig, EvalConfig, PaperSource, ModelConfig, Strict, TrainConfig
 from .data import DataError
 from . import faults
-from .evaluate import check_evaluable, evaluate, metric_rows
-from .io import write_csv, write_json, write_npy, write_npz, write_text
+from .evaluate import check_evaluable, check_evaluation_memory, evaluate, metric_rows
+from .io import (UnreadableFile, read_json, read_npy, read_text, write_csv, write_json, write_npy, write_npz,
+                 write_text)
 from .model import build_model
-from .outdir import LOCK, Layout, OutputError, claim, remove_stale_temporaries
+from .outdir import Layout, OutputError, claim, remove_stale_temporaries, take_lock
 from .replicas import initialize, replica_seed
 from .sources import load_source
 from .train import Trainer
@@ -87,6 +87,40 @@ class RunConfig(Strict):
         return self.model.model_copy(update=PRESETS[self.preset]) if self.preset else self.model
 
 
+DATA_RECORD = "data_record"   # config.json's one key beyond the configuration: what the run trains on
+
+
+def stored_config(saved: dict) -> dict:
+    """The configuration in a saved config.json, without its data record."""
+    return {k: v for k, v in saved.items() if k != DATA_RECORD} if isinstance(saved, dict) else saved
+
+
+def splits_digest(splits: dict[str, np.ndarray]) -> str:
+    """SHA-256 of the train, val and test values (float64, with their shapes): the data's content."""
+    h = hashlib.sha256()
+    for name in SPLITS:
+        y = np.ascontiguousarray(splits[name], dtype=np.float64)
+        h.update(f"{name}{y.shape}".encode())
+        h.update(y.tobytes())
+    return h.hexdigest()
+
+
+def data_record(data, splits: dict[str, np.ndarray]) -> dict:
+    """What a run trains on, for config.json: the source, a file's absolute path, the content's hash."""
+    path = getattr(data, "path", None)
+    return {"source": data.name, "path": str(Path(path).absolute()) if path else None,
+            "sha256": splits_digest(splits)}
+
+
+def with_absolute_paths(config: RunConfig) -> RunConfig:
+    """A relative data.path made absolute against the current directory, once, before it is
+    recorded: a resume from another folder must not read another file (configfile.py's rule)."""
+    path = getattr(config.data, "path", None)
+    if not path or Path(path).is_absolute():
+        return config
+    return config.model_copy(update={"data": config.data.model_copy(update={"path": str(Path(path).absolute())})})
+
+
 def upgraded(old: dict) -> dict:
     """A configuration recorded by an earlier version, with the fields added since at
     their defaults. A field is only ever added with a default that does what the
@@ -118,38 +152,53 @@ class RunDir:
         self.checkpoints = self.path / "checkpoints"
         self._lock = None
 
-    def lock(self) -> None:
+    def lock(self, wait: bool = False) -> None:
         """Claim the folder (new, empty, or already a run folder: anything else is
-        refused untouched), take its lock, and remove the temporaries of our own
-        interrupted writes, and nothing else."""
+        refused untouched), take its lock (with `wait`, once its holder is done),
+        and remove the temporaries of our own interrupted writes, and nothing else."""
         try:
             claim(self.path, RUN_LAYOUT, RUN_NAMES, resume=True)
+            self._lock = take_lock(self.path, "process", wait=wait)
         except OutputError as e:
             raise RunError(str(e)) from None
-        self._lock = open(self.path / LOCK, "a")  # "a": taking the lock changes nothing on disk
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunError(f"{self.path}: in use by another mogvae process") from None
         remove_stale_temporaries(self.path, RUN_LAYOUT)
 
-    def claim(self, config: RunConfig) -> None:
-        """Record the configuration, or check that a resume asks for the same one."""
+    def claim(self, config: RunConfig, record: dict | None = None) -> None:
+        """Record the configuration and what it trains on (`record`, see data_record), or
+        check that a resume asks for the same configuration (and, given a record, the same data)."""
         resolved = config.model_dump(mode="json")
         self.config_hash = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()
         saved = self.path / "config.json"
-        if saved.exists():
-            try:
-                old = json.loads(saved.read_text())
-            except ValueError:
-                raise RunError(f"{saved}: unreadable (not JSON)") from None
-            diff = differences(upgraded(old), resolved)
-            if diff:
-                raise RunError(f"{self.path}: was started with a different configuration: " + ", ".join(diff))
-            # the checkpoints of a folder written by an earlier version carry the hash of its config.json
-            self.config_hash = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()
-        else:
-            write_json(saved, resolved)
+        if not saved.exists():
+            write_json(saved, {**resolved, DATA_RECORD: record} if record else resolved)
+            return
+        try:
+            old = read_json(saved)
+        except UnreadableFile as e:
+            raise RunError(str(e)) from None
+        old_record, old = (old.get(DATA_RECORD), stored_config(old)) if isinstance(old, dict) else (None, old)
+        diff = differences(upgraded(old), resolved)
+        if diff:
+            raise RunError(f"{self.path}: was started with a different configuration: " + ", ".join(diff))
+        if record:
+            self._check_same_data(old_record, record)
+        # the checkpoints of a folder written by an earlier version carry the hash of its config.json
+        self.config_hash = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()
+
+    def _check_same_data(self, old: dict | None, new: dict) -> None:
+        """A resume trains on the data the run started on, or is refused naming both. A folder
+        written before runs recorded their data is checked against its saved data/*.npy."""
+        if not isinstance(old, dict):
+            saved = [self.path / "data" / f"{s}.npy" for s in SPLITS]
+            if not all(p.exists() for p in saved):
+                return
+            old = {"path": f"{self.path / 'data'}/*.npy", "sha256": splits_digest(
+                {s: read_npy(p) for s, p in zip(SPLITS, saved)})}
+        if old.get("sha256") != new["sha256"]:
+            then, now = old.get("path") or f"the {old.get('source', 'original')} data", new["path"] or "the data"
+            raise RunError(f"{self.path}: this run started on {then} (sha256 {str(old.get('sha256'))[:12]}), but "
+                           f"{now} now holds other data (sha256 {new['sha256'][:12]}); restore those data, or train "
+                           "into a new folder")
 
     def newest_checkpoint(self, trainer: Trainer, warn) -> tuple[dict, dict] | None:
         """The newest checkpoint that verifies and that this trainer can resume
@@ -192,19 +241,25 @@ class RunDir:
 
     def is_complete(self, epochs: int) -> bool:
         """Trained to the end and evaluated: status says so and the metrics exist."""
-        try:
-            status = json.loads((self.path / "status.json").read_text())
-        except (OSError, ValueError):
-            return False
+        status = self._status()
         return (isinstance(status, dict) and status.get("done") is True and status.get("epoch") == epochs
                 and (self.path / "metrics.csv").is_file())
 
+    def _status(self) -> dict:
+        """status.json, or {} before the first epoch; one that is not what mogvae wrote (a link,
+        a FIFO, damaged) is refused in one line rather than read or silently replaced."""
+        path = self.path / "status.json"
+        if not os.path.lexists(path):
+            return {}
+        try:
+            status = read_json(path)
+        except UnreadableFile as e:
+            raise RunError(f"{e}; delete it to resume from the newest checkpoint") from None
+        return status if isinstance(status, dict) else {}
+
     def train_seconds(self) -> float:
         """Training wall time of earlier sessions of this run (status.json), 0 for a new run."""
-        try:
-            seconds = json.loads((self.path / "status.json").read_text()).get("train_seconds", 0.0)
-        except (OSError, ValueError, AttributeError):
-            return 0.0
+        seconds = self._status().get("train_seconds", 0.0)
         return float(seconds) if isinstance(seconds, (int, float)) and seconds >= 0 else 0.0
 
     def append_history(self, trainer: Trainer) -> None:
@@ -231,7 +286,7 @@ def _history_line(trainer: Trainer, epoch: int) -> str:
 def read_history(path: Path) -> list[dict]:
     """The epochs of a history.jsonl; a torn last line (a crash mid-append) is ignored."""
     out = []
-    for line in Path(path).read_text().splitlines():
+    for line in read_text(path).splitlines():
         try:
             out.append(json.loads(line))
         except ValueError:
@@ -243,10 +298,11 @@ class RunSession:
     """A locked run folder with its trainer at the newest valid checkpoint.
     Everything that can be refused is checked on opening, before any training."""
 
-    def __init__(self, config: RunConfig, out: Path, log=print):
+    def __init__(self, config: RunConfig, out: Path, log=print, wait_for_lock: bool = False):
+        config = with_absolute_paths(config)
         self.config, self.run = config, RunDir(out)
         try:
-            check_evaluable(config.resolved_model(), config.eval, config.train)
+            check_evaluable(config.resolved_model(), config.eval, config.train, config.data, config.seeds)
         except ValueError as e:
             raise RunError(str(e)) from None
         try:  # a user's data is checked before anything is written
@@ -255,8 +311,8 @@ class RunSession:
             raise RunError(str(e)) from None
         self.data, self.process, self.data_dim = source.splits, source.truth, source.data_dim
         check_fits(config, source)
-        self.run.lock()
-        self.run.claim(config)
+        self.run.lock(wait=wait_for_lock)
+        self.run.claim(config, data_record(config.data, source.splits))
         self.seeds = [replica_seed(config.base_seed, i) for i in range(config.seeds)]
         self.model = build_model(config.resolved_model(), replicas=len(self.seeds), data_dim=self.data_dim,
                                  noise=config.data.sigma)
@@ -314,19 +370,24 @@ class RunSession:
 
 
 def check_fits(config: RunConfig, source) -> None:
-    """What only the loaded data can refuse: a VampPrior's pseudo-inputs stand in for training points."""
+    """What only the loaded data can refuse: a VampPrior's pseudo-inputs stand in for training points,
+    and evaluation's memory grows with the data's dimension (a file's D is known once it is read)."""
     m, n = config.resolved_model(), len(source.splits["train"])
     if m.prior == "vamp" and m.n_components > n:
         raise RunError(f"model.n_components = {m.n_components} pseudo-inputs for a VampPrior, but the training split "
                        f"has {n} points: use at most {n}")
+    try:
+        check_evaluation_memory(m, config.eval, source.data_dim, config.seeds)
+    except ValueError as e:
+        raise RunError(str(e)) from None
 
 
 def trained_model(run: Path):
     """(model, config, seeds) of a finished run folder, read-only: the newest
     checkpoint's weights in the model its config.json and saved data describe."""
-    config = RunConfig(**json.loads((Path(run) / "config.json").read_text()))
+    config = RunConfig(**stored_config(read_json(Path(run) / "config.json")))
     seeds = [replica_seed(config.base_seed, i) for i in range(config.seeds)]
-    test = np.load(Path(run) / "data" / "test.npy", mmap_mode="r", allow_pickle=False)
+    test = read_npy(Path(run) / "data" / "test.npy")
     model = build_model(config.resolved_model(), replicas=len(seeds), data_dim=1 if test.ndim == 1 else test.shape[1],
                         noise=config.data.sigma)
     newest = sorted((Path(run) / "checkpoints").glob(CHECKPOINT_NAME))[-1]
