@@ -153,11 +153,11 @@ def _check_tensorboard(args) -> None:
 
 
 def _check_device(device: str) -> None:
-    import torch
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__})")
-    if not (device == "cpu" or device.startswith("cuda")):
-        raise UsageError(f"--device {device!r}: choose cpu or cuda")
+    from .train import check_device
+    try:
+        check_device(device)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def reproduce(args) -> int:
@@ -250,6 +250,7 @@ def _run_sweep(args, base: dict, grid: dict, cells, title: str, study: str | Non
     """Claim and lock the folder, train what is unfinished, and write the report."""
     from rich.console import Console
 
+    from .executors import SchedulerUnavailable, check_scheduler
     from .outdir import OutputError
     from .progress import SweepProgress
     from .sweep import SpecError, SweepDir, execute, preflight, versions
@@ -259,10 +260,12 @@ def _run_sweep(args, base: dict, grid: dict, cells, title: str, study: str | Non
         raise UsageError(f"--workers {args.workers}: expected 1 to 1024")
     _check_tensorboard(args)
     try:
-        preflight(cells)
+        if args.scheduler:
+            check_scheduler(args.scheduler)  # before the folder is made
+        preflight(cells, local=args.scheduler is None)
         folder = SweepDir(args.out)
         folder.bind({**base, "grid": grid}, cells, versions(), title=title, study=study, extend=args.extend)
-    except (SpecError, OutputError) as e:
+    except (SpecError, OutputError, SchedulerUnavailable) as e:
         raise UsageError(str(e)) from None
     args.after_interrupt = f"{args.out} keeps every finished epoch: re-run the same command to resume"
     console = Console(stderr=True)
@@ -294,29 +297,35 @@ def study(args) -> int:
 
 
 def report(args) -> int:
-    from .outdir import read_manifest
+    """Rewrite a finished folder's report. The folder's lock is taken first: a sweep that is
+    still running (or extending) writes its own report when it finishes."""
+    from .outdir import OutputError, check_own_folders, read_manifest, remove_stale_temporaries, take_lock
     from .sweepreport import write_sweep_report
     layout = read_manifest(args.dir) if args.dir.is_dir() else None
     if layout is None or layout.kind not in ("sweep", "reproduce"):
         raise UsageError(f"{args.dir}: not a folder written by mogvae sweep or mogvae reproduce")
-    if layout.kind == "sweep":
-        path = write_sweep_report(args.dir)
-    else:
-        path = _reproduce_report(args.dir)
+    args.out = args.dir        # where a full disk's message points
+    try:
+        check_own_folders(args.dir, layout, option="report")
+        lock = take_lock(args.dir, "sweep")
+    except OutputError as e:
+        raise UsageError(f"{e} (it writes its report when it finishes)") from None
+    with lock:
+        remove_stale_temporaries(args.dir, layout)   # of a report that was killed mid-write
+        path = write_sweep_report(args.dir) if layout.kind == "sweep" else _reproduce_report(args.dir)
     print(f"{path} and {path.with_suffix('.html')}")
     return 0
 
 
 def _reproduce_report(out: Path) -> Path:
-    import json
-
+    from .io import read_json
     from .plots import all_figures
     from .report import write_report
     from .webpage import write_html
-    models = json.loads((out / "config.json").read_text())["study"]["models"]
+    models = read_json(out / "config.json")["study"]["models"]
     figures = all_figures(out, {m: out / "runs" / f"preset={m}" for m in models})
     path = write_report(out, models, figures)
-    write_html(path)
+    write_html(path, "mogvae reproduce: expressive prior vs expressive posterior")
     return path
 
 
@@ -337,6 +346,22 @@ def _os_error(e: OSError, args) -> tuple[str, int]:
         hint = getattr(args, "after_interrupt", "nothing half-written was left")
         return f"no space left on the device (writing {where}); {hint}, once there is space", EXIT_FAILURE
     return f"{where}: {e.strerror or e}", EXIT_USAGE if e.errno in INPUT_ERRNOS else EXIT_FAILURE
+
+
+def _known_fault(e: Exception) -> int | None:
+    """The exit code of a fault that is not a bug, whose message is its one line: a folder's
+    own file that is not what mogvae wrote, a run or spec refused where only a worker could
+    see it (exit 2), a worker or cluster that failed (exit 1). None: a bug. (Looked up among
+    the modules already imported: a class that was never imported was never raised.)"""
+    def loaded(module: str, name: str):
+        return getattr(sys.modules.get(f"mogvae.{module}"), name, None)
+    worker = loaded("executors", "WorkerFailed")
+    if worker is not None and isinstance(e, worker):
+        return EXIT_FAILURE
+    refusals = [loaded(module, name) for module, name in (
+        ("io", "UnreadableFile"), ("runs", "RunError"), ("sweep", "SpecError"), ("data", "DataError"),
+        ("checkpoint", "CheckpointError"), ("outdir", "OutputError"))]
+    return EXIT_USAGE if isinstance(e, tuple(r for r in refusals if r is not None)) else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -367,7 +392,11 @@ def main(argv: list[str] | None = None) -> int:
         message, code = _os_error(e, args)
         print(f"mogvae: error: {message}", file=sys.stderr)
         return code
-    except Exception as e:  # a bug: still one line, with the way to see more
+    except Exception as e:  # a refusal raised below the command's own checks; else a bug: one line either way
+        code = _known_fault(e)
+        if code is not None:
+            print(f"mogvae: error: {(str(e).splitlines() or [''])[0]}", file=sys.stderr)
+            return code
         if os.environ.get("MOGVAE_TRACEBACK"):
             raise
         first = (str(e).splitlines() or [""])[0][:200]

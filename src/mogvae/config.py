@@ -6,6 +6,7 @@ field. Named model presets give the paper's 2x2 design.
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
@@ -59,7 +60,7 @@ class FileSource(_Splits):
     """Your own values: one row per point, one column per dimension (truth unknown: those metrics are NaN)."""
     name: Literal["file"] = "file"
     path: str = Field(description="a .npy, .csv or .txt, one point per row (columns: dimensions); a relative path "
-                      "is read from the configuration file's folder")
+                      "is relative to where it is written: a file's folder, or the current directory for --set")
 
 
 class FoldedSource(_Splits):
@@ -190,6 +191,14 @@ class TrainConfig(Strict):
         "differently (about 1e-7), so a run keeps its choice")
 
     _odd_grid = field_validator("exact_grid")(lambda cls, v, info: _odd(v, info))
+
+    @field_validator("device")
+    @classmethod
+    def _device_named(cls, v):
+        """A device mogvae can train on, by name: whether this machine has it is train.check_device's."""
+        if not re.fullmatch(r"cpu|cuda(:[0-9]{1,2})?", v):
+            raise ValueError(f"train.device must be cpu, cuda or cuda:N, got {v!r}")
+        return v
 
 
 class EvalConfig(Strict):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import DataConfig, FileSource, FoldedSource, PaperSource, TabularSource
-from .data import PaperProcess, UnknownTruth, load_data_file, make_splits, split_file_data
+from .data import DataError, PaperProcess, UnknownTruth, load_data_file, make_splits, split_file_data
 
 
 @dataclass(frozen=True)
@@ -55,9 +55,14 @@ def _file(d: FileSource) -> Source:
 
 
 def _tabular(d: TabularSource) -> Source:
-    from .tabular import split_standardized
+    from .tabular import EmptySplit, split_standardized
     fractions = {"train": 1 - d.val_fraction - d.test_fraction, "val": d.val_fraction, "test": d.test_fraction}
-    data = split_standardized(d.dataset, fractions, d.seed)
+    try:
+        data = split_standardized(d.dataset, fractions, d.seed)
+    except EmptySplit as e:
+        raise DataError(f"data.val_fraction = {d.val_fraction:g} and data.test_fraction = {d.test_fraction:g} leave "
+                        f"{d.dataset}'s {e.split} split ({fractions[e.split]:.2%} of {e.rows} rows) without a row: "
+                        "lower them") from None
     # the splits are already a seeded permutation: n_* caps them by taking their first rows
     splits = {k: v[:n] for (k, v), n in zip(data.splits.items(), _sizes(d).values())}
     return Source(splits, UnknownTruth(), data.data_dim)

@@ -16,10 +16,10 @@ run is the only unit of work: a cell trains, resumes and evaluates exactly as
 from __future__ import annotations
 
 import copy
-import fcntl
 import hashlib
 import itertools
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +28,9 @@ from pydantic import ValidationError
 
 from . import faults
 from .config import describe_error
-from .configfile import ConfigError, apply_overrides, dotted_fields, read_toml, set_dotted
+from .configfile import ConfigError, absolute_data_path, apply_overrides, dotted_fields, read_toml, set_dotted
 from .io import read_csv, write_csv, write_json
-from .outdir import LOCK, Layout, OutputError, claim
+from .outdir import LOCK, Layout, OutputError, claim, remove_stale_temporaries, take_lock
 from .runs import CHECKPOINT_NAME, RUN_LAYOUT, RunConfig, RunDir, differences, upgraded
 
 # names a sweep folder's manifest may hold (timing.json: written by the first sweeps, kept readable)
@@ -95,61 +95,96 @@ def cell_name(values: dict) -> str:
     return "__".join(f"{key}={_label(v)}" for key, v in values.items()) or "base"
 
 
-def expand(base: dict, grid: dict) -> list[Cell]:
+MAX_CELLS = 10_000
+"""The most cells a sweep may have (the main grid's product plus every [[grid.also]]): each is
+a run folder; a larger grid is almost surely a mistake, and is refused before anything is written."""
+NAME_MAX = 255                        # bytes in one file name, on every common file system
+MAX_CELL_NAME = NAME_MAX - len(".NAME.png.XXXXXXXX.tmp") + len("NAME")   # a figure's atomic temporary
+
+
+def expand(base: dict, grid: dict, folder: Path | None = None) -> list[Cell]:
     """Every combination of the grid's values over the base configuration, validated;
     then the cells of each `[[grid.also]]` table, itself a small grid (for cells that
-    belong beside the product but not in it: the oracle of each prior, say)."""
+    belong beside the product but not in it: the oracle of each prior, say). A relative
+    data.path among the grid's values is read from `folder`, the spec's (configfile.py).
+    At most MAX_CELLS cells, counted before any is built."""
     if not isinstance(grid, dict):
         raise SpecError("grid: expected a table of dotted keys mapped to lists")
     grid = dict(grid)
     also = grid.pop("also", [])
     if not isinstance(also, list) or not all(isinstance(g, dict) and g for g in also):
         raise SpecError("grid.also: expected [[grid.also]] tables of dotted keys mapped to lists")
-    cells: list[Cell] = []
-    seen: dict = {}
-    for i, part in enumerate([grid, *also]):
-        _expand_into(cells, seen, base, part, "grid." if i == 0 else f"grid.also[{i}].")
-    return cells
+    parts = [(grid, "grid."), *((g, f"grid.also[{i}].") for i, g in enumerate(also, 1))]
+    for part, where in parts:
+        _check_axes(part, where)
+    total = sum(math.prod(len(v) for v in part.values()) for part, _ in parts)
+    if total > MAX_CELLS:
+        raise SpecError(f"grid: {total:,} cells, more than a sweep may have ({MAX_CELLS:,}); split it into "
+                        "several sweeps, or grid fewer values")
+    cells: dict[str, Cell] = {}
+    seen: dict[str, str] = {}
+    for part, where in parts:
+        _expand_into(cells, seen, base, part, where, folder or Path.cwd())
+    return list(cells.values())
 
 
-def _expand_into(cells: list[Cell], seen: dict, base: dict, grid: dict, where: str) -> None:
+def _check_axes(grid: dict, where: str) -> None:
     known = dotted_fields(RunConfig)
     for key, values in grid.items():
         if key not in known:
             raise SpecError(f"{where}{key}: unknown key (a dotted configuration key such as train.lr)")
         if not isinstance(values, list) or not values:
             raise SpecError(f"{where}{key}: expected a non-empty list of values")
+
+
+def _expand_into(cells: dict[str, Cell], seen: dict[str, str], base: dict, grid: dict, where: str,
+                 folder: Path) -> None:
+    """Add the grid's cells to `cells` (by name) and `seen` (configuration hash -> name):
+    each lookup is a dictionary's, so a grid expands in linear time."""
     for combo in itertools.product(*grid.values()):
         values = dict(zip(grid, combo))
         raw = copy.deepcopy(base)
         for key, value in values.items():
             set_dotted(raw, key, value, where=f"{where}{key}")
+        absolute_data_path(raw.get("data"), folder)
         try:
             config = RunConfig(**raw)
         except ValidationError as e:
             raise _validate_error(e, "grid: ") from None
         cell = Cell(cell_name(values), values, config)
+        if len(cell.name.encode()) > MAX_CELL_NAME:
+            raise SpecError(f"grid: the cell name {cell.name[:60]}... is {len(cell.name.encode())} bytes; with its "
+                            f"figures' suffixes it would pass the file system's {NAME_MAX}-byte limit on a name (at "
+                            f"most {MAX_CELL_NAME}): grid fewer keys, or shorter values")
         digest = config_hash(cell.resolved())
         if digest in seen:
             raise SpecError(f"grid: cells {seen[digest]} and {cell.name} are the same configuration")
-        if cell.name in (c.name for c in cells):
+        if cell.name in cells:
             raise SpecError(f"grid: two cells would share the folder name {cell.name}; use distinct values")
         seen[digest] = cell.name
-        cells.append(cell)
+        cells[cell.name] = cell
 
 
-def preflight(cells: list[Cell]) -> None:
+def preflight(cells: list[Cell], local: bool = True) -> None:
     """What would make a run fail after others trained is refused before any:
+    a device this machine lacks (`local`: the runs train here, not on a cluster),
     evaluation that cannot run, data that cannot be read, and a model the data
     cannot hold (each distinct data section is loaded once)."""
     from .data import DataError
     from .evaluate import check_evaluable
     from .runs import RunError, check_fits
     from .sources import load_source
+    from .train import check_device
     sources: dict[str, object] = {}
+    for device in sorted({c.config.train.device for c in cells}) if local else ():
+        try:
+            check_device(device)
+        except ValueError as e:
+            raise SpecError(str(e)) from None
     for cell in cells:
         try:
-            check_evaluable(cell.config.resolved_model(), cell.config.eval, cell.config.train)
+            check_evaluable(cell.config.resolved_model(), cell.config.eval, cell.config.train, cell.config.data,
+                            cell.config.seeds)
         except ValueError as e:
             raise SpecError(f"{cell.name}: {e}") from None
         key = cell.config.data.model_dump_json()
@@ -174,7 +209,29 @@ def load_spec(path: Path, overrides: list[str]) -> tuple[dict, dict, list[Cell]]
         RunConfig(**raw)                      # the base alone must be valid: errors name its own keys
     except ValidationError as e:
         raise _validate_error(e, "") from None
-    return raw, grid, expand(raw, grid)
+    return raw, grid, expand(raw, grid, Path(path).parent)
+
+
+CELL_NAME = re.compile(r"[A-Za-z0-9._+=-]{1,%d}" % MAX_CELL_NAME)   # what cell_name makes: safe as a file name
+
+
+def read_record(out: Path) -> dict:
+    """DIR/sweep.json, read as carefully as a checkpoint and checked before any of it is used:
+    its cell names become paths (runs/NAME, figures/NAME.png), so one that is not a name
+    cell_name could have made (../.., a slash) is damage, never a path to follow."""
+    from .io import UnreadableFile, read_json
+    path = Path(out) / "sweep.json"
+    record = read_json(path)
+    cells = record.get("cells") if isinstance(record, dict) else None
+    if not isinstance(cells, list) or not all(isinstance(c, dict) and isinstance(c.get("values"), dict)
+                                              and isinstance(c.get("config"), dict) for c in cells):
+        raise UnreadableFile(f"{path}: damaged (no list of cells with their values and configuration)")
+    for c in cells:
+        if not (isinstance(c.get("name"), str) and CELL_NAME.fullmatch(c["name"]) and c["name"] not in (".", "..")):
+            raise UnreadableFile(f"{path}: damaged (a cell name that mogvae never writes: {str(c.get('name'))[:60]!r})")
+    if not isinstance(record.get("title", ""), str) or not isinstance(record.get("study") or "", str):
+        raise UnreadableFile(f"{path}: damaged (its title or study is not text)")
+    return record
 
 
 class SweepDir:
@@ -185,11 +242,8 @@ class SweepDir:
                  overwrite: bool = False, option: str = "--out"):
         self.path = Path(path)
         claim(self.path, layout, names, resume=True, overwrite=overwrite, option=option)
-        self._lock = open(self.path / LOCK, "a")
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise OutputError(f"{option} {self.path}: in use by another mogvae sweep") from None
+        self._lock = take_lock(self.path, "sweep")
+        remove_stale_temporaries(self.path, layout)   # of a report or record killed mid-write
 
     def run_path(self, cell: Cell) -> Path:
         return self.path / "runs" / cell.name
@@ -201,9 +255,9 @@ class SweepDir:
         if not saved.exists():
             return
         try:
-            old_cells = {c["name"]: c["config"] for c in json.loads(saved.read_text())["cells"]}
-        except (ValueError, KeyError, TypeError):
-            raise SpecError(f"{saved}: unreadable (not a mogvae sweep record)") from None
+            old_cells = {c["name"]: c["config"] for c in read_record(self.path)["cells"]}
+        except ValueError as e:      # UnreadableFile
+            raise SpecError(f"{e}; a sweep folder holds one grid: use a new folder") from None
         new_cells = {c.name: c.resolved() for c in cells}
         added, gone = sorted(set(new_cells) - set(old_cells)), sorted(set(old_cells) - set(new_cells))
         if gone or (added and not extend):

@@ -69,6 +69,14 @@ def dequantize(x: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.nda
     return np.stack(out, 1), np.array(kept), np.array(lattice, dtype=int)
 
 
+class EmptySplit(ValueError):
+    """Fractions that leave a split without rows."""
+
+    def __init__(self, split: str, rows: int):
+        super().__init__(f"the {split} split gets no rows of {rows}")
+        self.split, self.rows = split, rows
+
+
 def split_standardized(name: str, fractions: dict[str, float], seed: int) -> TabularData:
     """The data set dequantized, cut by a seeded permutation into splits of the given fractions
     (the last split takes the remainder), and standardized by the training split's statistics."""
@@ -83,6 +91,8 @@ def split_standardized(name: str, fractions: dict[str, float], seed: int) -> Tab
         stop = len(x) if i == len(names) - 1 and abs(sum(fractions.values()) - 1) < 1e-12 \
             else start + int(round(fractions[split] * len(x)))
         raw[split] = x[order[start:stop]]
+        if not len(raw[split]):      # standardizing by, or evaluating on, no rows is no result
+            raise EmptySplit(split, len(x))
         start = stop
     mean, std = raw["train"].mean(0), raw["train"].std(0)
     std = np.where(std > 0, std, 1.0)   # constant over the training split alone: centred, not scaled

@@ -27,6 +27,17 @@ CHUNK_ROWS = 1280        # decoded latent points per replica per pass of a step:
                          # (unchanged at R = 5, whose batch fits the cache, with less memory; README "Speed")
 
 
+def check_device(device: str) -> None:
+    """Refuse, in one line (ValueError), a device this machine cannot train on."""
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"train.device = {device!r}: CUDA is not available on this machine (torch "
+                             f"{torch.__version__}); use cpu")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"train.device = {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
 @dataclass
 class Divergence:
     epoch: int
