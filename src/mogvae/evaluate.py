@@ -31,12 +31,17 @@ PROBE_SPAN, PROBE_GRID = 60.0, 12001  # probes far outside the data have posteri
 
 
 MAX_TRAINING_NODES = 20_001  # latent nodes per replica the exact objective differentiates at every step
+MAX_EVAL_BYTES = 4 * 2**30   # the model's evaluation at the data's dimension D (the tabular study's largest: 2.8 GB)
+MAX_TRUTH_TERMS = 5e10       # the folded truth: test points x quadrature nodes, ~4-20 ns each on 2 cores
 
 
-def check_evaluable(model: ModelConfig, config: EvalConfig, train: TrainConfig | None = None) -> None:
+def check_evaluable(model: ModelConfig, config: EvalConfig, train: TrainConfig | None = None,
+                    data=None, seeds: int = 1) -> None:
     """Refuse, before any training, a configuration that cannot be trained or
     evaluated here (ValueError naming the field): every trained run can be evaluated.
-    latent_dim <= 2 is evaluated by quadrature; beyond, by importance sampling."""
+    latent_dim <= 2 is evaluated by quadrature; beyond, by importance sampling.
+    With `data` (the data section) and `seeds` (the replicas evaluated together), also
+    the memory evaluation needs at the data's dimension D and the time the truth takes."""
     d = model.latent_dim
     if train is not None and train.objective == "exact":
         if d > MAX_LATENT:
@@ -46,13 +51,104 @@ def check_evaluable(model: ModelConfig, config: EvalConfig, train: TrainConfig |
             fit = int(MAX_TRAINING_NODES ** (1 / d)) // 2 * 2 - 1
             raise ValueError(f"train.exact_grid = {train.exact_grid} with latent_dim = {d} is "
                              f"{train.exact_grid ** d:,} nodes at every step: set train.exact_grid <= {fit}")
-    if d > MAX_LATENT:
-        return
-    nodes = config.grid_size ** d
-    if nodes > MAX_GRID_NODES:
+    nodes = config.grid_size ** min(d, MAX_LATENT)
+    if d <= MAX_LATENT and nodes > MAX_GRID_NODES:
         fit = int(MAX_GRID_NODES ** (1 / d)) // 2 * 2 - 1
         raise ValueError(f"eval.grid_size = {config.grid_size} with latent_dim = {d} is {nodes:,} latent nodes per "
                          f"replica, more than exact evaluation holds ({MAX_GRID_NODES:,}): set eval.grid_size <= {fit}")
+    if data is None:
+        return
+    D = _data_dim(data)
+    if D is not None:
+        check_evaluation_memory(model, config, D, seeds)
+    if data.name == "folded":
+        check_truth(data)
+
+
+def _data_dim(data) -> int | None:
+    """D as the data section sets it (None for a file: its columns are known once it is read)."""
+    if data.name == "folded":
+        return data.data_dim
+    return {"paper": 1, "tabular": TABULAR_COLUMNS.get(getattr(data, "dataset", None))}.get(data.name)
+
+
+# The model's evaluation holds some arrays whole, each growing with D; measured (peak RSS of
+# `evaluate` on untrained models at D = 100 ... 600, its growth with D). The paths run one after
+# another, so the largest sets the peak.
+GRID_BYTES = 26              # per seed, latent node and D: the decoder's mean on the grid, scaled, squared
+WIDEST_1D_GRID = 20_001      # quadrature.latent_grid widens a 1-D grid to cover q, up to this
+GENERATED_BYTES = 25         # per seed (and the truth), generated sample and D (_generate, _true_means)
+STRATA_BYTES = 11_500_000    # per D: the 2-D ELBO's decoder at 250,000 draws (quadrature.stratum_trapezoid_elbo)
+IMPORTANCE_BYTES = 46_000_000  # per D: the decoder at 2,000,000 draws (likelihood.importance_log_likelihood)
+TABULAR_COLUMNS = {"breast_cancer": 30, "diabetes": 10, "digits": 61}   # tabular.py, constant pixels dropped
+
+
+def evaluation_bytes(model: ModelConfig, config: EvalConfig, data_dim: int, seeds: int = 1) -> dict[str, float]:
+    """The memory evaluation holds at data dimension D, by path (named by the setting that sizes it)."""
+    d, D = model.latent_dim, data_dim
+    nodes = WIDEST_1D_GRID if d == 1 else config.grid_size ** d
+    return {"eval.grid_size": GRID_BYTES * seeds * nodes * D if d <= MAX_LATENT else 0.0,
+            "model.latent_dim": STRATA_BYTES * D if d == 2 else IMPORTANCE_BYTES * D if d > MAX_LATENT else 0.0,
+            "eval.n_generated": GENERATED_BYTES * (seeds + 1) * config.n_generated * D}
+
+
+def check_evaluation_memory(model: ModelConfig, config: EvalConfig, data_dim: int, seeds: int = 1) -> None:
+    """Refuse (ValueError) a model whose evaluation at data dimension `data_dim` would hold more than
+    MAX_EVAL_BYTES, which would otherwise fail only after training, naming each single setting that
+    would make it fit, with the most it can be."""
+    d, D, cap = model.latent_dim, data_dim, MAX_EVAL_BYTES
+    need = evaluation_bytes(model, config, D, seeds)
+    path = max(need, key=need.get)
+    if need[path] <= cap:
+        return
+
+    def largest(values, change) -> int | None:
+        """The first of `values` (descending) with which everything fits."""
+        return next((v for v in values if max(evaluation_bytes(*change(v)).values()) <= cap), None)
+
+    quadrature = config.model_copy(update={"grid_size": min(config.grid_size, 499)})   # as 2-D quadrature must
+    fewer = {
+        "model.latent_dim": largest(range(min(d - 1, MAX_LATENT), 0, -1), lambda v: (
+            model.model_copy(update={"latent_dim": v}), quadrature, D, seeds)),
+        "eval.grid_size": largest(range(config.grid_size - 2, 100, -2), lambda v: (
+            model, config.model_copy(update={"grid_size": v}), D, seeds)) if d == 2 else None,
+        "eval.n_generated": largest(range(int(cap * config.n_generated // need["eval.n_generated"]), 99, -1),
+                                    lambda v: (model, config.model_copy(update={"n_generated": v}), D, seeds)),
+        "seeds": largest(range(seeds - 1, 0, -1), lambda v: (model, config, D, v)),
+    }
+    fixes = [f"{key} <= {value:,}" for key, value in fewer.items() if value is not None]
+    if fewer["model.latent_dim"] == 1:
+        fixes[0] = "model.latent_dim = 1"
+    elif fewer["model.latent_dim"] == 2 and config.grid_size > 499:
+        fixes[0] += " (and eval.grid_size <= 499)"
+    draws = "the ELBO's rule: the decoder at 250,000" if d == 2 else "importance sampling: the decoder at 2,000,000"
+    what = {"eval.grid_size": f"the decoder on {WIDEST_1D_GRID if d == 1 else config.grid_size ** d:,} latent nodes "
+                              f"for each of {seeds} seeds",
+            "model.latent_dim": f"model.latent_dim = {d} ({draws} draws at once)",
+            "eval.n_generated": f"eval.n_generated = {config.n_generated:,} samples for each of {seeds} seeds"}[path]
+    raise ValueError(f"{what} at D = {D} observed dimensions needs about {need[path] / 2**30:.1f} GiB to evaluate, "
+                     f"more than {cap / 2**30:.0f} GiB: set {' or '.join(fixes) or 'a smaller model'}")
+
+
+def check_truth(data) -> None:
+    """Refuse a folded truth that would take hours after training: its memory is bounded (folded.py),
+    but each test point costs node_count terms, which grow as 1 / sigma^L."""
+    from .folded import FoldedProcess
+
+    def terms(sigma: float) -> int:
+        return data.n_test * FoldedProcess(data.data_dim, data.latent_dim, data.breaking_count, sigma).node_count
+    if terms(data.sigma) <= MAX_TRUTH_TERMS:
+        return
+    nodes = terms(data.sigma) // data.n_test
+    fix = f"set data.n_test <= {int(MAX_TRUTH_TERMS // nodes):,}"
+    # the least sigma that fits, within 7% (nodes fall as sigma grows, down to the coarsest rule)
+    sigma = next((s for s in np.geomspace(data.sigma, 1e3, 200) if terms(s) <= MAX_TRUTH_TERMS), None)
+    if sigma is not None:
+        digits = 10.0 ** (math.floor(math.log10(sigma)) - 1)
+        fix += f" or data.sigma >= {math.ceil(sigma / digits) * digits:.2g}"    # rounded up: it still fits
+    raise ValueError(f"data.latent_dim = {data.latent_dim} with data.sigma = {data.sigma:g}: the truth's quadrature "
+                     f"has {nodes:,} nodes, and data.n_test = {data.n_test:,} points make {terms(data.sigma):.1e} "
+                     f"terms, more than it computes in reasonable time ({MAX_TRUTH_TERMS:.0e}): {fix}")
 
 
 @dataclass(frozen=True)
