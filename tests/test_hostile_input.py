@@ -431,3 +431,76 @@ def test_a_folded_truth_that_cannot_be_evaluated_in_time_is_refused_before_train
     assert main(["train", str(config), "--out", str(tmp_path / "out")]) == 2
     assert "data.n_test" in one_line(capsys)[0]
     assert not (tmp_path / "out").exists()
+
+
+# --- what a second outside attack found --------------------------------------------------------------
+
+def test_a_reproduce_folders_model_names_never_become_paths_outside_it(quick_run, tmp_path, capsys):
+    out = tmp_path / "rep"
+    shutil.copytree(quick_run[0], out, symlinks=True)
+    decoy = tmp_path / "decoy" / "important.csv"
+    decoy.parent.mkdir()
+    decoy.write_text("user,data\n")
+    shutil.copytree(out / "runs" / "preset=mfg", out / "runs" / "decoy" / "important")
+    record = json.loads((out / "config.json").read_text())
+    record["study"]["models"] = ["mfg", "../../decoy/important"]
+    (out / "config.json").write_text(json.dumps(record))
+    assert main(["report", str(out)]) == 2
+    assert "config.json" in one_line(capsys)[0]
+    assert decoy.read_text() == "user,data\n" and sorted(p.name for p in decoy.parent.iterdir()) == ["important.csv"]
+
+
+def test_every_image_the_renderer_makes_is_dropped_unless_it_is_our_figure(tmp_path):
+    from mogvae.webpage import render
+    page = render('![t](http://evil.example/p.png "title")\n\n![r][ref]\n\n[ref]: http://evil.example/r.png\n\n'
+                  "![s](data:image/svg+xml,<svg/onload=alert(1)>)", tmp_path, "t")
+    assert "<img" not in page and page.count("not embedded") == 3
+
+
+def test_deeply_nested_history_or_spec_is_one_line(finished_sweep, tmp_path, capsys):
+    spec, out = _copy(finished_sweep, tmp_path)
+    (out / FIRST_RUN / "history.jsonl").write_text("[" * 200_000 + "]" * 200_000 + "\n")
+    assert main(["report", str(out)]) == 2
+    assert "history.jsonl" in one_line(capsys)[0]
+    deep = tmp_path / "deep.toml"
+    deep.write_text("preset = " + "[" * 5000 + "]" * 5000 + "\n")
+    assert main(["sweep", str(deep), "--out", str(tmp_path / "o")]) == 2
+    one_line(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_data_file_that_grows_while_read_is_read_as_it_was(tmp_path):
+    """A writer appending mid-read once broke the reader's array sized by the line count."""
+    from mogvae.data import _open_regular
+    path = write_data(tmp_path / "y.csv", 0, n=300)
+    original = path.read_bytes()
+    with _open_regular(path) as fh:
+        head = fh.read(100)
+        with open(path, "a") as writer:
+            writer.write("\n" + "\n".join(["1.5"] * 5000))
+        assert head + fh.read() == original
+        fh.seek(0)
+        assert fh.read() == original
+
+
+def test_more_data_than_memory_holds_and_odd_paths_are_one_line(tmp_path, capsys, monkeypatch):
+    config = tmp_path / "run.toml"
+    config.write_text(TINY)
+    assert main(["train", str(config), "--out", str(tmp_path / "a"), "--set", "data.name=folded", "--set",
+                 "data.data_dim=1000", "--set", "data.n_train=1000000"]) == 2
+    assert "data.n_train <=" in one_line(capsys)[0]
+    assert main(["train", str(config), "--out", str(tmp_path / "b"), "--set", "data.n_test=1000000000000"]) == 2
+    assert "data.n_test" in one_line(capsys)[0]
+    assert main(["sweep", str(config), "--out", str(tmp_path / "c"), "--scheduler", ""]) == 2
+    assert "--scheduler" in one_line(capsys)[0]
+    write_data(tmp_path / "sub" / "y.csv")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", str(config), "--out", str(tmp_path / "d"), "--set", "data.name=file", "--set",
+                 "data.path=other/../sub/./y.csv"]) == 0
+    assert json.loads((tmp_path / "d" / "config.json").read_text())["data"]["path"] == str(tmp_path / "sub" / "y.csv")
+    (tmp_path / "flat.csv").write_text("\n".join(["1.0"] * 400))
+    capsys.readouterr()
+    assert main(["train", str(config), "--out", str(tmp_path / "e"), "--set", "data.name=file", "--set",
+                 "data.path=flat.csv"]) == 2
+    assert "column 1 holds one value" in one_line(capsys)[0]
+    assert not any((tmp_path / x).exists() for x in "abce")

@@ -41,6 +41,13 @@ def _folder(text: str) -> Path:
     return Path(text)
 
 
+def _address(text: str) -> str:
+    """A --scheduler value: an empty one would silently mean 'train here'."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty address; name a Dask scheduler, e.g. tcp://HOST:8786")
+    return text
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse prints usage + message; we want one line
         raise UsageError(message)
@@ -83,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--out", type=_folder, required=True, help="sweep folder (created, or resumed)")
     where = w.add_mutually_exclusive_group()
     where.add_argument("--workers", type=int, help="local worker processes (default: one per core)")
-    where.add_argument("--scheduler", metavar="ADDRESS",
+    where.add_argument("--scheduler", metavar="ADDRESS", type=_address,
                        help="an existing Dask scheduler, e.g. tcp://10.0.0.5:8786 (needs a shared filesystem)")
     w.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting of every cell, e.g. --set train.epochs=50 (repeatable)")
@@ -102,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--seeds", type=int, help="seeds per cell (default: the study's, 10)")
     st_where = st.add_mutually_exclusive_group()
     st_where.add_argument("--workers", type=int, help="local worker processes (default: one per core)")
-    st_where.add_argument("--scheduler", metavar="ADDRESS", help="an existing Dask scheduler instead")
+    st_where.add_argument("--scheduler", metavar="ADDRESS", type=_address, help="an existing Dask scheduler instead")
     st.add_argument("--quick", action="store_true", help="the same pipeline at toy size, in about a minute")
     st.add_argument("--tensorboard", action="store_true",
                     help="also write per-replica curves into each run folder's tensorboard/")
@@ -318,13 +325,12 @@ def report(args) -> int:
 
 
 def _reproduce_report(out: Path) -> Path:
-    from .io import read_json
     from .plots import all_figures
-    from .report import write_report
+    from .report import read_study, write_report
     from .webpage import write_html
-    models = read_json(out / "config.json")["study"]["models"]
-    figures = all_figures(out, {m: out / "runs" / f"preset={m}" for m in models})
-    path = write_report(out, models, figures)
+    study = read_study(out)
+    figures = all_figures(out, {m: out / "runs" / f"preset={m}" for m in study.models})
+    path = write_report(out, study, figures)
     write_html(path, "mogvae reproduce: expressive prior vs expressive posterior")
     return path
 
@@ -392,6 +398,10 @@ def main(argv: list[str] | None = None) -> int:
         message, code = _os_error(e, args)
         print(f"mogvae: error: {message}", file=sys.stderr)
         return code
+    except RecursionError:  # mogvae's own code never recurses deeply: the input did (a TOML or JSON nested 1e5 deep)
+        print("mogvae: error: an input is nested too deeply to read (a configuration, or a file of the folder)",
+              file=sys.stderr)
+        return EXIT_USAGE
     except Exception as e:  # a refusal raised below the command's own checks; else a bug: one line either way
         code = _known_fault(e)
         if code is not None:

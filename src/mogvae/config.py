@@ -30,15 +30,21 @@ class Strict(BaseModel):
         return data
 
 
+MAX_POINTS = 10_000_000      # per split: the data are held in memory, with every split's copy in the run folder
+MAX_DATA_VALUES = 250_000_000  # points x dimensions over the three splits: 2 GB of float64 drawn before training
+
+
 class _Splits(Strict):
     """What every data source shares: split sizes, the seed of its draws and the noise."""
     sigma: float = Field(0.1, ge=1e-3, le=1e3, description="noise std of y|z (the paper's 0.01 read as a "
                          "variance); also the decoder's known noise (its initial value where learned). At least "
                          "1e-3: below it the truth's quadrature needs millions of nodes and the model's posterior is "
                          "narrower than the evaluation grid")
-    n_train: int = Field(10_000, ge=1, description="training points (tabular: at most this many)")
-    n_val: int = Field(2_000, ge=1, description="validation points, the ELBO curve in history (tabular: at most)")
-    n_test: int = Field(10_000, ge=1, description="held-out points for the exact evaluation (tabular: at most)")
+    n_train: int = Field(10_000, ge=1, le=MAX_POINTS, description="training points (tabular: at most this many)")
+    n_val: int = Field(2_000, ge=1, le=MAX_POINTS, description="validation points, the ELBO curve in history (tabular: "
+                       "at most)")
+    n_test: int = Field(10_000, ge=1, le=MAX_POINTS, description="held-out points for the exact evaluation (tabular: "
+                        "at most)")
     seed: int = Field(0, ge=0, description="seed of the data draws (or of the shuffle of a file or data set)")
 
     @model_validator(mode="before")
@@ -59,7 +65,7 @@ class PaperSource(_Splits):
 class FileSource(_Splits):
     """Your own values: one row per point, one column per dimension (truth unknown: those metrics are NaN)."""
     name: Literal["file"] = "file"
-    path: str = Field(description="a .npy, .csv or .txt, one point per row (columns: dimensions); a relative path "
+    path: str = Field(min_length=1, description="a .npy, .csv or .txt, one point per row (columns: dimensions); a relative path "
                       "is relative to where it is written: a file's folder, or the current directory for --set")
 
 
@@ -80,6 +86,16 @@ class FoldedSource(_Splits):
         if self.breaking != "all" and not 0 <= self.breaking <= self.data_dim - self.latent_dim:
             raise ValueError(f"data.breaking = {self.breaking} must be in [0, data_dim - latent_dim] = "
                              f"[0, {self.data_dim - self.latent_dim}] (or 'all')")
+        return self
+
+    @model_validator(mode="after")
+    def _data_fit_in_memory(self):
+        values = (self.n_train + self.n_val + self.n_test) * self.data_dim
+        if values > MAX_DATA_VALUES:
+            fit = MAX_DATA_VALUES // self.data_dim - self.n_val - self.n_test
+            raise ValueError(f"data.n_train + n_val + n_test = {self.n_train + self.n_val + self.n_test:,} points of "
+                             f"data_dim = {self.data_dim} is {values:,} values, more than mogvae holds in memory "
+                             f"({MAX_DATA_VALUES:,})" + (f": set data.n_train <= {fit:,}" if fit >= 1 else ""))
         return self
 
     @property
@@ -197,7 +213,7 @@ class TrainConfig(Strict):
     def _device_named(cls, v):
         """A device mogvae can train on, by name: whether this machine has it is train.check_device's."""
         if not re.fullmatch(r"cpu|cuda(:[0-9]{1,2})?", v):
-            raise ValueError(f"train.device must be cpu, cuda or cuda:N, got {v!r}")
+            raise ValueError("train.device must be cpu, cuda or cuda:N")
         return v
 
 

@@ -10,6 +10,7 @@ recorded, so a run resumed from another folder reads the same file.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import get_args
 
@@ -36,13 +37,17 @@ def read_toml(path: Path) -> dict:
         raw = loads(text)
     except TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a mogvae configuration") from None
     absolute_data_path(raw.get("data"), path.parent)   # a grid's values: sweep.expand, from the same folder
     return raw
 
 
 def _absolute(path, base: Path):
     """A relative path string made absolute against `base`; anything else as it is (validation names it)."""
-    return str((base / path).absolute()) if isinstance(path, str) and path and not Path(path).is_absolute() else path
+    if not isinstance(path, str) or not path:
+        return path                                  # validation names what is wrong with it
+    return os.path.normpath(base / Path(path).expanduser())   # ~ expanded; a/../b is b (one file, one name)
 
 
 def absolute_data_path(data, base: Path) -> None:
@@ -67,6 +72,8 @@ def parse_value(text: str):
         return loads(f"v = {text}")["v"]
     except TOMLDecodeError:
         return text
+    except RecursionError:
+        raise ConfigError(f"--set {text[:40]}...: nested too deeply to be a setting") from None
 
 
 def set_dotted(d: dict, key: str, value, where: str) -> None:

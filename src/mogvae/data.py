@@ -9,6 +9,7 @@ measured against, so it is computed more precisely than the models are.
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 import re
@@ -145,9 +146,41 @@ def _open_regular(path):
     if st.st_size > MAX_FILE_BYTES:
         raise DataError(f"{path}: {st.st_size:,} bytes; data files are limited to {MAX_FILE_BYTES:,}")
     try:
-        return open(path, "rb")
+        raw = open(path, "rb", buffering=0)
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    return io.BufferedReader(_Snapshot(raw, st.st_size))
+
+
+class _Snapshot(io.RawIOBase):
+    """A file as large as it was when its size was checked: what a writer appends while it is
+    read is not read (a file that grows mid-read once broke the line count's array)."""
+
+    def __init__(self, raw, size: int):
+        self.raw, self.size, self.left = raw, size, size
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = self.raw.readinto(memoryview(buffer)[:self.left]) if self.left else 0
+        self.left -= n or 0
+        return n
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        position = self.raw.seek(offset, whence)
+        self.left = max(0, self.size - position)
+        return position
+
+    def tell(self) -> int:
+        return self.size - self.left
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
 
 
 def _read_npy(path, fh) -> np.ndarray:

@@ -91,13 +91,14 @@ def read_bytes(path, max_bytes: int = MAX_RECORD_BYTES) -> bytes:
     except OSError as e:
         why = "a symbolic link" if e.errno == errno.ELOOP else e.strerror   # O_NOFOLLOW met a link
         raise UnreadableFile(f"{path}: cannot read ({why})") from None
-    with os.fdopen(fd, "rb") as fh:
-        st = os.fstat(fh.fileno())
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
+        os.close(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise UnreadableFile(f"{path}: not a regular file (a FIFO, socket or device); mogvae reads back "
-                                 "only the files it wrote")
-        if st.st_size > max_bytes:
-            raise UnreadableFile(f"{path}: {st.st_size:,} bytes, more than mogvae ever writes there ({max_bytes:,})")
+            raise UnreadableFile(f"{path}: not a regular file (a folder, FIFO, socket or device); mogvae reads "
+                                 "back only the files it wrote")
+        raise UnreadableFile(f"{path}: {st.st_size:,} bytes, more than mogvae ever writes there ({max_bytes:,})")
+    with os.fdopen(fd, "rb") as fh:
         data = fh.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise UnreadableFile(f"{path}: grew past {max_bytes:,} bytes while being read")

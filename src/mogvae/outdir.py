@@ -171,13 +171,15 @@ def claim(out: Path, layout: Layout, allowed: re.Pattern, *, resume: bool, overw
     return out
 
 
-def take_lock(root: Path, what: str, wait: bool = False):
+def take_lock(root: Path, what: str, wait: bool = False, announce: bool = True):
     """Hold root's lock file (an flock: the kernel releases it when its holder dies,
-    even by kill -9) and write who holds it. With `wait`, block until the holder
-    finishes (a Dask task of a killed driver, still training); else refuse in one
-    line that names the holder (`what`: the kind of holder, "sweep" or "process").
-    Returns the open file: the lock lasts as long as it does. A lock that is a
-    link or not a regular file is refused, never followed or truncated."""
+    even by kill -9) and, with `announce`, write who holds it (else announce_holder
+    does, once there is work to do: a finished run re-run changes no file). With
+    `wait`, block until the holder finishes (a Dask task of a killed driver, still
+    training); else refuse in one line that names the holder (`what`: the kind of
+    holder, "sweep" or "process"). Returns the open file: the lock lasts as long as
+    it does. A lock that is a link or not a regular file is refused, never followed
+    or truncated."""
     try:
         fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
     except OSError as e:
@@ -193,11 +195,17 @@ def take_lock(root: Path, what: str, wait: bool = False):
         fh.close()
         raise OutputError(f"{root}: in use by another mogvae {what}" + (f" ({holder})" if holder else "")
                           + "; wait for it to finish, or stop it, and run the same command again") from None
-    fh.seek(0)
-    fh.truncate()
-    fh.write(f"process {os.getpid()} on {socket.gethostname()}\n")
-    fh.flush()
+    if announce:
+        announce_holder(fh)
     return fh
+
+
+def announce_holder(lock) -> None:
+    """Write this process into the lock file it holds, for a refusal to name."""
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
 
 
 def lock_holder(root: Path) -> str:

@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 
 from .data import PaperProcess  # noqa: E402
 from .evaluate import mass_window  # noqa: E402
-from .io import atomic_write_bytes, read_csv, read_json, read_npz, write_csv  # noqa: E402
+from .io import atomic_write_bytes, read_csv, read_npz, write_csv  # noqa: E402
 
 COLORS = {"mfg": "#4c72b0", "mog-prior": "#dd8452", "mog-posterior": "#55a868", "mog-both": "#c44e52"}
 COMPARED = [("test_log_likelihood", "test log-likelihood (nats)"), ("kl_to_truth", "KL(p* || p_theta) (nats)"),
@@ -34,8 +34,8 @@ def truth_figure(out: Path) -> None:
     """The paper's Figure 1: joint density, f, and posteriors p*(z|y). Each of the
     paper's probe values gets its own panel and y-range: the spikes at y = 1 and
     y = -3 (mass squeezed against z = 0 and 1) would flatten the y = 0.2 curve."""
-    sigma = read_json(out / "truth.json")["sigma"]
-    process = PaperProcess(sigma)
+    from .report import read_truth
+    process = PaperProcess(read_truth(out)["sigma"])
     z = np.linspace(0, 1, 1001)
     y = np.linspace(-0.4, 0.65, 301)
     joint = process.joint_density(y[:, None], z[None])
@@ -44,7 +44,7 @@ def truth_figure(out: Path) -> None:
     fig.colorbar(im, ax=ax[0, 0])
     ax[0, 0].set(xlabel="z", ylabel="y", title="true joint density p*(y, z)")
     ax[0, 1].plot(z, process.f(z), color="k")
-    ax[0, 1].set(xlabel="z", ylabel="f(z)", title=f"true f; y | z ~ N(f(z), {sigma:g}^2)")
+    ax[0, 1].set(xlabel="z", ylabel="f(z)", title=f"true f; y | z ~ N(f(z), {process.sigma:g}^2)")
     rows = [{"panel": "f", "z": a, "y": "", "value": b} for a, b in zip(z, process.f(z))]
     inside = TRUTH_PROBES["y inside the data"]
     for yy, p in zip(inside, process.posterior(np.asarray(inside), z)):
@@ -133,9 +133,9 @@ def comparison_figure(out: Path, models: list[str]) -> None:
     quantities that cannot be negative). Axes span the bulk of the seeds; a seed
     outside is drawn at the edge as a triangle, with its value written beside it.
     Non-negative quantities spanning more than a decade get a log axis instead."""
-    from .report import t_interval
+    from .report import read_truth, t_interval
     rows = [r for r in read_csv(out / "metrics.csv") if r["diverged"] == "False"]
-    truth = read_json(out / "truth.json")
+    truth = read_truth(out)
     fig, axes = plt.subplots(2, 4, figsize=(17, 7.5))
     csv_rows = []
     for ax, (key, label) in zip(axes.ravel(), COMPARED):
@@ -183,7 +183,8 @@ def training_figure(out: Path, runs: dict[str, Path]) -> None:
     """Validation ELBO per epoch of each run (history.jsonl): mean over seeds, band min..max;
     the true validation log-likelihood where it is known (truth.json)."""
     from .runs import read_history
-    truth = read_json(out / "truth.json") if (out / "truth.json").exists() else {}
+    from .report import read_truth
+    truth = read_truth(out) if (out / "truth.json").exists() else {}
     fig, ax = plt.subplots(1, 2, figsize=(13, 4.5))
     csv_rows = []
     for i, (m, run) in enumerate(runs.items()):

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from .io import read_csv, read_json, write_text
+from .io import UnreadableFile, read_csv, read_json, write_text
 from .webpage import md_text
 
 TABLE = [("test_log_likelihood", "test LL", 4), ("kl_to_truth", "KL to truth", 4), ("test_elbo", "test ELBO", 4),
@@ -46,11 +46,19 @@ def t_interval(x: np.ndarray) -> Interval:
 
 
 def load_metrics(path: Path, by: str = "model") -> dict[str, dict[int, dict[str, float]]]:
-    """metrics.csv as {model (or run): {seed: {column: value}}}; diverged runs carry NaN metrics."""
+    """metrics.csv as {model (or run): {seed: {column: value}}}; diverged runs carry NaN metrics.
+    A table that is not the one mogvae wrote is refused in one line (UnreadableFile)."""
     out: dict[str, dict[int, dict[str, float]]] = {}
-    for row in read_csv(path):
-        values = {k: (v if k in TEXT_COLUMNS else float(v)) for k, v in row.items() if k != "seed" and "." not in k}
-        out.setdefault(row[by], {})[int(row["seed"])] = values
+    try:
+        for row in read_csv(path):
+            values = {k: (v if k in TEXT_COLUMNS else float(v)) for k, v in row.items()
+                      if k != "seed" and "." not in k}
+            out.setdefault(row[by], {})[int(row["seed"])] = values
+    except (KeyError, ValueError) as e:
+        if isinstance(e, UnreadableFile):
+            raise
+        raise UnreadableFile(f"{path}: damaged (not the table mogvae wrote); re-run the command that wrote it to "
+                             "rebuild it from the run folders") from None
     return out
 
 
@@ -130,16 +138,43 @@ def reading(metrics, truth: dict) -> list[str]:
     return out
 
 
-def write_report(out: Path, models: list[str], figures: list[Path]) -> Path:
+def read_study(out: Path):
+    """The StudyConfig in a reproduce folder's config.json, validated: its model names become
+    paths (runs/preset=NAME, figures/NAME.png), so anything but the known presets is damage."""
+    from pydantic import ValidationError
+
+    from .config import StudyConfig
+    path = Path(out) / "config.json"
+    record = read_json(path)
+    try:
+        return StudyConfig(**record["study"])
+    except (ValidationError, KeyError, TypeError):
+        raise UnreadableFile(f"{path}: damaged (not the study configuration mogvae wrote)") from None
+
+
+def read_truth(out: Path) -> dict[str, float]:
+    """A reproduce folder's truth.json as numbers (sigma, val_ and test_log_likelihood)."""
+    path = Path(out) / "truth.json"
+    record = read_json(path)
+    try:
+        return {k: float(record[k]) for k in ("sigma", "val_log_likelihood", "test_log_likelihood")}
+    except (KeyError, TypeError, ValueError):
+        raise UnreadableFile(f"{path}: damaged (not the numbers mogvae wrote)") from None
+
+
+def write_report(out: Path, study, figures: list[Path]) -> Path:
+    """report.md of a reproduce folder; `study`: its validated StudyConfig (read_study)."""
     metrics = load_metrics(out / "metrics.csv")
-    truth = read_json(out / "truth.json")
-    config = read_json(out / "config.json")["study"]
-    n = config["seeds"]
+    truth = read_truth(out)
+    models = list(study.models)
+    if any(m not in metrics for m in models):
+        raise UnreadableFile(f"{out / 'metrics.csv'}: has no rows of {sorted(set(models) - set(metrics))}; re-run "
+                             "mogvae reproduce to rebuild it from the run folders")
     lines = [
         "# mogvae reproduce: expressive prior vs expressive posterior",
         "",
-        f"Data: the paper's process (sigma = {truth['sigma']:g}), {config['data']['n_train']} train / "
-        f"{config['data']['n_test']} test points. {n} seed(s) per model, {config['train']['epochs']} epochs. "
+        f"Data: the paper's process (sigma = {truth['sigma']:g}), {study.data.n_train} train / "
+        f"{study.data.n_test} test points. {study.seeds} seed(s) per model, {study.train.epochs} epochs. "
         "All likelihoods are exact (quadrature), in nats per test point; mean ± sd over seeds.",
         "",
         _table(metrics, models),

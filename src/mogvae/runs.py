@@ -35,7 +35,7 @@ from .evaluate import check_evaluable, check_evaluation_memory, evaluate, metric
 from .io import (UnreadableFile, read_json, read_npy, read_text, write_csv, write_json, write_npy, write_npz,
                  write_text)
 from .model import build_model
-from .outdir import Layout, OutputError, claim, remove_stale_temporaries, take_lock
+from .outdir import Layout, OutputError, announce_holder, claim, remove_stale_temporaries, take_lock
 from .replicas import initialize, replica_seed
 from .sources import load_source
 from .train import Trainer
@@ -108,7 +108,7 @@ def splits_digest(splits: dict[str, np.ndarray]) -> str:
 def data_record(data, splits: dict[str, np.ndarray]) -> dict:
     """What a run trains on, for config.json: the source, a file's absolute path, the content's hash."""
     path = getattr(data, "path", None)
-    return {"source": data.name, "path": str(Path(path).absolute()) if path else None,
+    return {"source": data.name, "path": os.path.normpath(Path(path).absolute()) if path else None,
             "sha256": splits_digest(splits)}
 
 
@@ -116,9 +116,10 @@ def with_absolute_paths(config: RunConfig) -> RunConfig:
     """A relative data.path made absolute against the current directory, once, before it is
     recorded: a resume from another folder must not read another file (configfile.py's rule)."""
     path = getattr(config.data, "path", None)
-    if not path or Path(path).is_absolute():
+    if not path or path == os.path.normpath(Path(path).expanduser().absolute()):
         return config
-    return config.model_copy(update={"data": config.data.model_copy(update={"path": str(Path(path).absolute())})})
+    absolute = os.path.normpath(Path(path).expanduser().absolute())
+    return config.model_copy(update={"data": config.data.model_copy(update={"path": absolute})})
 
 
 def upgraded(old: dict) -> dict:
@@ -158,10 +159,14 @@ class RunDir:
         and remove the temporaries of our own interrupted writes, and nothing else."""
         try:
             claim(self.path, RUN_LAYOUT, RUN_NAMES, resume=True)
-            self._lock = take_lock(self.path, "process", wait=wait)
+            self._lock = take_lock(self.path, "process", wait=wait, announce=False)
         except OutputError as e:
             raise RunError(str(e)) from None
         remove_stale_temporaries(self.path, RUN_LAYOUT)
+
+    def announce(self) -> None:
+        """Write this process into the lock it holds (left unwritten until there is work to do)."""
+        announce_holder(self._lock)
 
     def claim(self, config: RunConfig, record: dict | None = None) -> None:
         """Record the configuration and what it trains on (`record`, see data_record), or
@@ -284,13 +289,16 @@ def _history_line(trainer: Trainer, epoch: int) -> str:
 
 
 def read_history(path: Path) -> list[dict]:
-    """The epochs of a history.jsonl; a torn last line (a crash mid-append) is ignored."""
+    """The epochs of a history.jsonl; a torn last line (a crash mid-append) is ignored, and a line
+    nested deeper than any mogvae writes is damage (UnreadableFile)."""
     out = []
     for line in read_text(path).splitlines():
         try:
             out.append(json.loads(line))
         except ValueError:
             break
+        except RecursionError:
+            raise UnreadableFile(f"{path}: damaged (a line nested deeper than mogvae ever writes)") from None
     return out
 
 
@@ -321,6 +329,7 @@ class RunSession:
         self.complete = self.run.is_complete(config.train.epochs)
         if self.complete:
             return
+        self.run.announce()          # there is work to do: a second process's refusal may now name this one
         state = self.run.newest_checkpoint(self.trainer, log)
         if state is not None:
             self.trainer.load_state(*state)

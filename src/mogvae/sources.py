@@ -51,6 +51,11 @@ def _folded(d: FoldedSource) -> Source:
 
 def _file(d: FileSource) -> Source:
     y = load_data_file(d.path)
+    flat = y.reshape(len(y), -1)
+    constant = np.flatnonzero(flat.min(0) == flat.max(0))
+    if len(constant):    # no spread to model: its std ratio and every density in it would be degenerate
+        raise DataError(f"{d.path}: column {constant[0] + 1} holds one value ({flat[0, constant[0]]:g}) in every row; "
+                        "drop constant columns first")
     return Source(split_file_data(y, _sizes(d), d.seed, d.path), UnknownTruth(), 1 if y.ndim == 1 else y.shape[1])
 
 

@@ -46,11 +46,12 @@ _STYLE_HASH = base64.b64encode(hashlib.sha256(STYLE.encode()).digest()).decode()
 # No script, no fetch, no frame, no form, no <base>: the only content is the inline style (by its hash)
 # and the figures embedded as data URIs.
 CSP = (f"default-src 'none'; script-src 'none'; style-src 'sha256-{_STYLE_HASH}'; img-src data:; "
-       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+       "base-uri 'none'; form-action 'none'")       # (frame-ancestors is ignored in a <meta> policy)
 
 FIGURE_NAME = re.compile(r"figures/[A-Za-z0-9._+=-]{1,200}\.png")   # what mogvae names its figures (sweep._label)
 MAX_FIGURE_BYTES = 64 * 2**20
-_IMAGE = re.compile(r'<img alt="(?P<alt>[^"]*)" src="(?P<src>[^"]*)" ?/?>')
+_IMAGE = re.compile(r"<img\b[^>]*>")                     # every image the renderer made, whatever its attributes
+_ATTRIBUTE = re.compile(r'\s(?P<name>[a-z]+)="(?P<value>[^"]*)"')
 _LINK = re.compile(r'<a href="(?P<href>[^"]*)"')
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+!|~])")
 
@@ -84,7 +85,9 @@ def _figure_bytes(folder: Path, src: str) -> bytes | None:
 
 
 def _embed(match: re.Match, folder: Path) -> str:
-    src, alt = html.unescape(match["src"]), match["alt"]
+    """An <img> as its figure embedded, if it is one of this report's own; else dropped, its alt kept."""
+    attributes = {m["name"]: m["value"] for m in _ATTRIBUTE.finditer(match[0])}
+    src, alt = html.unescape(attributes.get("src", "")), attributes.get("alt", "")
     data = _figure_bytes(folder, src)
     if data is None:
         return f"<em>[figure {alt} not embedded: not a figure of this report]</em>"
