@@ -12,12 +12,12 @@ import time
 
 import torch
 
-from mogvae.config import EvalConfig, TrainConfig, preset
-from mogvae.data import PaperProcess, make_splits
-from mogvae.model import build_model
-from mogvae.quadrature import integrate, latent_grid
-from mogvae.replicas import initialize, replica_seed
-from mogvae.train import fit
+from mogvae.config.schema import EvalConfig, TrainConfig, preset
+from mogvae.data.paper import PaperProcess, make_splits
+from mogvae.model.vae import build_model
+from mogvae.estimators.quadrature import integrate, latent_grid
+from mogvae.model.layers import initialize, replica_seed
+from mogvae.training.trainer import fit
 
 
 def main():

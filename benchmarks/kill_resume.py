@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from mogvae.checkpoint import load_checkpoint
+from mogvae.storage.checkpoints import load_checkpoint
 
 CONFIG = """
 preset = "mog-both"

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from mogvae.config import TrainConfig, preset
-from mogvae.data import PaperProcess, make_splits
-from mogvae.model import build_model
-from mogvae.replicas import initialize, replica_seed
-from mogvae.train import Trainer
+from mogvae.config.schema import TrainConfig, preset
+from mogvae.data.paper import PaperProcess, make_splits
+from mogvae.model.vae import build_model
+from mogvae.model.layers import initialize, replica_seed
+from mogvae.training.trainer import Trainer
 
 MODELS = ("mfg", "mog-posterior")
 

@@ -34,11 +34,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from baseline_loop import train_plain  # noqa: E402
 
-from mogvae.config import TrainConfig, preset  # noqa: E402
-from mogvae.data import PaperProcess, make_splits  # noqa: E402
-from mogvae.model import build_model  # noqa: E402
-from mogvae.replicas import initialize, replica_seed  # noqa: E402
-from mogvae.train import fit  # noqa: E402
+from mogvae.config.schema import TrainConfig, preset  # noqa: E402
+from mogvae.data.paper import PaperProcess, make_splits  # noqa: E402
+from mogvae.model.vae import build_model  # noqa: E402
+from mogvae.model.layers import initialize, replica_seed  # noqa: E402
+from mogvae.training.trainer import fit  # noqa: E402
 
 MODELS = {"mfg": ("normal", "gaussian"), "mog-prior": ("mog", "gaussian"),
           "mog-posterior": ("normal", "mog"), "mog-both": ("mog", "mog")}

@@ -24,11 +24,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from baseline_loop import PlainVAE, plain_epochs  # noqa: E402
 
-from mogvae.config import TrainConfig, preset  # noqa: E402
-from mogvae.model import build_model  # noqa: E402
-from mogvae.replicas import initialize, replica_seed  # noqa: E402
-from mogvae.tabular import split_standardized  # noqa: E402
-from mogvae.train import Trainer  # noqa: E402
+from mogvae.config.schema import TrainConfig, preset  # noqa: E402
+from mogvae.model.vae import build_model  # noqa: E402
+from mogvae.model.layers import initialize, replica_seed  # noqa: E402
+from mogvae.data.tabular import split_standardized  # noqa: E402
+from mogvae.training.trainer import Trainer  # noqa: E402
 
 MODELS = {"mfg": ("normal", "gaussian"), "mog-posterior": ("normal", "mog")}
 RESULTS = Path(__file__).parent / "results" / "wide_data.json"

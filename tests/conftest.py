@@ -19,7 +19,7 @@ def _fresh_fault_counters():
     with SIGINT ignored, and the Ctrl-C trials would then never be interrupted."""
     import signal
 
-    from mogvae import faults
+    from mogvae.storage import faults
     faults._passes.clear()
     signal.signal(signal.SIGINT, signal.default_int_handler)
 

@@ -16,11 +16,11 @@ import pytest
 from scipy import integrate
 from scipy.special import logsumexp
 
-from mogvae import data
-from mogvae.data import DataError, load_data_file
-from mogvae.evaluate import check_evaluable
-from mogvae.folded import FoldedProcess
-from mogvae.runs import RunConfig
+from mogvae.data import files as data_files
+from mogvae.data.files import DataError, load_data_file
+from mogvae.estimators.evaluate import check_evaluable
+from mogvae.data.folded import FoldedProcess
+from mogvae.runs.run import RunConfig
 
 BUDGET = 20_000   # elements: every array of the truth's computation stays within a few of these
 
@@ -70,7 +70,7 @@ def test_the_2d_truth_equals_scipys_dblquad_within_its_budget():
 PROBE_D1000 = """
 import json, resource, tracemalloc
 resource.setrlimit(resource.RLIMIT_AS, (2 * 2**30, 2 * 2**30))   # the means alone were 4.4 GiB
-from mogvae.folded import FoldedProcess
+from mogvae.data.folded import FoldedProcess
 default = FoldedProcess(1000, 2, 0, 0.1)
 _, y = default.sample(2, 1)
 tracemalloc.start()
@@ -179,7 +179,7 @@ def reference(text: str) -> np.ndarray:
 
 @pytest.mark.parametrize("block", [1, 7, 64, 2**18])
 def test_the_reader_equals_pythons_csv_and_float_across_block_boundaries(tmp_path, monkeypatch, block):
-    monkeypatch.setattr(data, "TEXT_BLOCK", block)
+    monkeypatch.setattr(data_files, "TEXT_BLOCK", block)
     path = tmp_path / "mixed.csv"
     path.write_bytes((MIXED * 40).encode())
     y = load_data_file(path)
@@ -193,7 +193,7 @@ def test_the_reader_equals_pythons_csv_and_float_across_block_boundaries(tmp_pat
 
 RSS_PROBE = """
 import sys
-from mogvae.data import load_data_file
+from mogvae.data.files import load_data_file
 
 def peak_rss():   # this process's own high-water mark (ru_maxrss starts at the forking parent's, pytest's)
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")) * 1024
@@ -236,7 +236,7 @@ def test_reading_a_20_mb_file_takes_about_8_bytes_a_value(tmp_path):
 ])
 @pytest.mark.parametrize("block", [1, 64, 2**18])
 def test_refusals_name_the_row_past_comments_and_block_boundaries(tmp_path, monkeypatch, content, needle, block):
-    monkeypatch.setattr(data, "TEXT_BLOCK", block)
+    monkeypatch.setattr(data_files, "TEXT_BLOCK", block)
     path = tmp_path / "y.csv"
     path.write_bytes(content.encode())
     with pytest.raises(DataError) as refused:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mogvae.checkpoint import load_checkpoint, save_checkpoint
+from mogvae.storage.checkpoints import load_checkpoint, save_checkpoint
 from mogvae.cli import main
 
 CONFIG = """

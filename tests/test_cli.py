@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mogvae.cli import main
-from mogvae.data import PaperProcess
+from mogvae.data.paper import PaperProcess
 
 COLUMNS = ["model", "seed", "test_log_likelihood", "true_log_likelihood", "test_elbo", "inference_gap",
            "kl_to_truth", "w1_samples", "std_ratio", "diverged", "train_seconds"]

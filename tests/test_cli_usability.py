@@ -14,8 +14,8 @@ import torch
 
 from mogvae import __version__
 from mogvae.cli import main
-from mogvae.runs import RunConfig
-from mogvae.tomlcompat import loads
+from mogvae.runs.run import RunConfig
+from mogvae.config.tomlcompat import loads
 
 def one_line_error(args, capsys) -> str:
     code = main([str(a) for a in args])
@@ -91,7 +91,7 @@ def test_rerunning_a_finished_run_says_so_and_rewrites_nothing(tiny, tmp_path, c
 
     def no_evaluation(*a, **k):
         raise AssertionError("a finished run was evaluated again")
-    monkeypatch.setattr("mogvae.runs.evaluate", no_evaluation)
+    monkeypatch.setattr("mogvae.runs.run.evaluate", no_evaluation)
     assert main(["train", str(tiny), "--out", str(out)]) == 0
     assert "run complete" in capsys.readouterr().err
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()} == before
@@ -157,7 +157,7 @@ def test_duplicate_models_are_refused(capsys, tmp_path):
 def test_a_bug_is_one_line_with_the_way_to_see_more(tiny, tmp_path, capsys, monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("something inside went wrong\nsecond line")
-    monkeypatch.setattr("mogvae.runs.evaluate", broken)
+    monkeypatch.setattr("mogvae.runs.run.evaluate", broken)
     assert main(["train", str(tiny), "--out", str(tmp_path / "out")]) == 1
     err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("training:")]
     assert len(err) == 1 and "internal error: RuntimeError: something inside went wrong" in err[0]

@@ -3,12 +3,12 @@ falls back to eager in one line when compiling fails, and `auto` compiles only l
 import pytest
 import torch
 
-import mogvae.compiled as compiled
-from mogvae.config import TrainConfig, preset
-from mogvae.data import PaperProcess, make_splits
-from mogvae.model import build_model
-from mogvae.replicas import initialize
-from mogvae.train import Trainer
+import mogvae.training.compiled as compiled
+from mogvae.config.schema import TrainConfig, preset
+from mogvae.data.paper import PaperProcess, make_splits
+from mogvae.model.vae import build_model
+from mogvae.model.layers import initialize
+from mogvae.training.trainer import Trainer
 
 DATA = make_splits(PaperProcess(), {"train": 250, "val": 50}, 0)   # 100, 100, 50: a ragged last batch
 SEEDS = [5, 6]

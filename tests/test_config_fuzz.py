@@ -5,8 +5,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mogvae.cli import main
-from mogvae.configfile import dotted_fields
-from mogvae.runs import RunConfig, RunDir, RunError, load_run_config
+from mogvae.config.files import dotted_fields
+from mogvae.runs.run import RunConfig, RunDir, RunError, load_run_config
 
 BAD_NUMBERS = st.sampled_from(["nan", "inf", "-inf", "-1", "0", "-0.5", "1e400", '"abc"', "[1, 2]", "{a = 1}",
                                "true"])

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy import integrate, stats
 
-from mogvae.data import PaperProcess, make_splits
+from mogvae.data.paper import PaperProcess, make_splits
 
 
 def scipy_log_prob(y, sigma):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from mogvae.cli import main
-from mogvae.data import DataError, PaperProcess, load_data_file
+from mogvae.data.files import DataError, load_data_file
+from mogvae.data.paper import PaperProcess
 
 CONFIG = """
 preset = "mfg"

@@ -5,10 +5,10 @@ import torch
 from scipy import stats
 from scipy.special import logsumexp
 
-from mogvae.config import preset
-from mogvae.mixtures import DiagMixture
-from mogvae.model import build_model
-from mogvae.replicas import initialize
+from mogvae.config.schema import preset
+from mogvae.model.mixtures import DiagMixture
+from mogvae.model.vae import build_model
+from mogvae.model.layers import initialize
 
 
 def scipy_mixture_logpdf(x, w, loc, scale):

@@ -10,10 +10,10 @@ from scipy import stats
 from scipy.integrate import trapezoid
 
 from mogvae.cli import main
-from mogvae.config import ModelConfig
-from mogvae.model import build_model
-from mogvae.replicas import initialize
-from mogvae.sweep import SpecError, expand
+from mogvae.config.schema import ModelConfig
+from mogvae.model.vae import build_model
+from mogvae.model.layers import initialize
+from mogvae.runs.sweep import SpecError, expand
 
 
 @pytest.mark.parametrize("posterior", ["gaussian", "mog"])

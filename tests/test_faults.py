@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mogvae.checkpoint import load_checkpoint
+from mogvae.storage.checkpoints import load_checkpoint
 from mogvae.cli import main
-from mogvae.runs import read_history
+from mogvae.runs.run import read_history
 
 CONFIG = """
 preset = "mog-both"

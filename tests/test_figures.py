@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from scipy.integrate import trapezoid
 
-from mogvae.data import PaperProcess
-from mogvae.io import read_npz
-from mogvae.plots import robust_limits
+from mogvae.data.paper import PaperProcess
+from mogvae.storage.files import read_npz
+from mogvae.report.figures import robust_limits
 
 MODELS = ["mfg", "mog-prior", "mog-posterior", "mog-both"]
 
@@ -37,10 +37,10 @@ def test_a_narrow_mixture_component_is_resolved_by_the_plotting_grid():
     """The case that misled: q with a component far narrower than a uniform
     plotting grid's spacing. On the union grid its area is right."""
     import torch
-    from mogvae.config import preset
-    from mogvae.evaluate import _probe_posteriors
-    from mogvae.model import build_model
-    from mogvae.replicas import initialize
+    from mogvae.config.schema import preset
+    from mogvae.estimators.evaluate import _probe_posteriors
+    from mogvae.model.vae import build_model
+    from mogvae.model.layers import initialize
     model = build_model(preset("mog-posterior", n_components=3, hidden=(8,)), replicas=1)
     initialize(model, [0])
     with torch.no_grad():

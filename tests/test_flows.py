@@ -8,19 +8,19 @@ import pytest
 import torch
 from scipy import stats
 
-from mogvae.config import ModelConfig, TrainConfig
-from mogvae.data import PaperProcess
-from mogvae.decoders import GaussianDecoder
-from mogvae.distributions import Defensive
-from mogvae.flows import SplineFlow
-from mogvae.gaps import best_posterior
-from mogvae.likelihood import log_likelihood
-from mogvae.model import VAE, build_model
-from mogvae.posteriors import FlowPosterior
-from mogvae.priors import StandardNormalPrior
-from mogvae.quadrature import integrate, latent_grid, log_joint
-from mogvae.replicas import initialize, make_generators
-from mogvae.train import fit
+from mogvae.config.schema import ModelConfig, TrainConfig
+from mogvae.data.paper import PaperProcess
+from mogvae.model.decoders import GaussianDecoder
+from mogvae.model.distributions import Defensive
+from mogvae.model.flows import SplineFlow
+from mogvae.estimators.gaps import best_posterior
+from mogvae.estimators.likelihood import log_likelihood
+from mogvae.model.vae import VAE, build_model
+from mogvae.model.posteriors import FlowPosterior
+from mogvae.model.priors import StandardNormalPrior
+from mogvae.estimators.quadrature import integrate, latent_grid, log_joint
+from mogvae.model.layers import initialize, make_generators
+from mogvae.training.trainer import fit
 from test_quadrature import SIGMA, Y
 
 F64 = torch.float64

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from scipy import integrate
 
-from mogvae.data import PaperProcess
-from mogvae.folded import FoldedProcess, mirror_images
+from mogvae.data.paper import PaperProcess
+from mogvae.data.folded import FoldedProcess, mirror_images
 
 
 def test_one_latent_one_observed_dimension_is_the_papers_process():

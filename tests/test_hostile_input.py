@@ -17,7 +17,7 @@ import pytest
 
 from conftest import TINY_TOML
 from mogvae.cli import main
-from mogvae.data import PaperProcess
+from mogvae.data.paper import PaperProcess
 
 TINY = TINY_TOML.replace("epochs = 3", "epochs = 2") + "gap_points = 5\n"   # its [eval] table is last
 # Payloads for every string that reaches a report: a spec's file name (no "/" in a file name),
@@ -119,7 +119,7 @@ def test_a_report_built_from_hostile_names_runs_no_script_and_requests_nothing(h
 
 
 def test_the_page_forbids_script_and_embeds_only_its_own_figures(tmp_path):
-    from mogvae.webpage import render
+    from mogvae.report.html import render
     (tmp_path / "figures").mkdir()
     import matplotlib
     matplotlib.use("Agg")
@@ -201,7 +201,7 @@ def test_a_grid_path_is_read_from_the_spec_folder_like_the_specs_own(tmp_path, m
 # --- 3. sizes bounded before work starts ------------------------------------------------------------
 
 def test_a_grid_above_the_cell_limit_is_refused_before_anything_is_written(tmp_path, capsys):
-    from mogvae.sweep import MAX_CELLS
+    from mogvae.runs.sweep import MAX_CELLS
     spec = tmp_path / "spec.toml"
     side = int(MAX_CELLS ** 0.5) + 1
     spec.write_text(TINY + f"\n[grid]\n\"train.lr\" = {[round(1e-4 * (i + 1), 6) for i in range(side)]}\n"
@@ -214,7 +214,7 @@ def test_a_grid_above_the_cell_limit_is_refused_before_anything_is_written(tmp_p
 def test_cell_names_too_long_for_the_file_system_are_refused_before_sweep_json(tmp_path, capsys):
     """A name of 243 bytes makes its run folder, but not its figure's atomic temporary
     (.NAME.png.XXXXXXXX.tmp, 261 bytes): today that fails after every run trained."""
-    from mogvae.sweep import cell_name
+    from mogvae.runs.sweep import cell_name
     values = {"train.lr": 0.00123456789012345, "train.final_lr_factor": 0.0123456789012345,
               "data.sigma": 0.123456789012345, "model.hidden": [1000, 1000, 1000, 1000, 8, 8, 8, 8],
               "eval.grid_span": 8.12345678901234, "train.batch_size": 255, "data.seed": 1234567890123456789,
@@ -352,12 +352,12 @@ def test_tabular_fractions_that_empty_a_split_are_refused_without_warnings(tmp_p
 def test_report_on_a_full_disk_names_the_folder(finished_sweep, tmp_path, capsys, monkeypatch):
     import errno
 
-    import mogvae.sweepreport
+    import mogvae.report.sweep
     _, out = _copy(finished_sweep, tmp_path)
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(mogvae.sweepreport, "write_text", full)
+    monkeypatch.setattr(mogvae.report.sweep, "write_text", full)
     assert main(["report", str(out)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"no space left on the device (writing {out})" in err[0], err
@@ -365,7 +365,7 @@ def test_report_on_a_full_disk_names_the_folder(finished_sweep, tmp_path, capsys
 
 def test_report_while_the_sweep_runs_is_refused_and_an_unfinished_sweep_reports_what_finished(
         finished_sweep, tmp_path, capsys):
-    from mogvae.sweep import SweepDir
+    from mogvae.runs.sweep import SweepDir
     _, out = _copy(finished_sweep, tmp_path)
     holder = SweepDir(out)                                          # a sweep (or --extend) running
     assert main(["report", str(out)]) == 2
@@ -381,7 +381,7 @@ def test_report_while_the_sweep_runs_is_refused_and_an_unfinished_sweep_reports_
 def test_a_checkpoint_header_nested_200k_deep_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
     from safetensors.torch import load, save
 
-    from mogvae.checkpoint import _digest
+    from mogvae.storage.checkpoints import _digest
     config = tmp_path / "run.toml"
     config.write_text(TINY.replace("epochs = 2", "epochs = 3"))
     out = tmp_path / "out"

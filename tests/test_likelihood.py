@@ -7,14 +7,14 @@ import pytest
 import torch
 from scipy import stats
 
-from mogvae.config import TrainConfig, preset
-from mogvae.data import PaperProcess
-from mogvae.likelihood import importance_log_likelihood, log_likelihood, monte_carlo_elbo
-from mogvae.model import build_model
-from mogvae.objectives import draw_noise, elbo, iwae_bound
-from mogvae.quadrature import integrate, latent_grid
-from mogvae.replicas import initialize, make_generators
-from mogvae.train import fit
+from mogvae.config.schema import TrainConfig, preset
+from mogvae.data.paper import PaperProcess
+from mogvae.estimators.likelihood import importance_log_likelihood, log_likelihood, monte_carlo_elbo
+from mogvae.model.vae import build_model
+from mogvae.objectives.bounds import draw_noise, elbo, iwae_bound
+from mogvae.estimators.quadrature import integrate, latent_grid
+from mogvae.model.layers import initialize, make_generators
+from mogvae.training.trainer import fit
 from test_quadrature import SIGMA, Y, linear_vae
 
 PAPER_Y = PaperProcess(0.1).sample(150, seed=3)[1]

@@ -7,16 +7,16 @@ import pytest
 import torch
 from scipy import stats
 
-from mogvae.config import TrainConfig, preset
-from mogvae.data import PaperProcess
-from mogvae.decoders import GaussianDecoder
-from mogvae.gaps import TOLERANCE, best_posterior, decomposition
-from mogvae.model import VAE, build_model
-from mogvae.posteriors import GaussianPosterior
-from mogvae.priors import StandardNormalPrior
-from mogvae.quadrature import latent_grid, log_marginal, training_log_marginal
-from mogvae.replicas import initialize
-from mogvae.train import fit
+from mogvae.config.schema import TrainConfig, preset
+from mogvae.data.paper import PaperProcess
+from mogvae.model.decoders import GaussianDecoder
+from mogvae.estimators.gaps import TOLERANCE, best_posterior, decomposition
+from mogvae.model.vae import VAE, build_model
+from mogvae.model.posteriors import GaussianPosterior
+from mogvae.model.priors import StandardNormalPrior
+from mogvae.estimators.quadrature import latent_grid, log_marginal, training_log_marginal
+from mogvae.model.layers import initialize
+from mogvae.training.trainer import fit
 from test_quadrature import SIGMA, Y, linear_vae
 
 DATA = PaperProcess(0.1).sample(40, seed=9)[1]
@@ -95,7 +95,7 @@ def test_a_gaussian_posterior_has_no_approximation_gap_when_the_posterior_is_gau
 
 def test_the_four_terms_sum_to_the_total_and_the_amortization_gap_is_not_negative(tmp_path):
     from mogvae.cli import main
-    from mogvae.io import read_csv
+    from mogvae.storage.files import read_csv
     rows = {}
     for objective in ("elbo", "exact"):
         out = tmp_path / objective
@@ -119,9 +119,9 @@ def test_saved_weights_reproduce_the_reported_likelihood(tiny, tmp_path):
     """The standard for every number: recomputed from the saved checkpoint, through the public
     entry point, it matches metrics.csv."""
     from mogvae.cli import main
-    from mogvae.io import read_csv
-    from mogvae.likelihood import log_likelihood
-    from mogvae.runs import trained_model
+    from mogvae.storage.files import read_csv
+    from mogvae.estimators.likelihood import log_likelihood
+    from mogvae.runs.run import trained_model
     out = tmp_path / "run"
     assert main(["train", str(tiny), "--out", str(out), "--set", "preset=mog-both", "--set", "seeds=2"]) == 0
     model, config, seeds = trained_model(out)
@@ -132,15 +132,15 @@ def test_saved_weights_reproduce_the_reported_likelihood(tiny, tmp_path):
 
 
 def test_the_fused_log_sum_exp_matches_torch_in_value_and_gradient():
-    from mogvae.quadrature import LogSumExp
+    from mogvae.estimators.quadrature import LogSumExp
     x = (torch.randn(2, 3, 50, dtype=torch.float64) * 30).requires_grad_(True)
     torch.testing.assert_close(LogSumExp.apply(x), torch.logsumexp(x, -1), rtol=0, atol=1e-12)
     assert torch.autograd.gradcheck(LogSumExp.apply, (x,))
 
 
 def test_the_reported_gaps_use_the_evaluations_grid_rule_and_match_the_closed_form():
-    from mogvae.gaps import gap_metrics
-    from mogvae.quadrature import integrate
+    from mogvae.estimators.gaps import gap_metrics
+    from mogvae.estimators.quadrature import integrate
     a, b = 1.7, 0.3
     model = linear_vae([a], b)
     exact = integrate(model, Y, latent_grid(model, 2001, 8.0, y=Y))

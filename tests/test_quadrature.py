@@ -6,15 +6,15 @@ import pytest
 import torch
 from scipy import stats
 
-from mogvae.config import EvalConfig, preset
-from mogvae.decoders import GaussianDecoder
-from mogvae.model import VAE, build_model
-from mogvae.objectives import draw_noise, elbo, iwae_bound, log_weights
-from mogvae.posteriors import GaussianPosterior
-from mogvae.priors import StandardNormalPrior
-from mogvae.quadrature import (hermite_rule, integrate, latent_grid, log_marginal, posterior_on_grid,
+from mogvae.config.schema import EvalConfig, preset
+from mogvae.model.decoders import GaussianDecoder
+from mogvae.model.vae import VAE, build_model
+from mogvae.objectives.bounds import draw_noise, elbo, iwae_bound, log_weights
+from mogvae.model.posteriors import GaussianPosterior
+from mogvae.model.priors import StandardNormalPrior
+from mogvae.estimators.quadrature import (hermite_rule, integrate, latent_grid, log_marginal, posterior_on_grid,
                                quadrature_elbo)
-from mogvae.replicas import initialize, make_generators
+from mogvae.model.layers import initialize, make_generators
 
 SIGMA = 0.3
 Y = np.array([-1.0, -0.2, 0.0, 0.4, 1.3, 2.5])
@@ -206,9 +206,9 @@ def test_edge_mass_flags_a_truncating_grid():
 
 
 def test_default_grid_error_is_below_1e_4_nats_on_a_trained_model():
-    from mogvae.config import TrainConfig
-    from mogvae.data import PaperProcess, make_splits
-    from mogvae.train import fit
+    from mogvae.config.schema import TrainConfig
+    from mogvae.data.paper import PaperProcess, make_splits
+    from mogvae.training.trainer import fit
     data = make_splits(PaperProcess(), {"train": 2000, "val": 200, "test": 2000}, 0)
     for name in ("mfg", "mog-posterior"):
         model = build_model(preset(name), replicas=1)
@@ -234,7 +234,7 @@ def test_grid_elbo_agrees_with_gauss_hermite(name):
 
 
 def test_posterior_width_is_a_mode_width_not_the_spread_between_modes():
-    from mogvae.quadrature import _posterior_scale
+    from mogvae.estimators.quadrature import _posterior_scale
     z = torch.linspace(-10, 10, 20001, dtype=torch.float64)[None]
     one = stats.norm.logpdf(z.numpy(), 0, 0.05)
     two = np.logaddexp(stats.norm.logpdf(z.numpy(), -3, 0.05), stats.norm.logpdf(z.numpy(), 3, 0.05))
@@ -261,7 +261,7 @@ def test_memory_bounded_chunks_give_the_same_numbers(name, latent_dim):
 
 
 def test_the_truth_in_small_chunks_is_the_same():
-    from mogvae.data import PaperProcess
+    from mogvae.data.paper import PaperProcess
     p = PaperProcess(0.01)                                   # many nodes: the default chunks are small
     y = np.linspace(-0.5, 1.0, 301)
     np.testing.assert_allclose(p.log_prob(y, budget=10**4), p.log_prob(y, budget=10**9), rtol=0, atol=1e-12)

@@ -4,11 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mogvae.config import TrainConfig, preset
-from mogvae.data import PaperProcess, make_splits
-from mogvae.model import build_model
-from mogvae.replicas import MLP, BatchedLinear, initialize, randn_per_replica, make_generators, replica_seed
-from mogvae.train import fit
+from mogvae.config.schema import TrainConfig, preset
+from mogvae.data.paper import PaperProcess, make_splits
+from mogvae.model.vae import build_model
+from mogvae.model.layers import MLP, BatchedLinear, initialize, randn_per_replica, make_generators, replica_seed
+from mogvae.training.trainer import fit
 
 
 @pytest.mark.parametrize("I, O", [(3, 5), (1, 5), (3, 1), (1, 1)])   # the matmul, outer-product and dot paths
@@ -94,7 +94,7 @@ def test_replica_seeds_come_from_base_seed_and_index_only():
     import subprocess
     import sys
     # the same in a fresh interpreter (another hash seed, nothing else computed first), and in any order
-    code = "from mogvae.replicas import replica_seed; print([replica_seed(7, i) for i in (5, 0, 3)])"
+    code = "from mogvae.model.layers import replica_seed; print([replica_seed(7, i) for i in (5, 0, 3)])"
     fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={**__import__("os").environ, "PYTHONHASHSEED": "123"}).stdout
     assert eval(fresh) == [replica_seed(7, i) for i in (5, 0, 3)]

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mogvae.checkpoint import CheckpointError, load_checkpoint
+from mogvae.storage.checkpoints import CheckpointError, load_checkpoint
 from mogvae.cli import main
-from mogvae.runs import RunDir
+from mogvae.runs.run import RunDir
 
 SMALL = """
 preset = "mog-both"
@@ -142,6 +142,6 @@ def test_checkpoints_carry_the_config_hash_and_versions(tmp_path, capsys, monkey
 
 
 def test_the_documented_example_configuration_is_valid():
-    from mogvae.runs import load_run_config
+    from mogvae.runs.run import load_run_config
     config = load_run_config(Path(__file__).parents[1] / "examples" / "run.toml", ["train.epochs=3"])
     assert config.preset == "mog-prior" and config.train.on_divergence == "rollback" and config.train.epochs == 3

@@ -11,11 +11,11 @@ import torch
 from scipy.stats import norm, wasserstein_distance
 
 from mogvae.cli import main
-from mogvae.evaluate import _marginal_w1
-from mogvae.folded import FoldedProcess
-from mogvae.quadrature import _log_terms
-from mogvae.runs import RunConfig, RunDir, upgraded
-from mogvae.sources import load_source
+from mogvae.estimators.evaluate import _marginal_w1
+from mogvae.data.folded import FoldedProcess
+from mogvae.estimators.quadrature import _log_terms
+from mogvae.runs.run import RunConfig, RunDir, upgraded
+from mogvae.data.sources import load_source
 
 SMALL = """
 preset = "{preset}"
@@ -181,7 +181,7 @@ def test_a_folder_written_before_sources_were_a_union_resumes_with_its_checkpoin
 
 
 def test_config_show_lists_every_source_and_parses_back(capsys):
-    from mogvae.tomlcompat import loads
+    from mogvae.config.tomlcompat import loads
     assert main(["config", "--show"]) == 0
     text = capsys.readouterr().out
     for needle in ('name = "file", path = (required)', 'name = "folded", data_dim = 2', 'name = "tabular"'):
@@ -203,7 +203,7 @@ def test_a_two_latent_folded_run_is_evaluated_by_2d_quadrature_against_its_truth
 
 
 def test_a_sweep_refuses_before_training_a_cell_its_data_cannot_hold():
-    from mogvae.sweep import SpecError, expand, preflight
+    from mogvae.runs.sweep import SpecError, expand, preflight
     base = {"seeds": 1, "model": {"prior": "vamp", "n_components": 300}, "data": {"name": "tabular"}}
     cells = expand(base, {"data.dataset": ["breast_cancer", "diabetes"]})
     with pytest.raises(SpecError, match=r"data.dataset=diabetes: .*VampPrior, but the training split has 287"):

@@ -7,7 +7,7 @@ import pytest
 from scipy import integrate, stats
 
 from mogvae.cli import main
-from mogvae.folded import FoldedProcess
+from mogvae.data.folded import FoldedProcess
 from mogvae.studies.noise import best_gaussian_kl
 
 

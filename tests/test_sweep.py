@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mogvae.cli import main
-from mogvae.sweep import SpecError, SweepDir, cell_name, expand
+from mogvae.runs.sweep import SpecError, SweepDir, cell_name, expand
 
 SPEC = """
 seeds = 2

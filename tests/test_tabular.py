@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_breast_cancer, load_diabetes, load_digits
 
-import mogvae.tabular as tabular
-from mogvae.tabular import dequantize, load_tabular, split_standardized
+import mogvae.data.tabular as tabular
+from mogvae.data.tabular import dequantize, load_tabular, split_standardized
 
 FRACTIONS = {"train": 0.6, "val": 0.2, "test": 0.2}
 
@@ -82,12 +82,12 @@ def test_bad_requests_are_refused_naming_the_problem(name, fractions, message):
 def test_importance_sampling_agrees_with_quadrature_on_breast_cancer_at_d_z_2():
     """A VAE trained briefly on breast cancer (D = 30) with a 2-D latent: the importance-sampling
     log-likelihood (what d_z > 2 will use) against 2-D quadrature, point by point within its SE."""
-    from mogvae.config import TrainConfig, preset
-    from mogvae.likelihood import importance_log_likelihood
-    from mogvae.model import build_model
-    from mogvae.quadrature import latent_grid, log_marginal
-    from mogvae.replicas import initialize
-    from mogvae.train import fit
+    from mogvae.config.schema import TrainConfig, preset
+    from mogvae.estimators.likelihood import importance_log_likelihood
+    from mogvae.model.vae import build_model
+    from mogvae.estimators.quadrature import latent_grid, log_marginal
+    from mogvae.model.layers import initialize
+    from mogvae.training.trainer import fit
 
     data = split_standardized("breast_cancer", FRACTIONS, 0).splits
     model = build_model(preset("mfg", hidden=(32, 32), latent_dim=2, learn_decoder_noise=True),

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-import mogvae.train as train_module
-from mogvae.config import TrainConfig, preset
-from mogvae.data import PaperProcess, make_splits
-from mogvae.model import build_model
-from mogvae.replicas import initialize
-from mogvae.train import fit
+import mogvae.training.trainer as train_module
+from mogvae.config.schema import TrainConfig, preset
+from mogvae.data.paper import PaperProcess, make_splits
+from mogvae.model.vae import build_model
+from mogvae.model.layers import initialize
+from mogvae.training.trainer import fit
 
 DATA = make_splits(PaperProcess(), {"train": 600, "val": 100}, 0)
 SEEDS = [11, 22, 33]
@@ -150,7 +150,7 @@ def test_a_step_in_chunks_gives_the_whole_batch_gradient(objective):
 def test_multidimensional_observations_train_through_the_same_loop(name):
     """y [N, D]: the folded process with D = 6 observed dimensions and a 1-D latent. The trainer
     learns: every replica's validation ELBO rises, none diverges."""
-    from mogvae.folded import FoldedProcess
+    from mogvae.data.folded import FoldedProcess
     process = FoldedProcess(6, 1, 2, 0.1)
     _, y_train = process.sample(600, 1)
     _, y_val = process.sample(100, 2)

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from mogvae.cli import main
-from mogvae.config import StudyConfig
-from mogvae.outdir import LOCK, MANIFEST, read_manifest
-from mogvae.reproduce import claim_output, output_layout
+from mogvae.config.schema import StudyConfig
+from mogvae.storage.folders import LOCK, MANIFEST, read_manifest
+from mogvae.runs.reproduce import claim_output, output_layout
 
 def users_files(root: Path) -> None:
     """What a user may keep in a folder: hidden files, *.tmp files (also ones shaped

@@ -13,16 +13,16 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "PaperProcess": "data", "load_data_file": "data", "make_splits": "data",
-    "VAE": "model", "build_model": "model",
-    "preset": "config", "ModelConfig": "config", "TrainConfig": "config", "EvalConfig": "config",
-    "StudyConfig": "config",
-    "elbo": "objectives", "iwae_bound": "objectives",
-    "integrate": "quadrature", "latent_grid": "quadrature",
-    "log_likelihood": "likelihood", "best_posterior": "gaps", "trained_model": "runs",
-    "evaluate": "evaluate",
-    "initialize": "replicas", "replica_seed": "replicas",
-    "Trainer": "train", "fit": "train",
+    "PaperProcess": "data.paper", "load_data_file": "data.files", "make_splits": "data.paper",
+    "VAE": "model.vae", "build_model": "model.vae",
+    "preset": "config.schema", "ModelConfig": "config.schema", "TrainConfig": "config.schema",
+    "EvalConfig": "config.schema", "StudyConfig": "config.schema",
+    "elbo": "objectives.bounds", "iwae_bound": "objectives.bounds",
+    "integrate": "estimators.quadrature", "latent_grid": "estimators.quadrature",
+    "log_likelihood": "estimators.likelihood", "best_posterior": "estimators.gaps", "trained_model": "runs.run",
+    "evaluate": "estimators.evaluate",
+    "initialize": "model.layers", "replica_seed": "model.layers",
+    "Trainer": "training.trainer", "fit": "training.trainer",
 }
 __all__ = list(_EXPORTS)
 

@@ -125,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _study_config(args):
-    from .config import StudyConfig, quick
+    from .config.schema import StudyConfig, quick
     updates = {}
     if args.seeds is not None:
         updates["seeds"] = args.seeds
@@ -151,7 +151,7 @@ def _study_config(args):
 
 
 def _check_tensorboard(args) -> None:
-    from .curvelog import CurveLogUnavailable, check_available
+    from .training.tensorboard import CurveLogUnavailable, check_available
     if getattr(args, "tensorboard", False):
         try:
             check_available()
@@ -160,7 +160,7 @@ def _check_tensorboard(args) -> None:
 
 
 def _check_device(device: str) -> None:
-    from .train import check_device
+    from .training.trainer import check_device
     try:
         check_device(device)
     except ValueError as e:
@@ -170,10 +170,10 @@ def _check_device(device: str) -> None:
 def reproduce(args) -> int:
     from rich.console import Console
 
-    from . import reproduce as study
-    from .outdir import OutputError
-    from .progress import SweepProgress
-    from .sweep import SpecError
+    from .runs import reproduce as study
+    from .runs.progress import SweepProgress
+    from .runs.sweep import SpecError
+    from .storage.folders import OutputError
 
     config = _study_config(args)
     _check_device(config.train.device)
@@ -203,7 +203,7 @@ def _print_table(console, out: Path, models: list[str]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .report import TABLE, load_metrics, summary_rows
+    from .report.statistics import TABLE, load_metrics, summary_rows
     table = Table(title="mean ± sd over seeds (nats per test point)")
     for label in ["model", "runs", "diverged", *(t[1] for t in TABLE)]:
         table.add_column(label, justify="left" if label == "model" else "right")
@@ -217,9 +217,9 @@ def train(args) -> int:
     import torch
     from rich.console import Console
 
-    from .outdir import check_out_path, OutputError
-    from .progress import EpochProgress
-    from .runs import RunError, RunSession, load_run_config
+    from .runs.progress import EpochProgress
+    from .runs.run import RunError, RunSession, load_run_config
+    from .storage.folders import check_out_path, OutputError
 
     if not 1 <= args.threads <= 1024:
         raise UsageError(f"--threads {args.threads}: expected 1 to 1024")
@@ -245,7 +245,7 @@ def train(args) -> int:
 
 
 def sweep(args) -> int:
-    from .sweep import SpecError, load_spec
+    from .runs.sweep import SpecError, load_spec
     try:
         base, grid, cells = load_spec(args.spec, args.overrides)
     except SpecError as e:
@@ -257,11 +257,11 @@ def _run_sweep(args, base: dict, grid: dict, cells, title: str, study: str | Non
     """Claim and lock the folder, train what is unfinished, and write the report."""
     from rich.console import Console
 
-    from .executors import SchedulerUnavailable, check_scheduler
-    from .outdir import OutputError
-    from .progress import SweepProgress
-    from .sweep import SpecError, SweepDir, execute, preflight, versions
-    from .sweepreport import write_sweep_report
+    from .report.sweep import write_sweep_report
+    from .runs.executors import SchedulerUnavailable, check_scheduler
+    from .runs.progress import SweepProgress
+    from .runs.sweep import SpecError, SweepDir, execute, preflight, versions
+    from .storage.folders import OutputError
 
     if args.workers is not None and not 1 <= args.workers <= 1024:
         raise UsageError(f"--workers {args.workers}: expected 1 to 1024")
@@ -289,8 +289,8 @@ def _run_sweep(args, base: dict, grid: dict, cells, title: str, study: str | Non
 
 
 def study(args) -> int:
+    from .runs.sweep import SpecError, expand
     from .studies import spec as study_spec
-    from .sweep import SpecError, expand
 
     if args.seeds is not None and not 1 <= args.seeds <= 1000:
         raise UsageError(f"--seeds {args.seeds}: expected 1 to 1000")
@@ -306,8 +306,8 @@ def study(args) -> int:
 def report(args) -> int:
     """Rewrite a finished folder's report. The folder's lock is taken first: a sweep that is
     still running (or extending) writes its own report when it finishes."""
-    from .outdir import OutputError, check_own_folders, read_manifest, remove_stale_temporaries, take_lock
-    from .sweepreport import write_sweep_report
+    from .report.sweep import write_sweep_report
+    from .storage.folders import OutputError, check_own_folders, read_manifest, remove_stale_temporaries, take_lock
     layout = read_manifest(args.dir) if args.dir.is_dir() else None
     if layout is None or layout.kind not in ("sweep", "reproduce"):
         raise UsageError(f"{args.dir}: not a folder written by mogvae sweep or mogvae reproduce")
@@ -325,9 +325,9 @@ def report(args) -> int:
 
 
 def _reproduce_report(out: Path) -> Path:
-    from .plots import all_figures
-    from .report import read_study, write_report
-    from .webpage import write_html
+    from .report.figures import all_figures
+    from .report.html import write_html
+    from .report.paper import read_study, write_report
     study = read_study(out)
     figures = all_figures(out, {m: out / "runs" / f"preset={m}" for m in study.models})
     path = write_report(out, study, figures)
@@ -336,8 +336,8 @@ def _reproduce_report(out: Path) -> Path:
 
 
 def show_config(args) -> int:
-    from .config_toml import defaults_toml
-    from .runs import RunConfig
+    from .config.reference import defaults_toml
+    from .runs.run import RunConfig
     print(defaults_toml(RunConfig), end="")
     return 0
 
@@ -361,12 +361,12 @@ def _known_fault(e: Exception) -> int | None:
     the modules already imported: a class that was never imported was never raised.)"""
     def loaded(module: str, name: str):
         return getattr(sys.modules.get(f"mogvae.{module}"), name, None)
-    worker = loaded("executors", "WorkerFailed")
+    worker = loaded("runs.executors", "WorkerFailed")
     if worker is not None and isinstance(e, worker):
         return EXIT_FAILURE
     refusals = [loaded(module, name) for module, name in (
-        ("io", "UnreadableFile"), ("runs", "RunError"), ("sweep", "SpecError"), ("data", "DataError"),
-        ("checkpoint", "CheckpointError"), ("outdir", "OutputError"))]
+        ("storage.files", "UnreadableFile"), ("runs.run", "RunError"), ("runs.sweep", "SpecError"),
+        ("data.files", "DataError"), ("storage.checkpoints", "CheckpointError"), ("storage.folders", "OutputError"))]
     return EXIT_USAGE if isinstance(e, tuple(r for r in refusals if r is not None)) else None
 
 
@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mogvae: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except ValidationError as e:
-        from .config import describe_error
+        from .config.schema import describe_error
         print(f"mogvae: error: {describe_error(e)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as e:

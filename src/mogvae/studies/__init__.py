@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from importlib import resources
 
-from ..config import QUICK
-from ..configfile import apply_overrides, set_dotted
-from ..tomlcompat import loads
+from ..config.files import apply_overrides, set_dotted
+from ..config.schema import QUICK
+from ..config.tomlcompat import loads
 
 
 def spec(name: str, overrides: list[str], quick: bool) -> tuple[dict, dict]:
@@ -31,7 +31,7 @@ def _present_noise(out) -> tuple[list[str], list]:
 
 
 def _present_families(out) -> tuple[list[str], list]:
-    from ..sweep import read_record
+    from ..runs.sweep import read_record
     from . import families, importance
     figure = families.families_figure(out)
     quick = read_record(out).get("title", "").endswith("(quick)")
@@ -47,9 +47,9 @@ def _present_dimension(out) -> tuple[list[str], list]:
 
 
 def _present_tabular(out) -> tuple[list[str], list]:
-    from . import tabular
-    figure = tabular.tabular_figure(out)
-    return ["## Richer prior or richer posterior on real data?", "", *tabular.reading(out), ""], [figure]
+    from . import real_data
+    figure = real_data.tabular_figure(out)
+    return ["## Richer prior or richer posterior on real data?", "", *real_data.reading(out), ""], [figure]
 
 
 PRESENTERS = {"noise": _present_noise, "families": _present_families, "dimension": _present_dimension,

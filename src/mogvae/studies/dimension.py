@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import read_csv, write_csv
-from ..report import t_interval
+from ..report.statistics import t_interval
+from ..storage.files import read_csv, write_csv
 from .paired import MEANS_CAPTION, RICHER, by_cell, interval_cell, richer_against_mfg, verdicts
 
 PANELS = (("kl_to_truth", "KL(p* || p_theta), nats per point"), ("inference_gap", "inference gap, nats per point"))
@@ -40,7 +40,7 @@ def dimension_figure(out: Path) -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullLocator
 
-    from ..plots import COLORS, _save
+    from ..report.figures import COLORS, _save
     cells, models = _cells(out)
     settings = [s for s in SETTINGS if _dims(cells, s[0])]
     fig, axes = plt.subplots(len(settings), len(PANELS), figsize=(12, 4.2 * len(settings)), squeeze=False)

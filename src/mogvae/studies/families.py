@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import ModelConfig
-from ..gaps import decomposition
-from ..io import read_csv, write_csv
-from ..report import Interval, t_interval
-from ..webpage import md_text
+from ..config.schema import ModelConfig
+from ..estimators.gaps import decomposition
+from ..report.html import md_text
+from ..report.statistics import Interval, t_interval
+from ..storage.files import read_csv, write_csv
 
 DEFAULT_POSTERIOR = ModelConfig().posterior
 TERMS = (("misspecification", "misspecification", "#8172b3"),
@@ -74,7 +74,7 @@ def _intervals(rows: list[dict]) -> dict:
 def families_figure(out: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    from ..plots import _save
+    from ..report.figures import _save
     rows = decompositions(out)
     write_csv(out / "figures" / "decomposition.csv", rows,
               ["sigma", "prior", "posterior", "seed", *(t[0] for t in TERMS), "total"])

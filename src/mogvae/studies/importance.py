@@ -8,17 +8,17 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import read_npy, write_csv
-from ..sweep import read_record
-from ..webpage import md_text
+from ..report.html import md_text
+from ..runs.sweep import read_record
+from ..storage.files import read_npy, write_csv
 
 K_VALUES = (1, 10, 100, 1000, 5000)
 POINTS = 200
 
 
 def importance_rows(out: Path, ks=K_VALUES, points: int = POINTS) -> list[dict]:
-    from ..likelihood import log_likelihood
-    from ..runs import trained_model
+    from ..estimators.likelihood import log_likelihood
+    from ..runs.run import trained_model
     cells = read_record(out)["cells"]
     rows = []
     for cell in cells:
@@ -42,7 +42,7 @@ def importance_rows(out: Path, ks=K_VALUES, points: int = POINTS) -> list[dict]:
 def importance_figure(out: Path, ks=K_VALUES, points: int = POINTS) -> tuple[Path, list[dict]]:
     import matplotlib.pyplot as plt
 
-    from ..plots import _save
+    from ..report.figures import _save
     rows = importance_rows(out, ks, points)
     write_csv(out / "figures" / "importance.csv", rows,
               ["run", "model", "sigma", "k", "bias", "bias_stderr", "mean_stderr", "beyond_3se"])

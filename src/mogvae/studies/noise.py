@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 from scipy.integrate import trapezoid
 
-from ..data import PaperProcess
-from ..io import read_csv, write_csv
-from ..report import t_interval
+from ..data.paper import PaperProcess
+from ..report.statistics import t_interval
+from ..storage.files import read_csv, write_csv
 from .paired import MEANS_CAPTION, RICHER, by_cell, interval_cell, richer_against_mfg, verdicts
 
 PANELS = (("kl_to_truth", "KL(p* || p_theta), nats"), ("inference_gap", "inference gap, nats"),
@@ -41,7 +41,7 @@ def _by_cell(rows: list[dict]) -> dict[tuple[str, float], dict[int, dict]]:
 def noise_figure(out: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    from ..plots import COLORS, _save, robust_limits
+    from ..report.figures import COLORS, _save, robust_limits
     rows = read_csv(out / "metrics.csv")
     cells = _by_cell(rows)
     models = list(dict.fromkeys(r["model"] for r in rows))

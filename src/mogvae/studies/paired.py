@@ -2,7 +2,7 @@
 richer model against mfg, paired by seed, at every level."""
 from __future__ import annotations
 
-from ..report import Interval, paired
+from ..report.statistics import Interval, paired
 
 MEANS_CAPTION = ("mean over seeds with 95% t intervals; axes span the means (an interval may run off "
                  "an edge)")   # the noise and dimension figures

@@ -1,0 +1,386 @@
+"""Evaluate trained replicas against the truth: a frozen record of per-replica
+metrics plus the curves the figures draw. Nothing here trains or plots."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.stats import wasserstein_distance
+
+from ..config.schema import EvalConfig, ModelConfig, TrainConfig
+from ..data.paper import PaperProcess, UnknownTruth
+from ..model.layers import make_generators, replica_count
+from ..model.vae import VAE
+from .quadrature import MAX_GRID_NODES, MAX_LATENT, integrate, latent_grid, log_joint, log_marginal, posterior_on_grid
+
+PROBE_Y = (1.0, 0.2, -3.0)       # the paper's Figures 2-4
+GAP_METRICS = ("approximation_gap", "amortization_gap", "gap_log_likelihood", "gap_elbo", "gap_true_log_likelihood",
+               "gap_rule_error", "gap_optimizer_steps")   # see gaps.py; on the first eval.gap_points test points
+GENERATE_OFFSET = 104729         # generation noise: replica seed + offset
+IMPORTANCE_OFFSET = 130363       # importance-sampling draws: replica seed + offset
+METRICS = ("test_log_likelihood", "true_log_likelihood", "test_elbo", "inference_gap",
+           "kl_to_truth", "w1_to_truth", "w1_samples", "w1_decoder", "std_ratio",
+           "quadrature_error", "grid_edge_mass", "elbo_quadrature_error", "test_log_likelihood_stderr",
+           "training_grid_error", *GAP_METRICS)
+TRUTH_METRICS = ("true_log_likelihood", "kl_to_truth", "w1_to_truth", "w1_decoder",
+                 "gap_true_log_likelihood")  # NaN without a known truth
+PROBE_SPAN, PROBE_GRID = 60.0, 12001  # probes far outside the data have posteriors deep in the prior's tail
+
+
+
+MAX_TRAINING_NODES = 20_001  # latent nodes per replica the exact objective differentiates at every step
+MAX_EVAL_BYTES = 4 * 2**30   # the model's evaluation at the data's dimension D (the tabular study's largest: 2.8 GB)
+MAX_TRUTH_TERMS = 5e10       # the folded truth: test points x quadrature nodes, ~4-20 ns each on 2 cores
+
+
+def check_evaluable(model: ModelConfig, config: EvalConfig, train: TrainConfig | None = None,
+                    data=None, seeds: int = 1) -> None:
+    """Refuse, before any training, a configuration that cannot be trained or
+    evaluated here (ValueError naming the field): every trained run can be evaluated.
+    latent_dim <= 2 is evaluated by quadrature; beyond, by importance sampling.
+    With `data` (the data section) and `seeds` (the replicas evaluated together), also
+    the memory evaluation needs at the data's dimension D and the time the truth takes."""
+    d = model.latent_dim
+    if train is not None and train.objective == "exact":
+        if d > MAX_LATENT:
+            raise ValueError(f"train.objective = 'exact' differentiates log p(y) by quadrature over z: it needs "
+                             f"model.latent_dim <= {MAX_LATENT}, got {d}")
+        if train.exact_grid ** d > MAX_TRAINING_NODES:
+            fit = int(MAX_TRAINING_NODES ** (1 / d)) // 2 * 2 - 1
+            raise ValueError(f"train.exact_grid = {train.exact_grid} with latent_dim = {d} is "
+                             f"{train.exact_grid ** d:,} nodes at every step: set train.exact_grid <= {fit}")
+    nodes = config.grid_size ** min(d, MAX_LATENT)
+    if d <= MAX_LATENT and nodes > MAX_GRID_NODES:
+        fit = int(MAX_GRID_NODES ** (1 / d)) // 2 * 2 - 1
+        raise ValueError(f"eval.grid_size = {config.grid_size} with latent_dim = {d} is {nodes:,} latent nodes per "
+                         f"replica, more than exact evaluation holds ({MAX_GRID_NODES:,}): set eval.grid_size <= {fit}")
+    if data is None:
+        return
+    D = _data_dim(data)
+    if D is not None:
+        check_evaluation_memory(model, config, D, seeds)
+    if data.name == "folded":
+        check_truth(data)
+
+
+def _data_dim(data) -> int | None:
+    """D as the data section sets it (None for a file: its columns are known once it is read)."""
+    if data.name == "folded":
+        return data.data_dim
+    return {"paper": 1, "tabular": TABULAR_COLUMNS.get(getattr(data, "dataset", None))}.get(data.name)
+
+
+# The model's evaluation holds some arrays whole, each growing with D; measured (peak RSS of
+# `evaluate` on untrained models at D = 100 ... 600, its growth with D). The paths run one after
+# another, so the largest sets the peak.
+GRID_BYTES = 26              # per seed, latent node and D: the decoder's mean on the grid, scaled, squared
+WIDEST_1D_GRID = 20_001      # quadrature.latent_grid widens a 1-D grid to cover q, up to this
+GENERATED_BYTES = 25         # per seed (and the truth), generated sample and D (_generate, _true_means)
+STRATA_BYTES = 11_500_000    # per D: the 2-D ELBO's decoder at 250,000 draws (quadrature.stratum_trapezoid_elbo)
+IMPORTANCE_BYTES = 46_000_000  # per D: the decoder at 2,000,000 draws (likelihood.importance_log_likelihood)
+TABULAR_COLUMNS = {"breast_cancer": 30, "diabetes": 10, "digits": 61}   # tabular.py, constant pixels dropped
+
+
+def evaluation_bytes(model: ModelConfig, config: EvalConfig, data_dim: int, seeds: int = 1) -> dict[str, float]:
+    """The memory evaluation holds at data dimension D, by path (named by the setting that sizes it)."""
+    d, D = model.latent_dim, data_dim
+    nodes = WIDEST_1D_GRID if d == 1 else config.grid_size ** d
+    return {"eval.grid_size": GRID_BYTES * seeds * nodes * D if d <= MAX_LATENT else 0.0,
+            "model.latent_dim": STRATA_BYTES * D if d == 2 else IMPORTANCE_BYTES * D if d > MAX_LATENT else 0.0,
+            "eval.n_generated": GENERATED_BYTES * (seeds + 1) * config.n_generated * D}
+
+
+def check_evaluation_memory(model: ModelConfig, config: EvalConfig, data_dim: int, seeds: int = 1) -> None:
+    """Refuse (ValueError) a model whose evaluation at data dimension `data_dim` would hold more than
+    MAX_EVAL_BYTES, which would otherwise fail only after training, naming each single setting that
+    would make it fit, with the most it can be."""
+    d, D, cap = model.latent_dim, data_dim, MAX_EVAL_BYTES
+    need = evaluation_bytes(model, config, D, seeds)
+    path = max(need, key=need.get)
+    if need[path] <= cap:
+        return
+
+    def largest(values, change) -> int | None:
+        """The first of `values` (descending) with which everything fits."""
+        return next((v for v in values if max(evaluation_bytes(*change(v)).values()) <= cap), None)
+
+    quadrature = config.model_copy(update={"grid_size": min(config.grid_size, 499)})   # as 2-D quadrature must
+    fewer = {
+        "model.latent_dim": largest(range(min(d - 1, MAX_LATENT), 0, -1), lambda v: (
+            model.model_copy(update={"latent_dim": v}), quadrature, D, seeds)),
+        "eval.grid_size": largest(range(config.grid_size - 2, 100, -2), lambda v: (
+            model, config.model_copy(update={"grid_size": v}), D, seeds)) if d == 2 else None,
+        "eval.n_generated": largest(range(int(cap * config.n_generated // need["eval.n_generated"]), 99, -1),
+                                    lambda v: (model, config.model_copy(update={"n_generated": v}), D, seeds)),
+        "seeds": largest(range(seeds - 1, 0, -1), lambda v: (model, config, D, v)),
+    }
+    fixes = [f"{key} <= {value:,}" for key, value in fewer.items() if value is not None]
+    if fewer["model.latent_dim"] == 1:
+        fixes[0] = "model.latent_dim = 1"
+    elif fewer["model.latent_dim"] == 2 and config.grid_size > 499:
+        fixes[0] += " (and eval.grid_size <= 499)"
+    draws = "the ELBO's rule: the decoder at 250,000" if d == 2 else "importance sampling: the decoder at 2,000,000"
+    what = {"eval.grid_size": f"the decoder on {WIDEST_1D_GRID if d == 1 else config.grid_size ** d:,} latent nodes "
+                              f"for each of {seeds} seeds",
+            "model.latent_dim": f"model.latent_dim = {d} ({draws} draws at once)",
+            "eval.n_generated": f"eval.n_generated = {config.n_generated:,} samples for each of {seeds} seeds"}[path]
+    raise ValueError(f"{what} at D = {D} observed dimensions needs about {need[path] / 2**30:.1f} GiB to evaluate, "
+                     f"more than {cap / 2**30:.0f} GiB: set {' or '.join(fixes) or 'a smaller model'}")
+
+
+def check_truth(data) -> None:
+    """Refuse a folded truth that would take hours after training: its memory is bounded (folded.py),
+    but each test point costs node_count terms, which grow as 1 / sigma^L."""
+    from ..data.folded import FoldedProcess
+
+    def terms(sigma: float) -> int:
+        return data.n_test * FoldedProcess(data.data_dim, data.latent_dim, data.breaking_count, sigma).node_count
+    if terms(data.sigma) <= MAX_TRUTH_TERMS:
+        return
+    nodes = terms(data.sigma) // data.n_test
+    fix = f"set data.n_test <= {int(MAX_TRUTH_TERMS // nodes):,}"
+    # the least sigma that fits, within 7% (nodes fall as sigma grows, down to the coarsest rule)
+    sigma = next((s for s in np.geomspace(data.sigma, 1e3, 200) if terms(s) <= MAX_TRUTH_TERMS), None)
+    if sigma is not None:
+        digits = 10.0 ** (math.floor(math.log10(sigma)) - 1)
+        fix += f" or data.sigma >= {math.ceil(sigma / digits) * digits:.2g}"    # rounded up: it still fits
+    raise ValueError(f"data.latent_dim = {data.latent_dim} with data.sigma = {data.sigma:g}: the truth's quadrature "
+                     f"has {nodes:,} nodes, and data.n_test = {data.n_test:,} points make {terms(data.sigma):.1e} "
+                     f"terms, more than it computes in reasonable time ({MAX_TRUTH_TERMS:.0e}): {fix}")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    metrics: list[dict[str, float]]   # one dict per replica, keys METRICS
+    curves: dict[str, np.ndarray]     # figure data; arrays with a leading replica axis where per replica
+
+
+def evaluate(model: VAE, process: PaperProcess, y_test: np.ndarray, config: EvalConfig,
+             seeds: list[int], diverged: list[bool], training_grid: int | None = None) -> Evaluation:
+    """`training_grid`: the exact objective's grid size, whose error at the trained
+    optimum is reported (training_grid_error): a decoder that made the integrand
+    spiky between its nodes would show there."""
+    model = model.cpu().eval()
+    R = len(seeds)
+    one_d = np.ndim(y_test) == 1          # the y-density metrics and figures are 1-D (ONE_D_METRICS)
+    y_grid = _y_grid(y_test) if one_d else None
+    true_log_p = process.log_prob(y_test)
+    if model.latent_dim <= MAX_LATENT:
+        terms = _quadrature_terms(model, y_test, y_grid, config)
+        terms.update(_gap_terms(model, y_test, terms, config, true_log_p, training_grid))
+    else:
+        terms = _importance_terms(model, y_test, y_grid, config, seeds)
+    log_p, elbo, model_density = terms.pop("log_p"), terms.pop("elbo"), terms.pop("model_density")
+    true_density = np.exp(process.log_prob(y_grid)) if one_d else None
+    z_gen, y_gen, f_gen = _generate(model, seeds, config.n_generated)
+    f_true = _true_means(process, config.n_generated)
+    y_cols = y_test.reshape(len(y_test), -1)
+
+    metrics = []
+    for r in range(R):
+        m = {
+            "test_log_likelihood": float(log_p[r].mean()),
+            "true_log_likelihood": float(true_log_p.mean()),
+            "test_elbo": float(elbo[r].mean()),
+            "inference_gap": float((log_p[r] - elbo[r]).mean()),
+            "kl_to_truth": float(true_log_p.mean() - log_p[r].mean()),
+            "w1_to_truth": _w1_densities(y_grid, model_density[r], true_density) if one_d else math.nan,
+            "w1_samples": _marginal_w1(y_gen[r], y_cols),
+            "w1_decoder": _marginal_w1(f_gen[r], f_true) if f_true is not None else math.nan,
+            "std_ratio": float(np.mean(np.std(y_gen[r], 0) / np.std(y_cols, 0))),
+        }
+        m.update({k: float(terms[k][r]) if k in terms else math.nan for k in METRICS if k not in m})
+        model_based = [v for k, v in m.items() if k not in TRUTH_METRICS and k not in SAMPLED_NAN
+                       and (one_d or k not in ONE_D_METRICS)]
+        if diverged[r] or not all(math.isfinite(v) for v in model_based):
+            m = {k: math.nan for k in m}  # never report a diverged replica as a result
+        metrics.append(m)
+    curves = {}
+    if one_d:
+        curves = {"y_grid": y_grid, "model_density": model_density, "true_density": true_density,
+                  **_histograms(y_gen[..., 0], y_grid)}
+        if terms.get("grid") is not None:
+            curves.update(_latent_curves(model, process, terms["grid"]))
+    return Evaluation(metrics, curves)
+
+
+ONE_D_METRICS = ("w1_to_truth",)
+"""NaN for D > 1: W1 between the model's and the true density of y needs y's CDF. With D > 1,
+w1_samples and w1_decoder are the mean over coordinates of the 1-D W1 between marginals, and
+std_ratio the mean over coordinates of the ratio of standard deviations."""
+
+
+def _marginal_w1(a: np.ndarray, b: np.ndarray) -> float:
+    """W1 between samples a [n, D] and b [m, D], coordinate by coordinate, averaged over D
+    (for D = 1, the W1 of the two samples)."""
+    return float(np.mean([wasserstein_distance(a[:, k], b[:, k]) for k in range(a.shape[1])]))
+
+
+def _true_means(process, n: int) -> np.ndarray | None:
+    """The true decoder's outputs at n uniform latents [n, D] (GENERATE_OFFSET's stream), or
+    None without a known truth."""
+    rng = np.random.default_rng(GENERATE_OFFSET)
+    if hasattr(process, "mean"):                                      # folded.FoldedProcess
+        return process.mean(rng.uniform(size=(n, process.latent_dim)))
+    if hasattr(process, "f") and not isinstance(process, UnknownTruth):
+        return process.f(rng.uniform(size=n))[:, None]
+    return None
+
+
+SAMPLED_NAN = ("quadrature_error", "grid_edge_mass", "elbo_quadrature_error", "test_log_likelihood_stderr",
+               "training_grid_error", *GAP_METRICS)
+"""NaN by design on one of the two paths: the quadrature's bounds under importance
+sampling, the standard error under quadrature (its error is the bound)."""
+
+
+def _quadrature_terms(model: VAE, y_test, y_grid, config: EvalConfig) -> dict:
+    grid = latent_grid(model, config.grid_size, config.grid_span, y=y_test)
+    exact = integrate(model, y_test, grid)
+    nan = np.full(len(exact.log_p), math.nan)
+    density = None if y_grid is None else torch.exp(log_marginal(model, y_grid, grid).log_p).numpy()
+    return {"log_p": exact.log_p, "elbo": exact.elbo, "grid": grid, "model_density": density,
+            "quadrature_error": (exact.log_p - exact.log_p_coarse).abs().amax(1).numpy(),
+            "grid_edge_mass": exact.edge_mass.amax(1).numpy(),
+            "elbo_quadrature_error": torch.maximum((exact.elbo - exact.elbo_coarse).abs(),
+                                                   (1 - exact.q_mass).abs()).amax(1).numpy(),
+            "test_log_likelihood_stderr": nan}
+
+
+def _gap_terms(model: VAE, y_test, terms: dict, config: EvalConfig, true_log_p, training_grid) -> dict:
+    from .gaps import gap_means, gap_metrics
+    from .quadrature import as_batch, training_log_marginal
+    R, out = terms["log_p"].shape[0], {}
+    if training_grid is not None:
+        with torch.no_grad():
+            y = as_batch(y_test, R, torch.device("cpu"))                       # evaluation runs on the CPU
+            on_training_grid = training_log_marginal(model, y, training_grid)   # the span training used
+        out["training_grid_error"] = (on_training_grid - terms["log_p"]).abs().amax(1).numpy()
+    n = min(config.gap_points, len(y_test))
+    truth = None if not np.all(np.isfinite(true_log_p[:n])) else true_log_p[:n]
+    if n > 0 and training_grid is not None:
+        # an oracle (train.objective = "exact") enters the decomposition through log p alone: its
+        # encoder is not trained as a posterior, so the per-point search (measured: over 16 min on
+        # a VampPrior oracle) would measure nothing the study uses; its gaps stay NaN
+        out.update({k: v.numpy() for k, v in gap_means(terms["log_p"][:, :n], terms["elbo"][:, :n], truth).items()})
+    elif n > 0:
+        gaps = gap_metrics(model, y_test[:n], terms["log_p"][:, :n], terms["elbo"][:, :n], truth,
+                           config.grid_size, config.grid_span)
+        out.update({k: v.numpy() for k, v in gaps.items()})
+    return out
+
+
+def _importance_terms(model: VAE, y_test, y_grid, config: EvalConfig, seeds: list[int]) -> dict:
+    """latent_dim > 2: log p(y) by importance sampling (likelihood.py), the ELBO by
+    Monte Carlo from q, each mean with its standard error over draws and points."""
+    from .likelihood import importance_log_likelihood, monte_carlo_elbo
+    gens = [s + IMPORTANCE_OFFSET for s in seeds]
+    log_p, se = importance_log_likelihood(model, y_test, config.n_importance, gens)
+    density = None if y_grid is None else \
+        torch.exp(importance_log_likelihood(model, y_grid, config.n_importance, gens)[0]).numpy()
+    nan = np.full(len(seeds), math.nan)
+    return {"log_p": log_p, "elbo": monte_carlo_elbo(model, y_test, config.n_importance, gens),
+            "model_density": density,
+            "quadrature_error": nan, "grid_edge_mass": nan, "elbo_quadrature_error": nan,
+            "test_log_likelihood_stderr": (torch.sqrt((se * se).sum(1)) / se.shape[1]).numpy()}
+
+
+def metric_rows(evaluation: Evaluation, history) -> list[dict]:
+    """One row per seed: its metrics, whether and when it diverged, and its final validation ELBO."""
+    R = len(evaluation.metrics)
+    final = history.val_elbo[-1] if history.val_elbo else [math.nan] * R
+    return [{"seed": i, **m, "diverged": div is not None, "diverged_epoch": div.epoch if div else "",
+             "final_val_elbo": final[i]}
+            for i, (m, div) in enumerate(zip(evaluation.metrics, history.divergence))]
+
+
+@torch.no_grad()
+def _probe_posteriors(model: VAE, probes: np.ndarray, window_nodes: int = 2001, per_component: int = 121):
+    """q(z|y) and the exact p_theta(z|y) at the probe values of y, each on a plotting
+    grid that resolves both: the union of a uniform grid over the window holding
+    their mass and the draws of each stratum of q at standard-normal quantiles
+    -6..6 (+-6 scales of a Gaussian component: a narrow component between uniform
+    nodes would otherwise show as a spike of the wrong area). Returns z, q, p as [R, P, nodes], sorted along z. log p(y) comes
+    from the wide uniform grid, so p is normalized exactly as evaluation does."""
+    R, P = replica_count(model), len(probes)
+    wide = latent_grid(model, PROBE_GRID, PROBE_SPAN)
+    y = torch.as_tensor(probes, dtype=torch.float64).reshape(1, -1, 1).expand(R, -1, -1)
+    q = model.posterior(y).to(torch.float64)                              # batch [R, 1, P]
+    log_p_y = log_marginal(model, probes, wide).log_p                      # [R, P]
+    zw = wide.nodes[..., 0]                                                # [R, Gw]
+    p_wide = posterior_on_grid(model, probes, wide)                        # [R, P, Gw]
+    q_wide = torch.exp(q.log_prob(wide.nodes[:, :, None, :].expand(-1, -1, P, -1))).transpose(1, 2)
+    # each stratum's draws at standard-normal quantiles -6..6: nodes where q's mass is, for any family
+    eps = torch.linspace(-6, 6, per_component, dtype=torch.float64)
+    strata = q.stratified_rsample(eps[None, :, None, None, None].expand(R, -1, q.strata, P, 1))   # [R, n, K, P, 1]
+    grids = []
+    for r in range(R):
+        for j in range(P):
+            lo, hi = mass_window(zw[r].numpy(), p_wide[r, j].numpy(), q_wide[r, j].numpy())
+            parts = [np.linspace(lo, hi, window_nodes), strata[r, :, :, j, 0].T.reshape(-1).numpy()]
+            grids.append(np.sort(np.concatenate(parts)))
+    z = torch.as_tensor(np.stack(grids).reshape(R, P, -1))                 # [R, P, S]
+    q_density = torch.exp(q.log_prob(z.transpose(1, 2)[..., None]))       # z [R, S, P, 1] -> [R, S, P]
+    joint = log_joint(model, probes, z.reshape(R, -1, 1)).reshape(R, P, -1, P)   # [R, P(grid), S, P(y)]
+    log_post = torch.diagonal(joint, dim1=1, dim2=3).transpose(1, 2) - log_p_y[:, :, None]  # [R, P, S]
+    return z.numpy(), q_density.transpose(1, 2).numpy(), torch.exp(log_post).numpy()
+
+
+def mass_window(z: np.ndarray, *densities: np.ndarray, level: float = 1e-6) -> tuple[float, float]:
+    """The z range where any density exceeds `level` times its peak, padded by 10%."""
+    mask = np.zeros_like(z, dtype=bool)
+    for d in densities:
+        mask |= d > level * d.max()
+    lo, hi = z[mask].min(), z[mask].max()
+    pad = 0.1 * (hi - lo) + 1e-3
+    return float(lo - pad), float(hi + pad)
+
+
+def _y_grid(y_test: np.ndarray, n: int = 801) -> np.ndarray:
+    lo, hi = float(np.min(y_test)), float(np.max(y_test))
+    pad = 0.25 * (hi - lo)
+    return np.linspace(lo - pad, hi + pad, n)
+
+
+def _w1_densities(y: np.ndarray, p: np.ndarray, q: np.ndarray) -> float:
+    """W1 between two 1-D densities on a uniform grid: int |F_p - F_q| dy (exact up to the grid)."""
+    dy = y[1] - y[0]
+    return float(np.sum(np.abs(np.cumsum(p - q) * dy)) * dy)
+
+
+@torch.no_grad()
+def _generate(model: VAE, seeds: list[int], n: int):
+    gens = make_generators([s + GENERATE_OFFSET for s in seeds])
+    z, y = model.generate(gens, n)
+    f = model.decoder.mean(z[:, :, None, :])[:, :, 0]
+    return z.numpy(), y.double().numpy(), f.double().numpy()            # y, f: [R, n, D]
+
+
+def _histograms(y_gen: np.ndarray, y_grid: np.ndarray, bins: int = 80) -> dict[str, np.ndarray]:
+    edges = np.linspace(y_grid[0], y_grid[-1], bins + 1)
+    counts = np.stack([np.histogram(y, edges, density=True)[0] for y in y_gen])
+    return {"hist_edges": edges, "hist_density": counts}
+
+
+@torch.no_grad()
+def _latent_curves(model: VAE, process: PaperProcess, grid) -> dict[str, np.ndarray]:
+    """Decoder, prior and posteriors on the latent grid (1-D latents only)."""
+    if grid.nodes.shape[-1] != 1:
+        return {}
+    z = grid.nodes                                                         # [R, G, 1]
+    decoder = model.decoder.mean(z[:, :, None, :])[:, :, 0, 0].double()    # [R, G]
+    prior = torch.exp(model.prior().to(torch.float64).log_prob(z[:, :, None, :])[:, :, 0])
+    cdf = torch.cumsum(prior * torch.exp(grid.log_w), 1)                   # [R, G]
+    u = np.linspace(0.001, 0.999, 999)
+    aligned = np.stack([np.interp(np.interp(u, cdf[r].numpy(), z[r, :, 0].numpy()),
+                                  z[r, :, 0].numpy(), decoder[r].numpy()) for r in range(len(z))])
+    probes = np.asarray(PROBE_Y)
+    probe_z, q_density, p_density = _probe_posteriors(model, probes)
+    z_true = np.linspace(0, 1, 1001)
+    return {
+        "z_grid": z[..., 0].numpy(), "decoder": decoder.numpy(), "prior_density": prior.numpy(),
+        "u_grid": u, "decoder_aligned": aligned, "true_f_aligned": process.f(u),
+        "probe_y": probes, "probe_z_grid": probe_z, "q_density": q_density, "p_density": p_density,
+        "z_true": z_true, "true_posterior": process.posterior(probes, z_true),
+    }

@@ -1,0 +1,52 @@
+"""Decoders p(y|z) = N(f_phi(z), diag sigma_dec^2)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.distributions import Normal
+
+from .layers import MLP
+
+
+class GaussianDecoder(nn.Module):
+    """Known noise sigma_dec by default (the paper's "known covariance");
+    learnable (one log-sigma per replica and output) when `learn_noise`."""
+
+    def __init__(self, replicas: int, latent_dim: int, data_dim: int, hidden: tuple[int, ...],
+                 activation: str = "tanh", noise: float = 0.1, learn_noise: bool = False, **_):
+        super().__init__()
+        if not (math.isfinite(noise) and noise > 0):
+            raise ValueError(f"decoder noise must be positive and finite, got {noise!r}")
+        self.net = MLP(replicas, latent_dim, hidden, data_dim, activation)
+        self.shape = (replicas, 1, 1, data_dim)
+        # A known noise stays an exact Python float (a float32 buffer would round sigma).
+        self.known_noise = None if learn_noise else noise
+        if learn_noise:
+            self.log_noise = nn.Parameter(torch.full(self.shape, math.log(noise)))
+
+    def log_noise_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """log sigma_dec, [R, 1, 1, Y], in `dtype`."""
+        if self.known_noise is None:
+            return self.log_noise.to(dtype)
+        device = self.net.net[0].weight.device
+        return torch.full(self.shape, math.log(self.known_noise), dtype=dtype, device=device)
+
+    def mean(self, z: torch.Tensor) -> torch.Tensor:
+        """f_phi(z): z [R, S, B, D] -> [R, S, B, Y] (flattened through the MLP as a view)."""
+        R, S, B, D = z.shape
+        net_dtype = self.net.net[0].weight.dtype
+        out = self.net(z.reshape(R, S * B, D).to(net_dtype)).reshape(R, S, B, -1)
+        return out.to(z.dtype)  # precision follows the data: float64 z gives float64 densities
+
+    def log_prob_from_mean(self, y: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        """log N(y; mean, sigma^2) summed over data dims: y [R, B, Y], mean [R, S, B, Y] -> [R, S, B]."""
+        noise = torch.exp(self.log_noise_as(mean.dtype))             # [R, 1, 1, Y]
+        return Normal(mean, noise, validate_args=False).log_prob(y[:, None]).sum(-1)
+
+    def log_prob(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.log_prob_from_mean(y, self.mean(z))
+
+    def noise(self) -> torch.Tensor:
+        return torch.exp(self.log_noise_as(self.net.net[0].weight.dtype)[:, 0, 0])  # [R, Y]

@@ -1,0 +1,246 @@
+"""Figures, made only from a study's saved files. Each figure's data is written
+beside it as CSV (long format), so every plotted number can be checked."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ..data.paper import PaperProcess  # noqa: E402
+from ..estimators.evaluate import mass_window  # noqa: E402
+from ..storage.files import atomic_write_bytes, read_csv, read_npz, write_csv  # noqa: E402
+
+COLORS = {"mfg": "#4c72b0", "mog-prior": "#dd8452", "mog-posterior": "#55a868", "mog-both": "#c44e52"}
+COMPARED = [("test_log_likelihood", "test log-likelihood (nats)"), ("kl_to_truth", "KL(p* || p_theta) (nats)"),
+            ("test_elbo", "test ELBO (nats)"), ("inference_gap", "inference gap KL(q || p_theta(z|y))"),
+            ("w1_to_truth", "W1(p_theta(y), p*(y)), exact"), ("w1_samples", "W1(generated, test)"),
+            ("w1_decoder", "W1(f_phi(z), f(z)) pushforwards"), ("std_ratio", "std(generated) / std(test)")]
+TRUTH_PROBES = {"the paper's y values": (1.0, 0.2, -3.0), "y inside the data": (0.0, 0.1, 0.3)}
+
+
+def _save(fig, path: Path) -> None:
+    import io
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def truth_figure(out: Path) -> None:
+    """The paper's Figure 1: joint density, f, and posteriors p*(z|y). Each of the
+    paper's probe values gets its own panel and y-range: the spikes at y = 1 and
+    y = -3 (mass squeezed against z = 0 and 1) would flatten the y = 0.2 curve."""
+    from .paper import read_truth
+    process = PaperProcess(read_truth(out)["sigma"])
+    z = np.linspace(0, 1, 1001)
+    y = np.linspace(-0.4, 0.65, 301)
+    joint = process.joint_density(y[:, None], z[None])
+    fig, ax = plt.subplots(2, 3, figsize=(15, 8))
+    im = ax[0, 0].pcolormesh(z, y, joint, shading="auto", cmap="viridis")
+    fig.colorbar(im, ax=ax[0, 0])
+    ax[0, 0].set(xlabel="z", ylabel="y", title="true joint density p*(y, z)")
+    ax[0, 1].plot(z, process.f(z), color="k")
+    ax[0, 1].set(xlabel="z", ylabel="f(z)", title=f"true f; y | z ~ N(f(z), {process.sigma:g}^2)")
+    rows = [{"panel": "f", "z": a, "y": "", "value": b} for a, b in zip(z, process.f(z))]
+    inside = TRUTH_PROBES["y inside the data"]
+    for yy, p in zip(inside, process.posterior(np.asarray(inside), z)):
+        ax[0, 2].plot(z, p, label=f"y = {yy:g}")
+        rows += [{"panel": "posterior", "z": zz, "y": yy, "value": v} for zz, v in zip(z, p)]
+    ax[0, 2].set(xlabel="z", ylabel="density", title="true posterior p*(z | y), y inside the data")
+    ax[0, 2].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: no curve hidden
+    paper = TRUTH_PROBES["the paper's y values"]
+    for a, yy, p in zip(ax[1], paper, process.posterior(np.asarray(paper), z)):
+        a.plot(z, p, color="k")
+        a.set(xlabel="z", ylabel="density", ylim=(0, 1.08 * p.max()), title=f"true posterior p*(z | y = {yy:g})")
+        rows += [{"panel": "posterior", "z": zz, "y": yy, "value": v} for zz, v in zip(z, p)]
+    fig.tight_layout()
+    _save(fig, out / "figures" / "truth.png")
+    rows += [{"panel": "joint", "z": z[j], "y": y[i], "value": joint[i, j]}
+             for i in range(0, len(y), 10) for j in range(0, len(z), 25)]
+    write_csv(out / "figures" / "truth.csv", rows, ["panel", "z", "y", "value"])
+
+
+def model_figure(out: Path, model: str, run: Path) -> None:
+    """The paper's Figures 2-4 for one model (its run folder `run`): decoder, generated data, posteriors."""
+    c = read_npz(run / "curves.npz")
+    fig, ax = plt.subplots(2, 3, figsize=(15, 8))
+    color = COLORS.get(model, "k")
+    R = c["decoder"].shape[0]
+    rows = []
+    for r in range(R):
+        alpha, lw = (1.0, 2) if r == 0 else (0.3, 1)
+        ax[0, 0].plot(c["z_grid"][r], c["decoder"][r], color=color, alpha=alpha, lw=lw)
+        ax[0, 1].plot(c["u_grid"], c["decoder_aligned"][r], color=color, alpha=alpha, lw=lw)
+        rows += [{"panel": "decoder_aligned", "seed": r, "x": u, "value": v}
+                 for u, v in zip(c["u_grid"][::10], c["decoder_aligned"][r][::10])]
+    twin = ax[0, 0].twinx()
+    twin.fill_between(c["z_grid"][0], c["prior_density"][0], color="0.8", alpha=0.5)
+    twin.set_ylabel("prior density p_theta(z), seed 0")
+    lo, hi = mass_window(c["z_grid"][0], c["prior_density"][0], level=1e-4)
+    ax[0, 0].set(xlim=(lo, hi), xlabel="z (model latent)", ylabel="f_phi(z)",
+                 title=f"{model}: learned decoder (seed 0 bold, other seeds faint)")
+    ax[0, 1].plot(c["u_grid"], c["true_f_aligned"], "k--", label="true f(u)")
+    ax[0, 1].set(xlabel="u = F_theta(z), prior CDF", ylabel="decoder",
+                 title="decoder vs true f, aligned by prior quantile")
+    ax[0, 1].legend()
+    edges = c["hist_edges"]
+    ax[0, 2].stairs(c["hist_density"][0], edges, fill=True, color=color, alpha=0.4, label="generated (seed 0)")
+    ax[0, 2].plot(c["y_grid"], c["model_density"][0], color=color, label="p_theta(y), exact")
+    ax[0, 2].plot(c["y_grid"], c["true_density"], "k--", label="p*(y), exact")
+    ax[0, 2].set(xlabel="y", ylabel="density", title="generated data")
+    ax[0, 2].legend(fontsize=8)
+    rows += [{"panel": "density", "seed": 0, "x": y, "value": v} for y, v in zip(c["y_grid"], c["model_density"][0])]
+    rows += [{"panel": "true_density", "seed": "", "x": y, "value": v} for y, v in zip(c["y_grid"], c["true_density"])]
+    for j, y in enumerate(c["probe_y"]):
+        a = ax[1, j]
+        z, q, p = c["probe_z_grid"][0, j], c["q_density"][0, j], c["p_density"][0, j]
+        a.plot(z, p, "k-", label="exact p_theta(z|y)")
+        a.plot(z, q, color=color, ls="--", label="q(z|y)")
+        a.set(xlim=mass_window(z, p, q, level=1e-3), xlabel="z (model latent)", ylabel="density", title=f"posterior at y = {y:g}")
+        if q.max() > 4 * p.max():  # narrow components of q (real, and of unit area) would flatten p: say so instead
+            a.set_ylim(0, 2.5 * p.max())
+            a.text(0.02, 0.97, f"q(z|y) peaks at {q.max():.3g}, above the axis", transform=a.transAxes,
+                   fontsize=7, va="top", color=color)
+        a.legend(fontsize=8)
+        rows += [{"panel": f"posterior_y={y:g}", "seed": 0, "x": zz, "value": f"{pp};{qq}"}
+                 for zz, pp, qq in zip(z[::5], p[::5], q[::5])]
+    fig.tight_layout()
+    _save(fig, out / "figures" / f"{model}.png")
+    write_csv(out / "figures" / f"{model}.csv", rows, ["panel", "seed", "x", "value"])
+
+
+NON_NEGATIVE = {"kl_to_truth", "inference_gap", "w1_to_truth", "w1_samples", "w1_decoder", "std_ratio"}
+
+
+def robust_limits(values: np.ndarray, pad: float = 0.15) -> tuple[float, float]:
+    """Axis limits from the bulk of the values (quartiles +- 3 IQR, widened to the
+    points inside that fence): one outlying seed cannot set the range."""
+    v = values[np.isfinite(values)]
+    q1, q3 = np.percentile(v, [25, 75])
+    fence = 3 * (q3 - q1) if q3 > q1 else 0.05 * max(abs(q1), 1e-12)
+    inside = v[(v >= q1 - fence) & (v <= q3 + fence)]
+    lo, hi = inside.min(), inside.max()
+    span = hi - lo if hi > lo else max(abs(hi), 1e-12)
+    return lo - pad * span, hi + pad * span
+
+
+def comparison_figure(out: Path, models: list[str]) -> None:
+    """Each seed as a point, the mean with its 95% t interval (clipped at zero for
+    quantities that cannot be negative). Axes span the bulk of the seeds; a seed
+    outside is drawn at the edge as a triangle, with its value written beside it.
+    Non-negative quantities spanning more than a decade get a log axis instead."""
+    from .paper import read_truth
+    from .statistics import t_interval
+    rows = [r for r in read_csv(out / "metrics.csv") if r["diverged"] == "False"]
+    truth = read_truth(out)
+    fig, axes = plt.subplots(2, 4, figsize=(17, 7.5))
+    csv_rows = []
+    for ax, (key, label) in zip(axes.ravel(), COMPARED):
+        values = {m: np.array([float(r[key]) for r in rows if r["model"] == m]) for m in models}
+        every = np.concatenate(list(values.values()))
+        every = every[np.isfinite(every)]
+        log = key in NON_NEGATIVE and len(every) and every.min() > 0 and every.max() / every.min() > 10
+        lo, hi = (every.min() / 1.5, every.max() * 1.5) if log else robust_limits(every) if len(every) else (0, 1)
+        for i, m in enumerate(models):
+            v = values[m]
+            jitter = np.linspace(-0.12, 0.12, len(v)) if len(v) > 1 else np.zeros(len(v))
+            shown = np.clip(v, lo, hi)
+            outside = (v < lo) | (v > hi)
+            ax.scatter((i + jitter)[~outside], shown[~outside], color=COLORS.get(m, "k"), s=14, alpha=0.7)
+            for x, value, at in zip((i + jitter)[outside], v[outside], shown[outside]):
+                ax.scatter([x], [at], marker="^" if value > hi else "v", color=COLORS.get(m, "k"), s=30)
+                ax.annotate(f"{value:.3g}", (x, at), fontsize=7, xytext=(4, 0), textcoords="offset points")
+            iv = t_interval(v)
+            if iv.n > 1:
+                low = max(iv.low, 0.0) if key in NON_NEGATIVE else iv.low
+                ax.errorbar(i + 0.3, iv.mean, yerr=[[iv.mean - low], [iv.high - iv.mean]], fmt="o", color="k",
+                            capsize=3)
+            csv_rows += [{"metric": key, "model": m, "seed": s, "value": x} for s, x in enumerate(v)]
+        if key == "test_log_likelihood":
+            ax.axhline(truth["test_log_likelihood"], color="k", ls="--", lw=1, label="truth")
+            ax.legend(fontsize=8)
+        if key == "std_ratio":
+            ax.axhline(1.0, color="k", ls="--", lw=1)
+        ax.set_yscale("log" if log else "linear")
+        ax.set_ylim(lo, hi)
+        ax.set_xticks(range(len(models)), models, rotation=20, fontsize=8)
+        ax.set_title(label, fontsize=9)
+    fig.suptitle("per seed (dots; triangles: outside the axis, value beside) and mean with 95% t interval (black); "
+                 "diverged runs excluded", fontsize=10)
+    fig.tight_layout()
+    _save(fig, out / "figures" / "comparison.png")
+    write_csv(out / "figures" / "comparison.csv", csv_rows, ["metric", "model", "seed", "value"])
+
+
+def _color(name: str, i: int) -> str:
+    return COLORS.get(name, plt.get_cmap("tab20")(i % 20))
+
+
+def training_figure(out: Path, runs: dict[str, Path]) -> None:
+    """Validation ELBO per epoch of each run (history.jsonl): mean over seeds, band min..max;
+    the true validation log-likelihood where it is known (truth.json)."""
+    from ..runs.run import read_history
+    from .paper import read_truth
+    truth = read_truth(out) if (out / "truth.json").exists() else {}
+    fig, ax = plt.subplots(1, 2, figsize=(13, 4.5))
+    csv_rows = []
+    for i, (m, run) in enumerate(runs.items()):
+        hist = read_history(run / "history.jsonl")
+        epochs = [h["epoch"] for h in hist]
+        v = np.array([[np.nan if x is None else x for x in h["val_elbo"]] for h in hist], dtype=float)  # [E, R]
+        mean = np.nanmean(v, 1)
+        for a in ax:
+            a.plot(epochs, mean, color=_color(m, i), label=m)
+            a.fill_between(epochs, np.nanmin(v, 1), np.nanmax(v, 1), color=_color(m, i), alpha=0.2)
+        csv_rows += [{"model": m, "epoch": e, "mean_val_elbo": mu, "min": lo, "max": hi}
+                     for e, mu, lo, hi in zip(epochs, mean, np.nanmin(v, 1), np.nanmax(v, 1))]
+    for a in ax:
+        if "val_log_likelihood" in truth:
+            a.axhline(truth["val_log_likelihood"], color="k", ls="--", lw=1, label="true log p*(y), val")
+        a.set(xlabel="epoch", ylabel="validation ELBO (nats / point)")
+    ax[0].set_title("validation ELBO: mean over seeds, band = min..max")
+    ax[0].legend(fontsize=8 if len(runs) <= 8 else 6, ncol=1 if len(runs) <= 8 else 2)
+    last = len(epochs) // 2
+    if epochs[-1] > epochs[last]:  # a one- or two-epoch run has no second half to zoom into
+        ax[1].set_xlim(epochs[last], epochs[-1])
+    # the whole band (min..max over seeds) stays in view, not only the mean
+    late = [r for r in csv_rows if r["epoch"] >= epochs[last]]
+    low = min(r["min"] for r in late if np.isfinite(r["min"]))
+    high = max([truth.get("val_log_likelihood", -np.inf), *(r["max"] for r in late if np.isfinite(r["max"]))])
+    ax[1].set_ylim(low - 0.01, high + 0.01)
+    ax[1].set_title("second half of training (plateau check)")
+    fig.tight_layout()
+    _save(fig, out / "figures" / "training.png")
+    write_csv(out / "figures" / "training.csv", csv_rows, ["model", "epoch", "mean_val_elbo", "min", "max"])
+
+
+def has_latent_curves(run: Path) -> bool:
+    """The model figure draws z: it exists for 1-D latents (see evaluate._latent_curves)."""
+    if not (run / "curves.npz").exists():
+        return False
+    return "decoder" in read_npz(run / "curves.npz")
+
+
+def all_figures(out: Path, runs: dict[str, Path]) -> list[Path]:
+    """Every figure of `reproduce`, from the saved files: `runs` maps model -> run folder."""
+    truth_figure(out)
+    drawn = [m for m, run in runs.items() if has_latent_curves(run)]
+    for m in drawn:
+        model_figure(out, m, runs[m])
+    comparison_figure(out, list(runs))
+    training_figure(out, runs)
+    names = ["truth", "comparison", "training", *drawn]
+    return [out / "figures" / f"{n}.png" for n in names]
+
+
+def sweep_figures(out: Path, runs: dict[str, Path]) -> list[Path]:
+    """A sweep's figures: training curves of every run, and each run's model figure (1-D latents)."""
+    training_figure(out, runs)
+    drawn = [name for name, run in runs.items() if has_latent_curves(run)]
+    for name in drawn:
+        model_figure(out, name, runs[name])
+    return [out / "figures" / "training.png", *(out / "figures" / f"{n}.png" for n in drawn)]

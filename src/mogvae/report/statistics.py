@@ -1,0 +1,82 @@
+"""The statistics behind every report: metrics.csv read back by model or run, the
+summary table's columns, and 95% t intervals over seeds (paired by seed index)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from ..storage.files import UnreadableFile, read_csv
+
+TABLE = [("test_log_likelihood", "test LL", 4), ("kl_to_truth", "KL to truth", 4), ("test_elbo", "test ELBO", 4),
+         ("inference_gap", "inference gap", 4), ("approximation_gap", "approx. gap", 5),
+         ("amortization_gap", "amort. gap", 5), ("w1_to_truth", "W1 exact", 4), ("w1_samples", "W1 samples", 4),
+         ("w1_decoder", "W1 decoder", 4), ("std_ratio", "std ratio", 3), ("train_seconds", "train s/seed", 1)]
+
+
+TEXT_COLUMNS = {"model", "run", "preset", "diverged", "diverged_epoch"}  # the rest are numbers (grid axes: dotted)
+
+
+@dataclass(frozen=True)
+class Interval:
+    mean: float
+    low: float
+    high: float
+    n: int
+
+    def excludes_zero(self) -> bool:
+        return self.n > 1 and (self.low > 0 or self.high < 0)
+
+    def describe(self, unit: str = "nats") -> str:
+        if self.n < 2:
+            return f"{self.mean:+.4f} {unit} (one seed: no interval)"
+        return f"{self.mean:+.4f} {unit} [95% CI {self.low:+.4f}, {self.high:+.4f}], n = {self.n} seeds"
+
+
+def t_interval(x: np.ndarray) -> Interval:
+    x = x[np.isfinite(x)]
+    if len(x) < 2:
+        return Interval(float(x.mean()) if len(x) else math.nan, math.nan, math.nan, len(x))
+    half = stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
+    return Interval(float(x.mean()), float(x.mean() - half), float(x.mean() + half), len(x))
+
+
+def load_metrics(path: Path, by: str = "model") -> dict[str, dict[int, dict[str, float]]]:
+    """metrics.csv as {model (or run): {seed: {column: value}}}; diverged runs carry NaN metrics.
+    A table that is not the one mogvae wrote is refused in one line (UnreadableFile)."""
+    out: dict[str, dict[int, dict[str, float]]] = {}
+    try:
+        for row in read_csv(path):
+            values = {k: (v if k in TEXT_COLUMNS else float(v)) for k, v in row.items()
+                      if k != "seed" and "." not in k}
+            out.setdefault(row[by], {})[int(row["seed"])] = values
+    except (KeyError, ValueError) as e:
+        if isinstance(e, UnreadableFile):
+            raise
+        raise UnreadableFile(f"{path}: damaged (not the table mogvae wrote); re-run the command that wrote it to "
+                             "rebuild it from the run folders") from None
+    return out
+
+
+def paired(metrics, a: str, b: str, key: str) -> Interval:
+    """Mean over seeds of metric(a) - metric(b), paired by seed (same data order)."""
+    seeds = sorted(set(metrics.get(a, {})) & set(metrics.get(b, {})))
+    return t_interval(np.array([metrics[a][s][key] - metrics[b][s][key] for s in seeds], dtype=float))
+
+
+def summary_rows(metrics, models) -> list[list[str]]:
+    """Per model: name, runs, diverged, then 'mean ± sd' over non-diverged seeds for each TABLE column."""
+    rows = []
+    for m in models:
+        runs = metrics[m]
+        ok = [r for r in runs.values() if r["diverged"] != "True"]
+        cells = []
+        for key, _, digits in TABLE:
+            v = np.array([r.get(key, np.nan) for r in ok], dtype=float)   # a column older runs lack: nan
+            cells.append("n/a" if not len(v) else
+                         f"{v.mean():.{digits}f} ± {v.std(ddof=1) if len(v) > 1 else 0:.{digits}f}")
+        rows.append([m, str(len(runs)), str(len(runs) - len(ok)), *cells])
+    return rows

@@ -1,0 +1,159 @@
+"""The report of any sweep, from its saved files only (sweep.json, metrics.csv,
+the run folders): per-cell tables, paired comparisons along every grid axis,
+divergence rates, training curves and each cell's model figure. Written as
+report.md and the self-contained report.html (webpage.py).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from ..storage.files import UnreadableFile, write_text
+from .html import md_text, write_html
+from .statistics import TABLE, Interval, load_metrics, paired, summary_rows
+
+COMPARED = (("test_log_likelihood", "test LL"), ("inference_gap", "inference gap"), ("kl_to_truth", "KL to truth"))
+
+
+def _fmt(value) -> str:
+    """A grid value as report text (escaped: a value is the user's, or read back from sweep.json)."""
+    return md_text("-".join(map(str, value)) if isinstance(value, list) else value)
+
+
+def _axes(cells: list[dict]) -> list[str]:
+    """Every grid key, in order of first appearance ([[grid.also]] cells may add or lack some)."""
+    return list(dict.fromkeys(a for c in cells for a in c["values"]))
+
+
+def cell_table(cells: list[dict], metrics) -> list[str]:
+    axes = _axes(cells)
+    head = ["run", *map(md_text, axes), "n", "diverged", *(t[1] for t in TABLE)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for cell, row in zip(cells, summary_rows(metrics, [c["name"] for c in cells])):
+        name, n, diverged, *values = row
+        lines.append("| " + " | ".join([md_text(name), *(_fmt(cell["values"].get(a, "–")) for a in axes), n, diverged,
+                                         *values]) + " |")
+    return lines
+
+
+def comparisons(cells: list[dict], metrics) -> list[str]:
+    """Along each grid axis: every value against the axis's first value, the other
+    axes held fixed, paired by seed index (the same data order and noise)."""
+    lines = []
+    axes = list(cells[0]["values"]) if cells else []
+    cells = [c for c in cells if list(c["values"]) == axes]   # the main grid; [[grid.also]] cells stand apart
+    by_values = {tuple((a, json.dumps(c["values"][a])) for a in axes): c["name"] for c in cells}
+    for axis in axes:
+        levels = list(dict.fromkeys(json.dumps(c["values"][axis]) for c in cells))
+        if len(levels) < 2:
+            continue
+        lines += ["", f"### Along {md_text(axis)} (each value minus {_fmt(json.loads(levels[0]))}, paired by seed)", ""]
+        if axis.startswith("data."):
+            lines += ["This axis changes the data: test log-likelihoods are then on different test sets and "
+                      "differ with the data's own entropy; KL to the truth compares like with like.", ""]
+        lines += ["| fixed | " + md_text(axis) + " | " + " | ".join(label for _, label in COMPARED) + " |",
+                  "|" + "---|" * (2 + len(COMPARED))]
+        for cell in cells:
+            if json.dumps(cell["values"][axis]) == levels[0]:
+                continue
+            base_key = tuple((a, levels[0] if a == axis else json.dumps(cell["values"][a])) for a in axes)
+            base = by_values.get(base_key)
+            if base is None:   # a [[grid.also]] cell with the main grid's keys, at a level the grid lacks
+                continue
+            fixed = ", ".join(f"{md_text(a)}={_fmt(cell['values'][a])}" for a in axes if a != axis) or "-"
+            intervals = [paired(metrics, cell["name"], base, key) for key, _ in COMPARED]
+            lines.append(f"| {fixed} | {_fmt(cell['values'][axis])} | " + " | ".join(map(_interval, intervals)) + " |")
+    return lines
+
+
+def _interval(iv: Interval) -> str:
+    if iv.n < 2:
+        return f"{iv.mean:+.4f} (n = {iv.n})"
+    mark = " **" if iv.excludes_zero() else ""
+    return f"{iv.mean:+.4f} [{iv.low:+.4f}, {iv.high:+.4f}]{mark}"
+
+
+EXACT_TOLERANCE = 1e-3  # nats: an error bound above it means the grid did not resolve that replica's integrands
+
+
+ERROR_BOUNDS = ("quadrature_error", "elbo_quadrature_error", "training_grid_error", "gap_rule_error")
+
+
+def _error_bound(row: dict) -> float:
+    """The largest of a replica's quadrature error bounds (those it has: the oracle's
+    training grid and the gap rule only where they apply)."""
+    return max([v for k in ERROR_BOUNDS if isinstance(v := row.get(k, math.nan), float) and math.isfinite(v)],
+               default=0.0)
+
+
+def exactness_lines(cells: list[dict], metrics) -> list[str]:
+    """Replicas whose quadrature error bound (max over test points: log p, ELBO, the
+    oracle's training grid, the gap rule) exceeds EXACT_TOLERANCE: their numbers
+    are not exact at the configured grid."""
+    flagged = [(c["name"], seed, _error_bound(r)) for c in cells for seed, r in sorted(metrics[c["name"]].items())
+               if _error_bound(r) > EXACT_TOLERANCE]
+    total = sum(len(metrics[c["name"]]) for c in cells)
+    if not flagged:
+        return [f"Every replica's quadrature error bound is below {EXACT_TOLERANCE:g} nats (max over test points)."]
+    return [f"{len(flagged)} of {total} replicas have a quadrature error bound above {EXACT_TOLERANCE:g} nats (max "
+            "over test points: log p, ELBO, an oracle's training grid, the gap rule): at some test points the grid did not resolve their posterior or "
+            "prior (a degenerate, very narrow component, typically). Their means are still reported; read them "
+            "with this bound:", "", *(f"- {md_text(name)}, seed {seed}: {bound:.2g} nats" for name, seed, bound in flagged)]
+
+
+def divergence_lines(cells: list[dict], metrics) -> list[str]:
+    total = sum(len(metrics[c["name"]]) for c in cells)
+    diverged = {c["name"]: sum(r["diverged"] == "True" for r in metrics[c["name"]].values()) for c in cells}
+    out = [f"Diverged replicas: {sum(diverged.values())} of {total}."]
+    out += [f"- {md_text(name)}: {k} of {len(metrics[name])}" for name, k in diverged.items() if k]
+    return out
+
+
+def _how_evaluated(metrics) -> str:
+    """Quadrature (exact, with its error bound) unless some run has latent_dim > 2, whose
+    log-likelihood is an importance-sampling estimate with a standard error."""
+    sampled = any(math.isfinite(r.get("test_log_likelihood_stderr", math.nan))
+                  for runs in metrics.values() for r in runs.values())
+    return ("likelihoods by quadrature where latent_dim <= 2 (exact, with its error bound), by importance sampling "
+            "beyond (an estimate with its standard error)" if sampled else "every likelihood exact (quadrature)")
+
+
+def _finished_metrics(out: Path) -> dict:
+    """metrics.csv by run ({} before any run finished); a damaged one is refused in one line."""
+    path = out / "metrics.csv"
+    return load_metrics(path, by="run") if path.exists() else {}
+
+
+def write_sweep_report(out: Path) -> Path:
+    """report.md and report.html, titled as sweep.json says; a built-in study puts
+    its own reading and figures first (studies.PRESENTERS)."""
+    from ..runs.sweep import read_record
+    from ..studies import PRESENTERS
+    from .figures import sweep_figures
+    out = Path(out)
+    record = read_record(out)
+    title, cells = record.get("title", "mogvae sweep"), record["cells"]
+    metrics = _finished_metrics(out)
+    unfinished = [c["name"] for c in cells if c["name"] not in metrics]
+    cells = [c for c in cells if c["name"] in metrics]     # a sweep stopped before its end: what is finished
+    if not cells:
+        raise UnreadableFile(f"{out}: no run of this sweep has finished yet; re-run its command to train them")
+    study = PRESENTERS.get(record.get("study")) if not unfinished else None
+    lead, first_figures = study(out) if study else ([], [])
+    figures = [*first_figures, *sweep_figures(out, {c["name"]: out / "runs" / c["name"] for c in cells})]
+    seeds = sorted({len(m) for m in metrics.values()})
+    lines = [f"# {md_text(title)}", "",
+             *([f"**Unfinished:** {len(unfinished)} of {len(unfinished) + len(cells)} runs have not finished; this "
+                "report shows the others (a study's own reading waits for all of them).", ""] if unfinished else []),
+             f"{len(cells)} runs, {'/'.join(map(str, seeds))} seed(s) each; {_how_evaluated(metrics)}, "
+             "in nats per test point; mean ± sd over seeds, diverged replicas excluded.", "", *lead,
+             "## Per run", "", *cell_table(cells, metrics), "",
+             "## Paired comparisons", "",
+             "Mean difference over seeds with its 95% t interval; ** marks an interval that excludes zero.",
+             *comparisons(cells, metrics), "", "## Divergence", "", *divergence_lines(cells, metrics), "",
+             "## Exactness", "", *exactness_lines(cells, metrics), "",
+             "## Figures", "", *(f"![{md_text(p.stem)}](figures/{p.name})" for p in figures), ""]
+    report = write_text(out / "report.md", "\n".join(lines))
+    write_html(report, str(title))
+    return report

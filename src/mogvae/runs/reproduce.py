@@ -1,0 +1,76 @@
+"""`mogvae reproduce`: the paper's study as a built-in sweep over the model presets.
+
+Its output keeps the contract of the paper's study (README): config.json,
+data/{train,val,test}.npy, metrics.csv (model, seed, metrics), figures/*.png
+with their CSVs, report.md and report.html. Underneath it is a sweep folder
+(sweep.py): one run folder per model under runs/, so a killed reproduce
+resumes where it stopped, and a finished one is only re-reported.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from ..config.schema import StudyConfig
+from ..data.paper import PaperProcess
+from ..storage.files import MAX_ARRAY_BYTES, atomic_write_bytes, read_bytes, read_npy, write_json
+from ..storage.folders import Layout
+from .sweep import Cell, SweepDir, execute, expand, run_layout_files, versions
+
+SPLITS = ("train", "val", "test")
+FIGURES = ("truth", "comparison", "training")
+NAMES = re.compile(r"(config|truth|sweep|timing)\.json|metrics\.csv|report\.(md|html)|data/(train|val|test)\.npy"
+                   r"|figures/[a-z0-9-]+\.(png|csv)|runs/preset=[a-z0-9-]+/(\.mogvae-manifest\.json|\.lock|"
+                   r"config\.json|history\.jsonl|metrics\.csv|curves\.npz|status\.json|data/(train|val|test)\.npy"
+                   r"|checkpoints/epoch-(\[0-9\]){6}\.safetensors|tensorboard/events\.out\.tfevents\.\*)")
+
+
+def spec(config: StudyConfig) -> tuple[dict, dict]:
+    """The sweep behind a study: its shared settings, and a grid over the presets."""
+    base = {"seeds": config.seeds, "base_seed": config.base_seed, "checkpoint_every": 1,
+            "model": config.model.model_dump(mode="json"), "data": config.data.model_dump(mode="json"),
+            "train": config.train.model_dump(mode="json"), "eval": config.eval.model_dump(mode="json")}
+    return base, {"preset": list(config.models)}
+
+
+def output_layout(config: StudyConfig) -> Layout:
+    """Every file `reproduce` writes for this configuration, and nothing else."""
+    runs = [run_layout_files(f"runs/preset={m}") for m in config.models]
+    return Layout("reproduce", files=(
+        "config.json", "truth.json", "sweep.json", "metrics.csv", "report.md", "report.html",
+        *(f"data/{s}.npy" for s in SPLITS),
+        *(f"figures/{name}.{ext}" for name in (*FIGURES, *config.models) for ext in ("png", "csv")),
+        *(f for files, _ in runs for f in files)), patterns=tuple(p for _, patterns in runs for p in patterns))
+
+
+def claim_output(out: Path, config: StudyConfig, overwrite: bool) -> SweepDir:
+    """A new or empty folder, an earlier reproduce output (resumed), or with
+    `overwrite` one whose files alone are deleted; anything else is refused untouched."""
+    return SweepDir(out, output_layout(config), NAMES, overwrite=overwrite)
+
+
+def cells_of(config: StudyConfig) -> list[Cell]:
+    return expand(*spec(config))
+
+
+def run(config: StudyConfig, sweep: SweepDir, progress=None) -> dict[str, Path]:
+    """Train what is not finished, then write the contract's files (but figures and report,
+    which `mogvae report` makes from them); return model -> run folder."""
+    from ..model.layers import replica_seed
+    cells = cells_of(config)
+    base, grid = spec(config)
+    sweep.bind({**base, "grid": grid}, cells, versions())
+    write_json(sweep.path / "config.json", {"study": config.model_dump(mode="json"), "versions": versions(),
+                                            "replica_seeds": [replica_seed(config.base_seed, i)
+                                                              for i in range(config.seeds)]})
+    execute(sweep, cells, workers=config.workers, progress=progress)
+    runs = {c.config.preset: sweep.run_path(c) for c in cells}
+    first = next(iter(runs.values()))
+    for split in SPLITS:  # every run trained on the same data: the first run's copy is the study's
+        atomic_write_bytes(sweep.path / "data" / f"{split}.npy", read_bytes(first / "data" / f"{split}.npy", MAX_ARRAY_BYTES))
+    process = PaperProcess(config.data.sigma)
+    write_json(sweep.path / "truth.json", {f"{s}_log_likelihood": float(process.log_prob(
+        read_npy(sweep.path / "data" / f"{s}.npy")).mean()) for s in ("val", "test")} | {"sigma": process.sigma})
+    return runs
