@@ -257,7 +257,6 @@ def _run_sweep(args, base: dict, grid: dict, cells, title: str, study: str | Non
     """Claim and lock the folder, train what is unfinished, and write the report."""
     from rich.console import Console
 
-    from .report.sweep import write_sweep_report
     from .runs.executors import SchedulerUnavailable, check_scheduler
     from .runs.progress import SweepProgress
     from .runs.sweep import SpecError, SweepDir, execute, preflight, versions
@@ -282,7 +281,7 @@ def _run_sweep(args, base: dict, grid: dict, cells, title: str, study: str | Non
     with SweepProgress(console, {c.name: c.config.train.epochs for c in pending}, len(cells) - len(pending)) as p:
         execute(folder, cells, workers=args.workers or 0, scheduler=args.scheduler, progress=p,
                 tensorboard=args.tensorboard)
-    report = write_sweep_report(args.out)
+    report = _sweep_report(args.out)
     console.print(f"done in {time.perf_counter() - start:.1f} s: {report} and {report.with_suffix('.html')}",
                   highlight=False, soft_wrap=True)
     return 0
@@ -306,7 +305,6 @@ def study(args) -> int:
 def report(args) -> int:
     """Rewrite a finished folder's report. The folder's lock is taken first: a sweep that is
     still running (or extending) writes its own report when it finishes."""
-    from .report.sweep import write_sweep_report
     from .storage.folders import OutputError, check_own_folders, read_manifest, remove_stale_temporaries, take_lock
     layout = read_manifest(args.dir) if args.dir.is_dir() else None
     if layout is None or layout.kind not in ("sweep", "reproduce"):
@@ -319,9 +317,17 @@ def report(args) -> int:
         raise UsageError(f"{e} (it writes its report when it finishes)") from None
     with lock:
         remove_stale_temporaries(args.dir, layout)   # of a report that was killed mid-write
-        path = write_sweep_report(args.dir) if layout.kind == "sweep" else _reproduce_report(args.dir)
+        path = _sweep_report(args.dir) if layout.kind == "sweep" else _reproduce_report(args.dir)
     print(f"{path} and {path.with_suffix('.html')}")
     return 0
+
+
+def _sweep_report(out: Path) -> Path:
+    """Any sweep's report, a built-in study's own reading and figures first (given here, from
+    studies/, so that report/ does not import the studies that import it)."""
+    from .report.sweep import write_sweep_report
+    from .studies import PRESENTERS
+    return write_sweep_report(out, PRESENTERS)
 
 
 def _reproduce_report(out: Path) -> Path:
