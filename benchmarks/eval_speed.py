@@ -1,5 +1,5 @@
 """Exact evaluation speed: one trained replica of each model, 10,000 test points,
-log p(y) and the ELBO by quadrature with their error bounds (evaluate.integrate),
+log p(y) and the ELBO by quadrature with their error bounds (estimators.quadrature.integrate),
 single-threaded. Models are trained briefly here (30 epochs) so that their
 posteriors have realistic widths.
 

@@ -14,7 +14,7 @@ def _deterministic():
 
 @pytest.fixture(autouse=True)
 def _fresh_fault_counters():
-    """faults.py counts passes per process; each test starts from zero. SIGINT gets
+    """storage/faults.py counts passes per process; each test starts from zero. SIGINT gets
     Python's own handler: a shell without job control starts background commands
     with SIGINT ignored, and the Ctrl-C trials would then never be interrupted."""
     import signal

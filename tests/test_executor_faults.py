@@ -1,5 +1,5 @@
-"""Faults around the executors (executors.py), each made to happen at a chosen
-point (faults.py), never at a lucky moment: a bad --scheduler, a full disk in a
+"""Faults around the executors (runs/executors.py), each made to happen at a chosen
+point (storage/faults.py), never at a lucky moment: a bad --scheduler, a full disk in a
 worker, the Dask scheduler killed mid-sweep, the driver killed by kill -9 (with
 Dask and with local workers), and SIGTERM while a worker is inside a write.
 Each ends in one line and a folder that a re-run completes to the same numbers."""

@@ -1,4 +1,4 @@
-"""Faults at chosen points (faults.py), never at lucky moments: kill -9 and SIGTERM
+"""Faults at chosen points (storage/faults.py), never at lucky moments: kill -9 and SIGTERM
 mid-epoch and mid-checkpoint-write, a full disk, and a killed `reproduce` driver.
 Each ends in one line (or a kill) and a folder that a re-run completes bitwise."""
 import csv

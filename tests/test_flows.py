@@ -1,5 +1,5 @@
-"""The flow posterior (flows.SplineFlow) and the latent-distribution protocol that
-evaluation reads (distributions.py), against change of variables by finite
+"""The flow posterior (model.flows.SplineFlow) and the latent-distribution protocol that
+evaluation reads (model/distributions.py), against change of variables by finite
 differences, SciPy, fine grids and closed forms."""
 import math
 

@@ -57,7 +57,7 @@ def test_importance_sampling_agrees_with_quadrature_within_three_standard_errors
     assert ref.method == "quadrature" and float(ref.error.max()) < 1e-6
     z = (est.value - ref.value) / est.error
     # Gaussian errors would put 0.3% beyond 3 SE; measured 0-3.3% (all low: heavy-tailed weights where
-    # q misses part of the posterior, which the sample variance understates; see likelihood.py)
+    # q misses part of the posterior, which the sample variance understates; see estimators/likelihood.py)
     assert float((z.abs() > 3).double().mean()) <= 0.05, z
     mean_se = torch.sqrt((est.error ** 2).sum(1)) / est.error.shape[1]
     assert torch.all((est.value.mean(1) - ref.value.mean(1)).abs() < 3 * mean_se + 1e-4)

@@ -127,7 +127,7 @@ def test_retries_are_bounded_then_the_replica_stops(policy, monkeypatch):
 
 @pytest.mark.parametrize("objective", ["elbo", "iwae"])
 def test_a_step_in_chunks_gives_the_whole_batch_gradient(objective):
-    """The step runs its batch in chunks (train.CHUNK_ROWS); the loss and every gradient must
+    """The step runs its batch in chunks (training.trainer.CHUNK_ROWS); the loss and every gradient must
     be the whole batch's, to float32 rounding, including a ragged last chunk."""
     grads = {}
     for chunk in (100, 30):                                      # whole, and 30 + 30 + 30 + 10

@@ -39,7 +39,7 @@ def read_toml(path: Path) -> dict:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
     except RecursionError:
         raise ConfigError(f"{path}: nested too deeply to be a mogvae configuration") from None
-    absolute_data_path(raw.get("data"), path.parent)   # a grid's values: sweep.expand, from the same folder
+    absolute_data_path(raw.get("data"), path.parent)   # a grid's values: runs.sweep.expand, from the same folder
     return raw
 
 

@@ -70,7 +70,7 @@ class FileSource(_Splits):
 
 
 class FoldedSource(_Splits):
-    """The paper's process lifted to data_dim observed and latent_dim latent dimensions (mogvae.folded), exact truth."""
+    """The paper's process lifted to data_dim observed and latent_dim latent dimensions (mogvae.data.folded), exact truth."""
     name: Literal["folded"] = "folded"
     data_dim: int = Field(2, ge=1, le=1000, description="D, observed dimensions")
     latent_dim: Literal[1, 2] = Field(1, description="L, the process's latent dimensions (the truth is a quadrature)")
@@ -107,7 +107,7 @@ TABULAR_SETS = ("breast_cancer", "diabetes", "digits")
 
 
 class TabularSource(_Splits):
-    """A real data set shipped inside scikit-learn (mogvae.tabular): no truth, so those metrics are NaN."""
+    """A real data set shipped inside scikit-learn (mogvae.data.tabular): no truth, so those metrics are NaN."""
     name: Literal["tabular"] = "tabular"
     dataset: Literal[TABULAR_SETS] = Field("breast_cancer", description="breast_cancer (569 x 30), diabetes "
                                            "(442 x 10) or digits (1797 x 61 after dropping constant pixels)")
@@ -190,7 +190,7 @@ class TrainConfig(Strict):
         "cosine", description="cosine: anneal to lr * final_lr_factor, so the last epochs average out minibatch noise")
     final_lr_factor: float = Field(0.01, gt=0, le=1.0, description="the cosine schedule ends at lr * this")
     on_divergence: Literal["stop", "skip", "rollback"] = Field(
-        "stop", description="per replica, on a non-finite loss or gradient (see train.Trainer)")
+        "stop", description="per replica, on a non-finite loss or gradient (see training.trainer.Trainer)")
     max_retries: int = Field(3, ge=0, le=100, description="skips or rollbacks per replica before it stops")
     n_samples: int = Field(1, ge=1, le=1000, description="reparameterized draws per posterior component per step "
                            "(with objective = 'iwae', the K of the bound, per component)")
@@ -203,7 +203,7 @@ class TrainConfig(Strict):
     device: str = Field("cpu", description="cpu, or cuda where a GPU build of PyTorch is installed")
     compile: Literal["auto", "on", "off"] = Field(
         "auto", description="torch.compile the training loss: 1.2-1.3x faster steps for a 5-30 s compile per "
-        "process; auto compiles CPU jobs long enough to repay it twice (see mogvae.compiled). Compiled kernels round "
+        "process; auto compiles CPU jobs long enough to repay it twice (see mogvae.training.compiled). Compiled kernels round "
         "differently (about 1e-7), so a run keeps its choice")
 
     _odd_grid = field_validator("exact_grid")(lambda cls, v, info: _odd(v, info))
@@ -211,7 +211,7 @@ class TrainConfig(Strict):
     @field_validator("device")
     @classmethod
     def _device_named(cls, v):
-        """A device mogvae can train on, by name: whether this machine has it is train.check_device's."""
+        """A device mogvae can train on, by name: whether this machine has it is training.trainer.check_device's."""
         if not re.fullmatch(r"cpu|cuda(:[0-9]{1,2})?", v):
             raise ValueError("train.device must be cpu, cuda or cuda:N")
         return v

@@ -15,7 +15,7 @@ breaking coordinates accumulate evidence. L = 1, D = 1 is the paper's process ex
 
 log p*(y) = log of the integral of N(y; m(z), sigma^2 I) over [0, 1]^L, by composite Gauss-Legendre
 on panels that have the kink z_l = 1/2 as an edge and are narrower than sigma over the largest slope
-of m, float64 throughout (as data.PaperProcess). Its memory is bounded at any D and sigma: nodes
+of m, float64 throughout (as paper.PaperProcess). Its memory is bounded at any D and sigma: nodes
 and points go in chunks, and m enters through a few features of z (see FoldedProcess._basis), so a
 point costs G (node_count) terms whatever D is.
 """
@@ -53,7 +53,7 @@ class FoldedProcess:
         k = np.arange(data_dim)
         self.freq = 1 + (k[:, None] + np.arange(latent_dim)[None]) % 3          # [D, L]
         self.phase = 2 * math.pi * ((k * GOLDEN) % 1.0)                          # [D]
-        # Panels 1/8 of p(y|z)'s scale in 1-D (as data.PaperProcess); in 2-D, where nodes square,
+        # Panels 1/8 of p(y|z)'s scale in 1-D (as paper.PaperProcess); in 2-D, where nodes square,
         # the full scale, which 16 Gauss-Legendre nodes per panel still resolve to 1e-12 (tested) up
         # to D = 200. Beyond, the coordinates' evidence narrows the posterior as 1 / sqrt(D), and the
         # panels with it: measured (sigma-free: both scale with sigma), the full scale was off by

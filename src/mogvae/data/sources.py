@@ -1,7 +1,7 @@
 """Data sources behind one protocol: `load_source(config.data)` gives the splits, the
 observed dimension and the truth, whichever source `data.name` selects.
 
-    paper     the paper's 1-D process (data.PaperProcess)                 exact truth
+    paper     the paper's 1-D process (paper.PaperProcess)                exact truth
     folded    that process lifted to D observed, 1-2 latent dimensions   exact truth (folded.py)
     file      your own values, one point per row                          no truth
     tabular   scikit-learn's breast cancer, diabetes, digits              no truth (tabular.py)
@@ -78,5 +78,5 @@ SOURCES = {"paper": _paper, "folded": _folded, "file": _file, "tabular": _tabula
 
 
 def load_source(d: DataConfig) -> Source:
-    """The splits and truth `d` describes. A file that cannot be used raises data.DataError."""
+    """The splits and truth `d` describes. A file that cannot be used raises files.DataError."""
     return SOURCES[d.name](d)

@@ -80,7 +80,7 @@ WIDEST_1D_GRID = 20_001      # quadrature.latent_grid widens a 1-D grid to cover
 GENERATED_BYTES = 25         # per seed (and the truth), generated sample and D (_generate, _true_means)
 STRATA_BYTES = 11_500_000    # per D: the 2-D ELBO's decoder at 250,000 draws (quadrature.stratum_trapezoid_elbo)
 IMPORTANCE_BYTES = 46_000_000  # per D: the decoder at 2,000,000 draws (likelihood.importance_log_likelihood)
-TABULAR_COLUMNS = {"breast_cancer": 30, "diabetes": 10, "digits": 61}   # tabular.py, constant pixels dropped
+TABULAR_COLUMNS = {"breast_cancer": 30, "diabetes": 10, "digits": 61}   # data/tabular.py, constant pixels dropped
 
 
 def evaluation_bytes(model: ModelConfig, config: EvalConfig, data_dim: int, seeds: int = 1) -> dict[str, float]:
@@ -131,7 +131,7 @@ def check_evaluation_memory(model: ModelConfig, config: EvalConfig, data_dim: in
 
 
 def check_truth(data) -> None:
-    """Refuse a folded truth that would take hours after training: its memory is bounded (folded.py),
+    """Refuse a folded truth that would take hours after training: its memory is bounded (data/folded.py),
     but each test point costs node_count terms, which grow as 1 / sigma^L."""
     from ..data.folded import FoldedProcess
 
@@ -222,7 +222,7 @@ def _true_means(process, n: int) -> np.ndarray | None:
     """The true decoder's outputs at n uniform latents [n, D] (GENERATE_OFFSET's stream), or
     None without a known truth."""
     rng = np.random.default_rng(GENERATE_OFFSET)
-    if hasattr(process, "mean"):                                      # folded.FoldedProcess
+    if hasattr(process, "mean"):                                      # data.folded.FoldedProcess
         return process.mean(rng.uniform(size=(n, process.latent_dim)))
     if hasattr(process, "f") and not isinstance(process, UnknownTruth):
         return process.f(rng.uniform(size=n))[:, None]

@@ -30,7 +30,7 @@ from ..objectives.bounds import log_weights
 
 MAX_LATENT = 2
 MAX_GRID_NODES = 250_000   # latent nodes per replica: the decoder on the grid and the 2-D ELBO terms stay ~1 GB
-RULE_NODES = 16     # Gauss-Legendre nodes per smooth piece of a piecewise-smooth q (flows.SplineFlow.base_rule)
+RULE_NODES = 16     # Gauss-Legendre nodes per smooth piece of a piecewise-smooth q (model.flows.SplineFlow.base_rule)
 KINKED_BOUND = 3.0   # the piecewise rule's error bound, in |fine - coarse|, where the prior has kinks (see there)
 F64 = torch.float64  # densities and sums; the networks run in the precision they were trained in
 
@@ -193,7 +193,7 @@ def integrate(model: VAE, y, grid: Grid, elbo: bool = True, budget: int = 4_000_
     rule on one grid: the decoder is evaluated once, and the gap log p - ELBO is
     KL(q(z|y) || p(z|y)) computed on the same nodes. `q` (batch over y, [R, 1, N, K, D])
     replaces the encoder's posterior in the ELBO (the gap decomposition's optimized q).
-    q is read through the latent-distribution protocol only (distributions.py)."""
+    q is read through the latent-distribution protocol only (model/distributions.py)."""
     mean, inv_sigma, offset = _grid_terms(model, grid.nodes)
     R, G = grid.log_w.shape
     y = as_batch(y, R, grid.nodes.device)

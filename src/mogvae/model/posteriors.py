@@ -3,7 +3,7 @@ latent distribution (the protocol in distributions.py).
 
 Every posterior is `from_raw(raw(y))`: `raw` is the encoder's output vector per
 point and `from_raw` the family's map from it to a distribution. The gap
-decomposition optimizes that vector per point (gaps.py), so it needs nothing
+decomposition optimizes that vector per point (estimators/gaps.py), so it needs nothing
 else from a family. `k` is the number of strata of its distributions.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A VAE is its three parts; it holds no loss code (see objectives.py)."""
+"""A VAE is its three parts; it holds no loss code (see objectives/bounds.py)."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -36,7 +36,7 @@ class VAE(nn.Module):
 
 def build_model(config: ModelConfig, replicas: int, data_dim: int = 1, noise: float = 0.1) -> VAE:
     """The VAE that `config` names, with R = `replicas` independent copies.
-    Parameters are left uninitialized: call `replicas.initialize` with seeds."""
+    Parameters are left uninitialized: call `layers.initialize` with seeds."""
     common = dict(replicas=replicas, latent_dim=config.latent_dim, data_dim=data_dim,
                   hidden=tuple(config.hidden), activation=config.activation)
     mixture = dict(n_components=config.n_components, learn_weights=config.learn_weights, flow_bins=config.flow_bins)

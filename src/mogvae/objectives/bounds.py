@@ -2,7 +2,7 @@
 per replica, [R, B]. The caller reduces.
 
 Noise is passed in, not drawn here, so that each replica's draws come from its
-own generator (see replicas.py) and so that tests can fix it.
+own generator (see model/layers.py) and so that tests can fix it.
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def iwae_bound(model: VAE, y: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
 
 BOUNDS = {"elbo": elbo, "iwae": iwae_bound}
 """The sampled training objectives by name; "exact" (the oracle) is not a bound on
-sampled draws but the quadrature log-likelihood (quadrature.training_log_marginal)."""
+sampled draws but the quadrature log-likelihood (estimators.quadrature.training_log_marginal)."""
 
 
 def bound(model: VAE, y: torch.Tensor, eps: torch.Tensor, objective: str) -> torch.Tensor:

@@ -219,7 +219,7 @@ def training_figure(out: Path, runs: dict[str, Path]) -> None:
 
 
 def has_latent_curves(run: Path) -> bool:
-    """The model figure draws z: it exists for 1-D latents (see evaluate._latent_curves)."""
+    """The model figure draws z: it exists for 1-D latents (see estimators.evaluate._latent_curves)."""
     if not (run / "curves.npz").exists():
         return False
     return "decoder" in read_npz(run / "curves.npz")

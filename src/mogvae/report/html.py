@@ -48,7 +48,7 @@ _STYLE_HASH = base64.b64encode(hashlib.sha256(STYLE.encode()).digest()).decode()
 CSP = (f"default-src 'none'; script-src 'none'; style-src 'sha256-{_STYLE_HASH}'; img-src data:; "
        "base-uri 'none'; form-action 'none'")       # (frame-ancestors is ignored in a <meta> policy)
 
-FIGURE_NAME = re.compile(r"figures/[A-Za-z0-9._+=-]{1,200}\.png")   # what mogvae names its figures (sweep._label)
+FIGURE_NAME = re.compile(r"figures/[A-Za-z0-9._+=-]{1,200}\.png")   # what mogvae names its figures (runs.sweep._label)
 MAX_FIGURE_BYTES = 64 * 2**20
 _IMAGE = re.compile(r"<img\b[^>]*>")                     # every image the renderer made, whatever its attributes
 _ATTRIBUTE = re.compile(r'\s(?P<name>[a-z]+)="(?P<value>[^"]*)"')

@@ -1,7 +1,7 @@
 """The report of any sweep, from its saved files only (sweep.json, metrics.csv,
 the run folders): per-cell tables, paired comparisons along every grid axis,
 divergence rates, training curves and each cell's model figure. Written as
-report.md and the self-contained report.html (webpage.py).
+report.md and the self-contained report.html (html.py).
 """
 from __future__ import annotations
 

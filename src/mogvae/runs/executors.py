@@ -74,7 +74,7 @@ def _die_with_parent() -> None:
 
 class _Stop(SystemExit):
     """The driver's SIGTERM, raised wherever the worker is, so that a write in
-    progress removes its temporary on the way out (io.atomic_write_bytes).
+    progress removes its temporary on the way out (storage.files.atomic_write_bytes).
     A SystemExit: the process then ends quietly, with no traceback."""
 
 

@@ -3,7 +3,7 @@
 DIR/config.json        the resolved configuration (a resume must match it)
 DIR/data/*.npy         the exact data
 DIR/history.jsonl      one line per epoch, appended and fsynced (a torn last line is ignored)
-DIR/checkpoints/       epoch-NNNNNN.safetensors, the newest two kept (see checkpoint.py)
+DIR/checkpoints/       epoch-NNNNNN.safetensors, the newest two kept (see storage/checkpoints.py)
 DIR/metrics.csv        the final exact evaluation, one row per seed; DIR/curves.npz its figure data
 DIR/status.json        progress and wall time (the only file that differs between identical runs)
 
@@ -114,7 +114,7 @@ def data_record(data, splits: dict[str, np.ndarray]) -> dict:
 
 def with_absolute_paths(config: RunConfig) -> RunConfig:
     """A relative data.path made absolute against the current directory, once, before it is
-    recorded: a resume from another folder must not read another file (configfile.py's rule)."""
+    recorded: a resume from another folder must not read another file (config/files.py's rule)."""
     path = getattr(config.data, "path", None)
     if not path or path == os.path.normpath(Path(path).expanduser().absolute()):
         return config
@@ -337,7 +337,7 @@ class RunSession:
 
     def train(self, on_epoch=None, tensorboard: bool = False) -> Path:
         """Train to the configured epoch, checkpointing, then evaluate; `tensorboard`
-        also writes the per-replica curves for TensorBoard (curvelog.py)."""
+        also writes the per-replica curves for TensorBoard (training/tensorboard.py)."""
         run, trainer, config = self.run, self.trainer, self.config
         if self.complete:
             return run.path / "metrics.csv"
@@ -406,7 +406,7 @@ def trained_model(run: Path):
 
 
 def load_run_config(path: Path, overrides: list[str]) -> RunConfig:
-    """A TOML file plus `key=value` overrides (see configfile.py)."""
+    """A TOML file plus `key=value` overrides (see config/files.py)."""
     try:
         return RunConfig(**apply_overrides(read_toml(path), overrides))
     except ConfigError as e:

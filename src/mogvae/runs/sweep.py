@@ -1,4 +1,4 @@
-"""Sweeps: a grid of runs, each a crash-safe run folder (runs.py).
+"""Sweeps: a grid of runs, each a crash-safe run folder (run.py).
 
     DIR/sweep.json       the spec, the expanded cells (name, grid values, resolved
                          configuration and its hash) and the versions
@@ -6,7 +6,7 @@
     DIR/metrics.csv      one row per (run, replica): the grid axes by their dotted
                          keys, then model, seed and every metric; rebuilt from the
                          run folders, so it is never the only copy
-    DIR/report.md, report.html, figures/   made from those files (present.py)
+    DIR/report.md, report.html, figures/   made from those files (report/sweep.py)
 
 A SPEC is a `mogvae train` configuration plus a `[grid]` table of dotted keys
 mapped to lists, expanded as a Cartesian product; `seeds` is per cell. The
@@ -106,7 +106,7 @@ def expand(base: dict, grid: dict, folder: Path | None = None) -> list[Cell]:
     """Every combination of the grid's values over the base configuration, validated;
     then the cells of each `[[grid.also]]` table, itself a small grid (for cells that
     belong beside the product but not in it: the oracle of each prior, say). A relative
-    data.path among the grid's values is read from `folder`, the spec's (configfile.py).
+    data.path among the grid's values is read from `folder`, the spec's (config/files.py).
     At most MAX_CELLS cells, counted before any is built."""
     if not isinstance(grid, dict):
         raise SpecError("grid: expected a table of dotted keys mapped to lists")

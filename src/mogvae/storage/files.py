@@ -26,7 +26,7 @@ def _file_mode() -> int:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, fault: str | None = None) -> Path:
     """Write `data` to `path` atomically. The temporary is `.NAME.XXXXXXXX.tmp` beside it
-    (outdir.py recognizes exactly that pattern as mogvae's own); `fault` names a
+    (folders.py recognizes exactly that pattern as mogvae's own); `fault` names a
     faults.py point passed between the complete temporary and the rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ A user's folder is sacred. Every folder mogvae writes into carries a manifest,
 - writes into a folder only when it is new, empty, or holds such a manifest;
 - replaces (`--overwrite`) only a folder all of whose entries the manifest
   names, and then deletes exactly those files and the folders it made;
-- cleans up only its own temporaries (`.NAME.XXXXXXXX.tmp`, see io.py) of
+- cleans up only its own temporaries (`.NAME.XXXXXXXX.tmp`, see files.py) of
   names it owns;
 - never replaces `/`, a home folder, or the current directory or one of its
   parents.

@@ -1,5 +1,6 @@
 """Built-in studies: each a sweep spec shipped with the package (this folder's
-*.toml) plus the figures and reading that answer its question."""
+*.toml) plus the figures and reading that answer its question. The top floor:
+may import storage/, config/, data/, estimators/, runs/ and report/."""
 from __future__ import annotations
 
 from importlib import resources
@@ -10,7 +11,7 @@ from ..config.tomlcompat import loads
 
 
 def spec(name: str, overrides: list[str], quick: bool) -> tuple[dict, dict]:
-    """A study's (base configuration, grid); `quick` shrinks it to toy size: config.QUICK, then
+    """A study's (base configuration, grid); `quick` shrinks it to toy size: config.schema.QUICK, then
     the study's own [quick] keys (dotted) and, where it has one, its smaller [quick.grid]."""
     raw = loads(resources.files(__package__).joinpath(f"{name}.toml").read_text())
     own = raw.pop("quick", {})

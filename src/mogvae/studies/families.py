@@ -1,5 +1,5 @@
 """The families study: the four-term decomposition of log p*(y) - ELBO(y) per
-prior x posterior and sigma (gaps.py), each VAE paired by seed with the
+prior x posterior and sigma (estimators/gaps.py), each VAE paired by seed with the
 exact-likelihood oracle of its prior; a stacked-bar figure; paired answers to
 "does a richer prior, or a richer posterior, shrink each term?"."""
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """What a trainer's checkpoint must hold, checked before anything is loaded.
 
-The checksum in checkpoint.py catches damage, not a crafted file: a file with a
+The checksum in storage/checkpoints.py catches damage, not a crafted file: a file with a
 valid checksum can still name the wrong tensors, carry NaN Adam moments, or
 claim epoch -3. Here the JSON header is validated against a schema (pydantic)
 and the tensors' names, shapes, dtypes and values against the trainer that

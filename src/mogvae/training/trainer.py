@@ -200,7 +200,7 @@ class Trainer:
         return -bound(self.model, y, eps, self.config.objective).mean(1)
 
     def _compiled_loss(self, replicas: int):
-        """The loss, compiled where `train.compile` says so (mogvae.compiled)."""
+        """The loss, compiled where `train.compile` says so (mogvae.training.compiled)."""
         cfg, n = self.config, len(self.data)
         steps = cfg.epochs * -(-n // cfg.batch_size)
         points = latent_points_per_step(replicas, self.model.posterior.k, min(cfg.batch_size, n), cfg.n_samples)
