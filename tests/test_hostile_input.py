@@ -451,7 +451,7 @@ def test_a_reproduce_folders_model_names_never_become_paths_outside_it(quick_run
 
 
 def test_every_image_the_renderer_makes_is_dropped_unless_it_is_our_figure(tmp_path):
-    from mogvae.webpage import render
+    from mogvae.report.html import render
     page = render('![t](http://evil.example/p.png "title")\n\n![r][ref]\n\n[ref]: http://evil.example/r.png\n\n'
                   "![s](data:image/svg+xml,<svg/onload=alert(1)>)", tmp_path, "t")
     assert "<img" not in page and page.count("not embedded") == 3
@@ -471,7 +471,7 @@ def test_deeply_nested_history_or_spec_is_one_line(finished_sweep, tmp_path, cap
 
 def test_a_data_file_that_grows_while_read_is_read_as_it_was(tmp_path):
     """A writer appending mid-read once broke the reader's array sized by the line count."""
-    from mogvae.data import _open_regular
+    from mogvae.data.files import _open_regular
     path = write_data(tmp_path / "y.csv", 0, n=300)
     original = path.read_bytes()
     with _open_regular(path) as fh:
