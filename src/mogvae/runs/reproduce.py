@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import numpy as np
 
 from ..config.schema import StudyConfig
 from ..data.paper import PaperProcess

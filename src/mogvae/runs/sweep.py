@@ -30,7 +30,7 @@ from ..config.files import ConfigError, absolute_data_path, apply_overrides, dot
 from ..config.schema import describe_error
 from ..storage import faults
 from ..storage.files import read_csv, write_csv, write_json
-from ..storage.folders import LOCK, Layout, OutputError, claim, remove_stale_temporaries, take_lock
+from ..storage.folders import LOCK, Layout, claim, remove_stale_temporaries, take_lock
 from .run import CHECKPOINT_NAME, RUN_LAYOUT, RunConfig, RunDir, differences, upgraded
 
 # names a sweep folder's manifest may hold (timing.json: written by the first sweeps, kept readable)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 
 from ..report.html import md_text
 from ..runs.sweep import read_record
