@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mogvae.cli import main
-from mogvae.config.schema import StudyConfig
+from mogvae.config.schema import ReproduceConfig
 from mogvae.storage.folders import LOCK, MANIFEST, read_manifest
 from mogvae.runs.reproduce import claim_output, output_layout
 
@@ -63,7 +63,7 @@ def test_reproduce_never_touches_a_folder_of_user_files(user_folder, capsys, ove
 
 
 def test_reproduce_refuses_the_current_directory_even_when_it_is_a_mogvae_output(tmp_path, capsys, monkeypatch):
-    config = StudyConfig(models=("mfg",))
+    config = ReproduceConfig(models=("mfg",))
     claim_output(tmp_path, config, overwrite=False)
     monkeypatch.chdir(tmp_path)
     before = snapshot(tmp_path)
@@ -83,9 +83,9 @@ def test_reproduce_refuses_root_and_home(capsys, monkeypatch, tmp_path):
         assert sorted(os.listdir(folder)) == before
 
 
-def fake_reproduce_output(root: Path, models=("mfg",)) -> StudyConfig:
+def fake_reproduce_output(root: Path, models=("mfg",)) -> ReproduceConfig:
     """An earlier reproduce output: the manifest and every file it names."""
-    config = StudyConfig(models=models)
+    config = ReproduceConfig(models=models)
     claim_output(root, config, overwrite=False)
     for name in output_layout(config).files:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -97,9 +97,9 @@ def test_overwrite_deletes_exactly_the_manifest_files(tmp_path):
     root = tmp_path / "out"
     config = fake_reproduce_output(root, models=("mfg", "mog-prior"))
     (root / "figures" / ".mfg.png.k2j4h5g6.tmp").write_text("a temporary of ours")
-    claim_output(root, StudyConfig(models=("mfg",)), overwrite=True)
+    claim_output(root, ReproduceConfig(models=("mfg",)), overwrite=True)
     assert sorted(p.name for p in root.iterdir()) == [LOCK, MANIFEST]  # every old file, and its folders, gone
-    assert read_manifest(root).files == output_layout(StudyConfig(models=("mfg",))).files
+    assert read_manifest(root).files == output_layout(ReproduceConfig(models=("mfg",))).files
     assert config.models == ("mfg", "mog-prior")
 
 

@@ -16,7 +16,7 @@ _EXPORTS = {
     "PaperProcess": "data.paper", "load_data_file": "data.files", "make_splits": "data.paper",
     "VAE": "model.vae", "build_model": "model.vae",
     "preset": "config.schema", "ModelConfig": "config.schema", "TrainConfig": "config.schema",
-    "EvalConfig": "config.schema", "StudyConfig": "config.schema",
+    "EvalConfig": "config.schema", "ReproduceConfig": "config.schema",
     "elbo": "objectives.bounds", "iwae_bound": "objectives.bounds",
     "integrate": "estimators.quadrature", "latent_grid": "estimators.quadrature",
     "log_likelihood": "estimators.likelihood", "best_posterior": "estimators.gaps", "trained_model": "runs.run",

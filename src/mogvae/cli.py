@@ -125,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _study_config(args):
-    from .config.schema import StudyConfig, quick
+    from .config.schema import ReproduceConfig, quick
     updates = {}
     if args.seeds is not None:
         updates["seeds"] = args.seeds
@@ -136,14 +136,14 @@ def _study_config(args):
         updates["models"] = tuple(args.models)
     if args.workers is not None:
         updates["workers"] = args.workers
-    base = StudyConfig(**updates)
+    base = ReproduceConfig(**updates)
     train = {}
     if args.epochs is not None:
         train["epochs"] = args.epochs
     if args.device:
         train["device"] = args.device
     if train:
-        base = StudyConfig(**{**base.model_dump(), "train": {**base.train.model_dump(), **train}})
+        base = ReproduceConfig(**{**base.model_dump(), "train": {**base.train.model_dump(), **train}})
     config = quick(base) if args.quick else base
     if args.epochs is not None and args.quick:
         config = config.model_copy(update={"train": config.train.model_copy(update={"epochs": args.epochs})})

@@ -5,7 +5,6 @@ field. Named model presets give the paper's 2x2 design.
 """
 from __future__ import annotations
 
-import json
 import re
 from typing import Annotated, Literal, Union
 
@@ -118,14 +117,14 @@ class TabularSource(_Splits):
 def _source_tag(value) -> str | None:
     """The source a [data] table names; a table without `name` is the paper's (as before sources existed)."""
     name = value.get("name", "paper") if isinstance(value, dict) else getattr(value, "name", None)
-    return name if isinstance(name, str) and name in SOURCES else None     # [] or {} is no name: refused
+    return name if isinstance(name, str) and name in SOURCE_SECTIONS else None     # [] or {} is no name: refused
 
 
-SOURCES = {"paper": PaperSource, "file": FileSource, "folded": FoldedSource, "tabular": TabularSource}
-DataConfig = Annotated[Union[tuple(Annotated[cls, Tag(name)] for name, cls in SOURCES.items())],
+SOURCE_SECTIONS = {"paper": PaperSource, "file": FileSource, "folded": FoldedSource, "tabular": TabularSource}
+DataConfig = Annotated[Union[tuple(Annotated[cls, Tag(name)] for name, cls in SOURCE_SECTIONS.items())],
                        Discriminator(_source_tag, custom_error_type="unknown_source",
-                                     custom_error_message=f"data.name must be one of {list(SOURCES)}")]
-"""The data section: one of SOURCES, chosen by `name`, each with its own validated keys."""
+                                     custom_error_message=f"data.name must be one of {list(SOURCE_SECTIONS)}")]
+"""The data section: one of SOURCE_SECTIONS, chosen by `name`, each with its own validated keys."""
 
 
 class ModelConfig(Strict):
@@ -230,7 +229,7 @@ class EvalConfig(Strict):
     _odd_grid = field_validator("grid_size")(lambda cls, v, info: _odd(v, info))
 
 
-class StudyConfig(Strict):
+class ReproduceConfig(Strict):
     """What `mogvae reproduce` runs: every model x every seed."""
     models: tuple[str, ...] = ("mfg", "mog-prior", "mog-posterior", "mog-both")
     seeds: int = Field(5, ge=1, le=1000)
@@ -252,20 +251,13 @@ class StudyConfig(Strict):
             raise ValueError(f"{', '.join(duplicated)} given more than once")
         return v
 
-    def model_for(self, name: str) -> ModelConfig:
-        """The preset `name` applied over the shared model settings."""
-        return self.model.model_copy(update=PRESETS[name])
-
-    def to_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), indent=2)
-
 
 QUICK = {"seeds": 2, "data.n_train": 1000, "data.n_val": 200, "data.n_test": 1000, "train.epochs": 5,
          "eval.grid_size": 1001, "eval.n_generated": 2000, "eval.gap_points": 100, "model.hidden": (16, 16)}
 """Toy size, for `--quick` (reproduce and the studies): the same pipeline well under a minute."""
 
 
-def quick(config: StudyConfig) -> StudyConfig:
+def quick(config: ReproduceConfig) -> ReproduceConfig:
     """The same pipeline at toy size (QUICK; seeds and epochs are capped, not raised)."""
     sections = {}
     for key, value in QUICK.items():
@@ -284,7 +276,7 @@ def describe_error(e) -> str:
     pydantic puts in the location of a union member's field (data.folded.breaking), is dropped."""
     err = e.errors()[0]
     loc = [str(x) for x in err["loc"]]
-    if len(loc) >= 2 and loc[0] == "data" and loc[1] in SOURCES:
+    if len(loc) >= 2 and loc[0] == "data" and loc[1] in SOURCE_SECTIONS:
         del loc[1]
     value = err.get("input")
     got = "" if isinstance(value, (dict, list)) else f" (got {value!r})"

@@ -222,9 +222,6 @@ class FoldedProcess:
             raise ValueError(f"y has {y.shape[-1]} columns; this process has data_dim = {self.data_dim}")
         return y
 
-    def describe(self) -> dict:
-        return {"name": self.name, "data_dim": self.data_dim, "latent_dim": self.latent_dim,
-                "breaking": self.breaking, "sigma": self.sigma}
 
 
 def mirror_images(z: np.ndarray) -> np.ndarray:

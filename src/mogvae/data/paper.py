@@ -39,7 +39,6 @@ class PaperProcess:
     """The 1-D process of the paper with its exact marginal and posterior."""
 
     name = "paper"
-    latent_support = (0.0, 1.0)
 
     def __init__(self, sigma: float = 0.1, nodes_per_panel: int = 16):
         self.sigma = _check_positive_finite("sigma", sigma)
@@ -97,8 +96,6 @@ class PaperProcess:
         z = np.asarray(z, np.float64)
         return np.where((z >= 0) & (z <= 1), np.exp(self.log_likelihood(y, z)), 0.0)
 
-    def describe(self) -> dict:
-        return {"name": self.name, "sigma": self.sigma}
 
 
 def make_splits(process: PaperProcess, sizes: dict[str, int], seed: int) -> dict[str, np.ndarray]:

@@ -74,9 +74,9 @@ def _tabular(d: TabularSource) -> Source:
     return Source(splits, UnknownTruth(), data.data_dim)
 
 
-SOURCES = {"paper": _paper, "folded": _folded, "file": _file, "tabular": _tabular}
+LOADERS = {"paper": _paper, "folded": _folded, "file": _file, "tabular": _tabular}
 
 
 def load_source(d: DataConfig) -> Source:
     """The splits and truth `d` describes. A file that cannot be used raises files.DataError."""
-    return SOURCES[d.name](d)
+    return LOADERS[d.name](d)

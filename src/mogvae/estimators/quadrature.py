@@ -12,7 +12,7 @@ fine one.
 ELBO over q: on the same grid (extended where q reaches beyond the prior), over
 the window holding q's mass, at a stride set by the narrowest scale of q and of
 the exact posterior; doubling the stride gives its error bound (see `integrate`).
-Gauss-Hermite over each component of q (`quadrature_elbo`) converges slowly on
+Gauss-Hermite over each component of q (the tests' `reference.quadrature_elbo`) converges slowly on
 the log of a mixture and is kept as the tests' independent rule.
 """
 from __future__ import annotations
@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from ..model.distributions import box
-from ..model.layers import replica_count
 from ..model.vae import VAE
 from ..objectives.bounds import log_weights
 
@@ -147,10 +146,6 @@ def as_batch(y, R: int, device) -> torch.Tensor:
     y = torch.as_tensor(np.asarray(y, dtype=np.float64), dtype=F64, device=device)
     y = y.reshape(len(y), -1)                                  # [N, Y]
     return y[None].expand(R, *y.shape)                         # [R, N, Y]
-
-
-def _device(model: VAE) -> torch.device:
-    return next(model.parameters()).device
 
 
 @torch.no_grad()
@@ -399,26 +394,3 @@ def hermite_rule(n: int, dim: int, dtype=torch.float64):
     nodes = np.stack([g.reshape(-1) for g in grids], -1)
     weights = np.prod(np.stack(np.meshgrid(*([w] * dim), indexing="ij"), -1).reshape(-1, dim), -1)
     return torch.as_tensor(nodes, dtype=dtype), torch.as_tensor(weights, dtype=dtype)
-
-
-@torch.no_grad()
-def quadrature_elbo(model: VAE, y, n_nodes: int) -> torch.Tensor:
-    """ELBO(y) = sum_k pi_k E_{q_k}[log p(y|z) + log p(z) - log q(z|y)] by
-    Gauss-Hermite on each component: [R, N]. Exponentially accurate for smooth
-    integrands, but the log of a mixture converges slowly: evaluation uses the
-    grid (`integrate`); this is the independent check the tests compare it with."""
-    device = _device(model)
-    R, K, D = replica_count(model), model.posterior.k, model.latent_dim
-    nodes, weights = hermite_rule(n_nodes, D)
-    nodes, weights = nodes.to(device), weights.to(device)
-    y = as_batch(y, R, device)
-    out = []
-    # Chunks of ~32k latent nodes keep the [R, J, K, B, K] mixture terms in cache (measured: 3x faster than 512 points).
-    chunk = max(8, 32_768 // (len(nodes) * K))
-    for s in range(0, y.shape[1], chunk):
-        yc = y[:, s:s + chunk]
-        B = yc.shape[1]
-        eps = nodes[None, :, None, None, :].expand(R, -1, K, B, D)  # [R, J, K, B, D]
-        log_w, pi = log_weights(model, yc, eps)                     # [R, J, K, B]
-        out.append(((log_w * pi).sum(2) * weights[None, :, None]).sum(1))
-    return torch.cat(out, 1)

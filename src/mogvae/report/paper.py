@@ -68,15 +68,15 @@ def reading(metrics, truth: dict) -> list[str]:
 
 
 def read_study(out: Path):
-    """The StudyConfig in a reproduce folder's config.json, validated: its model names become
+    """The ReproduceConfig in a reproduce folder's config.json, validated: its model names become
     paths (runs/preset=NAME, figures/NAME.png), so anything but the known presets is damage."""
     from pydantic import ValidationError
 
-    from ..config.schema import StudyConfig
+    from ..config.schema import ReproduceConfig
     path = Path(out) / "config.json"
     record = read_json(path)
     try:
-        return StudyConfig(**record["study"])
+        return ReproduceConfig(**record["study"])
     except (ValidationError, KeyError, TypeError):
         raise UnreadableFile(f"{path}: damaged (not the study configuration mogvae wrote)") from None
 
@@ -94,7 +94,7 @@ def read_truth(out: Path) -> dict[str, float]:
 
 
 def write_report(out: Path, study, figures: list[Path]) -> Path:
-    """report.md of a reproduce folder; `study`: its validated StudyConfig (read_study)."""
+    """report.md of a reproduce folder; `study`: its validated ReproduceConfig (read_study)."""
     metrics = load_metrics(out / "metrics.csv")
     truth = read_truth(out)
     models = list(study.models)

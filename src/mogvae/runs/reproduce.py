@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 
-from ..config.schema import StudyConfig
+from ..config.schema import ReproduceConfig
 from ..data.paper import PaperProcess
 from ..storage.files import MAX_ARRAY_BYTES, atomic_write_bytes, read_bytes, read_npy, write_json
 from ..storage.folders import Layout
@@ -26,7 +26,7 @@ NAMES = re.compile(r"(config|truth|sweep|timing)\.json|metrics\.csv|report\.(md|
                    r"|checkpoints/epoch-(\[0-9\]){6}\.safetensors|tensorboard/events\.out\.tfevents\.\*)")
 
 
-def spec(config: StudyConfig) -> tuple[dict, dict]:
+def spec(config: ReproduceConfig) -> tuple[dict, dict]:
     """The sweep behind a study: its shared settings, and a grid over the presets."""
     base = {"seeds": config.seeds, "base_seed": config.base_seed, "checkpoint_every": 1,
             "model": config.model.model_dump(mode="json"), "data": config.data.model_dump(mode="json"),
@@ -34,7 +34,7 @@ def spec(config: StudyConfig) -> tuple[dict, dict]:
     return base, {"preset": list(config.models)}
 
 
-def output_layout(config: StudyConfig) -> Layout:
+def output_layout(config: ReproduceConfig) -> Layout:
     """Every file `reproduce` writes for this configuration, and nothing else."""
     runs = [run_layout_files(f"runs/preset={m}") for m in config.models]
     return Layout("reproduce", files=(
@@ -44,17 +44,17 @@ def output_layout(config: StudyConfig) -> Layout:
         *(f for files, _ in runs for f in files)), patterns=tuple(p for _, patterns in runs for p in patterns))
 
 
-def claim_output(out: Path, config: StudyConfig, overwrite: bool) -> SweepDir:
+def claim_output(out: Path, config: ReproduceConfig, overwrite: bool) -> SweepDir:
     """A new or empty folder, an earlier reproduce output (resumed), or with
     `overwrite` one whose files alone are deleted; anything else is refused untouched."""
     return SweepDir(out, output_layout(config), NAMES, overwrite=overwrite)
 
 
-def cells_of(config: StudyConfig) -> list[Cell]:
+def cells_of(config: ReproduceConfig) -> list[Cell]:
     return expand(*spec(config))
 
 
-def run(config: StudyConfig, sweep: SweepDir, progress=None) -> dict[str, Path]:
+def run(config: ReproduceConfig, sweep: SweepDir, progress=None) -> dict[str, Path]:
     """Train what is not finished, then write the contract's files (but figures and report,
     which `mogvae report` makes from them); return model -> run folder."""
     from ..model.layers import replica_seed
