@@ -43,17 +43,18 @@ def read_toml(path: Path) -> dict:
     return raw
 
 
-def _absolute(path, base: Path):
-    """A relative path string made absolute against `base`; anything else as it is (validation names it)."""
+def absolute_path(path, base: Path):
+    """A path string made absolute against `base` (if relative), ~ expanded and normalised;
+    anything else as it is (validation names what is wrong with it)."""
     if not isinstance(path, str) or not path:
-        return path                                  # validation names what is wrong with it
+        return path
     return os.path.normpath(base / Path(path).expanduser())   # ~ expanded; a/../b is b (one file, one name)
 
 
 def absolute_data_path(data, base: Path) -> None:
     """A [data] table's relative path made absolute against `base`, in place."""
     if isinstance(data, dict) and "path" in data:
-        data["path"] = _absolute(data["path"], base)
+        data["path"] = absolute_path(data["path"], base)
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

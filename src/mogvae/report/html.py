@@ -22,14 +22,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
-import os
 import re
-import stat
 from pathlib import Path
 
 import markdown
 
-from ..storage.files import write_text
+from ..storage.files import UnreadableFile, read_bytes, write_text
 
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222;
@@ -74,14 +72,9 @@ def _figure_bytes(folder: Path, src: str) -> bytes | None:
     if path.parent.is_symlink() or path.parent.resolve() != (folder / "figures").resolve():
         return None
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
+        return read_bytes(path, MAX_FIGURE_BYTES)
+    except UnreadableFile:
         return None
-    with os.fdopen(fd, "rb") as fh:
-        st = os.fstat(fh.fileno())
-        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_FIGURE_BYTES:
-            return None
-        return fh.read(MAX_FIGURE_BYTES)
 
 
 def _embed(match: re.Match, folder: Path) -> str:

@@ -25,7 +25,7 @@ import torch
 from pydantic import Field, ValidationError, model_validator
 
 from .. import __version__
-from ..config.files import ConfigError, apply_overrides, read_toml
+from ..config.files import ConfigError, absolute_path, apply_overrides, read_toml
 from ..config.schema import PRESETS, DataConfig, EvalConfig, PaperSource, ModelConfig, Strict, TrainConfig
 from ..data.files import DataError
 from ..data.sources import load_source
@@ -116,9 +116,9 @@ def with_absolute_paths(config: RunConfig) -> RunConfig:
     """A relative data.path made absolute against the current directory, once, before it is
     recorded: a resume from another folder must not read another file (config/files.py's rule)."""
     path = getattr(config.data, "path", None)
-    if not path or path == os.path.normpath(Path(path).expanduser().absolute()):
+    absolute = absolute_path(path, Path.cwd())
+    if absolute == path:
         return config
-    absolute = os.path.normpath(Path(path).expanduser().absolute())
     return config.model_copy(update={"data": config.data.model_copy(update={"path": absolute})})
 
 
@@ -247,7 +247,7 @@ class RunDir:
     def is_complete(self, epochs: int) -> bool:
         """Trained to the end and evaluated: status says so and the metrics exist."""
         status = self._status()
-        return (isinstance(status, dict) and status.get("done") is True and status.get("epoch") == epochs
+        return (status.get("done") is True and status.get("epoch") == epochs
                 and (self.path / "metrics.csv").is_file())
 
     def _status(self) -> dict:
