@@ -1,5 +1,6 @@
 """Training: it learns, and a diverging replica is caught, frozen and recorded
 while its siblings go on exactly as if nothing had happened."""
+import dataclasses
 import math
 
 import numpy as np
@@ -11,6 +12,7 @@ from mogvae.config.schema import TrainConfig, preset
 from mogvae.data.paper import PaperProcess, make_splits
 from mogvae.model.vae import build_model
 from mogvae.model.layers import initialize
+from mogvae.objectives import OBJECTIVES
 from mogvae.training.trainer import fit
 
 DATA = make_splits(PaperProcess(), {"train": 600, "val": 100}, 0)
@@ -23,17 +25,17 @@ def run(name, epochs, inject=None, monkeypatch=None):
     if inject is not None:
         step_to_poison, replica, value = inject
         calls = {"n": 0}
-        real = train_module.bound
+        real = OBJECTIVES["elbo"].per_point
 
-        def poisoned(model, y, eps, objective):
-            out = real(model, y, eps, objective)
+        def poisoned(model, y, eps):
+            out = real(model, y, eps)
             if torch.is_grad_enabled():  # a training step, not validation
                 if calls["n"] == step_to_poison:
                     out = out.clone()
                     out[replica] = value
                 calls["n"] += 1
             return out
-        monkeypatch.setattr(train_module, "bound", poisoned)
+        monkeypatch.setitem(OBJECTIVES, "elbo", dataclasses.replace(OBJECTIVES["elbo"], per_point=poisoned))
     history = fit(model, DATA["train"], DATA["val"], TrainConfig(epochs=epochs, batch_size=100), SEEDS, gens)
     return model, history
 
@@ -78,17 +80,17 @@ def run_policy(name, policy, poison_steps, replica=1, max_retries=3, monkeypatch
     gens = initialize(model, SEEDS)
     if poison_steps:
         calls = {"n": 0}
-        real = train_module.bound
+        real = OBJECTIVES["elbo"].per_point
 
-        def poisoned(model, y, eps, objective):
-            out = real(model, y, eps, objective)
+        def poisoned(model, y, eps):
+            out = real(model, y, eps)
             if torch.is_grad_enabled():
                 if calls["n"] in poison_steps:
                     out = out.clone()
                     out[replica] = math.nan
                 calls["n"] += 1
             return out
-        monkeypatch.setattr(train_module, "bound", poisoned)
+        monkeypatch.setitem(OBJECTIVES, "elbo", dataclasses.replace(OBJECTIVES["elbo"], per_point=poisoned))
     cfg = TrainConfig(epochs=epochs, batch_size=100, on_divergence=policy, max_retries=max_retries)
     return model, fit(model, DATA["train"], DATA["val"], cfg, SEEDS, gens)
 

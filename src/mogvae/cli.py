@@ -60,6 +60,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .studies import STUDIES
     p = _Parser(prog="mogvae", description="Expressive priors vs posteriors in VAEs, measured exactly.")
     p.add_argument("--version", action="version", version=f"mogvae {__version__}")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
@@ -100,11 +101,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="let a re-run add cells to the folder's grid (finished runs are kept; "
                         "a changed or removed cell is still refused)")
     st = sub.add_parser("study", help="a built-in study: a sweep with its own figures and reading")
-    st.add_argument("name", choices=["noise", "families", "dimension", "tabular"],
-                    help="noise: the four models over sigma in 0.1 ... 0.01; families: every prior x posterior "
-                         "with the gap decomposition against the exact-likelihood oracle; dimension: the four "
-                         "models on the folded process at D = 1 ... 20, ambiguous and symmetry-broken; tabular: "
-                         "the four models on three scikit-learn data sets at d_z = 2 and 5")
+    st.add_argument("name", choices=list(STUDIES), help="; ".join(f"{s.name}: {s.summary}" for s in STUDIES.values()))
     st.add_argument("--out", type=_folder, required=True, help="study folder (created, or resumed)")
     st.add_argument("--seeds", type=int, help="seeds per cell (default: the study's, 10)")
     st_where = st.add_mutually_exclusive_group()
@@ -168,21 +165,28 @@ def _check_device(device: str) -> None:
 
 
 def reproduce(args) -> int:
+    """The paper's study (also `mogvae study paper`): checked like every plan before its folder
+    is claimed, then trained on local workers or a Dask scheduler, and reported."""
     from rich.console import Console
 
     from .runs import reproduce as study
+    from .runs.executors import SchedulerUnavailable, check_scheduler
     from .runs.progress import SweepProgress
-    from .runs.sweep import SpecError
+    from .runs.sweep import SpecError, preflight
     from .storage.folders import OutputError
 
     config = _study_config(args)
-    _check_device(config.train.device)
+    scheduler = getattr(args, "scheduler", None)
+    _check_tensorboard(args)
     try:
-        sweep = study.claim_output(args.out, config, args.overwrite)
+        if scheduler:
+            check_scheduler(scheduler)  # before the folder is made
         cells = study.cells_of(config)
+        preflight(cells, local=scheduler is None)
+        sweep = study.claim_output(args.out, config, args.overwrite)
         sweep.check(cells)  # a resume must ask for the same study
         pending = sweep.pending(cells)
-    except (OutputError, SpecError) as e:
+    except (OutputError, SpecError, SchedulerUnavailable) as e:
         raise UsageError(str(e).replace("use a new folder", "pass --overwrite to replace it")) from None
     args.after_interrupt = f"{args.out} keeps every finished epoch: re-run the same command to resume"
     console = Console(stderr=True)
@@ -191,7 +195,7 @@ def reproduce(args) -> int:
                   soft_wrap=True)
     start = time.perf_counter()
     with SweepProgress(console, {c.name: c.config.train.epochs for c in pending}, len(cells) - len(pending)) as p:
-        study.run(config, sweep, p)
+        study.run(config, sweep, p, scheduler=scheduler, tensorboard=getattr(args, "tensorboard", False))
     report = _reproduce_report(args.out)
     _print_table(console, args.out, list(config.models))
     console.print(f"done in {time.perf_counter() - start:.1f} s: {report} and {report.with_suffix('.html')}",
@@ -288,12 +292,21 @@ def _run_sweep(args, base: dict, grid: dict, cells, title: str, study: str | Non
 
 
 def study(args) -> int:
+    """A built-in study: a sweep of its spec, or (the paper's) the reproduce pipeline."""
     from .runs.sweep import SpecError, expand
-    from .studies import spec as study_spec
+    from .studies import STUDIES
 
     if args.seeds is not None and not 1 <= args.seeds <= 1000:
         raise UsageError(f"--seeds {args.seeds}: expected 1 to 1000")
-    base, grid = study_spec(args.name, [f"seeds={args.seeds}"] if args.seeds else [], args.quick)
+    chosen = STUDIES[args.name]
+    if chosen.pipeline == "reproduce":
+        if args.extend:
+            raise UsageError(f"mogvae study {args.name}: --extend does not apply (its models are fixed; "
+                             "mogvae reproduce --models picks a subset)")
+        args.models = args.epochs = args.device = None
+        args.overwrite = False
+        return reproduce(args)
+    base, grid = chosen.spec([f"seeds={args.seeds}"] if args.seeds else [], args.quick)
     try:
         cells = expand(base, grid)
     except SpecError as e:
@@ -326,8 +339,8 @@ def _sweep_report(out: Path) -> Path:
     """Any sweep's report, a built-in study's own reading and figures first (given here, from
     studies/, so that report/ does not import the studies that import it)."""
     from .report.sweep import write_sweep_report
-    from .studies import PRESENTERS
-    return write_sweep_report(out, PRESENTERS)
+    from .studies import present
+    return write_sweep_report(out, present)
 
 
 def _reproduce_report(out: Path) -> Path:

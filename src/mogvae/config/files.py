@@ -86,14 +86,23 @@ def set_dotted(d: dict, key: str, value, where: str) -> None:
     d[last] = value
 
 
-def section_models(annotation) -> list[type[BaseModel]]:
-    """The models a field's annotation holds: one for a section, each member for a union of
-    sections (the data sources), none for a plain value."""
+def section_models(field) -> list[type[BaseModel]]:
+    """The models a field (a pydantic FieldInfo) holds: one for a section, each member for a
+    choice of sections (the data sources: a validator that knows its `members`), none for a
+    plain value."""
+    for meta in field.metadata:
+        members = getattr(getattr(meta, "func", None), "members", None)
+        if members is not None:
+            return members()
+    return _annotation_models(field.annotation)
+
+
+def _annotation_models(annotation) -> list[type[BaseModel]]:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return [annotation]
     out = []
     for arg in get_args(annotation):
-        out += section_models(arg)
+        out += _annotation_models(arg)
     return out
 
 
@@ -102,7 +111,7 @@ def dotted_fields(model: type[BaseModel], prefix: str = "") -> set[str]:
     of sections contributes every member's keys (data.path, data.data_dim, ...)."""
     out = set()
     for name, field in model.model_fields.items():
-        sections = section_models(field.annotation)
+        sections = section_models(field)
         if not sections:
             out.add(prefix + name)
         for sub in sections:

@@ -58,7 +58,7 @@ def defaults_toml(model: type[BaseModel]) -> str:
 def _alternatives(model: type[BaseModel], name: str, default: type[BaseModel]) -> list[str]:
     """For a union of sections (the data sources), the other members' own keys, commented out."""
     from .files import section_models
-    others = [m for m in section_models(model.model_fields[name].annotation) if m is not default]
+    others = [m for m in section_models(model.model_fields[name]) if m is not default]
     lines = []
     for other in others:
         own = [k for k in other.model_fields if k not in default.model_fields or k == "name"]

@@ -6,125 +6,40 @@ field. Named model presets give the paper's 2x2 design.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import Field, PlainValidator, SerializeAsAny, field_validator
+from pydantic_core import PydanticCustomError
 
+from ..data.base import SplitsSection
+from ..data.paper import PaperSource
+from ..data.sources import SOURCES
 from ..model.posteriors import POSTERIORS
 from ..model.priors import PRIORS
+from ..objectives import OBJECTIVES
+from ..storage.strict import Strict
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+class _SourceSection:
+    """Validates a [data] table as the section of the source its `name` selects (a table without
+    `name` is the paper's, as before sources existed), looked up in data.sources.SOURCES at
+    validation time: a source registered there is valid at once, with its own keys."""
 
-    @model_validator(mode="before")
-    @classmethod
-    def _no_bools_for_numbers(cls, data):
-        """pydantic's lax mode reads `true` as 1; a number field given a boolean is a mistake."""
-        if isinstance(data, dict):
-            for name, value in data.items():
-                field = cls.model_fields.get(name)
-                if field is not None and isinstance(value, bool) and field.annotation in (int, float):
-                    raise ValueError(f"{name}: expected a number, got {str(value).lower()}")
-        return data
+    @staticmethod
+    def members() -> list[type[SplitsSection]]:
+        return [source.section for source in SOURCES.values()]
 
-
-MAX_POINTS = 10_000_000      # per split: the data are held in memory, with every split's copy in the run folder
-MAX_DATA_VALUES = 250_000_000  # points x dimensions over the three splits: 2 GB of float64 drawn before training
-
-
-class _Splits(Strict):
-    """What every data source shares: split sizes, the seed of its draws and the noise."""
-    sigma: float = Field(0.1, ge=1e-3, le=1e3, description="noise std of y|z (the paper's 0.01 read as a "
-                         "variance); also the decoder's known noise (its initial value where learned). At least "
-                         "1e-3: below it the truth's quadrature needs millions of nodes and the model's posterior is "
-                         "narrower than the evaluation grid")
-    n_train: int = Field(10_000, ge=1, le=MAX_POINTS, description="training points (tabular: at most this many)")
-    n_val: int = Field(2_000, ge=1, le=MAX_POINTS, description="validation points, the ELBO curve in history (tabular: "
-                       "at most)")
-    n_test: int = Field(10_000, ge=1, le=MAX_POINTS, description="held-out points for the exact evaluation (tabular: "
-                        "at most)")
-    seed: int = Field(0, ge=0, description="seed of the data draws (or of the shuffle of a file or data set)")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_null_path(cls, data):
-        """Folders written before the sources were a union recorded `path = null` for every source."""
-        if isinstance(data, dict) and "path" in data and data["path"] is None and "path" not in cls.model_fields:
-            data = {k: v for k, v in data.items() if k != "path"}
-        return data
+    def __call__(self, value):
+        if isinstance(value, SplitsSection):
+            return value
+        name = value.get("name", "paper") if isinstance(value, dict) else None
+        if not isinstance(name, str) or name not in SOURCES:     # [] or {} is no name: refused
+            raise PydanticCustomError("unknown_source", "data.name must be one of {names}", {"names": list(SOURCES)})
+        return SOURCES[name].section.model_validate(value)
 
 
-class PaperSource(_Splits):
-    """The paper's 1-D process (exact truth)."""
-    name: Literal["paper"] = Field("paper", description="the data source: paper | file | folded | tabular (each "
-                                   "has its own keys; see the README)")
-
-
-class FileSource(_Splits):
-    """Your own values: one row per point, one column per dimension (truth unknown: those metrics are NaN)."""
-    name: Literal["file"] = "file"
-    path: str = Field(min_length=1, description="a .npy, .csv or .txt, one point per row (columns: dimensions); a relative path "
-                      "is relative to where it is written: a file's folder, or the current directory for --set")
-
-
-class FoldedSource(_Splits):
-    """The paper's process lifted to data_dim observed and latent_dim latent dimensions (mogvae.data.folded), exact truth."""
-    name: Literal["folded"] = "folded"
-    data_dim: int = Field(2, ge=1, le=1000, description="D, observed dimensions")
-    latent_dim: Literal[1, 2] = Field(1, description="L, the process's latent dimensions (the truth is a quadrature)")
-    breaking: int | Literal["all"] = Field(0, description="coordinates that break the fold symmetry (0: the true "
-                                           "posterior keeps its 2^L mirrored modes; 'all': every coordinate past "
-                                           "the first L)")
-
-    @model_validator(mode="after")
-    def _dimensions_fit(self):
-        if self.data_dim < self.latent_dim:
-            raise ValueError(f"data.data_dim = {self.data_dim} is less than data.latent_dim = {self.latent_dim}: each "
-                             f"latent coordinate has its own observed coordinate")
-        if self.breaking != "all" and not 0 <= self.breaking <= self.data_dim - self.latent_dim:
-            raise ValueError(f"data.breaking = {self.breaking} must be in [0, data_dim - latent_dim] = "
-                             f"[0, {self.data_dim - self.latent_dim}] (or 'all')")
-        return self
-
-    @model_validator(mode="after")
-    def _data_fit_in_memory(self):
-        values = (self.n_train + self.n_val + self.n_test) * self.data_dim
-        if values > MAX_DATA_VALUES:
-            fit = MAX_DATA_VALUES // self.data_dim - self.n_val - self.n_test
-            raise ValueError(f"data.n_train + n_val + n_test = {self.n_train + self.n_val + self.n_test:,} points of "
-                             f"data_dim = {self.data_dim} is {values:,} values, more than mogvae holds in memory "
-                             f"({MAX_DATA_VALUES:,})" + (f": set data.n_train <= {fit:,}" if fit >= 1 else ""))
-        return self
-
-    @property
-    def breaking_count(self) -> int:
-        return self.data_dim - self.latent_dim if self.breaking == "all" else self.breaking
-
-
-TABULAR_SETS = ("breast_cancer", "diabetes", "digits")
-
-
-class TabularSource(_Splits):
-    """A real data set shipped inside scikit-learn (mogvae.data.tabular): no truth, so those metrics are NaN."""
-    name: Literal["tabular"] = "tabular"
-    dataset: Literal[TABULAR_SETS] = Field("breast_cancer", description="breast_cancer (569 x 30), diabetes "
-                                           "(442 x 10) or digits (1797 x 61 after dropping constant pixels)")
-    val_fraction: float = Field(0.15, gt=0, lt=0.5, description="the share of rows in the validation split")
-    test_fraction: float = Field(0.2, gt=0, lt=0.5, description="the share of rows in the test split")
-
-
-def _source_tag(value) -> str | None:
-    """The source a [data] table names; a table without `name` is the paper's (as before sources existed)."""
-    name = value.get("name", "paper") if isinstance(value, dict) else getattr(value, "name", None)
-    return name if isinstance(name, str) and name in SOURCE_SECTIONS else None     # [] or {} is no name: refused
-
-
-SOURCE_SECTIONS = {"paper": PaperSource, "file": FileSource, "folded": FoldedSource, "tabular": TabularSource}
-DataConfig = Annotated[Union[tuple(Annotated[cls, Tag(name)] for name, cls in SOURCE_SECTIONS.items())],
-                       Discriminator(_source_tag, custom_error_type="unknown_source",
-                                     custom_error_message=f"data.name must be one of {list(SOURCE_SECTIONS)}")]
-"""The data section: one of SOURCE_SECTIONS, chosen by `name`, each with its own validated keys."""
+DataConfig = Annotated[SerializeAsAny[SplitsSection], PlainValidator(_SourceSection())]
+"""The data section: the section of the source `name` selects, each with its own validated keys."""
 
 
 class ModelConfig(Strict):
@@ -193,10 +108,7 @@ class TrainConfig(Strict):
     max_retries: int = Field(3, ge=0, le=100, description="skips or rollbacks per replica before it stops")
     n_samples: int = Field(1, ge=1, le=1000, description="reparameterized draws per posterior component per step "
                            "(with objective = 'iwae', the K of the bound, per component)")
-    objective: Literal["elbo", "iwae", "exact"] = Field(
-        "elbo", description="elbo: the VAE; iwae: the importance-weighted bound with n_samples draws per component "
-        "(stratified over a mixture posterior); exact: the maximum-likelihood oracle, prior and decoder trained on "
-        "log p(y) by quadrature (latent_dim <= 2), the encoder on the ELBO of that model")
+    objective: str = Field("elbo", description="; ".join(f"{o.name}: {o.summary}" for o in OBJECTIVES.values()))
     exact_grid: int = Field(1001, ge=101, le=20_001, description="latent nodes per axis of the quadrature that "
                             "objective = 'exact' differentiates (odd; evaluation reports its error at the optimum)")
     device: str = Field("cpu", description="cpu, or cuda where a GPU build of PyTorch is installed")
@@ -206,6 +118,13 @@ class TrainConfig(Strict):
         "differently (about 1e-7), so a run keeps its choice")
 
     _odd_grid = field_validator("exact_grid")(lambda cls, v, info: _odd(v, info))
+
+    @field_validator("objective")
+    @classmethod
+    def _objective_registered(cls, v):
+        if v not in OBJECTIVES:
+            raise ValueError(f"unknown objective {v!r}; choose from {sorted(OBJECTIVES)}")
+        return v
 
     @field_validator("device")
     @classmethod
@@ -272,12 +191,9 @@ def quick(config: ReproduceConfig) -> ReproduceConfig:
 
 
 def describe_error(e) -> str:
-    """A pydantic ValidationError as one line, 'where: what (got value)'. The source's tag, which
-    pydantic puts in the location of a union member's field (data.folded.breaking), is dropped."""
+    """A pydantic ValidationError as one line, 'where: what (got value)'."""
     err = e.errors()[0]
     loc = [str(x) for x in err["loc"]]
-    if len(loc) >= 2 and loc[0] == "data" and loc[1] in SOURCE_SECTIONS:
-        del loc[1]
     value = err.get("input")
     got = "" if isinstance(value, (dict, list)) else f" (got {value!r})"
     return f"{'.'.join(loc) or 'configuration'}: {err['msg']}{got}"

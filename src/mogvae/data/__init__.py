@@ -1,3 +1,3 @@
-"""Data: the paper's process (paper), the folded process (folded), data files (files),
-scikit-learn's tables (tabular) and the registry that turns a data config into splits
-and their truth (sources). May import config/."""
+"""Data: one module per source, each with its config section and loader (paper, folded,
+files, tabular; base says what a source is), and their registry (sources.SOURCES).
+May import storage/ (the Strict base of a section)."""

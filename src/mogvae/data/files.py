@@ -8,8 +8,12 @@ import re
 import stat
 import warnings
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from pydantic import Field
+
+from .base import DataSource, Source, SplitsSection, UnknownTruth
 
 
 class DataError(ValueError):
@@ -269,3 +273,23 @@ def split_file_data(y: np.ndarray, sizes: dict[str, int], seed: int, path="data"
         out[name] = y[order[start:start + n]]
         start += n
     return out
+
+
+class FileSource(SplitsSection):
+    """Your own values: one row per point, one column per dimension (truth unknown: those metrics are NaN)."""
+    name: Literal["file"] = "file"
+    path: str = Field(min_length=1, description="a .npy, .csv or .txt, one point per row (columns: dimensions); a relative path "
+                      "is relative to where it is written: a file's folder, or the current directory for --set")
+
+
+def load_file(d: FileSource) -> Source:
+    y = load_data_file(d.path)
+    flat = y.reshape(len(y), -1)
+    constant = np.flatnonzero(flat.min(0) == flat.max(0))
+    if len(constant):    # no spread to model: its std ratio and every density in it would be degenerate
+        raise DataError(f"{d.path}: column {constant[0] + 1} holds one value ({flat[0, constant[0]]:g}) in every row; "
+                        "drop constant columns first")
+    return Source(split_file_data(y, d.sizes(), d.seed, d.path), UnknownTruth(), 1 if y.ndim == 1 else y.shape[1])
+
+
+SOURCE = DataSource(FileSource, load_file)

@@ -23,10 +23,15 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import Literal
 
 import numpy as np
+from pydantic import Field, model_validator
 
-from .paper import kinked_rule
+from .base import MAX_DATA_VALUES, DataSource, Source, SplitsSection
+from .paper import kinked_rule, make_splits
+
+MAX_TRUTH_TERMS = 5e10       # the truth: test points x quadrature nodes, ~4-20 ns each on 2 cores
 
 AMPLITUDE = 1 / 8
 GOLDEN = (math.sqrt(5) - 1) / 2
@@ -229,3 +234,67 @@ def mirror_images(z: np.ndarray) -> np.ndarray:
     z = np.asarray(z, np.float64)
     shifts = np.array(list(itertools.product((0.0, 0.5), repeat=z.shape[-1])))
     return (z[None] + shifts.reshape((-1,) + (1,) * (z.ndim - 1) + (z.shape[-1],))) % 1.0
+
+
+class FoldedSource(SplitsSection):
+    """The paper's process lifted to data_dim observed and latent_dim latent dimensions (mogvae.data.folded), exact truth."""
+    name: Literal["folded"] = "folded"
+    data_dim: int = Field(2, ge=1, le=1000, description="D, observed dimensions")
+    latent_dim: Literal[1, 2] = Field(1, description="L, the process's latent dimensions (the truth is a quadrature)")
+    breaking: int | Literal["all"] = Field(0, description="coordinates that break the fold symmetry (0: the true "
+                                           "posterior keeps its 2^L mirrored modes; 'all': every coordinate past "
+                                           "the first L)")
+
+    @model_validator(mode="after")
+    def _dimensions_fit(self):
+        if self.data_dim < self.latent_dim:
+            raise ValueError(f"data.data_dim = {self.data_dim} is less than data.latent_dim = {self.latent_dim}: each "
+                             f"latent coordinate has its own observed coordinate")
+        if self.breaking != "all" and not 0 <= self.breaking <= self.data_dim - self.latent_dim:
+            raise ValueError(f"data.breaking = {self.breaking} must be in [0, data_dim - latent_dim] = "
+                             f"[0, {self.data_dim - self.latent_dim}] (or 'all')")
+        return self
+
+    @model_validator(mode="after")
+    def _data_fit_in_memory(self):
+        values = (self.n_train + self.n_val + self.n_test) * self.data_dim
+        if values > MAX_DATA_VALUES:
+            fit = MAX_DATA_VALUES // self.data_dim - self.n_val - self.n_test
+            raise ValueError(f"data.n_train + n_val + n_test = {self.n_train + self.n_val + self.n_test:,} points of "
+                             f"data_dim = {self.data_dim} is {values:,} values, more than mogvae holds in memory "
+                             f"({MAX_DATA_VALUES:,})" + (f": set data.n_train <= {fit:,}" if fit >= 1 else ""))
+        return self
+
+    @property
+    def breaking_count(self) -> int:
+        return self.data_dim - self.latent_dim if self.breaking == "all" else self.breaking
+
+
+def check_truth(data) -> None:
+    """Refuse a folded truth that would take hours after training: its memory is bounded (data/folded.py),
+    but each test point costs node_count terms, which grow as 1 / sigma^L."""
+    def terms(sigma: float) -> int:
+        return data.n_test * FoldedProcess(data.data_dim, data.latent_dim, data.breaking_count, sigma).node_count
+    if terms(data.sigma) <= MAX_TRUTH_TERMS:
+        return
+    nodes = terms(data.sigma) // data.n_test
+    fix = f"set data.n_test <= {int(MAX_TRUTH_TERMS // nodes):,}"
+    # the least sigma that fits, within 7% (nodes fall as sigma grows, down to the coarsest rule)
+    sigma = next((s for s in np.geomspace(data.sigma, 1e3, 200) if terms(s) <= MAX_TRUTH_TERMS), None)
+    if sigma is not None:
+        digits = 10.0 ** (math.floor(math.log10(sigma)) - 1)
+        fix += f" or data.sigma >= {math.ceil(sigma / digits) * digits:.2g}"    # rounded up: it still fits
+    raise ValueError(f"data.latent_dim = {data.latent_dim} with data.sigma = {data.sigma:g}: the truth's quadrature "
+                     f"has {nodes:,} nodes, and data.n_test = {data.n_test:,} points make {terms(data.sigma):.1e} "
+                     f"terms, more than it computes in reasonable time ({MAX_TRUTH_TERMS:.0e}): {fix}")
+
+
+def load_folded(d: FoldedSource) -> Source:
+    process = FoldedProcess(d.data_dim, d.latent_dim, d.breaking_count, d.sigma)
+    splits = make_splits(process, d.sizes(), d.seed)
+    if d.data_dim == 1:      # one column is the 1-D case: the 1-D metrics and figures apply
+        splits = {k: v[:, 0] for k, v in splits.items()}
+    return Source(splits, process, d.data_dim)
+
+
+SOURCE = DataSource(FoldedSource, load_folded, data_dim=lambda d: d.data_dim, check=check_truth)

@@ -1,4 +1,4 @@
-"""The paper's data source, with a known truth (and UnknownTruth, the stand-in for data without one).
+"""The paper's data source, with a known truth.
 
 The paper's process (§3.1): z ~ U(0, 1), y | z ~ N(f(z), sigma^2) with
 f(z) = 1[z<0.5] (2z-0.5)^2 + 1[z>=0.5] (2z-1.5)^2.
@@ -14,6 +14,11 @@ import math
 import numpy as np
 from numpy.polynomial.legendre import leggauss
 from scipy.special import logsumexp
+from typing import Literal
+
+from pydantic import Field
+
+from .base import DataSource, Source, SplitsSection
 
 KINK = 0.5  # f is continuous but not differentiable here: always a quadrature node
 
@@ -110,18 +115,15 @@ def make_splits(process: PaperProcess, sizes: dict[str, int], seed: int) -> dict
     return out
 
 
-class UnknownTruth:
-    """Stands in for a process when the data come from a file: every true
-    quantity is NaN, so metrics against the truth are reported as unknown."""
+class PaperSource(SplitsSection):
+    """The paper's 1-D process (exact truth)."""
+    name: Literal["paper"] = Field("paper", description="the data source; each has its own keys (the other "
+                                   "sources follow, commented out)")
 
-    name = "file"
 
-    @staticmethod
-    def f(z):
-        return np.full(np.shape(z), np.nan)
+def load_paper(d: PaperSource) -> Source:
+    process = PaperProcess(d.sigma)
+    return Source(make_splits(process, d.sizes(), d.seed), process, 1)
 
-    def log_prob(self, y):
-        return np.full(len(np.atleast_1d(y)), np.nan)
 
-    def posterior(self, y, z_grid):
-        return np.full((len(np.atleast_1d(y)), len(z_grid)), np.nan)
+SOURCE = DataSource(PaperSource, load_paper, data_dim=lambda d: 1)

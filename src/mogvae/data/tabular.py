@@ -14,8 +14,12 @@ Columns are then standardized with the mean and standard deviation of the traini
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
+from pydantic import Field
+
+from .base import DataSource, Source, SplitsSection, UnknownTruth
 
 TIES = 0.5   # a column with fewer distinct values than this fraction of its rows is a lattice
 
@@ -97,3 +101,30 @@ def split_standardized(name: str, fractions: dict[str, float], seed: int) -> Tab
     mean, std = raw["train"].mean(0), raw["train"].std(0)
     std = np.where(std > 0, std, 1.0)   # constant over the training split alone: centred, not scaled
     return TabularData({k: (v - mean) / std for k, v in raw.items()}, mean, std, kept, lattice)
+
+
+class TabularSource(SplitsSection):
+    """A real data set shipped inside scikit-learn (mogvae.data.tabular): no truth, so those metrics are NaN."""
+    name: Literal["tabular"] = "tabular"
+    dataset: Literal[TABULAR] = Field("breast_cancer", description="breast_cancer (569 x 30), diabetes "
+                                           "(442 x 10) or digits (1797 x 61 after dropping constant pixels)")
+    val_fraction: float = Field(0.15, gt=0, lt=0.5, description="the share of rows in the validation split")
+    test_fraction: float = Field(0.2, gt=0, lt=0.5, description="the share of rows in the test split")
+
+
+def load_tabular_source(d: TabularSource) -> Source:
+    from .files import DataError
+    fractions = {"train": 1 - d.val_fraction - d.test_fraction, "val": d.val_fraction, "test": d.test_fraction}
+    try:
+        data = split_standardized(d.dataset, fractions, d.seed)
+    except EmptySplit as e:
+        raise DataError(f"data.val_fraction = {d.val_fraction:g} and data.test_fraction = {d.test_fraction:g} leave "
+                        f"{d.dataset}'s {e.split} split ({fractions[e.split]:.2%} of {e.rows} rows) without a row: "
+                        "lower them") from None
+    # the splits are already a seeded permutation: n_* caps them by taking their first rows
+    splits = {k: v[:n] for (k, v), n in zip(data.splits.items(), d.sizes().values())}
+    return Source(splits, UnknownTruth(), data.data_dim)
+
+
+COLUMNS = {"breast_cancer": 30, "diabetes": 10, "digits": 61}   # after dequantize drops constant columns
+SOURCE = DataSource(TabularSource, load_tabular_source, data_dim=lambda d: COLUMNS[d.dataset])

@@ -10,9 +10,12 @@ import torch
 from scipy.stats import wasserstein_distance
 
 from ..config.schema import EvalConfig, ModelConfig, TrainConfig
-from ..data.paper import PaperProcess, UnknownTruth
+from ..data.base import UnknownTruth
+from ..data.paper import PaperProcess
+from ..data.sources import SOURCES
 from ..model.layers import make_generators, replica_count
 from ..model.vae import VAE
+from ..objectives import OBJECTIVES
 from .quadrature import MAX_GRID_NODES, MAX_LATENT, integrate, latent_grid, log_joint, log_marginal, posterior_on_grid
 
 PROBE_Y = (1.0, 0.2, -3.0)       # the paper's Figures 2-4
@@ -30,9 +33,7 @@ PROBE_SPAN, PROBE_GRID = 60.0, 12001  # probes far outside the data have posteri
 
 
 
-MAX_TRAINING_NODES = 20_001  # latent nodes per replica the exact objective differentiates at every step
 MAX_EVAL_BYTES = 4 * 2**30   # the model's evaluation at the data's dimension D (the tabular study's largest: 2.8 GB)
-MAX_TRUTH_TERMS = 5e10       # the folded truth: test points x quadrature nodes, ~4-20 ns each on 2 cores
 
 
 def check_evaluable(model: ModelConfig, config: EvalConfig, train: TrainConfig | None = None,
@@ -43,14 +44,8 @@ def check_evaluable(model: ModelConfig, config: EvalConfig, train: TrainConfig |
     With `data` (the data section) and `seeds` (the replicas evaluated together), also
     the memory evaluation needs at the data's dimension D and the time the truth takes."""
     d = model.latent_dim
-    if train is not None and train.objective == "exact":
-        if d > MAX_LATENT:
-            raise ValueError(f"train.objective = 'exact' differentiates log p(y) by quadrature over z: it needs "
-                             f"model.latent_dim <= {MAX_LATENT}, got {d}")
-        if train.exact_grid ** d > MAX_TRAINING_NODES:
-            fit = int(MAX_TRAINING_NODES ** (1 / d)) // 2 * 2 - 1
-            raise ValueError(f"train.exact_grid = {train.exact_grid} with latent_dim = {d} is "
-                             f"{train.exact_grid ** d:,} nodes at every step: set train.exact_grid <= {fit}")
+    if train is not None:
+        OBJECTIVES[train.objective].check(model, train)
     nodes = config.grid_size ** min(d, MAX_LATENT)
     if d <= MAX_LATENT and nodes > MAX_GRID_NODES:
         fit = int(MAX_GRID_NODES ** (1 / d)) // 2 * 2 - 1
@@ -58,18 +53,11 @@ def check_evaluable(model: ModelConfig, config: EvalConfig, train: TrainConfig |
                          f"replica, more than exact evaluation holds ({MAX_GRID_NODES:,}): set eval.grid_size <= {fit}")
     if data is None:
         return
-    D = _data_dim(data)
+    source = SOURCES[data.name]
+    D = source.data_dim(data)
     if D is not None:
         check_evaluation_memory(model, config, D, seeds)
-    if data.name == "folded":
-        check_truth(data)
-
-
-def _data_dim(data) -> int | None:
-    """D as the data section sets it (None for a file: its columns are known once it is read)."""
-    if data.name == "folded":
-        return data.data_dim
-    return {"paper": 1, "tabular": TABULAR_COLUMNS.get(getattr(data, "dataset", None))}.get(data.name)
+    source.check(data)
 
 
 # The model's evaluation holds some arrays whole, each growing with D; measured (peak RSS of
@@ -80,7 +68,6 @@ WIDEST_1D_GRID = 20_001      # quadrature.latent_grid widens a 1-D grid to cover
 GENERATED_BYTES = 25         # per seed (and the truth), generated sample and D (_generate, _true_means)
 STRATA_BYTES = 11_500_000    # per D: the 2-D ELBO's decoder at 250,000 draws (quadrature.stratum_trapezoid_elbo)
 IMPORTANCE_BYTES = 46_000_000  # per D: the decoder at 2,000,000 draws (likelihood.importance_log_likelihood)
-TABULAR_COLUMNS = {"breast_cancer": 30, "diabetes": 10, "digits": 61}   # data/tabular.py, constant pixels dropped
 
 
 def evaluation_bytes(model: ModelConfig, config: EvalConfig, data_dim: int, seeds: int = 1) -> dict[str, float]:
@@ -128,27 +115,6 @@ def check_evaluation_memory(model: ModelConfig, config: EvalConfig, data_dim: in
             "eval.n_generated": f"eval.n_generated = {config.n_generated:,} samples for each of {seeds} seeds"}[path]
     raise ValueError(f"{what} at D = {D} observed dimensions needs about {need[path] / 2**30:.1f} GiB to evaluate, "
                      f"more than {cap / 2**30:.0f} GiB: set {' or '.join(fixes) or 'a smaller model'}")
-
-
-def check_truth(data) -> None:
-    """Refuse a folded truth that would take hours after training: its memory is bounded (data/folded.py),
-    but each test point costs node_count terms, which grow as 1 / sigma^L."""
-    from ..data.folded import FoldedProcess
-
-    def terms(sigma: float) -> int:
-        return data.n_test * FoldedProcess(data.data_dim, data.latent_dim, data.breaking_count, sigma).node_count
-    if terms(data.sigma) <= MAX_TRUTH_TERMS:
-        return
-    nodes = terms(data.sigma) // data.n_test
-    fix = f"set data.n_test <= {int(MAX_TRUTH_TERMS // nodes):,}"
-    # the least sigma that fits, within 7% (nodes fall as sigma grows, down to the coarsest rule)
-    sigma = next((s for s in np.geomspace(data.sigma, 1e3, 200) if terms(s) <= MAX_TRUTH_TERMS), None)
-    if sigma is not None:
-        digits = 10.0 ** (math.floor(math.log10(sigma)) - 1)
-        fix += f" or data.sigma >= {math.ceil(sigma / digits) * digits:.2g}"    # rounded up: it still fits
-    raise ValueError(f"data.latent_dim = {data.latent_dim} with data.sigma = {data.sigma:g}: the truth's quadrature "
-                     f"has {nodes:,} nodes, and data.n_test = {data.n_test:,} points make {terms(data.sigma):.1e} "
-                     f"terms, more than it computes in reasonable time ({MAX_TRUTH_TERMS:.0e}): {fix}")
 
 
 @dataclass(frozen=True)
@@ -250,7 +216,8 @@ def _quadrature_terms(model: VAE, y_test, y_grid, config: EvalConfig) -> dict:
 
 def _gap_terms(model: VAE, y_test, terms: dict, config: EvalConfig, true_log_p, training_grid) -> dict:
     from .gaps import gap_means, gap_metrics
-    from .quadrature import as_batch, training_log_marginal
+    from ..objectives.exact import training_log_marginal
+    from .quadrature import as_batch
     R, out = terms["log_p"].shape[0], {}
     if training_grid is not None:
         with torch.no_grad():

@@ -39,6 +39,12 @@ class MixturePosterior(_Amortized):
     `learn_weights` (then the encoder also outputs the logits). K = 1 is the
     mean-field Gaussian."""
 
+    @staticmethod
+    def decoded_per_point(n_components: int) -> int:
+        """Latent draws a training step decodes per data point: one per component (the sweep's
+        cost estimate; a family without this attribute decodes one)."""
+        return n_components
+
     def __init__(self, replicas: int, latent_dim: int, data_dim: int, hidden: tuple[int, ...],
                  activation: str = "tanh", n_components: int = 1, learn_weights: bool = False, **_):
         if n_components < 1:
@@ -61,7 +67,7 @@ class MixturePosterior(_Amortized):
 
 
 def GaussianPosterior(replicas, latent_dim, data_dim, hidden, activation="tanh", **_):
-    """Mean-field Gaussian q(z|y) = N(mu(y), diag sigma(y)^2)."""
+    """Mean-field Gaussian q(z|y) = N(mu(y), diag sigma(y)^2) (one draw per point, whatever n_components)."""
     return MixturePosterior(replicas, latent_dim, data_dim, hidden, activation, n_components=1)
 
 

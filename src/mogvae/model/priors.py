@@ -63,6 +63,8 @@ class VampPrior(nn.Module):
     the posterior's own (attached by `build_model`, not a sub-module: its
     parameters belong to the posterior, once)."""
 
+    uses_training_points = True   # its n_components pseudo-inputs stand in for training points: at most n_train
+
     def __init__(self, replicas: int, latent_dim: int, data_dim: int = 1, n_components: int = 10, **_):
         super().__init__()
         if n_components < 1:

@@ -7,6 +7,8 @@ own generator (see model/layers.py) and so that tests can fix it.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable, ClassVar
 
 import torch
 
@@ -53,12 +55,29 @@ def iwae_bound(model: VAE, y: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(log_w + torch.log(pi), dim=(1, 2)) - math.log(n)
 
 
-BOUNDS = {"elbo": elbo, "iwae": iwae_bound}
-"""The sampled training objectives by name; "exact" (the oracle) is not a bound on
-sampled draws but the quadrature log-likelihood (estimators.quadrature.training_log_marginal)."""
+@dataclass(frozen=True)
+class SampledBound:
+    """A training objective that is a lower bound on log p(y), estimated per point from
+    reparameterized draws of q: the trainer draws the noise, chunks the batch, and
+    compiles the loss where that repays (training/compiled.py)."""
+    name: str
+    per_point: Callable[[VAE, torch.Tensor, torch.Tensor], torch.Tensor]   # (model, y, eps) -> [R, B]
+    summary: str
+    sampled: ClassVar[bool] = True
+    oracle: ClassVar[bool] = False      # it trains a VAE, not the maximum-likelihood reference
+
+    def check(self, model, train) -> None:
+        """Every model a bound can train, evaluation can evaluate: nothing to refuse."""
+
+    def training_grid(self, train) -> None:
+        """No quadrature in training: evaluation has no training grid to check."""
+        return None
+
+    def step_cost(self, train) -> float:
+        """A step's cost in decoder passes per data point and posterior component."""
+        return 1.0
 
 
-def bound(model: VAE, y: torch.Tensor, eps: torch.Tensor, objective: str) -> torch.Tensor:
-    """The training bound per point, [R, B]: the ELBO or the IWAE bound (with
-    eps's n draws per component as its K)."""
-    return BOUNDS[objective](model, y, eps)
+ELBO = SampledBound("elbo", elbo, "the VAE's evidence lower bound")
+IWAE = SampledBound("iwae", iwae_bound, "the importance-weighted bound with n_samples draws per component "
+                    "(stratified over a mixture posterior)")

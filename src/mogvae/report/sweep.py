@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 
 from ..storage.files import UnreadableFile, write_text
@@ -126,10 +126,10 @@ def _finished_metrics(out: Path) -> dict:
     return load_metrics(path, by="run") if path.exists() else {}
 
 
-def write_sweep_report(out: Path, presenters: Mapping[str, Callable]) -> Path:
-    """report.md and report.html, titled as sweep.json says; a built-in study puts
-    its own reading and figures first (its entry in `presenters`: the caller passes
-    studies.PRESENTERS, as studies/ sits above report/)."""
+def write_sweep_report(out: Path, present: Callable[[str, Path], tuple | None] | None = None) -> Path:
+    """report.md and report.html, titled as sweep.json says; a study puts its own reading and
+    figures first: `present(study name, folder)` gives them, or None for a plain sweep (the
+    caller passes studies.present, as studies/ sits above report/)."""
     from ..runs.sweep import read_record
     from .figures import sweep_figures
     out = Path(out)
@@ -140,8 +140,8 @@ def write_sweep_report(out: Path, presenters: Mapping[str, Callable]) -> Path:
     cells = [c for c in cells if c["name"] in metrics]     # a sweep stopped before its end: what is finished
     if not cells:
         raise UnreadableFile(f"{out}: no run of this sweep has finished yet; re-run its command to train them")
-    study = presenters.get(record.get("study")) if not unfinished else None
-    lead, first_figures = study(out) if study else ([], [])
+    own = present(record.get("study"), out) if present and record.get("study") and not unfinished else None
+    lead, first_figures = own or ([], [])
     figures = [*first_figures, *sweep_figures(out, {c["name"]: out / "runs" / c["name"] for c in cells})]
     seeds = sorted({len(m) for m in metrics.values()})
     lines = [f"# {md_text(title)}", "",

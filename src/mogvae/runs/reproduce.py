@@ -54,7 +54,8 @@ def cells_of(config: ReproduceConfig) -> list[Cell]:
     return expand(*spec(config))
 
 
-def run(config: ReproduceConfig, sweep: SweepDir, progress=None) -> dict[str, Path]:
+def run(config: ReproduceConfig, sweep: SweepDir, progress=None, scheduler: str | None = None,
+        tensorboard: bool = False) -> dict[str, Path]:
     """Train what is not finished, then write the contract's files (but figures and report,
     which `mogvae report` makes from them); return model -> run folder."""
     from ..model.layers import replica_seed
@@ -64,7 +65,7 @@ def run(config: ReproduceConfig, sweep: SweepDir, progress=None) -> dict[str, Pa
     write_json(sweep.path / "config.json", {"study": config.model_dump(mode="json"), "versions": versions(),
                                             "replica_seeds": [replica_seed(config.base_seed, i)
                                                               for i in range(config.seeds)]})
-    execute(sweep, cells, workers=config.workers, progress=progress)
+    execute(sweep, cells, workers=config.workers, scheduler=scheduler, progress=progress, tensorboard=tensorboard)
     runs = {c.config.preset: sweep.run_path(c) for c in cells}
     first = next(iter(runs.values()))
     for split in SPLITS:  # every run trained on the same data: the first run's copy is the study's

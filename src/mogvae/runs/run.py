@@ -26,12 +26,15 @@ from pydantic import Field, ValidationError, model_validator
 
 from .. import __version__
 from ..config.files import ConfigError, absolute_path, apply_overrides, read_toml
-from ..config.schema import PRESETS, DataConfig, EvalConfig, PaperSource, ModelConfig, Strict, TrainConfig
+from ..config.schema import PRESETS, DataConfig, EvalConfig, ModelConfig, Strict, TrainConfig
+from ..data.paper import PaperSource
 from ..data.files import DataError
 from ..data.sources import load_source
 from ..estimators.evaluate import check_evaluable, check_evaluation_memory, evaluate, metric_rows
 from ..model.layers import initialize, replica_seed
+from ..model.priors import PRIORS
 from ..model.vae import build_model
+from ..objectives import OBJECTIVES
 from ..storage import faults
 from ..storage.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from ..storage.files import (UnreadableFile, read_json, read_npy, read_text, write_csv, write_json, write_npy,
@@ -77,7 +80,7 @@ class RunConfig(Strict):
     @model_validator(mode="after")
     def _pseudo_inputs_fit_the_data(self):
         m = self.resolved_model()
-        if m.prior == "vamp" and m.n_components > self.data.n_train:
+        if getattr(PRIORS[m.prior], "uses_training_points", False) and m.n_components > self.data.n_train:
             raise ValueError(f"model.n_components = {m.n_components} pseudo-inputs for a VampPrior, but data.n_train "
                              f"= {self.data.n_train}: pseudo-inputs stand in for training points, so use at most "
                              f"{self.data.n_train}")
@@ -367,7 +370,7 @@ class RunSession:
         history, run = self.trainer.history, self.run
         train = self.config.train
         evaluation = evaluate(self.model, self.process, self.data["test"], self.config.eval, self.seeds,
-                              history.diverged, train.exact_grid if train.objective == "exact" else None)
+                              history.diverged, OBJECTIVES[train.objective].training_grid(train))
         # wall time is the one number that differs between identical runs: it sits last, per seed
         rows = [{**row, "train_seconds": train_seconds / len(self.seeds)} for row in metric_rows(evaluation, history)]
         write_csv(run.path / "metrics.csv", rows)
@@ -382,7 +385,7 @@ def check_fits(config: RunConfig, source) -> None:
     """What only the loaded data can refuse: a VampPrior's pseudo-inputs stand in for training points,
     and evaluation's memory grows with the data's dimension (a file's D is known once it is read)."""
     m, n = config.resolved_model(), len(source.splits["train"])
-    if m.prior == "vamp" and m.n_components > n:
+    if getattr(PRIORS[m.prior], "uses_training_points", False) and m.n_components > n:
         raise RunError(f"model.n_components = {m.n_components} pseudo-inputs for a VampPrior, but the training split "
                        f"has {n} points: use at most {n}")
     try:

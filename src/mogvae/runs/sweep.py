@@ -28,6 +28,8 @@ from pydantic import ValidationError
 
 from ..config.files import ConfigError, absolute_data_path, apply_overrides, dotted_fields, read_toml, set_dotted
 from ..config.schema import describe_error
+from ..model.posteriors import POSTERIORS
+from ..objectives import OBJECTIVES
 from ..storage import faults
 from ..storage.files import read_csv, write_csv, write_json
 from ..storage.folders import LOCK, Layout, claim, remove_stale_temporaries, take_lock
@@ -311,9 +313,9 @@ def _cost(cell: Cell) -> float:
     """Relative training cost, for longest-first scheduling (a mixture posterior
     decodes M points per data point)."""
     m, c = cell.config.resolved_model(), cell.config
-    per_point = m.n_components if m.posterior == "mog" else 1   # a flow: measured 1.2x a Gaussian's step
-    if c.train.objective == "exact":     # measured: a step over 1001 nodes costs about a 10-component posterior's
-        per_point = max(per_point, c.train.exact_grid // 100)
+    # a mixture decodes a draw per component; a flow measured 1.2x a Gaussian's step
+    per_point = getattr(POSTERIORS[m.posterior], "decoded_per_point", lambda k: 1)(m.n_components)
+    per_point = max(per_point, OBJECTIVES[c.train.objective].step_cost(c.train))
     return per_point * c.seeds * c.train.epochs * c.data.n_train
 
 

@@ -1,59 +1,75 @@
-"""Built-in studies: each a sweep spec shipped with the package (this folder's
-*.toml) plus the figures and reading that answer its question. The top floor:
-may import storage/, config/, data/, estimators/, runs/ and report/."""
+"""Built-in studies: each a plan of runs with the figures and reading that answer its
+question, in the STUDIES registry. The top floor below cli: may import every other subpackage.
+Adding one: a module with `present(out)` and `SPEC` (or a <name>.toml here), and its line below."""
 from __future__ import annotations
 
+import importlib
+from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 
-from ..config.files import apply_overrides, set_dotted
-from ..config.schema import QUICK
-from ..config.tomlcompat import loads
+from ..config.tomlcompat import loads   # light: `mogvae --help` lists STUDIES without importing PyTorch
+
+
+@dataclass(frozen=True)
+class Study:
+    """A study by name. `module` is importable and has `present(out) -> (Markdown lines,
+    figure paths)`, its reading put first in its report, and either `SPEC` (a sweep spec as a
+    dict: a train configuration plus [grid], optionally [quick]) or a <name>.toml in this
+    package. `pipeline`: "sweep" runs the spec as a sweep; "reproduce" is the paper's study,
+    with the output contract of `mogvae reproduce`."""
+    name: str
+    summary: str       # one line for `mogvae study --help`
+    module: str
+    pipeline: str = "sweep"
+
+    def present(self, out: Path) -> tuple[list[str], list]:
+        return importlib.import_module(self.module).present(out)
+
+    def raw_spec(self) -> dict:
+        own = getattr(importlib.import_module(self.module), "SPEC", None)
+        if own is not None:
+            return {k: dict(v) if isinstance(v, dict) else v for k, v in own.items()}
+        return loads(resources.files(__package__).joinpath(f"{self.name}.toml").read_text())
+
+    def spec(self, overrides: list[str], quick: bool) -> tuple[dict, dict]:
+        """The study's (base configuration, grid); `quick` shrinks it to toy size: config.schema.QUICK, then
+        the study's own [quick] keys (dotted) and, where it has one, its smaller [quick.grid]."""
+        from ..config.files import apply_overrides, set_dotted
+        from ..config.schema import QUICK
+        raw = self.raw_spec()
+        own = raw.pop("quick", {})
+        if quick:
+            for key, value in QUICK.items():
+                set_dotted(raw, key, list(value) if isinstance(value, tuple) else value, where="--quick")
+            raw["grid"] = own.pop("grid", raw["grid"])
+            for key, value in own.items():
+                set_dotted(raw, key, value, where="--quick")
+        raw = apply_overrides(raw, overrides)
+        return raw, raw.pop("grid")
+
+
+STUDIES = {s.name: s for s in (
+    Study("paper", "the paper's four models over seeds, with its figures and claims (what `mogvae reproduce` runs)",
+          "mogvae.report.paper", pipeline="reproduce"),
+    Study("noise", "the four models over sigma in 0.1 ... 0.01", "mogvae.studies.noise"),
+    Study("families", "every prior x posterior, with the gap decomposition against the exact-likelihood oracle",
+          "mogvae.studies.families"),
+    Study("dimension", "the four models on the folded process at D = 1 ... 20, ambiguous and symmetry-broken",
+          "mogvae.studies.dimension"),
+    Study("tabular", "the four models on three scikit-learn data sets at d_z = 2 and 5", "mogvae.studies.real_data"),
+)}
 
 
 def spec(name: str, overrides: list[str], quick: bool) -> tuple[dict, dict]:
-    """A study's (base configuration, grid); `quick` shrinks it to toy size: config.schema.QUICK, then
-    the study's own [quick] keys (dotted) and, where it has one, its smaller [quick.grid]."""
-    raw = loads(resources.files(__package__).joinpath(f"{name}.toml").read_text())
-    own = raw.pop("quick", {})
-    if quick:
-        for key, value in QUICK.items():
-            set_dotted(raw, key, list(value) if isinstance(value, tuple) else value, where="--quick")
-        raw["grid"] = own.pop("grid", raw["grid"])
-        for key, value in own.items():
-            set_dotted(raw, key, value, where="--quick")
-    raw = apply_overrides(raw, overrides)
-    return raw, raw.pop("grid")
+    """STUDIES[name].spec: kept for callers that name a study."""
+    return STUDIES[name].spec(overrides, quick)
 
 
-def _present_noise(out) -> tuple[list[str], list]:
-    from . import noise
-    figure = noise.noise_figure(out)
-    return ["## Where richer priors and posteriors begin to matter", "", *noise.reading(out), ""], [figure]
+def present(name: str, out: Path):
+    """A sweep study's reading and figures, for the sweep report (None: not a study's folder)."""
+    study = STUDIES.get(name)
+    return None if study is None or study.pipeline != "sweep" else study.present(out)
 
 
-def _present_families(out) -> tuple[list[str], list]:
-    from ..runs.sweep import read_record
-    from . import families, importance
-    figure = families.families_figure(out)
-    quick = read_record(out).get("title", "").endswith("(quick)")
-    sampled, rows = importance.importance_figure(out, *(((1, 10, 100, 1000), 50) if quick else ()))
-    return (["## Where each family's shortfall comes from", "", *families.reading(out), "",
-             "## Importance sampling against quadrature", "", *importance.reading(rows), ""], [figure, sampled])
-
-
-def _present_dimension(out) -> tuple[list[str], list]:
-    from . import dimension
-    figure = dimension.dimension_figure(out)
-    return ["## Does the paper's finding survive more observed dimensions?", "", *dimension.reading(out), ""], [figure]
-
-
-def _present_tabular(out) -> tuple[list[str], list]:
-    from . import real_data
-    figure = real_data.tabular_figure(out)
-    return ["## Richer prior or richer posterior on real data?", "", *real_data.reading(out), ""], [figure]
-
-
-PRESENTERS = {"noise": _present_noise, "families": _present_families, "dimension": _present_dimension,
-              "tabular": _present_tabular}  # a study's own reading and figures, put first in its report
-
-__all__ = ["spec", "PRESENTERS"]
+__all__ = ["Study", "STUDIES", "spec", "present"]

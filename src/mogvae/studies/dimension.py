@@ -114,3 +114,9 @@ def reading(out: Path) -> list[str]:
 def _mean_interval(cell: dict, key: str) -> str:
     iv = t_interval(np.array([v[key] for v in cell.values()]))
     return f"{iv.mean:.4f} [{iv.low:.4f}, {iv.high:.4f}]" if iv.n > 1 else f"{iv.mean:.4f} (n = {iv.n})"
+
+
+def present(out) -> tuple[list[str], list]:
+    """The study's reading and figure, first in its report."""
+    figure = dimension_figure(out)
+    return ["## Does the paper's finding survive more observed dimensions?", "", *reading(out), ""], [figure]

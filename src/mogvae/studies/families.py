@@ -11,6 +11,7 @@ import numpy as np
 
 from ..config.schema import ModelConfig
 from ..estimators.gaps import decomposition
+from ..objectives import OBJECTIVES
 from ..report.html import md_text
 from ..report.statistics import Interval, t_interval
 from ..storage.files import read_csv, write_csv
@@ -41,7 +42,7 @@ def _rows(out: Path) -> tuple[dict, dict]:
         values = {k: float(r[k]) for k in NEEDED}
         # a cell that does not set the posterior (the first oracles) has the default one
         sigma, prior, posterior = float(r["data.sigma"]), r["model.prior"], r["model.posterior"] or DEFAULT_POSTERIOR
-        if r.get("train.objective") == "exact":
+        if OBJECTIVES[r.get("train.objective") or "elbo"].oracle:
             oracles.setdefault((sigma, prior_family(prior, posterior)), {})[int(r["seed"])] = values
         else:
             vaes.setdefault((sigma, prior, posterior), {})[int(r["seed"])] = values
@@ -173,3 +174,15 @@ def _fmt(iv: Interval) -> str:
     if iv.n < 2 or not math.isfinite(iv.low):
         return f"{iv.mean:+.5f} (n = {iv.n})"
     return f"{iv.mean:+.5f} [{iv.low:+.5f}, {iv.high:+.5f}]" + (" **" if iv.excludes_zero() else "")
+
+
+def present(out) -> tuple[list[str], list]:
+    """The study's reading and figures (the decomposition, then importance sampling against
+    quadrature, at toy size under --quick), first in its report."""
+    from ..runs.sweep import read_record
+    from . import importance
+    figure = families_figure(out)
+    quick = read_record(out).get("title", "").endswith("(quick)")
+    sampled, rows = importance.importance_figure(out, *(((1, 10, 100, 1000), 50) if quick else ()))
+    return (["## Where each family's shortfall comes from", "", *reading(out), "",
+             "## Importance sampling against quadrature", "", *importance.reading(rows), ""], [figure, sampled])

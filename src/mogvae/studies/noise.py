@@ -103,3 +103,9 @@ def reading(out: Path) -> list[str]:
     lines += ["", "Mean difference in nats per test point [95% t interval, paired by seed]; ** marks an interval "
               "that excludes zero.", ""]
     return lines + verdicts(helps, "sigma")
+
+
+def present(out) -> tuple[list[str], list]:
+    """The study's reading and figure, first in its report."""
+    figure = noise_figure(out)
+    return ["## Where richer priors and posteriors begin to matter", "", *reading(out), ""], [figure]

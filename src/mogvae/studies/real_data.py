@@ -97,3 +97,9 @@ def reading(out: Path) -> list[str]:
               "SE is the largest replica's standard error of its mean over test points.", "",
               *verdicts(helps, "data set")]
     return lines
+
+
+def present(out) -> tuple[list[str], list]:
+    """The study's reading and figure, first in its report."""
+    figure = tabular_figure(out)
+    return ["## Richer prior or richer posterior on real data?", "", *reading(out), ""], [figure]

@@ -15,6 +15,8 @@ import sys
 
 import torch
 
+from ..objectives import OBJECTIVES
+
 SAVED_PER_POINT_STEP = 0.3e-6   # seconds saved per latent point per step (measured: 0.3-0.7 us)
 COMPILE_COST = 30.0             # seconds for a cold compile (measured: 5-30 s)
 RECOMPILE_LIMIT = 64            # compiled graphs per process (architectures x batch sizes)
@@ -28,9 +30,9 @@ def latent_points_per_step(replicas: int, strata: int, batch: int, n_samples: in
 
 def should_compile(setting: str, device: str, objective: str, steps: int, points_per_step: int) -> bool:
     """Whether to compile the loss: `on` and `off` say so; `auto` when, on a CPU, the job is long
-    enough that the expected saving pays the compile cost PAYBACK times. The exact objective is
-    never compiled (its quadrature is already a few large tensor operations)."""
-    if setting == "off" or objective == "exact":
+    enough that the expected saving pays the compile cost PAYBACK times. Only a sampled bound is
+    compiled (the exact objective's quadrature is already a few large tensor operations)."""
+    if setting == "off" or not OBJECTIVES[objective].sampled:
         return False
     if setting == "on":
         return True

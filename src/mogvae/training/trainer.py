@@ -14,10 +14,10 @@ import numpy as np
 import torch
 
 from ..config.schema import TrainConfig
-from ..estimators.quadrature import training_log_marginal
 from ..model.layers import make_generators
 from ..model.vae import VAE
-from ..objectives.bounds import bound, draw_noise, elbo
+from ..objectives import OBJECTIVES
+from ..objectives.bounds import draw_noise, elbo
 from .compiled import CompiledLoss, latent_points_per_step, should_compile
 
 VAL_NOISE_OFFSET = 7919  # val noise generators: seed + offset, reset each epoch
@@ -158,46 +158,28 @@ class Trainer:
 
     def _backward(self, y: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """The objective's gradients into each parameter's .grad (stopped replicas
-        contribute none); returns the loss per replica, [R].
-
-        objective = "exact": every parameter that log p(y) depends on (prior,
-        decoder, and a prior's own use of the encoder) follows the quadrature
-        log-likelihood alone; the rest (the encoder) follows the ELBO of that model,
-        so the oracle also has a posterior to report, without that posterior
-        pulling the generative model."""
-        cfg = self.config
+        contribute none); returns the loss per replica, [R]. A sampled bound runs in
+        chunks through self.loss (compiled where that repays); any other objective
+        (the exact oracle) computes its own gradients."""
+        cfg, objective = self.config, OBJECTIVES[self.config.objective]
 
         def live(loss):
             return torch.where(self.active, loss, torch.zeros_like(loss)).sum()
 
-        if cfg.objective != "exact":
-            B, loss = y.shape[1], torch.zeros(len(self.seeds), device=self.device)
-            for i in range(0, B, self.chunk):
-                part = self.loss(y[:, i:i + self.chunk], eps[:, :, :, i:i + self.chunk])   # mean over the chunk
-                if self.chunk < B:
-                    part = part * (min(self.chunk, B - i) / B)
-                live(part).backward()
-                loss += part.detach()
-            return loss
-        loss = -training_log_marginal(self.model, y, cfg.exact_grid).mean(1)
-        grads = list(torch.autograd.grad(live(loss), self.params, allow_unused=True))
-        rest = [i for i, g in enumerate(grads) if g is None]
-        if rest:
-            elbo_loss = live(-elbo(self.model, y, eps).mean(1))
-            for i, g in zip(rest, torch.autograd.grad(elbo_loss, [self.params[i] for i in rest], allow_unused=True)):
-                grads[i] = g
-        for p, g in zip(self.params, grads):
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            if g is None:
-                p.grad.zero_()
-            else:
-                p.grad.copy_(g)
+        if not objective.sampled:
+            return objective.backward(self.model, self.params, y, eps, cfg, live)
+        B, loss = y.shape[1], torch.zeros(len(self.seeds), device=self.device)
+        for i in range(0, B, self.chunk):
+            part = self.loss(y[:, i:i + self.chunk], eps[:, :, :, i:i + self.chunk])   # mean over the chunk
+            if self.chunk < B:
+                part = part * (min(self.chunk, B - i) / B)
+            live(part).backward()
+            loss += part.detach()
         return loss
 
     def _sampled_loss(self, y: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """The negative training bound per replica, [R]."""
-        return -bound(self.model, y, eps, self.config.objective).mean(1)
+        return -OBJECTIVES[self.config.objective].per_point(self.model, y, eps).mean(1)
 
     def _compiled_loss(self, replicas: int):
         """The loss, compiled where `train.compile` says so (mogvae.training.compiled)."""
