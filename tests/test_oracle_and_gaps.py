@@ -151,3 +151,18 @@ def test_the_reported_gaps_use_the_evaluations_grid_rule_and_match_the_closed_fo
     assert float(gaps["amortization_gap"][0]) == pytest.approx(float(np.mean(log_p - exact.elbo[0].numpy())),
                                                                 abs=TOLERANCE)
     assert float(gaps["gap_rule_error"][0]) < 1e-8
+
+
+def test_a_capped_gap_search_stops_at_its_cap_and_a_longer_one_finds_no_worse_posterior():
+    """eval.gap_steps caps the per-point search (--quick uses 100): the steps taken are reported,
+    ELBO* never falls below the encoder's ELBO, and a longer search keeps a best q at least as good."""
+    from mogvae.estimators.gaps import gap_metrics
+    from mogvae.estimators.quadrature import integrate
+    model = linear_vae([1.7], 0.3)
+    exact = integrate(model, Y, latent_grid(model, 2001, 8.0, y=Y))
+    short, longer = (gap_metrics(model, Y, exact.log_p, exact.elbo, max_steps=n) for n in (25, 100))
+    assert float(short["gap_optimizer_steps"][0]) == 25 and float(longer["gap_optimizer_steps"][0]) <= 100
+    for gaps in (short, longer):
+        assert float(gaps["amortization_gap"][0]) >= 0
+    assert float(longer["approximation_gap"][0]) <= float(short["approximation_gap"][0]) + 1e-12
+    assert float(longer["approximation_gap"][0]) < float(short["approximation_gap"][0])      # 25 steps are too few here

@@ -233,7 +233,7 @@ def _gap_terms(model: VAE, y_test, terms: dict, config: EvalConfig, true_log_p, 
         out.update({k: v.numpy() for k, v in gap_means(terms["log_p"][:, :n], terms["elbo"][:, :n], truth).items()})
     elif n > 0:
         gaps = gap_metrics(model, y_test[:n], terms["log_p"][:, :n], terms["elbo"][:, :n], truth,
-                           config.grid_size, config.grid_span)
+                           config.grid_size, config.grid_span, config.gap_steps)
         out.update({k: v.numpy() for k, v in gaps.items()})
     return out
 

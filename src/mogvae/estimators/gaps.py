@@ -124,7 +124,7 @@ def _optimize(model: VAE, y: torch.Tensor, max_steps: int, tolerance: float):
 
 
 def gap_metrics(model: VAE, y, log_p: torch.Tensor, elbo: torch.Tensor, true_log_p=None,
-                grid_size: int = 2001, grid_span: float = 8.0) -> dict[str, torch.Tensor]:
+                grid_size: int = 2001, grid_span: float = 8.0, max_steps: int = MAX_STEPS) -> dict[str, torch.Tensor]:
     """The model's own two terms on points y, per replica [R]: approximation and
     amortization gaps (their sum is log p - ELBO on these points), the means of
     log p, ELBO and (if known) log p* there, and the error bound of ELBO*.
@@ -137,7 +137,7 @@ def gap_metrics(model: VAE, y, log_p: torch.Tensor, elbo: torch.Tensor, true_log
     exact ELBO of a member of the family, a lower bound on the best one, and the
     amortization gap is >= 0 by construction of the same rule."""
     from .quadrature import integrate, latent_grid
-    best = best_posterior(model, y)
+    best = best_posterior(model, y, max_steps)
     grid = latent_grid(model, grid_size, grid_span, y=y, q=best.q)
     on_grid = integrate(model, y, grid, q=best.q)
     star = torch.maximum(on_grid.elbo, elbo)
