@@ -5,6 +5,10 @@
     z, y = truth.sample(1000, seed=0)
     model = mogvae.build_model(mogvae.preset("mog-prior"), replicas=5)
 
+    run = mogvae.train("examples/run.toml", "runs/mog-prior")   # as `mogvae train`; -> mogvae.Run
+    run = mogvae.load("runs/mog-prior")                         # a run folder -> Run, a sweep's -> Sweep
+    run.metrics, run.log_prob(run.data("test"), replica=0)
+
 The names below are imported on first use, so that `mogvae --version` and
 refusals of bad input answer at once instead of after importing PyTorch.
 """
@@ -23,6 +27,7 @@ _EXPORTS = {
     "evaluate": "estimators.evaluate",
     "initialize": "model.layers", "replica_seed": "model.layers",
     "Trainer": "training.trainer", "fit": "training.trainer",
+    "load": "runs.results", "train": "runs.results", "Run": "runs.results", "Sweep": "runs.results",
 }
 __all__ = list(_EXPORTS)
 
