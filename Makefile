@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= reproduce-out
 
-.PHONY: setup setup-bench reproduce test bench bench-quick clean
+.PHONY: setup setup-bench reproduce test docs bench bench-quick clean
 
 $(BIN)/mogvae: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ reproduce: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The docs site (docs/, mkdocs.yml) into site/; `$(BIN)/mkdocs serve` previews it while you edit.
+docs: setup
+	$(BIN)/mkdocs build --strict -d site
 
 bench: setup-bench
 	$(BIN)/python benchmarks/engines.py
