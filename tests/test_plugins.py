@@ -130,3 +130,39 @@ def test_a_study_plugs_in_from_outside_and_its_reading_leads_the_report(tmp_path
     for name in ("preset=mfg", "preset=mog-prior"):
         mean = np.mean([float(r["test_log_likelihood"]) for r in rows if r["run"] == name])
         assert f"- toy mean {name}: {mean:.6f}" in report
+
+
+# A likelihood estimator: plain Monte Carlo over the prior, p(y) = E_p(z) p(y|z), with its standard error.
+def prior_monte_carlo(model, y, *, n_samples, seeds, **_):
+    from mogvae.estimators.base import Estimate
+    from mogvae.model.grid import as_batch
+    R = len(seeds)
+    y = as_batch(y, R, torch.device("cpu"))                                           # [R, N, Y]
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    z = model.prior().sample(gens, n_samples).double()                                # [R, S, D]
+    log_lik = model.decoder.log_prob(y, z[:, :, None, :].expand(-1, -1, y.shape[1], -1))  # [R, S, N]
+    log_mean = torch.logsumexp(log_lik, 1) - math.log(n_samples)
+    w = torch.exp(log_lik - log_mean[:, None])
+    return Estimate(log_mean, w.std(1) / math.sqrt(n_samples), "prior-mc")
+
+
+def test_a_likelihood_estimator_plugs_in_by_name_and_in_autos_order(monkeypatch):
+    from mogvae.estimators import likelihood
+    from mogvae.estimators.base import Estimator
+    from mogvae.model.vae import build_model
+    from mogvae.config.schema import preset
+    toy = Estimator("prior-mc", exact=False, fits=lambda latent_dim, grid_size: True,
+                    log_likelihood=prior_monte_carlo, evaluation_terms=None)
+    monkeypatch.setattr(likelihood, "ESTIMATORS", {"prior-mc": toy, **likelihood.ESTIMATORS})
+    from mogvae.model.layers import initialize
+    model = build_model(preset("mog-prior", hidden=(8,)), replicas=2)
+    initialize(model, [1, 2])
+    model = model.double()
+    y = np.array([0.05, 0.2, 0.4])
+    with torch.no_grad():
+        got = likelihood.log_likelihood(model, y, n_samples=200_000, seeds=[1, 2])      # "auto": the toy comes first
+        exact = likelihood.log_likelihood(model, y, "quadrature")
+    assert got.method == "prior-mc" and exact.method == "quadrature"
+    assert torch.all(got.error > 0) and torch.all((got.value - exact.value).abs() <= 4 * got.error + exact.error + 1e-9)
+    with pytest.raises(ValueError, match="prior-mc"):
+        likelihood.log_likelihood(model, y, "absent")

@@ -1,3 +1,3 @@
-"""What a model is measured by: quadrature on a latent grid (quadrature), likelihoods by
-quadrature or importance sampling (likelihood), the inference-gap split (gaps) and the
-evaluation entry point (evaluate). May import model/, config/, data/, objectives/."""
+"""What a model is measured by: estimators of log p, one module each, in the ESTIMATORS registry
+(likelihood: quadrature on a latent grid, quadrature.py, then importance sampling), the
+inference-gap split (gaps) and evaluation's entry point (evaluate). May import model/, data/, objectives/, config/."""

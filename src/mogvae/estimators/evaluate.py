@@ -16,13 +16,13 @@ from ..data.sources import SOURCES
 from ..model.layers import make_generators, replica_count
 from ..model.vae import VAE
 from ..objectives import OBJECTIVES
-from .quadrature import MAX_GRID_NODES, MAX_LATENT, integrate, latent_grid, log_joint, log_marginal, posterior_on_grid
+from .likelihood import choose
+from .quadrature import MAX_GRID_NODES, MAX_LATENT, latent_grid, log_joint, log_marginal, posterior_on_grid
 
 PROBE_Y = (1.0, 0.2, -3.0)       # the paper's Figures 2-4
 GAP_METRICS = ("approximation_gap", "amortization_gap", "gap_log_likelihood", "gap_elbo", "gap_true_log_likelihood",
                "gap_rule_error", "gap_optimizer_steps")   # see gaps.py; on the first eval.gap_points test points
 GENERATE_OFFSET = 104729         # generation noise: replica seed + offset
-IMPORTANCE_OFFSET = 130363       # importance-sampling draws: replica seed + offset
 METRICS = ("test_log_likelihood", "true_log_likelihood", "test_elbo", "inference_gap",
            "kl_to_truth", "w1_to_truth", "w1_samples", "w1_decoder", "std_ratio",
            "quadrature_error", "grid_edge_mass", "elbo_quadrature_error", "test_log_likelihood_stderr",
@@ -133,11 +133,10 @@ def evaluate(model: VAE, process: PaperProcess, y_test: np.ndarray, config: Eval
     one_d = np.ndim(y_test) == 1          # the y-density metrics and figures are 1-D (ONE_D_METRICS)
     y_grid = _y_grid(y_test) if one_d else None
     true_log_p = process.log_prob(y_test)
-    if model.latent_dim <= MAX_LATENT:
-        terms = _quadrature_terms(model, y_test, y_grid, config)
+    estimator = choose("auto", model.latent_dim, config.grid_size)
+    terms = estimator.evaluation_terms(model, y_test, y_grid, config, seeds)
+    if estimator.exact:      # the gap search and the training grid's check compare exact ELBOs
         terms.update(_gap_terms(model, y_test, terms, config, true_log_p, training_grid))
-    else:
-        terms = _importance_terms(model, y_test, y_grid, config, seeds)
     log_p, elbo, model_density = terms.pop("log_p"), terms.pop("elbo"), terms.pop("model_density")
     true_density = np.exp(process.log_prob(y_grid)) if one_d else None
     z_gen, y_gen, f_gen = _generate(model, seeds, config.n_generated)
@@ -201,19 +200,6 @@ SAMPLED_NAN = ("quadrature_error", "grid_edge_mass", "elbo_quadrature_error", "t
 sampling, the standard error under quadrature (its error is the bound)."""
 
 
-def _quadrature_terms(model: VAE, y_test, y_grid, config: EvalConfig) -> dict:
-    grid = latent_grid(model, config.grid_size, config.grid_span, y=y_test)
-    exact = integrate(model, y_test, grid)
-    nan = np.full(len(exact.log_p), math.nan)
-    density = None if y_grid is None else torch.exp(log_marginal(model, y_grid, grid).log_p).numpy()
-    return {"log_p": exact.log_p, "elbo": exact.elbo, "grid": grid, "model_density": density,
-            "quadrature_error": (exact.log_p - exact.log_p_coarse).abs().amax(1).numpy(),
-            "grid_edge_mass": exact.edge_mass.amax(1).numpy(),
-            "elbo_quadrature_error": torch.maximum((exact.elbo - exact.elbo_coarse).abs(),
-                                                   (1 - exact.q_mass).abs()).amax(1).numpy(),
-            "test_log_likelihood_stderr": nan}
-
-
 def _gap_terms(model: VAE, y_test, terms: dict, config: EvalConfig, true_log_p, training_grid) -> dict:
     from .gaps import gap_means, gap_metrics
     from ..objectives.exact import training_log_marginal
@@ -236,21 +222,6 @@ def _gap_terms(model: VAE, y_test, terms: dict, config: EvalConfig, true_log_p, 
                            config.grid_size, config.grid_span, config.gap_steps)
         out.update({k: v.numpy() for k, v in gaps.items()})
     return out
-
-
-def _importance_terms(model: VAE, y_test, y_grid, config: EvalConfig, seeds: list[int]) -> dict:
-    """latent_dim > 2: log p(y) by importance sampling (likelihood.py), the ELBO by
-    Monte Carlo from q, each mean with its standard error over draws and points."""
-    from .likelihood import importance_log_likelihood, monte_carlo_elbo
-    gens = [s + IMPORTANCE_OFFSET for s in seeds]
-    log_p, se = importance_log_likelihood(model, y_test, config.n_importance, gens)
-    density = None if y_grid is None else \
-        torch.exp(importance_log_likelihood(model, y_grid, config.n_importance, gens)[0]).numpy()
-    nan = np.full(len(seeds), math.nan)
-    return {"log_p": log_p, "elbo": monte_carlo_elbo(model, y_test, config.n_importance, gens),
-            "model_density": density,
-            "quadrature_error": nan, "grid_edge_mass": nan, "elbo_quadrature_error": nan,
-            "test_log_likelihood_stderr": (torch.sqrt((se * se).sum(1)) / se.shape[1]).numpy()}
 
 
 def metric_rows(evaluation: Evaluation, history) -> list[dict]:

@@ -1,7 +1,7 @@
 """One entry point for log p_theta(y): quadrature where the latent allows it,
 importance sampling where it does not, each with its error.
 
-    log_likelihood(model, y, method="auto" | "quadrature" | "importance")
+    log_likelihood(model, y, method="auto" | a name in ESTIMATORS ("quadrature", "importance"))
 
 Quadrature (latent_dim <= 2) reports the trapezoid rule's bound |fine - coarse|;
 importance sampling reports a standard error. The proposal is the model's own
@@ -26,38 +26,31 @@ so the variance is finite and the standard error means what it says.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..model.distributions import Defensive
 from ..model.layers import make_generators, randn_per_replica, replica_count
 from ..model.vae import VAE
 from ..objectives.bounds import log_weights
-from .quadrature import MAX_GRID_NODES, MAX_LATENT, F64, as_batch, integrate, latent_grid
+from .base import Estimate, Estimator
+from .quadrature import F64, QUADRATURE, as_batch
 
-METHODS = ("auto", "quadrature", "importance")
 DEFENSIVE = 0.1          # the prior's share of the proposal
+IMPORTANCE_OFFSET = 130363       # evaluation's importance-sampling draws: replica seed + offset
 
 
-@dataclass(frozen=True)
-class Estimate:
-    """log p(y) per replica and point, [R, N] (float64), with its error [R, N]:
-    a standard error ("importance") or the quadrature rule's bound ("quadrature")."""
-    value: torch.Tensor
-    error: torch.Tensor
-    method: str
-
-
-def resolve_method(method: str, latent_dim: int, grid_size: int = 2001) -> str:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
-    if method == "quadrature" and latent_dim > MAX_LATENT:
-        raise ValueError(f"quadrature needs latent_dim <= {MAX_LATENT}, got {latent_dim}: use method='importance'")
-    if method != "auto":
-        return method
-    fits = latent_dim <= MAX_LATENT and grid_size ** latent_dim <= MAX_GRID_NODES
-    return "quadrature" if fits else "importance"
+def choose(method: str, latent_dim: int, grid_size: int = 2001) -> Estimator:
+    """The estimator `method` names, or for "auto" the first registered one that fits."""
+    if method == "auto":
+        return next(e for e in ESTIMATORS.values() if e.fits(latent_dim, grid_size))
+    if method not in ESTIMATORS:
+        raise ValueError(f"unknown method {method!r}; choose from {['auto', *ESTIMATORS]}")
+    if not ESTIMATORS[method].fits(latent_dim, grid_size):
+        raise ValueError(f"{method} does not fit latent_dim = {latent_dim} with {grid_size} nodes per axis "
+                         "(quadrature needs latent_dim <= 2): use method='importance'")
+    return ESTIMATORS[method]
 
 
 def log_likelihood(model: VAE, y, method: str = "auto", *, n_samples: int = 5000, seeds: list[int] | None = None,
@@ -66,14 +59,15 @@ def log_likelihood(model: VAE, y, method: str = "auto", *, n_samples: int = 5000
     sampler's draws per point (split evenly over q's components); `seeds` seed each
     replica's draws (default 0, 1, ...): the same seeds give the same estimate."""
     model = model.eval()
-    method = resolve_method(method, model.latent_dim, grid_size)
-    if method == "quadrature":
-        grid = latent_grid(model, grid_size, grid_span, y=y)
-        exact = integrate(model, y, grid, elbo=False)
-        return Estimate(exact.log_p, (exact.log_p - exact.log_p_coarse).abs(), method)
-    R = replica_count(model)
-    value, se = importance_log_likelihood(model, y, n_samples, seeds if seeds is not None else list(range(R)))
-    return Estimate(value, se, method)
+    estimator = choose(method, model.latent_dim, grid_size)
+    seeds = seeds if seeds is not None else list(range(replica_count(model)))
+    return estimator.log_likelihood(model, y, n_samples=n_samples, seeds=seeds, grid_size=grid_size,
+                                    grid_span=grid_span)
+
+
+def _importance(model: VAE, y, *, n_samples: int, seeds: list[int], **_) -> Estimate:
+    value, se = importance_log_likelihood(model, y, n_samples, seeds)
+    return Estimate(value, se, "importance")
 
 
 @torch.no_grad()
@@ -121,3 +115,24 @@ def _draws(model: VAE, y, n: int, K: int, seeds: list[int], budget: int):
     for s in range(0, y.shape[1], chunk):
         yc = y[:, s:s + chunk]
         yield yc, randn_per_replica(gens, (n, K, yc.shape[1], model.latent_dim), dtype=F64).to(device)
+
+
+def importance_terms(model: VAE, y_test, y_grid, config, seeds: list[int]) -> dict:
+    """Evaluation's terms where quadrature does not fit: log p(y) by importance sampling, the ELBO by
+    Monte Carlo from q, each mean with its standard error over draws and points."""
+    gens = [s + IMPORTANCE_OFFSET for s in seeds]
+    log_p, se = importance_log_likelihood(model, y_test, config.n_importance, gens)
+    density = None if y_grid is None else \
+        torch.exp(importance_log_likelihood(model, y_grid, config.n_importance, gens)[0]).numpy()
+    nan = np.full(len(seeds), math.nan)
+    return {"log_p": log_p, "elbo": monte_carlo_elbo(model, y_test, config.n_importance, gens),
+            "model_density": density,
+            "quadrature_error": nan, "grid_edge_mass": nan, "elbo_quadrature_error": nan,
+            "test_log_likelihood_stderr": (torch.sqrt((se * se).sum(1)) / se.shape[1]).numpy()}
+
+
+IMPORTANCE = Estimator("importance", exact=False, fits=lambda latent_dim, grid_size: True,
+                       log_likelihood=_importance, evaluation_terms=importance_terms)
+
+ESTIMATORS = {e.name: e for e in (QUADRATURE, IMPORTANCE)}
+"""By name, in the order "auto" tries them. Adding one: a module here with an Estimator, and its entry."""

@@ -27,6 +27,7 @@ from ..model.distributions import box
 from ..model.grid import F64, MAX_LATENT, Grid, as_batch, latent_grid  # noqa: F401 (re-exported)
 from ..model.vae import VAE
 from ..objectives.bounds import log_weights
+from .base import Estimate, Estimator
 
 MAX_GRID_NODES = 250_000   # latent nodes per replica: the decoder on the grid and the 2-D ELBO terms stay ~1 GB
 RULE_NODES = 16     # Gauss-Legendre nodes per smooth piece of a piecewise-smooth q (model.flows.SplineFlow.base_rule)
@@ -279,3 +280,30 @@ def hermite_rule(n: int, dim: int, dtype=torch.float64):
     nodes = np.stack([g.reshape(-1) for g in grids], -1)
     weights = np.prod(np.stack(np.meshgrid(*([w] * dim), indexing="ij"), -1).reshape(-1, dim), -1)
     return torch.as_tensor(nodes, dtype=dtype), torch.as_tensor(weights, dtype=dtype)
+
+
+def quadrature_terms(model: VAE, y_test, y_grid, config, seeds=None) -> dict:
+    """Evaluation's terms on the latent grid: log p and the ELBO per point, the model's density on
+    y_grid, and the rule's error bounds (the standard error is NaN: the bound is the error)."""
+    grid = latent_grid(model, config.grid_size, config.grid_span, y=y_test)
+    exact = integrate(model, y_test, grid)
+    nan = np.full(len(exact.log_p), math.nan)
+    density = None if y_grid is None else torch.exp(log_marginal(model, y_grid, grid).log_p).numpy()
+    return {"log_p": exact.log_p, "elbo": exact.elbo, "grid": grid, "model_density": density,
+            "quadrature_error": (exact.log_p - exact.log_p_coarse).abs().amax(1).numpy(),
+            "grid_edge_mass": exact.edge_mass.amax(1).numpy(),
+            "elbo_quadrature_error": torch.maximum((exact.elbo - exact.elbo_coarse).abs(),
+                                                   (1 - exact.q_mass).abs()).amax(1).numpy(),
+            "test_log_likelihood_stderr": nan}
+
+
+def quadrature_log_likelihood(model: VAE, y, *, grid_size: int = 2001, grid_span: float = 8.0, **_) -> Estimate:
+    """log p(y) on the latent grid, with the rule's bound |fine - coarse| as its error."""
+    exact = integrate(model, y, latent_grid(model, grid_size, grid_span, y=y), elbo=False)
+    return Estimate(exact.log_p, (exact.log_p - exact.log_p_coarse).abs(), "quadrature")
+
+
+QUADRATURE = Estimator("quadrature", exact=True,
+                       fits=lambda latent_dim, grid_size: latent_dim <= MAX_LATENT
+                       and grid_size ** latent_dim <= MAX_GRID_NODES,
+                       log_likelihood=quadrature_log_likelihood, evaluation_terms=quadrature_terms)

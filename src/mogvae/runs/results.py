@@ -254,15 +254,13 @@ class Run:
             lp = run.log_prob(run.data("test"), replica=0)      # [N]
             lp.mean()                                            # test_log_likelihood of replica 0
         """
-        from ..estimators.evaluate import IMPORTANCE_OFFSET
-        from ..estimators.likelihood import importance_log_likelihood
-        from ..estimators.quadrature import MAX_LATENT
+        from ..estimators.likelihood import IMPORTANCE_OFFSET, choose, importance_log_likelihood
         r = self._replica(replica)
         model, y, ev = self.model(r), self._points(y), self.config.eval
         if len(y) == 0:
             return np.empty(0)
         with torch.no_grad():
-            if model.latent_dim <= MAX_LATENT:
+            if choose("auto", model.latent_dim, ev.grid_size).exact:     # evaluation's choice
                 return self._quadrature(model, r, y, elbo=False).log_p[0].numpy()      # [N]
             value, _ = importance_log_likelihood(model, y, ev.n_importance, [self._seed(r) + IMPORTANCE_OFFSET],
                                                  budget=self._budget(importance_log_likelihood))
@@ -285,15 +283,13 @@ class Run:
 
             gap = run.log_prob(y) - run.elbo(y)     # KL(q(z|y) || p(z|y)) per point, >= 0
         """
-        from ..estimators.evaluate import IMPORTANCE_OFFSET
-        from ..estimators.likelihood import monte_carlo_elbo
-        from ..estimators.quadrature import MAX_LATENT
+        from ..estimators.likelihood import IMPORTANCE_OFFSET, choose, monte_carlo_elbo
         r = self._replica(replica)
         model, y, ev = self.model(r), self._points(y), self.config.eval
         if len(y) == 0:
             return np.empty(0)
         with torch.no_grad():
-            if model.latent_dim <= MAX_LATENT:
+            if choose("auto", model.latent_dim, ev.grid_size).exact:     # evaluation's choice
                 return self._quadrature(model, r, y, elbo=True).elbo[0].numpy()        # [N]
             return monte_carlo_elbo(model, y, ev.n_importance, [self._seed(r) + IMPORTANCE_OFFSET],
                                     budget=self._budget(monte_carlo_elbo))[0].numpy()   # [N]
