@@ -344,14 +344,11 @@ def _sweep_report(out: Path) -> Path:
 
 
 def _reproduce_report(out: Path) -> Path:
-    from .report.figures import all_figures
-    from .report.html import write_html
-    from .report.paper import read_study, write_report
-    study = read_study(out)
-    figures = all_figures(out, {m: out / "runs" / f"preset={m}" for m in study.models})
-    path = write_report(out, study, figures)
-    write_html(path, "mogvae reproduce: expressive prior vs expressive posterior")
-    return path
+    """The one sweep report, led by the paper's study (an older folder's sweep.json may not name it)."""
+    from .report.sweep import write_sweep_report
+    from .runs.reproduce import STUDY, TITLE
+    from .studies import present
+    return write_sweep_report(out, present, study=STUDY, title=TITLE)
 
 
 def show_config(args) -> int:

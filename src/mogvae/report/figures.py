@@ -225,18 +225,6 @@ def has_latent_curves(run: Path) -> bool:
     return "decoder" in read_npz(run / "curves.npz")
 
 
-def all_figures(out: Path, runs: dict[str, Path]) -> list[Path]:
-    """Every figure of `reproduce`, from the saved files: `runs` maps model -> run folder."""
-    truth_figure(out)
-    drawn = [m for m, run in runs.items() if has_latent_curves(run)]
-    for m in drawn:
-        model_figure(out, m, runs[m])
-    comparison_figure(out, list(runs))
-    training_figure(out, runs)
-    names = ["truth", "comparison", "training", *drawn]
-    return [out / "figures" / f"{n}.png" for n in names]
-
-
 def sweep_figures(out: Path, runs: dict[str, Path]) -> list[Path]:
     """A sweep's figures: training curves of every run, and each run's model figure (1-D latents)."""
     training_figure(out, runs)

@@ -1,5 +1,7 @@
-"""The study's report: a table and a reading of the paper's claims, generated
-from metrics.csv alone (one source of truth for every number)."""
+"""The paper's study's reading: a table and the paper's claims, each decided by a paired
+interval, generated from metrics.csv alone (one source of truth for every number), and the
+readers of a reproduce folder's own files (config.json, truth.json). studies/paper.py puts
+them first in the study's report."""
 from __future__ import annotations
 
 import math
@@ -7,16 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..storage.files import UnreadableFile, read_json, write_text
+from ..storage.files import UnreadableFile, read_json
 from .html import md_text
-from .statistics import TABLE, Interval, load_metrics, paired, summary_rows, t_interval
-
-
-def _table(metrics, models) -> str:
-    head = "| model | runs | diverged | " + " | ".join(t[1] for t in TABLE) + " |"
-    lines = [head, "|" + "---|" * (len(TABLE) + 3)]
-    lines += ["| " + " | ".join([md_text(row[0]), *row[1:]]) + " |" for row in summary_rows(metrics, models)]
-    return "\n".join(lines)
+from .statistics import Interval, paired, t_interval
 
 
 def _verdict(iv: Interval, better: str, worse: str) -> str:
@@ -93,46 +88,6 @@ def read_truth(out: Path) -> dict[str, float]:
 
 
 
-def write_report(out: Path, study, figures: list[Path]) -> Path:
-    """report.md of a reproduce folder; `study`: its validated ReproduceConfig (read_study)."""
-    metrics = load_metrics(out / "metrics.csv")
-    truth = read_truth(out)
-    models = list(study.models)
-    if any(m not in metrics for m in models):
-        raise UnreadableFile(f"{out / 'metrics.csv'}: has no rows of {sorted(set(models) - set(metrics))}; re-run "
-                             "mogvae reproduce to rebuild it from the run folders")
-    lines = [
-        "# mogvae reproduce: expressive prior vs expressive posterior",
-        "",
-        f"Data: the paper's process (sigma = {truth['sigma']:g}), {study.data.n_train} train / "
-        f"{study.data.n_test} test points. {study.seeds} seed(s) per model, {study.train.epochs} epochs. "
-        "All likelihoods are exact (quadrature), in nats per test point; mean ± sd over seeds.",
-        "",
-        _table(metrics, models),
-        "",
-        f"True test log-likelihood: {truth['test_log_likelihood']:.4f}. Quadrature error bound (max over runs and "
-        f"points): marginal {_max(metrics, 'quadrature_error'):.1e}, ELBO {_max(metrics, 'elbo_quadrature_error'):.1e} nats; "
-        f"largest posterior mass at the grid's edge {_max(metrics, 'grid_edge_mass'):.1e} (near zero: no truncation).",
-        "",
-        "## What the numbers say",
-        "",
-        "Differences are paired by seed index (the same data order); an interval that",
-        "contains zero means this many seeds cannot tell the models apart.",
-        "",
-        *reading(metrics, truth),
-        "",
-        "Note on identifiability: a 1-D latent with a N(0, 1) prior can represent the true p(y) with a",
-        "*monotone* decoder (z -> quantile of f(U)), whose posterior is unimodal. The true f and its bimodal",
-        "posterior are one of many equivalent solutions, so the learned decoders are compared through",
-        "identifiable quantities (W1 between pushforwards) and through the prior-quantile alignment.",
-        "",
-        "## Figures",
-        "",
-    ]
-    lines += [f"![{md_text(p.stem)}](figures/{p.name})" for p in figures]
-    return write_text(out / "report.md", "\n".join(lines) + "\n")
-
-
-def _max(metrics, key) -> float:
+def largest(metrics, key) -> float:
     v = [r[key] for runs in metrics.values() for r in runs.values() if math.isfinite(r[key])]
     return max(v) if v else math.nan

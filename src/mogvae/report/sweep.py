@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -126,23 +127,28 @@ def _finished_metrics(out: Path) -> dict:
     return load_metrics(path, by="run") if path.exists() else {}
 
 
-def write_sweep_report(out: Path, present: Callable[[str, Path], tuple | None] | None = None) -> Path:
-    """report.md and report.html, titled as sweep.json says; a study puts its own reading and
-    figures first: `present(study name, folder)` gives them, or None for a plain sweep (the
-    caller passes studies.present, as studies/ sits above report/)."""
+def write_sweep_report(out: Path, present: Callable[[str, Path], tuple | None] | None = None,
+                       study: str | None = None, title: str | None = None) -> Path:
+    """report.md and report.html of any sweep, study or reproduce folder, titled as sweep.json
+    says (or `title`); a study puts its own reading and figures first: `present(study name,
+    folder)` gives them, or None for a plain sweep (the caller passes studies.present, as
+    studies/ sits above report/). `study` names it where sweep.json does not (a reproduce
+    folder written before reproduce was the study `paper`)."""
     from ..runs.sweep import read_record
     from .figures import sweep_figures
     out = Path(out)
     record = read_record(out)
-    title, cells = record.get("title", "mogvae sweep"), record["cells"]
+    title, cells = title or record.get("title", "mogvae sweep"), record["cells"]
+    study = study or record.get("study")
     metrics = _finished_metrics(out)
     unfinished = [c["name"] for c in cells if c["name"] not in metrics]
     cells = [c for c in cells if c["name"] in metrics]     # a sweep stopped before its end: what is finished
     if not cells:
         raise UnreadableFile(f"{out}: no run of this sweep has finished yet; re-run its command to train them")
-    own = present(record.get("study"), out) if present and record.get("study") and not unfinished else None
+    own = present(study, out) if present and study and not unfinished else None
     lead, first_figures = own or ([], [])
-    figures = [*first_figures, *sweep_figures(out, {c["name"]: out / "runs" / c["name"] for c in cells})]
+    names = _figure_names(cells)
+    figures = [*first_figures, *sweep_figures(out, {names[c["name"]]: out / "runs" / c["name"] for c in cells})]
     seeds = sorted({len(m) for m in metrics.values()})
     lines = [f"# {md_text(title)}", "",
              *([f"**Unfinished:** {len(unfinished)} of {len(unfinished) + len(cells)} runs have not finished; this "
@@ -158,3 +164,13 @@ def write_sweep_report(out: Path, present: Callable[[str, Path], tuple | None] |
     report = write_text(out / "report.md", "\n".join(lines))
     write_html(report, str(title))
     return report
+
+
+def _figure_names(cells: list[dict]) -> dict[str, str]:
+    """Each run's name in the figures: its preset where the grid varies the preset alone (a model's
+    name, as in reproduce's contract: figures/mfg.png), else the cell's name (figures/NAME.png)."""
+    presets = [c["values"].get("preset") if set(c["values"]) == {"preset"} else None for c in cells]
+    if all(isinstance(p, str) and re.fullmatch(r"[a-z0-9][a-z0-9-]*", p) for p in presets) and \
+            len(set(presets)) == len(presets):
+        return {c["name"]: p for c, p in zip(cells, presets)}
+    return {c["name"]: c["name"] for c in cells}

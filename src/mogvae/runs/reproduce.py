@@ -19,6 +19,8 @@ from ..storage.folders import Layout
 from .sweep import Cell, SweepDir, execute, expand, run_layout_files, versions
 
 SPLITS = ("train", "val", "test")
+TITLE = "mogvae reproduce: expressive prior vs expressive posterior"
+STUDY = "paper"   # the built-in study it is (studies/paper.py): its reading leads the report
 FIGURES = ("truth", "comparison", "training")
 NAMES = re.compile(r"(config|truth|sweep|timing)\.json|metrics\.csv|report\.(md|html)|data/(train|val|test)\.npy"
                    r"|figures/[a-z0-9-]+\.(png|csv)|runs/preset=[a-z0-9-]+/(\.mogvae-manifest\.json|\.lock|"
@@ -61,7 +63,7 @@ def run(config: ReproduceConfig, sweep: SweepDir, progress=None, scheduler: str 
     from ..model.layers import replica_seed
     cells = cells_of(config)
     base, grid = spec(config)
-    sweep.bind({**base, "grid": grid}, cells, versions())
+    sweep.bind({**base, "grid": grid}, cells, versions(), title=TITLE, study=STUDY)
     write_json(sweep.path / "config.json", {"study": config.model_dump(mode="json"), "versions": versions(),
                                             "replica_seeds": [replica_seed(config.base_seed, i)
                                                               for i in range(config.seeds)]})

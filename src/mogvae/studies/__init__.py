@@ -51,7 +51,7 @@ class Study:
 
 STUDIES = {s.name: s for s in (
     Study("paper", "the paper's four models over seeds, with its figures and claims (what `mogvae reproduce` runs)",
-          "mogvae.report.paper", pipeline="reproduce"),
+          "mogvae.studies.paper", pipeline="reproduce"),
     Study("noise", "the four models over sigma in 0.1 ... 0.01", "mogvae.studies.noise"),
     Study("families", "every prior x posterior, with the gap decomposition against the exact-likelihood oracle",
           "mogvae.studies.families"),
@@ -67,9 +67,9 @@ def spec(name: str, overrides: list[str], quick: bool) -> tuple[dict, dict]:
 
 
 def present(name: str, out: Path):
-    """A sweep study's reading and figures, for the sweep report (None: not a study's folder)."""
+    """A study's reading and figures, for the sweep report (None: not a study's folder)."""
     study = STUDIES.get(name)
-    return None if study is None or study.pipeline != "sweep" else study.present(out)
+    return None if study is None else study.present(out)
 
 
 __all__ = ["Study", "STUDIES", "spec", "present"]
