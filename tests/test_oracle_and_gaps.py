@@ -154,7 +154,7 @@ def test_the_reported_gaps_use_the_evaluations_grid_rule_and_match_the_closed_fo
 
 
 def test_a_capped_gap_search_stops_at_its_cap_and_a_longer_one_finds_no_worse_posterior():
-    """eval.gap_steps caps the per-point search (--quick uses 100): the steps taken are reported,
+    """eval.gap_steps caps the per-point search (--quick uses 50): the steps taken are reported,
     ELBO* never falls below the encoder's ELBO, and a longer search keeps a best q at least as good."""
     from mogvae.estimators.gaps import gap_metrics
     from mogvae.estimators.quadrature import integrate

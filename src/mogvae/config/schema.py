@@ -175,7 +175,7 @@ class ReproduceConfig(Strict):
 
 
 QUICK = {"seeds": 2, "data.n_train": 1000, "data.n_val": 200, "data.n_test": 1000, "train.epochs": 5,
-         "eval.grid_size": 1001, "eval.n_generated": 2000, "eval.gap_points": 100, "eval.gap_steps": 100,
+         "eval.grid_size": 1001, "eval.n_generated": 2000, "eval.gap_points": 25, "eval.gap_steps": 50,
          "model.hidden": (16, 16)}
 """Toy size, for `--quick` (reproduce and the studies): the same pipeline well under a minute."""
 
