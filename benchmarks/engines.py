@@ -17,7 +17,7 @@ table gives medians over rounds. The bound is the time the step's matrix product
 1024^3 float32 matmul): what a step costs if everything else were free.
 
     python benchmarks/engines.py [--quick] [--rounds N] [--epochs E] [--replicas R]
-    python benchmarks/engines.py --table      # the README's markdown table, from the saved results
+    python benchmarks/engines.py --table      # docs/speed.md's markdown table, from the saved results
 """
 from __future__ import annotations
 
@@ -227,7 +227,7 @@ def main():
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--epochs", type=int)
     ap.add_argument("--replicas", type=int, default=5, help="seeds trained together by the batched engines")
-    ap.add_argument("--table", action="store_true", help="print the saved results as the README's table")
+    ap.add_argument("--table", action="store_true", help="print the saved results as docs/speed.md's table")
     args = ap.parse_args()
     target = QUICK_RESULTS if args.quick else RESULTS
     if args.table:
@@ -245,7 +245,7 @@ def main():
     target.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nseconds per seed-epoch (x the matmul bound), one core, peak {report['peak_gflops']:.0f} GFLOP/s:\n")
     print(table(report))
-    print(f"\nsetup (lazy initialization, compiles): " + ", ".join(
+    print("\nsetup (lazy initialization, compiles): " + ", ".join(
         f"{r['model']}/{r['engine']} {r['setup_s']:.1f} s" for r in report["rows"] if r["setup_s"] > 1))
     print(f"written {target}")
 

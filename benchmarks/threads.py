@@ -1,5 +1,5 @@
 """Intra-op threads for one training process, idle and under load: the measurement
-behind `mogvae train --threads` defaulting to 1 (README, "Speed").
+behind `mogvae train --threads` defaulting to 1 (docs/speed.md).
 
 Times Trainer.run_epoch (5 seeds, 10,000 points, batch 256, MLPs 64-64) at 1 and
 2 threads, interleaved, first on an idle machine, then with a CPU-bound process

@@ -83,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="also write per-replica curves to DIR/tensorboard (extra: mogvae[tensorboard])")
     t.add_argument("--threads", type=int, default=1,
                    help="intra-op threads (default 1: measured faster for these small matrices, and 15x "
-                        "faster than 2 on a loaded machine; see README)")
+                        "faster than 2 on a loaded machine; see docs/speed.md)")
     w = sub.add_parser("sweep", help="train a grid of runs (SPEC: a train configuration plus [grid]); "
                                      "re-run to resume")
     w.add_argument("spec", type=Path, help="TOML: a `mogvae train` configuration plus a [grid] table "

@@ -57,7 +57,7 @@ class BatchedLinear(nn.Module):
         if self.out_features == 1:
             # A 1-D output (the paper's decoder mean): a batched matrix-vector product, which MKL's
             # bmm runs at a few GFLOP/s, forward and in both gradients (0.7-1.0 ms for 1.6 MFLOP);
-            # a product and a sum over the features instead (README, "Speed").
+            # a product and a sum over the features instead (docs/speed.md).
             return (x * self.weight.transpose(1, 2)).sum(-1, keepdim=True) + self.bias   # [R, B, 1]
         return torch.baddbmm(self.bias, x, self.weight)  # [R, B, O]
 

@@ -3,7 +3,7 @@ paths travel to workers, never user objects; a run is `train_run`, the same
 function whichever executor calls it, on one intra-op thread, so its numbers
 are bitwise the same everywhere.
 
-- local: single-threaded worker processes, one per core (README, "Speed"),
+- local: single-threaded worker processes, one per core (docs/speed.md),
   which die with their driver, even after kill -9, and are asked to stop
   (SIGTERM) before they are killed when the driver stops on its own;
 - dask: an existing Dask distributed scheduler (`--scheduler tcp://HOST:PORT`).

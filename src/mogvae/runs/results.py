@@ -8,7 +8,7 @@
     sweep = mogvae.load("reproduce-out")         # a sweep, study or reproduce folder -> Sweep
     sweep.run("mog-prior").metrics
 
-Nothing here trains or evaluates in a second way: `train` (notebook.py) opens a
+Nothing here trains or evaluates in a second way: `train` (train_api.py) opens a
 RunSession as `mogvae train` does, and the densities are the estimators evaluation calls, with
 the run's own evaluation settings. Loading only reads (storage/files.py's careful
 reads): a folder is never written into, so a notebook can look at a run while a
@@ -27,10 +27,10 @@ import numpy as np
 import torch
 
 from ..storage.files import UnreadableFile, read_csv, read_json, read_npy, read_text
-from .notebook import train
+from .train_api import train
 from .run import SPLITS, RunConfig, RunDir, RunError, stored_config
 
-# mogvae.train lives in notebook.py (it trains a folder, then load()s it) and is exported from here
+# mogvae.train lives in train_api.py (it trains a folder, then load()s it) and is exported from here
 __all__ = ["LoadError", "Run", "Sweep", "UnknownRun", "load", "train"]
 
 

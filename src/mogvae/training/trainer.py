@@ -24,7 +24,7 @@ VAL_NOISE_OFFSET = 7919  # val noise generators: seed + offset, reset each epoch
 VAL_CHUNK = 512          # validation points per pass (see validation_elbo)
 CHUNK_ROWS = 1280        # decoded latent points per replica per pass of a step: a mixture posterior at
                          # R = 20 trains about 1.3x faster than with the whole batch of 256 x 10 at once
-                         # (unchanged at R = 5, whose batch fits the cache, with less memory; README "Speed")
+                         # (unchanged at R = 5, whose batch fits the cache, with less memory; docs/speed.md)
 
 
 def check_device(device: str) -> None:

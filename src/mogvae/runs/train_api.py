@@ -68,7 +68,7 @@ def _release(session) -> None:
 
 @contextlib.contextmanager
 def _threads(n: int):
-    """PyTorch's intra-op threads set to n for the block, as `mogvae train` sets them (README, "Speed":
+    """PyTorch's intra-op threads set to n for the block, as `mogvae train` sets them (docs/speed.md:
     one thread is faster on these small matrices; the numbers are the same), then restored."""
     before = torch.get_num_threads()
     torch.set_num_threads(n)
