@@ -1,6 +1,7 @@
 """The richer families (VampPrior), the sweep's [[grid.also]] cells, and the
 families study end to end at toy size."""
 import csv
+import json
 import math
 
 import numpy as np
@@ -98,3 +99,51 @@ def test_a_vampprior_with_more_pseudo_inputs_than_training_points_is_refused(tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "model.n_components = 20" in err[0] and "data.n_train = 10" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+SMALL_SWEEP = """
+seeds = 2
+[model]
+hidden = [8]
+[data]
+n_train = 200
+n_val = 50
+n_test = 100
+[train]
+epochs = 2
+[eval]
+grid_size = 201
+n_generated = 200
+gap_points = 0
+[grid]
+"model.posterior" = ["gaussian", "mog"]
+"""
+
+
+def test_the_importance_check_is_computed_once_and_recomputed_only_when_its_source_changes(tmp_path, monkeypatch):
+    """figures/importance.json saves the rows with what they came from: a second report reads them; other K,
+    a retrained run (its metrics.csv changes) or a damaged file make it compute again, the same numbers."""
+    from mogvae.estimators import likelihood
+    from mogvae.studies import importance
+    spec, out = tmp_path / "spec.toml", tmp_path / "sweep"
+    spec.write_text(SMALL_SWEEP)
+    assert main(["sweep", str(spec), "--out", str(out), "--workers", "1"]) == 0
+    calls = []
+    real = likelihood.log_likelihood
+    monkeypatch.setattr(likelihood, "log_likelihood", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = importance.importance_rows(out, (1, 10), 20)
+    assert len(first) == 2 * 2 and len(calls) == 2 * (1 + 2)            # per run: quadrature, then each K
+    direct = importance._compute(importance._sampled_runs(out), (1, 10), 20)
+    assert first == json.loads(json.dumps(direct))                      # what was saved is what is computed
+    calls.clear()
+    assert importance.importance_rows(out, (1, 10), 20) == first and calls == []      # read, not sampled
+    assert len(importance.importance_rows(out, (1, 10, 100), 20)) == 2 * 3 and calls  # other K: computed
+    calls.clear()
+    assert importance.importance_rows(out, (1, 10), 20) == first and calls           # computed again, same rows
+    calls.clear()
+    (out / "figures" / importance.SAVED).write_text('{"ks": [1, 10], "points": 20, "rows": "damaged"')
+    assert importance.importance_rows(out, (1, 10), 20) == first and calls
+    calls.clear()
+    metrics = out / "runs" / "model.posterior=mog" / "metrics.csv"
+    metrics.write_text(metrics.read_text() + "\n")                      # a rewritten run: another digest
+    assert importance.importance_rows(out, (1, 10), 20) == first and len(calls) == 2 * (1 + 2)

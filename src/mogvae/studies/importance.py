@@ -1,37 +1,93 @@
 """The importance-sampling estimator validated against quadrature on every
 trained model of a study: its bias (quadrature minus the estimate, averaged
 over points and replicas) against the number of samples K, and how often the
-estimate lies beyond three of its own standard errors from the exact value."""
+estimate lies beyond three of its own standard errors from the exact value.
+
+Computed once: the rows are saved in figures/importance.json with what they were computed from
+(K, the points, and each run's metrics.csv digest, which changes whenever a run is retrained or
+re-evaluated), so a later report of the same runs reads them instead of sampling again (about
+17 min for the families study on defaults)."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
-
 
 from ..report.html import md_text
 from ..runs.sweep import read_record
-from ..storage.files import read_npy, write_csv
+from ..storage.files import UnreadableFile, read_bytes, read_json, read_npy, write_csv, write_json
 
 K_VALUES = (1, 10, 100, 1000, 5000)
 POINTS = 200
+SAVED = "importance.json"     # in figures/: the rows and what they were computed from
+FIELDS = {"run": str, "model": str, "sigma": float, "k": int, "bias": float, "bias_stderr": float,
+          "mean_stderr": float, "beyond_3se": float}
+
+
+def _sampled_runs(out: Path) -> dict[str, Path]:
+    """The finished VAEs of the sweep (an oracle's encoder is not the importance proposal studied)."""
+    runs = {}
+    for cell in read_record(out)["cells"]:
+        run = out / "runs" / cell["name"]
+        if cell["config"]["train"]["objective"] == "elbo" and (run / "metrics.csv").exists():
+            runs[cell["name"]] = run
+    return runs
+
+
+def _source(runs: dict[str, Path], ks, points: int) -> dict:
+    digests = {name: hashlib.sha256(read_bytes(run / "metrics.csv")).hexdigest() for name, run in runs.items()}
+    return {"ks": [int(k) for k in ks], "points": int(points), "runs": digests}
+
+
+def _saved_rows(out: Path, source: dict) -> list[dict] | None:
+    """The saved rows if they were computed from exactly `source` and are well-formed, else None
+    (then they are computed again: a damaged or stale file costs time, never a wrong number)."""
+    path = out / "figures" / SAVED
+    if not path.is_file():
+        return None
+    try:
+        saved = read_json(path)
+    except UnreadableFile:
+        return None
+    if not isinstance(saved, dict) or {k: saved.get(k) for k in source} != source:
+        return None
+    rows = saved.get("rows")
+    ok = isinstance(rows, list) and all(isinstance(r, dict) and set(r) == set(FIELDS) and
+                                        all(_is(r[k], t) for k, t in FIELDS.items()) for r in rows)
+    return rows if ok else None
+
+
+def _is(value, kind: type) -> bool:
+    """JSON's value of a field: a float field may hold an integer, never a boolean."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, kind) or (kind is float and isinstance(value, int))
 
 
 def importance_rows(out: Path, ks=K_VALUES, points: int = POINTS) -> list[dict]:
+    """One row per (VAE run, K), from figures/importance.json when it was computed from these
+    runs, K and points; else computed (every replica, the first `points` test points) and saved."""
+    runs = _sampled_runs(out)
+    source = _source(runs, ks, points)
+    rows = _saved_rows(out, source)
+    if rows is None:
+        rows = _compute(runs, ks, points)
+        write_json(out / "figures" / SAVED, {**source, "rows": rows})
+    return rows
+
+
+def _compute(runs: dict[str, Path], ks, points: int) -> list[dict]:
     from ..estimators.likelihood import log_likelihood
     from ..runs.run import trained_model
-    cells = read_record(out)["cells"]
     rows = []
-    for cell in cells:
-        run = out / "runs" / cell["name"]
-        if cell["config"]["train"]["objective"] != "elbo" or not (run / "metrics.csv").exists():
-            continue
+    for name, run in runs.items():
         model, config, seeds = trained_model(run)
         y = read_npy(run / "data" / "test.npy")[:points]
         exact = log_likelihood(model, y, "quadrature", grid_size=config.eval.grid_size).value
         for k in ks:
             est = log_likelihood(model, y, "importance", n_samples=k, seeds=seeds)
             z = (est.value - exact) / est.error
-            rows.append({"run": cell["name"], "model": f"{config.model.prior}+{config.model.posterior}",
-                         "sigma": config.data.sigma, "k": k, "bias": float((exact - est.value).mean()),
+            rows.append({"run": name, "model": f"{config.model.prior}+{config.model.posterior}",
+                         "sigma": float(config.data.sigma), "k": int(k), "bias": float((exact - est.value).mean()),
                          "bias_stderr": float(est.error.square().sum().sqrt() / est.error.numel()),
                          "mean_stderr": float(est.error.mean()),
                          "beyond_3se": float((z.abs() > 3).double().mean())})
