@@ -140,3 +140,26 @@ def test_a_relative_data_path_is_found_beside_the_configuration_file(tmp_path, c
     assert main(["train", str(folder / "c.toml"), "--out", str(tmp_path / "out")]) == 0, capsys.readouterr().err
     used = json.loads((tmp_path / "out" / "config.json").read_text())["data"]["path"]
     assert Path(used) == folder / "y.csv"
+
+
+def test_a_file_splits_by_fractions_unless_counts_are_set(tmp_path):
+    """Issue 22's case, 7,500 rows of 2-D data: no counts needed. Unset, the splits are the two fractions
+    (0.15, 0.2) and the rest, a seeded shuffle of every row; set (as every run written before fractions
+    existed did), they are exactly the old cut: the first n_train, n_val, n_test rows of the same shuffle."""
+    from mogvae.data.files import FileSource, load_file
+    y = np.random.default_rng(3).normal(size=(7500, 2))
+    path = tmp_path / "ring.npy"
+    np.save(path, y)
+    splits = load_file(FileSource(path=str(path), seed=4)).splits
+    assert {k: len(v) for k, v in splits.items()} == {"train": 7500 - 1125 - 1500, "val": 1125, "test": 1500}
+    together = np.concatenate([splits[k] for k in ("train", "val", "test")])
+    np.testing.assert_array_equal(np.sort(together, 0), np.sort(y, 0))                  # every row once
+    counted = load_file(FileSource(path=str(path), seed=4, n_train=5000, n_val=300, n_test=700)).splits
+    order = np.random.default_rng(4).permutation(7500)                                  # the old cut, by hand
+    for name, (a, b) in {"train": (0, 5000), "val": (5000, 5300), "test": (5300, 6000)}.items():
+        np.testing.assert_array_equal(counted[name], y[order[a:b]])
+    with pytest.raises(DataError, match="leave them unset to split every row"):
+        load_file(FileSource(path=str(path), n_train=7000))
+    with pytest.raises(DataError, match="leave the val split empty"):
+        np.save(path, y[:3])
+        load_file(FileSource(path=str(path)))

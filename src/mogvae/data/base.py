@@ -21,11 +21,12 @@ class SplitsSection(Strict):
                          "variance); also the decoder's known noise (its initial value where learned). At least "
                          "1e-3: below it the truth's quadrature needs millions of nodes and the model's posterior is "
                          "narrower than the evaluation grid")
-    n_train: int = Field(10_000, ge=1, le=MAX_POINTS, description="training points (tabular: at most this many)")
+    n_train: int = Field(10_000, ge=1, le=MAX_POINTS, description="training points (tabular: at most this many; "
+                         "file: unset, the rows the two fractions leave)")
     n_val: int = Field(2_000, ge=1, le=MAX_POINTS, description="validation points, the ELBO curve in history (tabular: "
-                       "at most)")
+                       "at most; file: unset, val_fraction of the rows)")
     n_test: int = Field(10_000, ge=1, le=MAX_POINTS, description="held-out points for the exact evaluation (tabular: "
-                        "at most)")
+                        "at most; file: unset, test_fraction of the rows)")
     seed: int = Field(0, ge=0, description="seed of the data draws (or of the shuffle of a file or data set)")
 
     @model_validator(mode="before")

@@ -13,7 +13,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from .base import DataSource, Source, SplitsSection, UnknownTruth
+from .base import MAX_POINTS, DataSource, Source, SplitsSection, UnknownTruth
 
 
 class DataError(ValueError):
@@ -262,24 +262,45 @@ def load_data_file(path) -> np.ndarray:
     return y
 
 
-def split_file_data(y: np.ndarray, sizes: dict[str, int], seed: int, path="data") -> dict[str, np.ndarray]:
-    """A seeded shuffle of a data file cut into the requested splits."""
-    need = sum(sizes.values())
-    if need > len(y):
-        raise DataError(f"{path}: {len(y)} rows, but the splits ask for {need} ({sizes})")
+class FileSource(SplitsSection):
+    """Your own values: one row per point, one column per dimension (truth unknown: those metrics are NaN).
+    The rows are shuffled by `seed` and split by the two fractions; a count set for a split takes exactly
+    that many rows instead (a run written before fractions existed set all three)."""
+    name: Literal["file"] = "file"
+    path: str = Field(min_length=1, description="a .npy, .csv or .txt, one point per row (columns: dimensions); a relative path "
+                      "is relative to where it is written: a file's folder, or the current directory for --set")
+    n_train: int | None = Field(None, ge=1, le=MAX_POINTS, description="training rows (unset: every row the "
+                                "validation and test splits leave)")
+    n_val: int | None = Field(None, ge=1, le=MAX_POINTS, description="validation rows (unset: val_fraction of the rows)")
+    n_test: int | None = Field(None, ge=1, le=MAX_POINTS, description="test rows (unset: test_fraction of the rows)")
+    val_fraction: float = Field(0.15, gt=0, lt=0.5, description="the share of rows in the validation split")
+    test_fraction: float = Field(0.2, gt=0, lt=0.5, description="the share of rows in the test split")
+
+    def sizes_for(self, rows: int) -> dict[str, int]:
+        """Rows per split for a file of `rows` rows; DataError, saying what to set, where they do not fit."""
+        val = self.n_val if self.n_val is not None else round(self.val_fraction * rows)
+        test = self.n_test if self.n_test is not None else round(self.test_fraction * rows)
+        train = self.n_train if self.n_train is not None else rows - val - test
+        sizes = {"train": train, "val": val, "test": test}
+        if sum(sizes.values()) > rows:
+            raise DataError(f"{self.path}: {rows} rows, but the splits ask for {sum(sizes.values())} "
+                            f"({', '.join(f'n_{k} = {v}' for k, v in sizes.items())}): lower data.n_train, n_val or "
+                            "n_test, or leave them unset to split every row by data.val_fraction and test_fraction")
+        empty = [k for k, v in sizes.items() if v < 1]
+        if empty:
+            raise DataError(f"{self.path}: {rows} rows leave the {empty[0]} split empty at data.val_fraction = "
+                            f"{self.val_fraction:g} and test_fraction = {self.test_fraction:g}: use a file of more rows")
+        return sizes
+
+
+def split_file_data(y: np.ndarray, sizes: dict[str, int], seed: int) -> dict[str, np.ndarray]:
+    """A seeded shuffle of a data file cut into the requested splits (sizes that fit: sizes_for)."""
     order = np.random.default_rng(seed).permutation(len(y))
     out, start = {}, 0
     for name, n in sizes.items():
         out[name] = y[order[start:start + n]]
         start += n
     return out
-
-
-class FileSource(SplitsSection):
-    """Your own values: one row per point, one column per dimension (truth unknown: those metrics are NaN)."""
-    name: Literal["file"] = "file"
-    path: str = Field(min_length=1, description="a .npy, .csv or .txt, one point per row (columns: dimensions); a relative path "
-                      "is relative to where it is written: a file's folder, or the current directory for --set")
 
 
 def load_file(d: FileSource) -> Source:
@@ -289,7 +310,8 @@ def load_file(d: FileSource) -> Source:
     if len(constant):    # no spread to model: its std ratio and every density in it would be degenerate
         raise DataError(f"{d.path}: column {constant[0] + 1} holds one value ({flat[0, constant[0]]:g}) in every row; "
                         "drop constant columns first")
-    return Source(split_file_data(y, d.sizes(), d.seed, d.path), UnknownTruth(), 1 if y.ndim == 1 else y.shape[1])
+    splits = split_file_data(y, d.sizes_for(len(y)), d.seed)
+    return Source(splits, UnknownTruth(), 1 if y.ndim == 1 else y.shape[1])
 
 
 SOURCE = DataSource(FileSource, load_file)

@@ -80,7 +80,8 @@ class RunConfig(Strict):
     @model_validator(mode="after")
     def _pseudo_inputs_fit_the_data(self):
         m = self.resolved_model()
-        if getattr(PRIORS[m.prior], "uses_training_points", False) and m.n_components > self.data.n_train:
+        n = self.data.n_train      # None for a file split by fractions: check_fits checks it once the file is read
+        if getattr(PRIORS[m.prior], "uses_training_points", False) and n is not None and m.n_components > n:
             raise ValueError(f"model.n_components = {m.n_components} pseudo-inputs for a VampPrior, but data.n_train "
                              f"= {self.data.n_train}: pseudo-inputs stand in for training points, so use at most "
                              f"{self.data.n_train}")

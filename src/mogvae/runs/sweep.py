@@ -316,7 +316,7 @@ def _cost(cell: Cell) -> float:
     # a mixture decodes a draw per component; a flow measured 1.2x a Gaussian's step
     per_point = getattr(POSTERIORS[m.posterior], "decoded_per_point", lambda k: 1)(m.n_components)
     per_point = max(per_point, OBJECTIVES[c.train.objective].step_cost(c.train))
-    return per_point * c.seeds * c.train.epochs * c.data.n_train
+    return per_point * c.seeds * c.train.epochs * (c.data.n_train or 10_000)   # a file's split: known once read
 
 
 def execute(sweep: SweepDir, cells: list[Cell], workers: int = 0, scheduler: str | None = None,
