@@ -198,3 +198,18 @@ def test_tensorboard_curves_are_the_history_per_replica(tiny, tmp_path, capsys):
             assert [s.step for s in scalars] == [h["epoch"] for h in history]
             assert [s.value for s in scalars] == pytest.approx([h[key][r] for h in history], rel=1e-6)
 
+
+
+def test_train_ends_with_its_results_table_from_metrics_csv(tiny, tmp_path, capsys):
+    """Results where the user looks (issue 22): the table mogvae train prints is metrics.csv's mean ± sd."""
+    import csv
+
+    import numpy as np
+    out = tmp_path / "out"
+    assert main(["train", str(tiny), "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    ll = np.array([float(r["test_log_likelihood"]) for r in rows if r["diverged"] == "False"])
+    expected = f"{ll.mean():.4f} ± {ll.std(ddof=1) if len(ll) > 1 else 0:.4f}"
+    assert "mean ± sd over seeds" in printed.out and expected in printed.out, printed.out   # results: stdout
+    assert printed.err.rstrip().endswith(f"done: {out / 'metrics.csv'}")                    # progress: stderr

@@ -197,21 +197,22 @@ def reproduce(args) -> int:
     with SweepProgress(console, {c.name: c.config.train.epochs for c in pending}, len(cells) - len(pending)) as p:
         study.run(config, sweep, p, scheduler=scheduler, tensorboard=getattr(args, "tensorboard", False))
     report = _reproduce_report(args.out)
-    _print_table(console, args.out, list(config.models))
+    _print_table(console, args.out / "metrics.csv", list(config.models))
     console.print(f"done in {time.perf_counter() - start:.1f} s: {report} and {report.with_suffix('.html')}",
                   highlight=False, soft_wrap=True)
     return 0
 
 
-def _print_table(console, out: Path, models: list[str]) -> None:
+def _print_table(console, path: Path, names: list[str], by: str | None = "model", first: str = "model") -> None:
+    """The results a command ends with: per model (or run), mean ± sd over seeds of metrics.csv."""
     from rich.console import Console
     from rich.table import Table
 
     from .report.statistics import TABLE, load_metrics, summary_rows
     table = Table(title="mean ± sd over seeds (nats per test point)")
-    for label in ["model", "runs", "diverged", *(t[1] for t in TABLE)]:
-        table.add_column(label, justify="left" if label == "model" else "right")
-    for row in summary_rows(load_metrics(out / "metrics.csv"), models):
+    for label in [first, "runs", "diverged", *(t[1] for t in TABLE)]:
+        table.add_column(label, justify="left" if label == first else "right")
+    for row in summary_rows(load_metrics(path, by, label=names[0]), names):
         table.add_row(*row)
     # wide enough for every column on one line: a log file gets the table's natural width, never wrapped cells
     Console(width=max(console.width, 190) if console.is_terminal else 10_000).print(table)
@@ -244,6 +245,8 @@ def train(args) -> int:
     args.after_interrupt = f"{args.out} keeps its last checkpoint: re-run the same command to resume"
     with EpochProgress(console, {"training": config.train.epochs}, {"training": session.trainer.epoch}) as progress:
         metrics = session.train(on_epoch=lambda e: progress.update("training", e), tensorboard=args.tensorboard)
+    model = config.resolved_model()
+    _print_table(console, metrics, [config.preset or f"{model.prior}+{model.posterior}"], by=None)
     log(f"done: {metrics}")
     return 0
 
@@ -286,6 +289,7 @@ def _run_sweep(args, base: dict, grid: dict, cells, title: str, study: str | Non
         execute(folder, cells, workers=args.workers or 0, scheduler=args.scheduler, progress=p,
                 tensorboard=args.tensorboard)
     report = _sweep_report(args.out)
+    _print_table(console, args.out / "metrics.csv", [c.name for c in cells], by="run", first="run")
     console.print(f"done in {time.perf_counter() - start:.1f} s: {report} and {report.with_suffix('.html')}",
                   highlight=False, soft_wrap=True)
     return 0

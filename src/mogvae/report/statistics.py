@@ -44,15 +44,16 @@ def t_interval(x: np.ndarray) -> Interval:
     return Interval(float(x.mean()), float(x.mean() - half), float(x.mean() + half), len(x))
 
 
-def load_metrics(path: Path, by: str = "model") -> dict[str, dict[int, dict[str, float]]]:
+def load_metrics(path: Path, by: str | None = "model", label: str = "run") -> dict[str, dict[int, dict[str, float]]]:
     """metrics.csv as {model (or run): {seed: {column: value}}}; diverged runs carry NaN metrics.
+    by = None: one group, `label` (a run folder's metrics.csv, which has no model column).
     A table that is not the one mogvae wrote is refused in one line (UnreadableFile)."""
     out: dict[str, dict[int, dict[str, float]]] = {}
     try:
         for row in read_csv(path):
             values = {k: (v if k in TEXT_COLUMNS else float(v)) for k, v in row.items()
                       if k != "seed" and "." not in k}
-            out.setdefault(row[by], {})[int(row["seed"])] = values
+            out.setdefault(row[by] if by else label, {})[int(row["seed"])] = values
     except (KeyError, ValueError) as e:
         if isinstance(e, UnreadableFile):
             raise
