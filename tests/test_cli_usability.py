@@ -213,3 +213,28 @@ def test_train_ends_with_its_results_table_from_metrics_csv(tiny, tmp_path, caps
     expected = f"{ll.mean():.4f} ± {ll.std(ddof=1) if len(ll) > 1 else 0:.4f}"
     assert "mean ± sd over seeds" in printed.out and expected in printed.out, printed.out   # results: stdout
     assert printed.err.rstrip().endswith(f"done: {out / 'metrics.csv'}")                    # progress: stderr
+
+
+def test_report_takes_a_run_folder_and_the_run_stays_resumable(tiny, tmp_path, capsys):
+    """mogvae report RUN (issue 22): the one report for a run, its numbers from metrics.csv, its files
+    named by the run's layout, so that the run is still its own (a re-run says it is complete)."""
+    import csv
+
+    import numpy as np
+    out = tmp_path / "out"
+    assert main(["train", str(tiny), "--out", str(out)]) == 0
+    assert main(["report", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    ll = np.array([float(r["test_log_likelihood"]) for r in rows if r["diverged"] == "False"])
+    expected = f"{ll.mean():.4f} ± {ll.std(ddof=1) if len(ll) > 1 else 0:.4f}"
+    assert expected in report and "![training](figures/training.png)" in report
+    assert (out / "report.html").is_file() and (out / "figures" / "training.png").is_file()
+    capsys.readouterr()
+    assert main(["train", str(tiny), "--out", str(out)]) == 0
+    assert "run complete" in capsys.readouterr().err
+    unfinished = tmp_path / "unfinished"
+    assert main(["train", str(tiny), "--out", str(unfinished), "--set", "train.epochs=1"]) == 0
+    (unfinished / "metrics.csv").unlink()
+    capsys.readouterr()
+    assert one_line_error(["report", unfinished], capsys).endswith("re-run its mogvae train command to finish it")

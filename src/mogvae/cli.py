@@ -113,9 +113,9 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--extend", action="store_true",
                     help="let a re-run add cells to the folder's grid (finished runs are kept; "
                          "a changed or removed cell is still refused)")
-    rp = sub.add_parser("report", help="write report.md and report.html of a sweep or reproduce folder, "
-                                       "from its saved files")
-    rp.add_argument("dir", type=Path, help="a folder written by mogvae sweep or mogvae reproduce")
+    rp = sub.add_parser("report", help="write report.md and report.html of a run, sweep, study or reproduce "
+                                       "folder, from its saved files")
+    rp.add_argument("dir", type=Path, help="a folder written by mogvae train, sweep, study or reproduce")
     c = sub.add_parser("config", help="print every configuration key with its default and meaning, as TOML")
     c.add_argument("--show", action="store_true", help="print the defaults (the only action; the default)")
     return p
@@ -320,23 +320,47 @@ def study(args) -> int:
 
 
 def report(args) -> int:
-    """Rewrite a finished folder's report. The folder's lock is taken first: a sweep that is
-    still running (or extending) writes its own report when it finishes."""
+    """Rewrite a finished folder's report: a run, a sweep, a study or reproduce. The folder's lock
+    is taken first: one still training (or extending) writes its own report when it finishes."""
     from .storage.folders import OutputError, check_own_folders, read_manifest, remove_stale_temporaries, take_lock
     layout = read_manifest(args.dir) if args.dir.is_dir() else None
-    if layout is None or layout.kind not in ("sweep", "reproduce"):
-        raise UsageError(f"{args.dir}: not a folder written by mogvae sweep or mogvae reproduce")
+    if layout is None or layout.kind not in ("run", "sweep", "reproduce"):
+        raise UsageError(f"{args.dir}: not a folder written by mogvae train, sweep, study or reproduce")
     args.out = args.dir        # where a full disk's message points
-    try:
-        check_own_folders(args.dir, layout, option="report")
-        lock = take_lock(args.dir, "sweep")
-    except OutputError as e:
-        raise UsageError(f"{e} (it writes its report when it finishes)") from None
-    with lock:
-        remove_stale_temporaries(args.dir, layout)   # of a report that was killed mid-write
-        path = _sweep_report(args.dir) if layout.kind == "sweep" else _reproduce_report(args.dir)
+    if layout.kind == "run":
+        path = _run_report(args.dir)
+    else:
+        try:
+            check_own_folders(args.dir, layout, option="report")
+            lock = take_lock(args.dir, "sweep")
+        except OutputError as e:
+            raise UsageError(f"{e} (it writes its report when it finishes)") from None
+        with lock:
+            remove_stale_temporaries(args.dir, layout)   # of a report that was killed mid-write
+            path = _sweep_report(args.dir) if layout.kind == "sweep" else _reproduce_report(args.dir)
     print(f"{path} and {path.with_suffix('.html')}")
     return 0
+
+
+def _run_report(folder: Path) -> Path:
+    """A finished run folder's report, written under its lock (claimed as a run: an older run
+    folder's manifest gains the report's names)."""
+    from .report.sweep import write_run_report
+    from .runs.run import RunConfig, RunDir, RunError, stored_config
+    from .storage.files import read_json
+    run = RunDir(folder)
+    try:
+        run.lock()
+    except RunError as e:
+        raise UsageError(f"{e} (it writes its results when it finishes)") from None
+    try:
+        config = RunConfig(**stored_config(read_json(folder / "config.json")))
+        if not (folder / "metrics.csv").is_file():
+            raise UsageError(f"{folder}: the run has not finished; re-run its mogvae train command to finish it")
+        model = config.resolved_model()
+        return write_run_report(folder, config.preset or f"{model.prior}+{model.posterior}")
+    finally:
+        run.release()
 
 
 def _sweep_report(out: Path) -> Path:

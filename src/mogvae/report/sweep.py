@@ -135,7 +135,6 @@ def write_sweep_report(out: Path, present: Callable[[str, Path], tuple | None] |
     studies/ sits above report/). `study` names it where sweep.json does not (a reproduce
     folder written before reproduce was the study `paper`)."""
     from ..runs.sweep import read_record
-    from .figures import sweep_figures
     out = Path(out)
     record = read_record(out)
     title, cells = title or record.get("title", "mogvae sweep"), record["cells"]
@@ -146,23 +145,42 @@ def write_sweep_report(out: Path, present: Callable[[str, Path], tuple | None] |
     if not cells:
         raise UnreadableFile(f"{out}: no run of this sweep has finished yet; re-run its command to train them")
     own = present(study, out) if present and study and not unfinished else None
-    lead, first_figures = own or ([], [])
     names = _figure_names(cells)
-    figures = [*first_figures, *sweep_figures(out, {names[c["name"]]: out / "runs" / c["name"] for c in cells})]
+    return _write(out, str(title), cells, metrics, {names[c["name"]]: out / "runs" / c["name"] for c in cells},
+                  own or ([], []), unfinished)
+
+
+def write_run_report(run: Path, label: str) -> Path:
+    """report.md and report.html of one run folder (`mogvae train`'s), `label` naming its model:
+    the same report as a sweep of that one run, with the figures in the run's own figures/."""
+    run = Path(run)
+    metrics = load_metrics(run / "metrics.csv", by=None, label=label)
+    return _write(run, f"mogvae train: {label}", [{"name": label, "values": {}}], metrics, {label: run}, ([], []), [])
+
+
+def _write(out: Path, title: str, cells: list[dict], metrics: dict, runs: dict[str, Path], own: tuple,
+           unfinished: list[str]) -> Path:
+    """The one report: a study's own lines and figures first, then per run, paired comparisons,
+    divergence, exactness and the figures (training curves, each run's model figure)."""
+    from .figures import sweep_figures
+    lead, first_figures = own
+    figures = [*first_figures, *sweep_figures(out, runs)]
     seeds = sorted({len(m) for m in metrics.values()})
     lines = [f"# {md_text(title)}", "",
              *([f"**Unfinished:** {len(unfinished)} of {len(unfinished) + len(cells)} runs have not finished; this "
                 "report shows the others (a study's own reading waits for all of them).", ""] if unfinished else []),
-             f"{len(cells)} runs, {'/'.join(map(str, seeds))} seed(s) each; {_how_evaluated(metrics)}, "
+             f"{len(cells)} run{'s' if len(cells) > 1 else ''}, {'/'.join(map(str, seeds))} seed(s) each; "
+             f"{_how_evaluated(metrics)}, "
              "in nats per test point; mean ± sd over seeds, diverged replicas excluded.", "", *lead,
              "## Per run", "", *cell_table(cells, metrics), "",
-             "## Paired comparisons", "",
-             "Mean difference over seeds with its 95% t interval; ** marks an interval that excludes zero.",
-             *comparisons(cells, metrics), "", "## Divergence", "", *divergence_lines(cells, metrics), "",
+             *(["## Paired comparisons", "",
+                "Mean difference over seeds with its 95% t interval; ** marks an interval that excludes zero.",
+                *comparisons(cells, metrics), ""] if len(cells) > 1 else []),
+             "## Divergence", "", *divergence_lines(cells, metrics), "",
              "## Exactness", "", *exactness_lines(cells, metrics), "",
              "## Figures", "", *(f"![{md_text(p.stem)}](figures/{p.name})" for p in figures), ""]
     report = write_text(out / "report.md", "\n".join(lines))
-    write_html(report, str(title))
+    write_html(report, title)
     return report
 
 

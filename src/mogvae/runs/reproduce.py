@@ -16,6 +16,7 @@ from ..config.schema import ReproduceConfig
 from ..data.paper import PaperProcess
 from ..storage.files import MAX_ARRAY_BYTES, atomic_write_bytes, read_bytes, read_npy, write_json
 from ..storage.folders import Layout
+from .run import RUN_NAMES
 from .sweep import Cell, SweepDir, execute, expand, run_layout_files, versions
 
 SPLITS = ("train", "val", "test")
@@ -24,8 +25,7 @@ STUDY = "paper"   # the built-in study it is (studies/paper.py): its reading lea
 FIGURES = ("truth", "comparison", "training")
 NAMES = re.compile(r"(config|truth|sweep|timing)\.json|metrics\.csv|report\.(md|html)|data/(train|val|test)\.npy"
                    r"|figures/[a-z0-9-]+\.(png|csv)|runs/preset=[a-z0-9-]+/(\.mogvae-manifest\.json|\.lock|"
-                   r"config\.json|history\.jsonl|metrics\.csv|curves\.npz|status\.json|data/(train|val|test)\.npy"
-                   r"|checkpoints/epoch-(\[0-9\]){6}\.safetensors|tensorboard/events\.out\.tfevents\.\*)")
+                   + RUN_NAMES.pattern + ")")     # each model's run folder: the names a run folder may hold
 
 
 def spec(config: ReproduceConfig) -> tuple[dict, dict]:

@@ -48,9 +48,10 @@ KEEP_CHECKPOINTS = 2
 SPLITS = ("train", "val", "test")
 CHECKPOINT_NAME = "epoch-[0-9][0-9][0-9][0-9][0-9][0-9].safetensors"  # only these are ours: others are never read or deleted
 RUN_LAYOUT = Layout("run", files=("config.json", "history.jsonl", "metrics.csv", "curves.npz", "status.json",
-                                  *(f"data/{s}.npy" for s in SPLITS)),
-                    patterns=(f"checkpoints/{CHECKPOINT_NAME}", "tensorboard/events.out.tfevents.*"))
+                                  "report.md", "report.html", *(f"data/{s}.npy" for s in SPLITS)),
+                    patterns=(f"checkpoints/{CHECKPOINT_NAME}", "tensorboard/events.out.tfevents.*", "figures/*"))
 RUN_NAMES = re.compile(r"config\.json|history\.jsonl|metrics\.csv|curves\.npz|status\.json|data/(train|val|test)\.npy"
+                       r"|report\.(md|html)|figures/\*"
                        r"|checkpoints/epoch-(\[0-9\]){6}\.safetensors|tensorboard/events\.out\.tfevents\.\*")
 
 
@@ -167,6 +168,12 @@ class RunDir:
         except OutputError as e:
             raise RunError(str(e)) from None
         remove_stale_temporaries(self.path, RUN_LAYOUT)
+
+    def release(self) -> None:
+        """Give the lock up now (a process that keeps the RunDir, a notebook, need not hold the folder)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def announce(self) -> None:
         """Write this process into the lock it holds (left unwritten until there is work to do)."""

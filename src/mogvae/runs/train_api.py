@@ -61,9 +61,7 @@ def _open_session(config: RunConfig, out: Path, log):
 def _release(session) -> None:
     """Give up the folder's lock now, not when the session is collected: a notebook may hold it
     (or a traceback through it) for hours, and the next train of the same folder would be refused."""
-    lock = getattr(session.run, "_lock", None)
-    if lock is not None:
-        lock.close()
+    session.run.release()
 
 
 @contextlib.contextmanager
