@@ -163,3 +163,26 @@ def test_a_file_splits_by_fractions_unless_counts_are_set(tmp_path):
     with pytest.raises(DataError, match="leave the val split empty"):
         np.save(path, y[:3])
         load_file(FileSource(path=str(path)))
+
+
+def test_a_file_run_begun_with_counts_resumes_from_a_configuration_without_them(tmp_path, capsys):
+    """A run written before fractions existed recorded all three counts (they were required); its
+    configuration file, which never set them, still resumes it: on the same cut, not a refusal."""
+    data = tmp_path / "y.npy"
+    np.save(data, GOOD)
+    with_counts = tmp_path / "old.toml"
+    with_counts.write_text(CONFIG.format(path=data))
+    out = tmp_path / "out"
+    assert main(["train", str(with_counts), "--out", str(out), "--set", "train.epochs=1"]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    for key in ("val_fraction", "test_fraction"):              # what the earlier version wrote
+        del saved["data"][key]
+    (out / "config.json").write_text(json.dumps(saved))
+    without = tmp_path / "new.toml"
+    without.write_text(CONFIG.format(path=data).replace("n_train = 150\nn_val = 20\nn_test = 30\n", ""))
+    capsys.readouterr()
+    assert main(["train", str(without), "--out", str(out), "--set", "train.epochs=1"]) == 0
+    assert "run complete" in capsys.readouterr().err
+    fresh = tmp_path / "fresh"                                 # a new folder splits by the fractions
+    assert main(["train", str(without), "--out", str(fresh), "--set", "train.epochs=1"]) == 0
+    assert len(np.load(fresh / "data" / "test.npy")) == round(0.2 * len(GOOD))

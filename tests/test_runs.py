@@ -145,3 +145,21 @@ def test_the_documented_example_configuration_is_valid():
     from mogvae.runs.run import load_run_config
     config = load_run_config(Path(__file__).parents[1] / "examples" / "run.toml", ["train.epochs=3"])
     assert config.preset == "mog-prior" and config.train.on_divergence == "rollback" and config.train.epochs == 3
+
+
+def test_a_session_that_fails_after_taking_the_lock_gives_it_back(tmp_path, monkeypatch):
+    """Any failure while opening (here, building the trainer) releases the folder: the same process,
+    still holding the exception (a notebook's last traceback), can open the run again."""
+    import mogvae.runs.run as run_module
+    from mogvae.runs.run import RunSession, load_run_config
+    config = load_run_config(write_config(tmp_path, epochs=1), [])
+    real = run_module.Trainer
+
+    def broken(*a, **k):
+        raise RuntimeError("no trainer")
+    monkeypatch.setattr(run_module, "Trainer", broken)
+    with pytest.raises(RuntimeError) as held:
+        RunSession(config, tmp_path / "out", log=lambda m: None)
+    monkeypatch.setattr(run_module, "Trainer", real)
+    session = RunSession(config, tmp_path / "out", log=lambda m: None)   # not "in use by another mogvae process"
+    assert held.value is not None and session.trainer.epoch == 0

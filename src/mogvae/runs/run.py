@@ -197,7 +197,10 @@ class RunDir:
         if diff:
             raise RunError(f"{self.path}: was started with a different configuration: " + ", ".join(diff))
         if record:
-            self._check_same_data(old_record, record)
+            try:
+                self._check_same_data(old_record, record)
+            except UnreadableFile as e:
+                raise RunError(str(e)) from None
         # the checkpoints of a folder written by an earlier version carry the hash of its config.json
         self.config_hash = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()
 
@@ -318,7 +321,7 @@ class RunSession:
     Everything that can be refused is checked on opening, before any training."""
 
     def __init__(self, config: RunConfig, out: Path, log=print, wait_for_lock: bool = False):
-        config = with_absolute_paths(config)
+        config = recorded_file_counts(with_absolute_paths(config), Path(out))
         self.config, self.run = config, RunDir(out)
         try:
             check_evaluable(config.resolved_model(), config.eval, config.train, config.data, config.seeds)
@@ -331,6 +334,13 @@ class RunSession:
         self.data, self.process, self.data_dim = source.splits, source.truth, source.data_dim
         check_fits(config, source)
         self.run.lock(wait=wait_for_lock)
+        try:
+            self._open(config, source, out, log)
+        except BaseException:        # a refusal, a full disk, Ctrl-C: the folder is not left locked by this process
+            self.run.release()
+            raise
+
+    def _open(self, config: RunConfig, source, out: Path, log) -> None:
         self.run.claim(config, data_record(config.data, source.splits))
         self.seeds = [replica_seed(config.base_seed, i) for i in range(config.seeds)]
         self.model = build_model(config.resolved_model(), replicas=len(self.seeds), data_dim=self.data_dim,
@@ -387,6 +397,30 @@ class RunSession:
                                               "done": True, "diverged": sum(history.diverged),
                                               "events": history.events, "train_seconds": train_seconds})
         return run.path / "metrics.csv"
+
+
+FILE_COUNTS = ("n_train", "n_val", "n_test")
+
+
+def recorded_file_counts(config: RunConfig, out: Path) -> RunConfig:
+    """A file split left to its fractions, resuming a folder whose config.json recorded the three
+    counts (a run begun before fractions existed, when counts were the only way), takes those
+    counts: the same cut the run began on, not a refusal for asking the same thing."""
+    d = config.data
+    path = out / "config.json"
+    if d.name != "file" or any(getattr(d, k) is not None for k in FILE_COUNTS) or not path.is_file():
+        return config
+    try:
+        old = stored_config(read_json(path))
+    except (UnreadableFile, TypeError, KeyError):
+        return config             # claim() refuses a damaged record in its own words
+    data = old.get("data") if isinstance(old, dict) else None
+    if not isinstance(data, dict) or data.get("name") != "file" or any(k in data for k in ("val_fraction", "test_fraction")):
+        return config
+    counts = {k: data.get(k) for k in FILE_COUNTS}
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in counts.values()):
+        return config
+    return config.model_copy(update={"data": d.model_copy(update=counts)})
 
 
 def check_fits(config: RunConfig, source) -> None:
