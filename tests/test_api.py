@@ -234,3 +234,6 @@ def test_a_sweep_folder_loads_as_runs_that_agree_with_its_metrics(tmp_path):
     assert abs(sweep.run("mfg").log_prob(y, replica=1).mean()
                - float(next(r for r in rows if r["run"] == "preset=mfg" and r["seed"] == "1")["test_log_likelihood"])) < 1e-9
     assert snapshot(out) == before
+    # one damaged run does not make its neighbours unreadable by name
+    (out / "runs" / "preset=mog-prior" / "config.json").write_text('{"seeds": "many"}')
+    assert sweep.run("mfg").metrics.shape[0] == 2

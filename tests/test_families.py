@@ -143,6 +143,11 @@ def test_the_importance_check_is_computed_once_and_recomputed_only_when_its_sour
     calls.clear()
     (out / "figures" / importance.SAVED).write_text('{"ks": [1, 10], "points": 20, "rows": "damaged"')
     assert importance.importance_rows(out, (1, 10), 20) == first and calls
+    saved = json.loads((out / "figures" / importance.SAVED).read_text())
+    for rows in ([], [{**first[0], "run": "elsewhere"}, *first[1:]], [*first, first[0]]):   # the source matches,
+        (out / "figures" / importance.SAVED).write_text(json.dumps({**saved, "rows": rows}))  # the rows do not
+        calls.clear()
+        assert importance.importance_rows(out, (1, 10), 20) == first and calls
     calls.clear()
     metrics = out / "runs" / "model.posterior=mog" / "metrics.csv"
     metrics.write_text(metrics.read_text() + "\n")                      # a rewritten run: another digest

@@ -27,3 +27,8 @@ class Estimator:
     fits: Callable[[int, int], bool]                 # (latent_dim, eval.grid_size) -> usable
     log_likelihood: Callable[..., Estimate]          # (model, y, *, n_samples, seeds, grid_size, grid_span)
     evaluation_terms: Callable[..., dict]            # (model, y_test, y_grid, eval config, seeds) -> terms
+    needs: str = ""                                  # where it fits, in words, for a refusal
+    affordable: Callable[[int, int], bool] | None = None   # where "auto" takes it (default: wherever it fits)
+
+    def chosen_by_auto(self, latent_dim: int, grid_size: int) -> bool:
+        return self.fits(latent_dim, grid_size) and (self.affordable is None or self.affordable(latent_dim, grid_size))

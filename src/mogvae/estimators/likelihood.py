@@ -44,13 +44,18 @@ IMPORTANCE_OFFSET = 130363       # evaluation's importance-sampling draws: repli
 def choose(method: str, latent_dim: int, grid_size: int = 2001) -> Estimator:
     """The estimator `method` names, or for "auto" the first registered one that fits."""
     if method == "auto":
-        return next(e for e in ESTIMATORS.values() if e.fits(latent_dim, grid_size))
+        fitting = [e for e in ESTIMATORS.values() if e.chosen_by_auto(latent_dim, grid_size)]
+        if not fitting:
+            raise ValueError(f"no registered estimator fits latent_dim = {latent_dim} with grid_size = {grid_size}")
+        return fitting[0]
     if method not in ESTIMATORS:
         raise ValueError(f"unknown method {method!r}; choose from {['auto', *ESTIMATORS]}")
-    if not ESTIMATORS[method].fits(latent_dim, grid_size):
-        raise ValueError(f"{method} does not fit latent_dim = {latent_dim} with {grid_size} nodes per axis "
-                         "(quadrature needs latent_dim <= 2): use method='importance'")
-    return ESTIMATORS[method]
+    estimator = ESTIMATORS[method]
+    if not estimator.fits(latent_dim, grid_size):
+        others = [name for name, e in ESTIMATORS.items() if e.fits(latent_dim, grid_size)]
+        raise ValueError(f"method={method!r} does not fit latent_dim = {latent_dim} with grid_size = {grid_size}: "
+                         f"it needs {estimator.needs or 'another model'}" + (f"; use method={others[0]!r}" if others else ""))
+    return estimator
 
 
 def log_likelihood(model: VAE, y, method: str = "auto", *, n_samples: int = 5000, seeds: list[int] | None = None,

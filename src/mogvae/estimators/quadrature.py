@@ -303,7 +303,8 @@ def quadrature_log_likelihood(model: VAE, y, *, grid_size: int = 2001, grid_span
     return Estimate(exact.log_p, (exact.log_p - exact.log_p_coarse).abs(), "quadrature")
 
 
-QUADRATURE = Estimator("quadrature", exact=True,
-                       fits=lambda latent_dim, grid_size: latent_dim <= MAX_LATENT
-                       and grid_size ** latent_dim <= MAX_GRID_NODES,
-                       log_likelihood=quadrature_log_likelihood, evaluation_terms=quadrature_terms)
+QUADRATURE = Estimator("quadrature", exact=True, fits=lambda latent_dim, grid_size: latent_dim <= MAX_LATENT,
+                       log_likelihood=quadrature_log_likelihood, evaluation_terms=quadrature_terms,
+                       needs=f"latent_dim <= {MAX_LATENT}",
+                       # "auto" takes it where the grid stays within evaluation's memory (asked by name, it runs larger)
+                       affordable=lambda latent_dim, grid_size: grid_size ** latent_dim <= MAX_GRID_NODES)

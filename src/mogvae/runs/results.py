@@ -392,16 +392,16 @@ class Sweep:
 
             sweep.run("mog-prior").model(replica=0)
         """
-        runs = self.runs
-        if name in runs:
-            return runs[name]
-        matches = [c["name"] for c in self._record["cells"] if c["values"].get("preset") == name]
-        if len(matches) == 1:
-            return runs[matches[0]]
-        if matches:
-            raise UnknownRun(f"{name!r} is the preset of {len(matches)} runs in {self.path}: name one of "
-                             f"{', '.join(matches)}")
-        raise UnknownRun(f"no run named {name!r} in {self.path}; its runs: {', '.join(runs) or 'none'}")
+        cells = {c["name"]: c for c in self._record["cells"]}     # only the named run is opened: a damaged
+        if name not in cells:                                     # neighbour does not make it unreadable
+            matches = [c["name"] for c in cells.values() if c["values"].get("preset") == name]
+            if len(matches) > 1:
+                raise UnknownRun(f"{name!r} is the preset of {len(matches)} runs in {self.path}: name one of "
+                                 f"{', '.join(matches)}")
+            if not matches:
+                raise UnknownRun(f"no run named {name!r} in {self.path}; its runs: {', '.join(cells) or 'none'}")
+            name = matches[0]
+        return Run._of_sweep(self.path / "runs" / name, self._finish, cells[name]["config"])
 
 
 # -- entry points ----------------------------------------------------------------------------------

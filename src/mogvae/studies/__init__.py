@@ -37,6 +37,11 @@ class Study:
         the study's own [quick] keys (dotted) and, where it has one, its smaller [quick.grid]."""
         from ..config.files import apply_overrides, set_dotted
         from ..config.schema import QUICK
+        if self.pipeline == "reproduce":      # the paper's plan is ReproduceConfig's (runs/reproduce.py)
+            from ..config.schema import ReproduceConfig, quick as toy
+            from ..runs.reproduce import spec
+            base, grid = spec(toy(ReproduceConfig()) if quick else ReproduceConfig())
+            return apply_overrides(base, overrides), grid
         raw = self.raw_spec()
         own = raw.pop("quick", {})
         if quick:

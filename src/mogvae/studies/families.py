@@ -42,7 +42,7 @@ def _rows(out: Path) -> tuple[dict, dict]:
         values = {k: float(r[k]) for k in NEEDED}
         # a cell that does not set the posterior (the first oracles) has the default one
         sigma, prior, posterior = float(r["data.sigma"]), r["model.prior"], r["model.posterior"] or DEFAULT_POSTERIOR
-        if OBJECTIVES[r.get("train.objective") or "elbo"].oracle:
+        if getattr(OBJECTIVES.get(r.get("train.objective") or "elbo"), "oracle", False):
             oracles.setdefault((sigma, prior_family(prior, posterior)), {})[int(r["seed"])] = values
         else:
             vaes.setdefault((sigma, prior, posterior), {})[int(r["seed"])] = values

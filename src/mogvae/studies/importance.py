@@ -25,17 +25,21 @@ FIELDS = {"run": str, "model": str, "sigma": float, "k": int, "bias": float, "bi
 
 def _sampled_runs(out: Path) -> dict[str, Path]:
     """The finished VAEs of the sweep (an oracle's encoder is not the importance proposal studied)."""
+    from ..objectives import OBJECTIVES
     runs = {}
     for cell in read_record(out)["cells"]:
         run = out / "runs" / cell["name"]
-        if cell["config"]["train"]["objective"] == "elbo" and (run / "metrics.csv").exists():
+        objective = OBJECTIVES.get(cell["config"].get("train", {}).get("objective", "elbo"))
+        if objective is not None and not objective.oracle and (run / "metrics.csv").exists():
             runs[cell["name"]] = run
     return runs
 
 
 def _source(runs: dict[str, Path], ks, points: int) -> dict:
+    """What the rows are computed from: K, the points, each run's metrics.csv digest, and mogvae's version."""
+    from ..runs.sweep import versions
     digests = {name: hashlib.sha256(read_bytes(run / "metrics.csv")).hexdigest() for name, run in runs.items()}
-    return {"ks": [int(k) for k in ks], "points": int(points), "runs": digests}
+    return {"ks": [int(k) for k in ks], "points": int(points), "runs": digests, "mogvae": versions()["mogvae"]}
 
 
 def _saved_rows(out: Path, source: dict) -> list[dict] | None:
@@ -53,7 +57,8 @@ def _saved_rows(out: Path, source: dict) -> list[dict] | None:
     rows = saved.get("rows")
     ok = isinstance(rows, list) and all(isinstance(r, dict) and set(r) == set(FIELDS) and
                                         all(_is(r[k], t) for k, t in FIELDS.items()) for r in rows)
-    return rows if ok else None
+    expected = sorted((run, k) for run in source["runs"] for k in source["ks"])   # each run at each K, once
+    return rows if ok and sorted((r["run"], r["k"]) for r in rows) == expected else None
 
 
 def _is(value, kind: type) -> bool:
@@ -123,6 +128,8 @@ def importance_figure(out: Path, ks=K_VALUES, points: int = POINTS) -> tuple[Pat
 
 
 def reading(rows: list[dict]) -> list[str]:
+    if not rows:
+        return ["No VAE of this study has finished: there is no importance-sampling estimate to check."]
     top = max(r["k"] for r in rows)
     at_top = [r for r in rows if r["k"] == top]
     worst = max(at_top, key=lambda r: r["beyond_3se"])
