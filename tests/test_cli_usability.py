@@ -238,3 +238,28 @@ def test_report_takes_a_run_folder_and_the_run_stays_resumable(tiny, tmp_path, c
     (unfinished / "metrics.csv").unlink()
     capsys.readouterr()
     assert one_line_error(["report", unfinished], capsys).endswith("re-run its mogvae train command to finish it")
+
+
+def test_progress_says_when_runs_are_evaluating():
+    """Minutes of evaluation never look like a stalled run: once a run's last epoch is in, the
+    displays say it is evaluating, until it finishes (issue 20: evaluation shows progress)."""
+    import io
+
+    from rich.console import Console
+
+    from mogvae.runs.progress import EpochProgress, SweepProgress
+    log = io.StringIO()
+    with SweepProgress(Console(file=log, force_terminal=False, width=200), {"a": 3, "b": 3}, 0, every=1e9) as p:
+        p.epoch("a", 2)
+        p.epoch("a", 3)
+        p.epoch("b", 1)
+        p.finished("a")
+    lines = log.getvalue().splitlines()
+    assert lines[0].startswith("sweep: 0/2 runs done, 2/6 epochs")               # the first line, at once
+    assert lines[1].startswith("sweep: 0/2 runs done, 1 evaluating, 3/6 epochs")  # at once, though `every` is long
+    assert lines[2].startswith("sweep: 1/2 runs done, 4/6 epochs") and len(lines) == 3
+    log = io.StringIO()
+    with EpochProgress(Console(file=log, force_terminal=False), {"training": 2}) as p:
+        p.update("training", 1)
+        p.update("training", 2)
+    assert log.getvalue().splitlines()[-1] == "training: evaluating (exact likelihoods, the gap search, samples)"

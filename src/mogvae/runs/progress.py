@@ -3,6 +3,10 @@
 On a terminal: rich progress bars. Elsewhere (nohup, a cluster job, CI) a live
 display prints nothing until the end, so plain lines are written instead: one
 per task at most every `every` seconds, and one when a task finishes.
+
+A run that has trained its last epoch is evaluating (exact likelihoods, the gap search,
+samples) until it finishes: both displays say so, so that minutes of evaluation never look
+like a stalled run. No message is needed for it: the last epoch's report is the signal.
 """
 from __future__ import annotations
 
@@ -40,14 +44,17 @@ class EpochProgress:
 
     def update(self, name: str, epochs_done: int) -> None:
         self.done[name] = epochs_done
+        trained = epochs_done >= self.totals[name]
+        now = time.perf_counter()
         if self.live:
             self._bars.update(self._tasks[name], completed=epochs_done)
-            return
-        now = time.perf_counter()
-        if now - self._last_line[name] >= self.every or epochs_done >= self.totals[name]:
+        elif now - self._last_line[name] >= self.every or trained:
             self._last_line[name] = now
             self.console.print(f"{name}: epoch {epochs_done}/{self.totals[name]} "
                                f"({now - self._start:.0f} s)", soft_wrap=True, highlight=False)
+        if trained:
+            self.console.print(f"{name}: evaluating (exact likelihoods, the gap search, samples)", soft_wrap=True,
+                               highlight=False)
 
 
 class SweepProgress:
@@ -59,6 +66,7 @@ class SweepProgress:
         self.console, self.epochs, self.every = console, epochs, every
         self.total_runs = already_done + len(epochs)
         self.runs_done, self.done = already_done, {name: 0 for name in epochs}
+        self.evaluating: set[str] = set()      # trained to the last epoch, not finished yet
         self.live, self._last, self._start = console.is_terminal, -float("inf"), time.perf_counter()
         self._bars = None
         if self.live:
@@ -78,14 +86,19 @@ class SweepProgress:
         return False
 
     def _description(self) -> str:
-        return f"runs {self.runs_done}/{self.total_runs}"
+        evaluating = f" ({len(self.evaluating)} evaluating)" if self.evaluating else ""
+        return f"runs {self.runs_done}/{self.total_runs}{evaluating}"
 
     def epoch(self, name: str, done: int) -> None:
         self.done[name] = done
-        self._show()
+        started = done >= self.epochs.get(name, 0) and name not in self.evaluating
+        if started:
+            self.evaluating.add(name)
+        self._show(force=started)
 
     def finished(self, name: str) -> None:
         self.done[name] = self.epochs.get(name, 0)
+        self.evaluating.discard(name)
         self.runs_done += 1
         self._show(force=True)
 
@@ -99,5 +112,6 @@ class SweepProgress:
             self._last = now
             elapsed = now - self._start
             eta = f", ETA {elapsed / done * (total - done):.0f} s" if 0 < done < total else ""
-            self.console.print(f"sweep: {self.runs_done}/{self.total_runs} runs done, {done}/{total} epochs, "
+            evaluating = f", {len(self.evaluating)} evaluating" if self.evaluating else ""
+            self.console.print(f"sweep: {self.runs_done}/{self.total_runs} runs done{evaluating}, {done}/{total} epochs, "
                                f"{elapsed:.0f} s{eta}", soft_wrap=True, highlight=False)
