@@ -163,3 +163,18 @@ def test_a_session_that_fails_after_taking_the_lock_gives_it_back(tmp_path, monk
     monkeypatch.setattr(run_module, "Trainer", real)
     session = RunSession(config, tmp_path / "out", log=lambda m: None)   # not "in use by another mogvae process"
     assert held.value is not None and session.trainer.epoch == 0
+
+
+def test_config_json_says_which_model_a_preset_trained(tmp_path):
+    """config.json keeps the configuration as given (preset plus its [model] defaults, what a resume
+    compares) and says beside it what ran: the preset's resolved prior, posterior and sizes (issue 22)."""
+    import json
+
+    from mogvae.config.schema import PRESETS
+    out = tmp_path / "out"
+    assert main(["train", str(write_config(tmp_path, epochs=1)), "--out", str(out)]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["preset"] == "mog-both" and saved["model"]["prior"] == "normal"       # as given: the default
+    assert {k: saved["resolved_model"][k] for k in PRESETS["mog-both"]} == PRESETS["mog-both"]
+    assert saved["resolved_model"]["n_components"] == 3                               # SMALL's own size
+    assert main(["train", str(write_config(tmp_path, epochs=1)), "--out", str(out)]) == 0   # it still resumes

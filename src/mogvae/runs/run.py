@@ -92,12 +92,13 @@ class RunConfig(Strict):
         return self.model.model_copy(update=PRESETS[self.preset]) if self.preset else self.model
 
 
-DATA_RECORD = "data_record"   # config.json's one key beyond the configuration: what the run trains on
+DATA_RECORD = "data_record"   # config.json's keys beyond the configuration: what the run trains on,
+RESOLVED = "resolved_model"   # and the model a preset stands for (prior, posterior, sizes), for a reader
 
 
 def stored_config(saved: dict) -> dict:
     """The configuration in a saved config.json, without its data record."""
-    return {k: v for k, v in saved.items() if k != DATA_RECORD} if isinstance(saved, dict) else saved
+    return {k: v for k, v in saved.items() if k not in (DATA_RECORD, RESOLVED)} if isinstance(saved, dict) else saved
 
 
 def splits_digest(splits: dict[str, np.ndarray]) -> str:
@@ -186,7 +187,8 @@ class RunDir:
         self.config_hash = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()
         saved = self.path / "config.json"
         if not saved.exists():
-            write_json(saved, {**resolved, DATA_RECORD: record} if record else resolved)
+            facts = {RESOLVED: config.resolved_model().model_dump(mode="json"), **({DATA_RECORD: record} if record else {})}
+            write_json(saved, {**resolved, **facts})
             return
         try:
             old = read_json(saved)
