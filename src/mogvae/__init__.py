@@ -27,7 +27,7 @@ _EXPORTS = {
     "evaluate": "estimators.evaluate",
     "initialize": "model.layers", "replica_seed": "model.layers",
     "Trainer": "training.trainer", "fit": "training.trainer",
-    "load": "runs.results", "train": "runs.results", "Run": "runs.results", "Sweep": "runs.results",
+    "load": "runs.results", "train": "runs.train_api", "Run": "runs.results", "Sweep": "runs.results",
 }
 __all__ = list(_EXPORTS)
 

@@ -1,17 +1,12 @@
 """A VAE is its three parts; it holds no loss code (see objectives/bounds.py)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from .decoders import GaussianDecoder
 from .posteriors import POSTERIORS
 from .priors import PRIORS
-
-if TYPE_CHECKING:   # an annotation only: config/ sits above model/ (it validates names against PRIORS, POSTERIORS)
-    from ..config.schema import ModelConfig
 
 
 class VAE(nn.Module):
@@ -34,8 +29,9 @@ class VAE(nn.Module):
             return z, mean + noise * eps
 
 
-def build_model(config: ModelConfig, replicas: int, data_dim: int = 1, noise: float = 0.1) -> VAE:
-    """The VAE that `config` names, with R = `replicas` independent copies.
+def build_model(config, replicas: int, data_dim: int = 1, noise: float = 0.1) -> VAE:
+    """The VAE that `config` (a `config.schema.ModelConfig`, which sits above model/: it validates
+    names against PRIORS and POSTERIORS) names, with R = `replicas` independent copies.
     Parameters are left uninitialized: call `layers.initialize` with seeds."""
     common = dict(replicas=replicas, latent_dim=config.latent_dim, data_dim=data_dim,
                   hidden=tuple(config.hidden), activation=config.activation)

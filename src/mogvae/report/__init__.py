@@ -1,3 +1,3 @@
-"""Presentation from saved files only: statistics over seeds (statistics), figures
-(figures), the self-contained HTML page (html), the reproduce report (paper) and any
-sweep's report (sweep). May import storage/, data/, estimators/, runs/."""
+"""Presentation from saved files only: statistics over seeds (statistics), figures (figures), the
+self-contained HTML page (html), the one report writer for runs, sweeps and studies (sweep) and the
+paper's reading (paper). May import storage/, data/, estimators/, runs/."""

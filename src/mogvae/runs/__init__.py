@@ -1,3 +1,3 @@
 """Units of work: a run's crash-safe folder (run), a sweep of runs (sweep), the executors
-that run them (executors), reproduce (reproduce) and progress bars (progress).
-May import storage/, model/, config/, data/, estimators/, training/."""
+that run them (executors), reproduce's plan (reproduce), progress (progress) and the Python API
+(results: mogvae.load; train_api: mogvae.train). May import every subpackage below report/."""

@@ -27,11 +27,10 @@ import numpy as np
 import torch
 
 from ..storage.files import UnreadableFile, read_csv, read_json, read_npy, read_text
-from .train_api import train
 from .run import SPLITS, RunConfig, RunDir, RunError, stored_config
 
-# mogvae.train lives in train_api.py (it trains a folder, then load()s it) and is exported from here
-__all__ = ["LoadError", "Run", "Sweep", "UnknownRun", "load", "train"]
+# mogvae.train lives in train_api.py: it trains a folder, then load()s it (an import of this module, not back)
+__all__ = ["LoadError", "Run", "Sweep", "UnknownRun", "load"]
 
 
 class LoadError(ValueError):
