@@ -253,17 +253,23 @@ class Run:
             lp = run.log_prob(run.data("test"), replica=0)      # [N]
             lp.mean()                                            # test_log_likelihood of replica 0
         """
-        from ..estimators.likelihood import IMPORTANCE_OFFSET, choose, importance_log_likelihood
+        from ..estimators.likelihood import importance_log_likelihood
+        return self._per_point(y, replica, lambda integrals: integrals.log_p, importance_log_likelihood, elbo=False)
+
+    def _per_point(self, y, replica: int, pick, sampler, elbo: bool) -> np.ndarray:
+        """One replica's values per point, [N], by evaluation's choice of estimator: `pick` takes them
+        from the grid's integrals, or `sampler` (importance_log_likelihood, monte_carlo_elbo) draws them
+        from that replica's evaluation seed, in the chunks evaluation used."""
+        from ..estimators.likelihood import IMPORTANCE_OFFSET, choose
         r = self._replica(replica)
         model, y, ev = self.model(r), self._points(y), self.config.eval
         if len(y) == 0:
             return np.empty(0)
         with torch.no_grad():
             if choose("auto", model.latent_dim, ev.grid_size).exact:     # evaluation's choice
-                return self._quadrature(model, r, y, elbo=False).log_p[0].numpy()      # [N]
-            value, _ = importance_log_likelihood(model, y, ev.n_importance, [self._seed(r) + IMPORTANCE_OFFSET],
-                                                 budget=self._budget(importance_log_likelihood))
-            return value[0].numpy()                                                     # [N]
+                return pick(self._quadrature(model, r, y, elbo=elbo))[0].numpy()              # [N]
+            out = sampler(model, y, ev.n_importance, [self._seed(r) + IMPORTANCE_OFFSET], budget=self._budget(sampler))
+            return (out[0] if isinstance(out, tuple) else out)[0].numpy()                    # [N]
 
     def _quadrature(self, model, r: int, y: np.ndarray, elbo: bool):
         """integrate() of replica r's model on the nodes evaluation gave replica r for these y. Those
@@ -282,16 +288,8 @@ class Run:
 
             gap = run.log_prob(y) - run.elbo(y)     # KL(q(z|y) || p(z|y)) per point, >= 0
         """
-        from ..estimators.likelihood import IMPORTANCE_OFFSET, choose, monte_carlo_elbo
-        r = self._replica(replica)
-        model, y, ev = self.model(r), self._points(y), self.config.eval
-        if len(y) == 0:
-            return np.empty(0)
-        with torch.no_grad():
-            if choose("auto", model.latent_dim, ev.grid_size).exact:     # evaluation's choice
-                return self._quadrature(model, r, y, elbo=True).elbo[0].numpy()        # [N]
-            return monte_carlo_elbo(model, y, ev.n_importance, [self._seed(r) + IMPORTANCE_OFFSET],
-                                    budget=self._budget(monte_carlo_elbo))[0].numpy()   # [N]
+        from ..estimators.likelihood import monte_carlo_elbo
+        return self._per_point(y, replica, lambda integrals: integrals.elbo, monte_carlo_elbo, elbo=True)
 
     def _budget(self, estimator) -> int:
         """The sampler's budget for one replica that splits the points into the chunks evaluation
