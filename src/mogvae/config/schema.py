@@ -42,6 +42,14 @@ DataConfig = Annotated[SerializeAsAny[SplitsSection], PlainValidator(_SourceSect
 """The data section: the section of the source `name` selects, each with its own validated keys."""
 
 
+def _one_of(registry: dict, what: str, name: str) -> str:
+    """A name the registry holds, read when validating (a plug-in registered after import counts),
+    or a ValueError that lists the names."""
+    if name not in registry:
+        raise ValueError(f"unknown {what} {name!r}; choose from {sorted(registry)}")
+    return name
+
+
 class ModelConfig(Strict):
     prior: str = Field("normal", description="normal: N(0, I); mog: a learnable mixture of n_components Gaussians; "
                                              "vamp: the VampPrior, the encoder at n_components learnable "
@@ -59,13 +67,8 @@ class ModelConfig(Strict):
     learn_decoder_noise: bool = Field(False, description="learn the decoder's noise (else it is data.sigma, known)")
     learn_weights: bool = Field(False, description="learn mixture weights (else equal weights)")
 
-    @field_validator("prior", "posterior")
-    @classmethod
-    def _registered(cls, v, info):
-        registry = PRIORS if info.field_name == "prior" else POSTERIORS
-        if v not in registry:
-            raise ValueError(f"unknown {info.field_name} {v!r}; choose from {sorted(registry)}")
-        return v
+    _registered = field_validator("prior", "posterior")(
+        lambda cls, v, info: _one_of(PRIORS if info.field_name == "prior" else POSTERIORS, info.field_name, v))
 
     @field_validator("hidden")
     @classmethod
@@ -119,12 +122,7 @@ class TrainConfig(Strict):
 
     _odd_grid = field_validator("exact_grid")(lambda cls, v, info: _odd(v, info))
 
-    @field_validator("objective")
-    @classmethod
-    def _objective_registered(cls, v):
-        if v not in OBJECTIVES:
-            raise ValueError(f"unknown objective {v!r}; choose from {sorted(OBJECTIVES)}")
-        return v
+    _objective_registered = field_validator("objective")(lambda cls, v: _one_of(OBJECTIVES, "objective", v))
 
     @field_validator("device")
     @classmethod
