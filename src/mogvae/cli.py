@@ -245,8 +245,7 @@ def train(args) -> int:
     args.after_interrupt = f"{args.out} keeps its last checkpoint: re-run the same command to resume"
     with EpochProgress(console, {"training": config.train.epochs}, {"training": session.trainer.epoch}) as progress:
         metrics = session.train(on_epoch=lambda e: progress.update("training", e), tensorboard=args.tensorboard)
-    model = config.resolved_model()
-    _print_table(console, metrics, [config.preset or f"{model.prior}+{model.posterior}"], by=None)
+    _print_table(console, metrics, [config.label], by=None)
     log(f"done: {metrics}")
     return 0
 
@@ -357,8 +356,7 @@ def _run_report(folder: Path) -> Path:
         config = RunConfig(**stored_config(read_json(folder / "config.json")))
         if not (folder / "metrics.csv").is_file():
             raise UsageError(f"{folder}: the run has not finished; re-run its mogvae train command to finish it")
-        model = config.resolved_model()
-        return write_run_report(folder, config.preset or f"{model.prior}+{model.posterior}")
+        return write_run_report(folder, config.label)
     finally:
         run.release()
 

@@ -129,8 +129,7 @@ class Run:
             raise LoadError(f"{saved}: not a configuration this mogvae reads ({why})") from None
 
     def __repr__(self) -> str:
-        name = self.config.preset or f"{self.config.model.prior}+{self.config.model.posterior}"
-        return f"Run({str(self.path)!r}, model={name!r}, replicas={self.replicas}, complete={self.complete})"
+        return f"Run({str(self.path)!r}, model={self.config.label!r}, replicas={self.replicas}, complete={self.complete})"
 
     @property
     def replicas(self) -> int:

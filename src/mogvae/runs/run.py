@@ -91,6 +91,11 @@ class RunConfig(Strict):
     def resolved_model(self) -> ModelConfig:
         return self.model.model_copy(update=PRESETS[self.preset]) if self.preset else self.model
 
+    @property
+    def label(self) -> str:
+        """The model's name in tables and figure files: the preset's, else prior+posterior."""
+        return self.preset or f"{self.model.prior}+{self.model.posterior}"
+
 
 DATA_RECORD = "data_record"   # config.json's keys beyond the configuration: what the run trains on,
 RESOLVED = "resolved_model"   # and the model a preset stands for (prior, posterior, sizes), for a reader

@@ -53,10 +53,9 @@ class Cell:
 
     @property
     def model(self) -> str:
-        """The preset's name, else prior+posterior; /exact or /iwae for those objectives."""
+        """The run's label (RunConfig.label); /exact or /iwae for those objectives."""
         c = self.config
-        name = c.preset or f"{c.model.prior}+{c.model.posterior}"
-        return name if c.train.objective == "elbo" else f"{name}/{c.train.objective}"
+        return c.label if c.train.objective == "elbo" else f"{c.label}/{c.train.objective}"
 
     def resolved(self) -> dict:
         return self.config.model_dump(mode="json")
