@@ -66,15 +66,10 @@ STUDIES = {s.name: s for s in (
 )}
 
 
-def spec(name: str, overrides: list[str], quick: bool) -> tuple[dict, dict]:
-    """STUDIES[name].spec: kept for callers that name a study."""
-    return STUDIES[name].spec(overrides, quick)
-
-
 def present(name: str, out: Path):
     """A study's reading and figures, for the sweep report (None: not a study's folder)."""
     study = STUDIES.get(name)
     return None if study is None else study.present(out)
 
 
-__all__ = ["Study", "STUDIES", "spec", "present"]
+__all__ = ["Study", "STUDIES", "present"]
