@@ -62,6 +62,7 @@ def _alternatives(model: type[BaseModel], name: str, default: type[BaseModel]) -
     lines = []
     for other in others:
         own = [k for k in other.model_fields if k not in default.model_fields or k == "name"]
+        own.sort(key=lambda k: (k != "name", k not in vars(other).get("__annotations__", {})))  # its name, its own keys, then shared ones
         fields = {k: other.model_fields[k] for k in own}
         shown = ", ".join(f"{k} = (required)" if f.is_required() else f"{k} = {_value(f.get_default())}"
                           for k, f in fields.items())

@@ -37,9 +37,14 @@ class SplitsSection(Strict):
             data = {k: v for k, v in data.items() if k != "path"}
         return data
 
-
     def sizes(self) -> dict[str, int]:
         return {"train": self.n_train, "val": self.n_val, "test": self.n_test}
+
+
+class FractionSplits(SplitsSection):
+    """A source that splits given rows (a file, a data set) by shares rather than draws points."""
+    val_fraction: float = Field(0.15, gt=0, lt=0.5, description="the share of rows in the validation split")
+    test_fraction: float = Field(0.2, gt=0, lt=0.5, description="the share of rows in the test split")
 
 
 class UnknownTruth:

@@ -13,7 +13,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from .base import MAX_POINTS, DataSource, Source, SplitsSection, UnknownTruth
+from .base import MAX_POINTS, DataSource, FractionSplits, Source, UnknownTruth
 
 
 class DataError(ValueError):
@@ -262,7 +262,7 @@ def load_data_file(path) -> np.ndarray:
     return y
 
 
-class FileSource(SplitsSection):
+class FileSource(FractionSplits):
     """Your own values: one row per point, one column per dimension (truth unknown: those metrics are NaN).
     The rows are shuffled by `seed` and split by the two fractions; a count set for a split takes exactly
     that many rows instead (a run written before fractions existed set all three)."""
@@ -273,8 +273,6 @@ class FileSource(SplitsSection):
                                 "validation and test splits leave)")
     n_val: int | None = Field(None, ge=1, le=MAX_POINTS, description="validation rows (unset: val_fraction of the rows)")
     n_test: int | None = Field(None, ge=1, le=MAX_POINTS, description="test rows (unset: test_fraction of the rows)")
-    val_fraction: float = Field(0.15, gt=0, lt=0.5, description="the share of rows in the validation split")
-    test_fraction: float = Field(0.2, gt=0, lt=0.5, description="the share of rows in the test split")
 
     def sizes_for(self, rows: int) -> dict[str, int]:
         """Rows per split for a file of `rows` rows; DataError, saying what to set, where they do not fit."""

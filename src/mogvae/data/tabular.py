@@ -19,7 +19,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from .base import DataSource, Source, SplitsSection, UnknownTruth
+from .base import DataSource, FractionSplits, Source, UnknownTruth
 
 TIES = 0.5   # a column with fewer distinct values than this fraction of its rows is a lattice
 
@@ -103,13 +103,11 @@ def split_standardized(name: str, fractions: dict[str, float], seed: int) -> Tab
     return TabularData({k: (v - mean) / std for k, v in raw.items()}, mean, std, kept, lattice)
 
 
-class TabularSource(SplitsSection):
+class TabularSource(FractionSplits):
     """A real data set shipped inside scikit-learn (mogvae.data.tabular): no truth, so those metrics are NaN."""
     name: Literal["tabular"] = "tabular"
     dataset: Literal[TABULAR] = Field("breast_cancer", description="breast_cancer (569 x 30), diabetes "
                                            "(442 x 10) or digits (1797 x 61 after dropping constant pixels)")
-    val_fraction: float = Field(0.15, gt=0, lt=0.5, description="the share of rows in the validation split")
-    test_fraction: float = Field(0.2, gt=0, lt=0.5, description="the share of rows in the test split")
 
 
 def load_tabular_source(d: TabularSource) -> Source:
