@@ -419,7 +419,8 @@ def load(path: str | os.PathLike) -> Run | Sweep:
     if os.path.lexists(path / "sweep.json"):
         return Sweep(path)
     if os.path.lexists(path / "config.json"):
-        return Run._of_sweep(path, _sweep_of(path), None) if _sweep_of(path) else Run(path)
+        finish = _sweep_of(path)
+        return Run._of_sweep(path, finish, None) if finish else Run(path)
     raise LoadError(f"{path}: neither a run folder (config.json, from `mogvae train`) nor a sweep folder "
                     "(sweep.json, from `mogvae sweep`, `mogvae study` or `mogvae reproduce`)")
 
