@@ -11,6 +11,7 @@ block in the page's order, in a fresh folder per page, by one Python process per
   is an error, so nothing shown as runnable goes unrun;
 - a block with a title (```toml title="spec.toml") is a file the page goes on to use: it is
   written into the folder under that name;
+- a line `--8<-- "path"` in a block is the file at that path (pymdownx.snippets), as on the site;
 - a block directly after a line `<!-- not run: REASON -->` is skipped: full-size runs, cluster
   commands, installs. Only those are skipped, and every page runs at least one block.
 """
@@ -37,6 +38,16 @@ TITLE = re.compile(r"""title=["']([^"']+)["']""")
 SHELLS = {"sh", "bash", "console", "shell"}
 
 
+SNIPPET = re.compile(r"""^--8<--\s+["']([^"']+)["']\s*$""")
+
+
+def _expand_snippet(line: str) -> list[str]:
+    """A line `--8<-- "path"` (pymdownx.snippets, relative to the repository) is that file's lines,
+    as the site shows them: a page can show a file the tests also import."""
+    m = SNIPPET.match(line)
+    return (ROOT / m[1]).read_text().splitlines() if m else [line]
+
+
 def fenced_blocks(path: Path) -> list[dict]:
     """Every fenced block of a Markdown page: language, title, code (dedented), first line, and
     whether the line before it marks it `not run`."""
@@ -54,6 +65,7 @@ def fenced_blocks(path: Path) -> list[dict]:
             j += 1
         if j == len(lines):
             raise AssertionError(f"{path}:{i + 1}: a fenced block is never closed")
+        body = [line for text in body for line in _expand_snippet(text)]
         title = TITLE.search(info)
         blocks.append({"lang": (info.split() or [""])[0].lower(), "title": title[1] if title else None,
                        "code": "\n".join(body) + "\n", "line": i + 1,

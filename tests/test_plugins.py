@@ -166,3 +166,52 @@ def test_a_likelihood_estimator_plugs_in_by_name_and_in_autos_order(monkeypatch)
     assert torch.all(got.error > 0) and torch.all((got.value - exact.value).abs() <= 4 * got.error + exact.error + 1e-9)
     with pytest.raises(ValueError, match="prior-mc"):
         likelihood.log_likelihood(model, y, "absent")
+
+
+def test_a_prior_of_your_own_is_its_density_and_trains_to_an_exact_likelihood(tmp_path, monkeypatch):
+    """A Student-t prior from the test folder (tests/plugins/student_t.py): its density and draws
+    are SciPy's t, and the trained model's log p(y) by mogvae's quadrature is SciPy's adaptive
+    quad of p(z) p(y|z) within the error bound the run reports."""
+    from scipy import integrate, stats
+    from mogvae.model.priors import PRIORS
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "plugins"))
+    from student_t import DF, StudentTPrior, StudentTLatent
+    monkeypatch.setitem(PRIORS, "student-t", StudentTPrior)
+
+    latent = StudentTLatent(torch.tensor([[[[0.3]]]], dtype=torch.float64), torch.tensor([[[[0.7]]]], dtype=torch.float64))
+    z = np.linspace(-6, 6, 41)
+    ours = latent.log_prob(torch.as_tensor(z).reshape(1, -1, 1, 1))[0, :, 0].numpy()
+    assert np.allclose(ours, stats.t.logpdf(z, DF, loc=0.3, scale=0.7), atol=1e-12)
+    draws = latent.sample([torch.Generator().manual_seed(0)], 4000)[0, :, 0].numpy()
+    assert stats.kstest(draws, stats.t(DF, loc=0.3, scale=0.7).cdf).pvalue > 1e-3
+
+    out = train(tmp_path, "student", model={"prior": "student-t"}, eval={"grid_size": 4001})
+    import mogvae
+    run = mogvae.load(out)
+    bound = run.metrics["quadrature_error"].max()
+    assert 0 < bound < 1e-3 and list(run.metrics["diverged"]) == [False, False]
+    y = run.data("test")[:4]
+    for r in range(2):
+        model = run.model(replica=r)
+        with torch.no_grad():
+            sigma, prior = float(model.decoder.noise()[0, 0]), model.prior()
+        loc, scale = float(prior.loc[0, 0, 0, 0].detach()), float(prior.scale[0, 0, 0, 0].detach())
+
+        def integrand(zz, yy):
+            with torch.no_grad():
+                f = float(model.decoder.mean(torch.full((1, 1, 1, 1), zz))[0, 0, 0, 0])
+            return stats.t.pdf(zz, DF, loc=loc, scale=scale) * stats.norm.pdf(yy, f, sigma)
+        scan = np.linspace(loc - 100 * scale, loc + 100 * scale, 8001)
+        with torch.no_grad():
+            f_scan = model.decoder.mean(torch.as_tensor(scan, dtype=torch.float32).reshape(1, -1, 1, 1))[0, :, 0, 0].numpy()
+
+        def quad_log_p(yy):
+            """quad (to 1e-7: the float32 decoder is noisy below) over loc +- 100 scales, told where the
+            posterior's peak is (on a scan). Beyond, the integrand is below N's peak times the t's
+            tail mass, 2e-20 here: nothing at 1e-6."""
+            peak = scan[np.argmax(stats.t.pdf(scan, DF, loc=loc, scale=scale) * stats.norm.pdf(yy, f_scan, sigma))]
+            return np.log(integrate.quad(integrand, scan[0], scan[-1], args=(yy,), points=[peak], epsabs=0,
+                                         epsrel=1e-7, limit=500)[0])
+        assert 2 * stats.t.sf(100, DF) / sigma < 1e-12
+        reference = [quad_log_p(yy) for yy in y]
+        assert np.abs(run.log_prob(y, replica=r) - reference).max() <= max(bound, 1e-6)

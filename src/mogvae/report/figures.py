@@ -100,7 +100,9 @@ def model_figure(out: Path, model: str, run: Path) -> None:
         z, q, p = c["probe_z_grid"][0, j], c["q_density"][0, j], c["p_density"][0, j]
         a.plot(z, p, "k-", label="exact p_theta(z|y)")
         a.plot(z, q, color=color, ls="--", label="q(z|y)")
-        a.set(xlim=mass_window(z, p, q, level=1e-3), xlabel="z (model latent)", ylabel="density", title=f"posterior at y = {y:g}")
+        where = f" ({c['probe_quantile'][j]:.0%} quantile of the test data)" if "probe_quantile" in c else ""
+        a.set(xlim=mass_window(z, p, q, level=1e-3), xlabel="z (model latent)", ylabel="density",
+              title=f"posterior at y = {y:g}{where}")
         if q.max() > 4 * p.max():  # narrow components of q (real, and of unit area) would flatten p: say so instead
             a.set_ylim(0, 2.5 * p.max())
             a.text(0.02, 0.97, f"q(z|y) peaks at {q.max():.3g}, above the axis", transform=a.transAxes,
