@@ -212,7 +212,9 @@ def test_train_ends_with_its_results_table_from_metrics_csv(tiny, tmp_path, caps
     ll = np.array([float(r["test_log_likelihood"]) for r in rows if r["diverged"] == "False"])
     expected = f"{ll.mean():.4f} ± {ll.std(ddof=1) if len(ll) > 1 else 0:.4f}"
     assert "mean ± sd over seeds" in printed.out and expected in printed.out, printed.out   # results: stdout
-    assert printed.err.rstrip().endswith(f"done: {out / 'metrics.csv'}")                    # progress: stderr
+    # progress on stderr, ending with where the report is, written by the command
+    assert printed.err.rstrip().splitlines()[-1].startswith(f"done: {out / 'report.html'}") and \
+        (out / "report.html").exists() and "**Result:** test log-likelihood" in (out / "report.md").read_text()
 
 
 def test_report_takes_a_run_folder_and_the_run_stays_resumable(tiny, tmp_path, capsys):
@@ -262,4 +264,10 @@ def test_progress_says_when_runs_are_evaluating():
     with EpochProgress(Console(file=log, force_terminal=False), {"training": 2}) as p:
         p.update("training", 1)
         p.update("training", 2)
-    assert log.getvalue().splitlines()[-1] == "training: evaluating (exact likelihoods, the gap search, samples)"
+        p.update("training", "evaluating: the gap search, 250/500 points, ETA 40 s")   # evaluation's lines
+    assert log.getvalue().splitlines()[-2:] == ["training: epoch 2/2 (0 s)",
+                                                "training: evaluating: the gap search, 250/500 points, ETA 40 s"]
+    log = io.StringIO()
+    with SweepProgress(Console(file=log, force_terminal=False, width=200), {"a": 3}, 0, every=1e9) as p:
+        p.epoch("a", "evaluated in 1.5 s")
+    assert log.getvalue().splitlines() == ["a: evaluated in 1.5 s"]

@@ -1,16 +1,17 @@
 """mogvae: does a VAE gain more from a more expressive prior or posterior?
 
     import mogvae
-    truth = mogvae.PaperProcess(sigma=0.1)
-    z, y = truth.sample(1000, seed=0)
-    model = mogvae.build_model(mogvae.preset("mog-prior"), replicas=5)
+    run = mogvae.train("examples/run.toml", "runs/mog-prior")   # as `mogvae train` -> mogvae.Run
+    run = mogvae.load("runs/mog-prior")        # a run folder -> Run; a sweep's, a study's -> Sweep
+    run.metrics                                 # pandas, one row per replica
+    run.log_prob(run.data("test"), replica=0)   # exact log p(y) per point
+    run.sample(1000, replica=0, seed=0)         # from p_theta(y)
 
-    run = mogvae.train("examples/run.toml", "runs/mog-prior")   # as `mogvae train`; -> mogvae.Run
-    run = mogvae.load("runs/mog-prior")                         # a run folder -> Run, a sweep's -> Sweep
-    run.metrics, run.log_prob(run.data("test"), replica=0)
-
-The names below are imported on first use, so that `mogvae --version` and
-refusals of bad input answer at once instead of after importing PyTorch.
+help(mogvae.Run) and help(mogvae.Sweep) show what a folder gives. The building blocks
+are here too (PaperProcess, build_model, preset, ModelConfig, elbo, integrate,
+log_likelihood, best_posterior, evaluate, Trainer, fit, ...); every name and its
+documentation: docs/reference/api.md. They are imported on first use, so that
+`mogvae --version` and refusals of bad input answer before PyTorch is imported.
 """
 import importlib
 
@@ -29,7 +30,7 @@ _EXPORTS = {
     "Trainer": "training.trainer", "fit": "training.trainer",
     "load": "runs.results", "train": "runs.train_api", "Run": "runs.results", "Sweep": "runs.results",
 }
-__all__ = list(_EXPORTS)
+__all__ = ["load", "train"]   # the front door: help(mogvae) fits on a screen; _EXPORTS has the rest
 
 
 def __getattr__(name: str):

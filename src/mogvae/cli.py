@@ -167,11 +167,8 @@ def _check_device(device: str) -> None:
 def reproduce(args) -> int:
     """The paper's study (also `mogvae study paper`): checked like every plan before its folder
     is claimed, then trained on local workers or a Dask scheduler, and reported."""
-    from rich.console import Console
-
     from .runs import reproduce as study
     from .runs.executors import SchedulerUnavailable, check_scheduler
-    from .runs.progress import SweepProgress
     from .runs.sweep import SpecError, preflight
     from .storage.folders import OutputError
 
@@ -187,7 +184,21 @@ def reproduce(args) -> int:
         sweep.check(cells)  # a resume must ask for the same study
         pending = sweep.pending(cells)
     except (OutputError, SpecError, SchedulerUnavailable) as e:
+        if "sweep" in locals():
+            sweep.release()
         raise UsageError(str(e).replace("use a new folder", "pass --overwrite to replace it")) from None
+    try:
+        return _reproduce_in(sweep, args, config, cells, pending, scheduler)
+    finally:
+        sweep.release()
+
+
+def _reproduce_in(sweep, args, config, cells, pending, scheduler) -> int:
+    """reproduce's work once its folder is locked and checked."""
+    from rich.console import Console
+
+    from .runs import reproduce as study
+    from .runs.progress import SweepProgress
     args.after_interrupt = f"{args.out} keeps every finished epoch: re-run the same command to resume"
     console = Console(stderr=True)
     console.print(f"mogvae reproduce: {len(config.models)} models x {config.seeds} seeds, "
@@ -198,8 +209,7 @@ def reproduce(args) -> int:
         study.run(config, sweep, p, scheduler=scheduler, tensorboard=getattr(args, "tensorboard", False))
     report = _reproduce_report(args.out)
     _print_table(console, args.out / "metrics.csv", list(config.models))
-    console.print(f"done in {time.perf_counter() - start:.1f} s: {report} and {report.with_suffix('.html')}",
-                  highlight=False, soft_wrap=True)
+    _print_ending(console, report, time.perf_counter() - start)
     return 0
 
 
@@ -208,11 +218,13 @@ def _print_table(console, path: Path, names: list[str], by: str | None = "model"
     from rich.console import Console
     from rich.table import Table
 
-    from .report.statistics import TABLE, load_metrics, summary_rows
+    from .report.statistics import load_metrics, shown_columns, summary_rows
+    metrics = load_metrics(path, by, label=names[0])
+    columns = shown_columns(metrics)
     table = Table(title="mean ± sd over seeds (nats per test point)")
-    for label in [first, "runs", "diverged", *(t[1] for t in TABLE)]:
+    for label in [first, "runs", "diverged", *(t[1] for t in columns)]:
         table.add_column(label, justify="left" if label == first else "right")
-    for row in summary_rows(load_metrics(path, by, label=names[0]), names):
+    for row in summary_rows(metrics, names, columns):
         table.add_row(*row)
     # wide enough for every column on one line: a log file gets the table's natural width, never wrapped cells
     Console(width=max(console.width, 190) if console.is_terminal else 10_000).print(table)
@@ -245,9 +257,22 @@ def train(args) -> int:
     args.after_interrupt = f"{args.out} keeps its last checkpoint: re-run the same command to resume"
     with EpochProgress(console, {"training": config.train.epochs}, {"training": session.trainer.epoch}) as progress:
         metrics = session.train(on_epoch=lambda e: progress.update("training", e), tensorboard=args.tensorboard)
+    session.run.release()                      # the report takes the run's lock itself
+    report = _run_report(args.out)
     _print_table(console, metrics, [config.label], by=None)
-    log(f"done: {metrics}")
+    _print_ending(console, report)
     return 0
+
+
+def _print_ending(console, report: Path, seconds: float | None = None) -> None:
+    """What every command ends with after its table: the report's leading lines (its verdict,
+    or a study's reading) and where the report is."""
+    from .report.sweep import report_lead
+    for line in report_lead(report):
+        console.print(line, soft_wrap=True, highlight=False, markup=False)
+    took = f"done in {seconds:.1f} s: " if seconds is not None else "done: "
+    console.print(f"{took}{report.with_suffix('.html')} (and {report.name}, metrics.csv, figures/)", soft_wrap=True,
+                  highlight=False, markup=False)
 
 
 def sweep(args) -> int:
@@ -261,11 +286,8 @@ def sweep(args) -> int:
 
 def _run_sweep(args, base: dict, grid: dict, cells, title: str, study: str | None = None) -> int:
     """Claim and lock the folder, train what is unfinished, and write the report."""
-    from rich.console import Console
-
     from .runs.executors import SchedulerUnavailable, check_scheduler
-    from .runs.progress import SweepProgress
-    from .runs.sweep import SpecError, SweepDir, execute, preflight, versions
+    from .runs.sweep import SpecError, SweepDir, preflight
     from .storage.folders import OutputError
 
     if args.workers is not None and not 1 <= args.workers <= 1024:
@@ -276,8 +298,24 @@ def _run_sweep(args, base: dict, grid: dict, cells, title: str, study: str | Non
             check_scheduler(args.scheduler)  # before the folder is made
         preflight(cells, local=args.scheduler is None)
         folder = SweepDir(args.out)
-        folder.bind({**base, "grid": grid}, cells, versions(), title=title, study=study, extend=args.extend)
     except (SpecError, OutputError, SchedulerUnavailable) as e:
+        raise UsageError(str(e)) from None
+    try:
+        return _sweep_in(folder, args, base, grid, cells, title, study)
+    finally:
+        folder.release()
+
+
+def _sweep_in(folder, args, base: dict, grid: dict, cells, title: str, study: str | None) -> int:
+    """_run_sweep's work once its folder is locked."""
+    from rich.console import Console
+
+    from .runs.progress import SweepProgress
+    from .runs.sweep import SpecError, execute, versions
+    from .storage.folders import OutputError
+    try:
+        folder.bind({**base, "grid": grid}, cells, versions(), title=title, study=study, extend=args.extend)
+    except (SpecError, OutputError) as e:
         raise UsageError(str(e)) from None
     args.after_interrupt = f"{args.out} keeps every finished epoch: re-run the same command to resume"
     console = Console(stderr=True)
@@ -289,8 +327,7 @@ def _run_sweep(args, base: dict, grid: dict, cells, title: str, study: str | Non
                 tensorboard=args.tensorboard)
     report = _sweep_report(args.out)
     _print_table(console, args.out / "metrics.csv", [c.name for c in cells], by="run", first="run")
-    console.print(f"done in {time.perf_counter() - start:.1f} s: {report} and {report.with_suffix('.html')}",
-                  highlight=False, soft_wrap=True)
+    _print_ending(console, report, time.perf_counter() - start)
     return 0
 
 

@@ -64,7 +64,10 @@ class ModelConfig(Strict):
                                     description="hidden widths of the encoder and decoder MLPs")
     activation: Literal["tanh", "relu", "silu", "softplus"] = Field(
         "silu", description="smooth, so the quadrature converges fast; 6x cheaper than tanh on a CPU")
-    learn_decoder_noise: bool = Field(False, description="learn the decoder's noise (else it is data.sigma, known)")
+    learn_decoder_noise: bool = Field(False, description="learn the decoder's noise, one per output, starting from "
+                                      "data.sigma (else it is data.sigma, known). Unset in a run's configuration: "
+                                      "learned where the data's noise is unknown (file, tabular), known for the "
+                                      "simulated processes (paper, folded)")
     learn_weights: bool = Field(False, description="learn mixture weights (else equal weights)")
 
     _registered = field_validator("prior", "posterior")(
@@ -133,8 +136,24 @@ class TrainConfig(Strict):
         return v
 
 
+GRID_2D = 401   # eval.grid_size's default at latent_dim = 2: 161,201 nodes, the 2-D studies' rule
+
+
+def resolve_defaults(model: dict, eval_: dict, known_noise: bool) -> tuple[dict, dict]:
+    """The defaults that depend on other sections, filled in where the user left them unset:
+    the decoder's noise is learned unless the data's noise is known, and a 2-D latent gets a
+    grid that fits (GRID_2D). Written into the configuration, so config.json says what ran."""
+    if "learn_decoder_noise" not in model:
+        model = {**model, "learn_decoder_noise": not known_noise}
+    if "grid_size" not in eval_ and model.get("latent_dim", 1) == 2:
+        eval_ = {**eval_, "grid_size": GRID_2D}
+    return model, eval_
+
+
 class EvalConfig(Strict):
-    grid_size: int = Field(2001, ge=101, description="latent nodes per axis over the prior (odd)")
+    grid_size: int = Field(2001, ge=101, description="latent nodes per axis over the prior (odd). Unset in a run's "
+                           f"configuration: 2001 for latent_dim = 1, {GRID_2D} for latent_dim = 2 (2001^2 nodes would "
+                           "not fit)")
     grid_span: float = Field(8.0, gt=2, description="grid covers each prior component to +- span scales")
     n_generated: int = Field(20_000, ge=100, description="samples drawn from each model for sample-based metrics")
     n_importance: int = Field(5000, ge=2, le=1_000_000, description="importance samples per point where quadrature "

@@ -81,11 +81,13 @@ class DataSource:
     """A data source plug-in: its config section (whose `name` field's default names it)
     and its loader (the section -> a Source; an unusable file raises files.DataError), with what
     can be known before loading: the observed dimension, for evaluation's memory check, and
-    a check of what its truth can compute in reasonable time."""
+    a check of what its truth can compute in reasonable time, and whether the data's noise is
+    known (model.learn_decoder_noise's default is its opposite)."""
     section: type[SplitsSection]
     load: Callable[[SplitsSection], Source]
     data_dim: Callable[[SplitsSection], int | None] = lambda d: None   # D before loading (None: known once read)
     check: Callable[[SplitsSection], None] = lambda d: None   # refuse (ValueError) what the truth cannot compute
+    known_noise: bool = False   # y's noise is data.sigma by construction (a simulator); else it is learned by default
 
     @property
     def name(self) -> str:

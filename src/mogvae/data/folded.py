@@ -297,4 +297,4 @@ def load_folded(d: FoldedSource) -> Source:
     return Source(splits, process, d.data_dim)
 
 
-SOURCE = DataSource(FoldedSource, load_folded, data_dim=lambda d: d.data_dim, check=check_truth)
+SOURCE = DataSource(FoldedSource, load_folded, data_dim=lambda d: d.data_dim, check=check_truth, known_noise=True)

@@ -126,4 +126,4 @@ def load_paper(d: PaperSource) -> Source:
     return Source(make_splits(process, d.sizes(), d.seed), process, 1)
 
 
-SOURCE = DataSource(PaperSource, load_paper, data_dim=lambda d: 1)
+SOURCE = DataSource(PaperSource, load_paper, data_dim=lambda d: 1, known_noise=True)

@@ -3,6 +3,7 @@ metrics plus the curves the figures draw. Nothing here trains or plots."""
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,21 +125,28 @@ class Evaluation:
 
 
 def evaluate(model: VAE, process: PaperProcess, y_test: np.ndarray, config: EvalConfig,
-             seeds: list[int], diverged: list[bool], training_grid: int | None = None) -> Evaluation:
+             seeds: list[int], diverged: list[bool], training_grid: int | None = None,
+             report=None) -> Evaluation:
     """`training_grid`: the exact objective's grid size, whose error at the trained
     optimum is reported (training_grid_error): a decoder that made the integrand
-    spiky between its nodes would show there."""
+    spiky between its nodes would show there. `report(text)` takes a line per phase
+    (with its counts) and, through the gap search, its progress with an ETA."""
+    phases = Phases(report)
     model = model.cpu().eval()
     R = len(seeds)
     one_d = np.ndim(y_test) == 1          # the y-density metrics and figures are 1-D (ONE_D_METRICS)
     y_grid = _y_grid(y_test) if one_d else None
+    phases.start("the truth", f"log p*(y) of {len(y_test):,} test points")
     true_log_p = process.log_prob(y_test)
     estimator = choose("auto", model.latent_dim, config.grid_size)
+    phases.start("likelihoods", f"log p(y) and the ELBO by {estimator.name}, {len(y_test):,} test points x {R} "
+                                f"replicas")
     terms = estimator.evaluation_terms(model, y_test, y_grid, config, seeds)
     if estimator.exact:      # the gap search and the training grid's check compare exact ELBOs
-        terms.update(_gap_terms(model, y_test, terms, config, true_log_p, training_grid))
+        terms.update(_gap_terms(model, y_test, terms, config, true_log_p, training_grid, phases))
     log_p, elbo, model_density = terms.pop("log_p"), terms.pop("elbo"), terms.pop("model_density")
     true_density = np.exp(process.log_prob(y_grid)) if one_d else None
+    phases.start("samples", f"{config.n_generated:,} generated points x {R} replicas, figures' curves")
     z_gen, y_gen, f_gen = _generate(model, seeds, config.n_generated)
     f_true = _true_means(process, config.n_generated)
     y_cols = y_test.reshape(len(y_test), -1)
@@ -168,7 +176,50 @@ def evaluate(model: VAE, process: PaperProcess, y_test: np.ndarray, config: Eval
                   **_histograms(y_gen[..., 0], y_grid)}
         if terms.get("grid") is not None:
             curves.update(_latent_curves(model, process, terms["grid"], y_test))
+    else:
+        curves = _sample_curves(y_gen, y_cols)
+    phases.done()
     return Evaluation(metrics, curves)
+
+
+class Phases:
+    """Evaluation's progress as lines of text for `report` (None: silent): each phase as it
+    starts, with its counts; within a long phase, `step(done, total)` at most every `every`
+    seconds, with an ETA; the whole evaluation's time at the end."""
+
+    def __init__(self, report, every: float = 10.0):
+        self.report, self.every = report, every
+        self.began = self.phase_began = self.last = time.perf_counter()
+        self.name = ""
+
+    def start(self, name: str, what: str) -> None:
+        self.name, self.phase_began = name, time.perf_counter()
+        self.last = self.phase_began
+        if self.report:
+            self.report(f"evaluating: {what}")
+
+    def step(self, done: int, total: int, unit: str) -> None:
+        now = time.perf_counter()
+        if self.report and 0 < done < total and now - self.last >= self.every:
+            self.last = now
+            eta = (now - self.phase_began) / done * (total - done)
+            self.report(f"evaluating: {self.name}, {done:,}/{total:,} {unit}, ETA {eta:.0f} s")
+
+    def done(self) -> None:
+        if self.report:
+            self.report(f"evaluated in {time.perf_counter() - self.began:.1f} s")
+
+
+SAMPLE_POINTS, SAMPLE_COORDS = 2000, 6   # D > 1: the generated and test points the figures draw
+
+
+def _sample_curves(y_gen: np.ndarray, y_test: np.ndarray) -> dict[str, np.ndarray]:
+    """For D > 1, what the sample figure draws against each other: the first SAMPLE_POINTS
+    generated points of each replica and test points, in the first SAMPLE_COORDS coordinates
+    (float32: about 0.3 MB per run at five replicas)."""
+    k = min(SAMPLE_COORDS, y_test.shape[1])
+    return {"generated": y_gen[:, :SAMPLE_POINTS, :k].astype(np.float32),
+            "test_points": y_test[:SAMPLE_POINTS, :k].astype(np.float32), "data_dim": np.asarray(y_test.shape[1])}
 
 
 ONE_D_METRICS = ("w1_to_truth",)
@@ -200,7 +251,8 @@ SAMPLED_NAN = ("quadrature_error", "grid_edge_mass", "elbo_quadrature_error", "t
 sampling, the standard error under quadrature (its error is the bound)."""
 
 
-def _gap_terms(model: VAE, y_test, terms: dict, config: EvalConfig, true_log_p, training_grid) -> dict:
+def _gap_terms(model: VAE, y_test, terms: dict, config: EvalConfig, true_log_p, training_grid,
+               phases: Phases) -> dict:
     from .gaps import gap_means, gap_metrics
     from ..objectives.exact import training_log_marginal
     from .quadrature import as_batch
@@ -218,8 +270,11 @@ def _gap_terms(model: VAE, y_test, terms: dict, config: EvalConfig, true_log_p, 
         # a VampPrior oracle) would measure nothing the study uses; its gaps stay NaN
         out.update({k: v.numpy() for k, v in gap_means(terms["log_p"][:, :n], terms["elbo"][:, :n], truth).items()})
     elif n > 0:
+        phases.start("the gap search", f"the best q of the family for each of {n:,} test points x "
+                                       f"{terms['log_p'].shape[0]} replicas (at most {config.gap_steps:,} steps)")
         gaps = gap_metrics(model, y_test[:n], terms["log_p"][:, :n], terms["elbo"][:, :n], truth,
-                           config.grid_size, config.grid_span, config.gap_steps)
+                           config.grid_size, config.grid_span, config.gap_steps,
+                           progress=lambda done: phases.step(done, n, "points"))
         out.update({k: v.numpy() for k, v in gaps.items()})
     return out
 

@@ -70,16 +70,21 @@ def hermite_elbo(model: VAE, y: torch.Tensor, q, n_nodes: int) -> torch.Tensor:
 
 
 def best_posterior(model: VAE, y, max_steps: int = MAX_STEPS, tolerance: float = TOLERANCE,
-                   chunk: int = 250) -> BestPosterior:
+                   chunk: int = 250, progress=None) -> BestPosterior:
     """ELBO*(y): the best q of the posterior's family for each point, from the encoder's
     output by Adam on the Gauss-Hermite ELBO, keeping each point's best iterate.
-    Points are taken `chunk` at a time (each point's optimum is its own)."""
+    Points are taken `chunk` at a time (each point's optimum is its own); `progress(points
+    done)` is called after each chunk."""
     model = model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     try:
         y = as_batch(y, replica_count(model), next(model.parameters()).device)
-        parts = [_optimize(model, y[:, s:s + chunk], max_steps, tolerance) for s in range(0, y.shape[1], chunk)]
+        parts = []
+        for s in range(0, y.shape[1], chunk):
+            parts.append(_optimize(model, y[:, s:s + chunk], max_steps, tolerance))
+            if progress:
+                progress(min(s + chunk, y.shape[1]))
     finally:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -124,7 +129,8 @@ def _optimize(model: VAE, y: torch.Tensor, max_steps: int, tolerance: float):
 
 
 def gap_metrics(model: VAE, y, log_p: torch.Tensor, elbo: torch.Tensor, true_log_p=None,
-                grid_size: int = 2001, grid_span: float = 8.0, max_steps: int = MAX_STEPS) -> dict[str, torch.Tensor]:
+                grid_size: int = 2001, grid_span: float = 8.0, max_steps: int = MAX_STEPS,
+                progress=None) -> dict[str, torch.Tensor]:
     """The model's own two terms on points y, per replica [R]: approximation and
     amortization gaps (their sum is log p - ELBO on these points), the means of
     log p, ELBO and (if known) log p* there, and the error bound of ELBO*.
@@ -137,7 +143,7 @@ def gap_metrics(model: VAE, y, log_p: torch.Tensor, elbo: torch.Tensor, true_log
     exact ELBO of a member of the family, a lower bound on the best one, and the
     amortization gap is >= 0 by construction of the same rule."""
     from .quadrature import integrate, latent_grid
-    best = best_posterior(model, y, max_steps)
+    best = best_posterior(model, y, max_steps, progress=progress)
     grid = latent_grid(model, grid_size, grid_span, y=y, q=best.q)
     on_grid = integrate(model, y, grid, q=best.q)
     star = torch.maximum(on_grid.elbo, elbo)

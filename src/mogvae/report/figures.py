@@ -130,19 +130,26 @@ def robust_limits(values: np.ndarray, pad: float = 0.15) -> tuple[float, float]:
     return lo - pad * span, hi + pad * span
 
 
-def comparison_figure(out: Path, models: list[str]) -> None:
+def comparison_figure(out: Path, models: list[str], by: str = "model", labels: dict[str, str] | None = None) -> Path:
     """Each seed as a point, the mean with its 95% t interval (clipped at zero for
-    quantities that cannot be negative). Axes span the bulk of the seeds; a seed
-    outside is drawn at the edge as a triangle, with its value written beside it.
-    Non-negative quantities spanning more than a decade get a log axis instead."""
-    from .paper import read_truth
+    quantities that cannot be negative), per metric that some replica has a value for.
+    Axes span the bulk of the seeds; the seeds of one model outside them are drawn at the
+    edge as triangles, with one label (their count and most extreme value) per model and
+    side, so labels never pile up. Non-negative quantities spanning more than a decade get a
+    log axis instead. `by`: metrics.csv's column naming the model (a sweep's: "run"); `labels`:
+    the names shown (and colored) for them."""
+    shown = [(labels or {}).get(m, m) for m in models]
     from .statistics import t_interval
     rows = [r for r in read_csv(out / "metrics.csv") if r["diverged"] == "False"]
-    truth = read_truth(out)
-    fig, axes = plt.subplots(2, 4, figsize=(17, 7.5))
+    truth = _read_truth_if_any(out)
+    compared = [(k, label) for k, label in COMPARED if any(np.isfinite(float(r[k])) for r in rows if k in r)]
+    cols = min(4, len(compared))
+    fig, axes = plt.subplots((len(compared) + cols - 1) // cols, cols, figsize=(4.25 * cols, 3.75 * ((len(compared) + cols - 1) // cols)), squeeze=False)
+    for ax in axes.ravel()[len(compared):]:
+        ax.set_visible(False)
     csv_rows = []
-    for ax, (key, label) in zip(axes.ravel(), COMPARED):
-        values = {m: np.array([float(r[key]) for r in rows if r["model"] == m]) for m in models}
+    for ax, (key, label) in zip(axes.ravel(), compared):
+        values = {m: np.array([float(r[key]) for r in rows if r[by] == m]) for m in models}
         every = np.concatenate(list(values.values()))
         every = every[np.isfinite(every)]
         log = key in NON_NEGATIVE and len(every) and every.min() > 0 and every.max() / every.min() > 10
@@ -150,36 +157,49 @@ def comparison_figure(out: Path, models: list[str]) -> None:
         for i, m in enumerate(models):
             v = values[m]
             jitter = np.linspace(-0.12, 0.12, len(v)) if len(v) > 1 else np.zeros(len(v))
-            shown = np.clip(v, lo, hi)
-            outside = (v < lo) | (v > hi)
-            ax.scatter((i + jitter)[~outside], shown[~outside], color=COLORS.get(m, "k"), s=14, alpha=0.7)
-            for x, value, at in zip((i + jitter)[outside], v[outside], shown[outside]):
-                ax.scatter([x], [at], marker="^" if value > hi else "v", color=COLORS.get(m, "k"), s=30)
-                ax.annotate(f"{value:.3g}", (x, at), fontsize=7, xytext=(4, 0), textcoords="offset points")
+            inside = (v >= lo) & (v <= hi)
+            ax.scatter((i + jitter)[inside], v[inside], color=_color(shown[i], i), s=14, alpha=0.7)
+            for side, beyond, edge, extreme in (("above", v > hi, hi, np.max), ("below", v < lo, lo, np.min)):
+                if beyond.any():
+                    ax.scatter((i + jitter)[beyond], np.full(beyond.sum(), edge), marker="^" if side == "above" else "v",
+                               color=_color(shown[i], i), s=30)
+                    text = f"{extreme(v[beyond]):.3g}" if beyond.sum() == 1 else \
+                        f"{beyond.sum()} {side}, {'max' if side == 'above' else 'min'} {extreme(v[beyond]):.3g}"
+                    ax.annotate(text, (i, edge), fontsize=7, ha="center", xytext=(0, -9 if side == "above" else 4),
+                                textcoords="offset points")
             iv = t_interval(v)
             if iv.n > 1:
                 low = max(iv.low, 0.0) if key in NON_NEGATIVE else iv.low
                 ax.errorbar(i + 0.3, iv.mean, yerr=[[iv.mean - low], [iv.high - iv.mean]], fmt="o", color="k",
                             capsize=3)
             csv_rows += [{"metric": key, "model": m, "seed": s, "value": x} for s, x in enumerate(v)]
-        if key == "test_log_likelihood":
+        if key == "test_log_likelihood" and "test_log_likelihood" in truth:
             ax.axhline(truth["test_log_likelihood"], color="k", ls="--", lw=1, label="truth")
             ax.legend(fontsize=8)
         if key == "std_ratio":
             ax.axhline(1.0, color="k", ls="--", lw=1)
         ax.set_yscale("log" if log else "linear")
         ax.set_ylim(lo, hi)
-        ax.set_xticks(range(len(models)), models, rotation=20, fontsize=8)
+        ax.set_xticks(range(len(models)), shown, rotation=20 if max(map(len, shown)) < 16 else 35, fontsize=8,
+                      ha="right")
         ax.set_title(label, fontsize=9)
     fig.suptitle("per seed (dots; triangles: outside the axis, value beside) and mean with 95% t interval (black); "
                  "diverged runs excluded", fontsize=10)
     fig.tight_layout()
     _save(fig, out / "figures" / "comparison.png")
     write_csv(out / "figures" / "comparison.csv", csv_rows, ["metric", "model", "seed", "value"])
+    return out / "figures" / "comparison.png"
+
+
+def _read_truth_if_any(out: Path) -> dict:
+    """truth.json of a paper study (the true log-likelihood's line), or {} elsewhere."""
+    from .paper import read_truth
+    return read_truth(out) if (out / "truth.json").exists() else {}
 
 
 def _color(name: str, i: int) -> str:
-    return COLORS.get(name, plt.get_cmap("tab20")(i % 20))
+    """A model's color: the presets' own, else the i-th of tab10 (neighbours differ in hue)."""
+    return COLORS.get(name, plt.get_cmap("tab10")(i % 10))
 
 
 def training_figure(out: Path, runs: dict[str, Path]) -> None:
@@ -220,6 +240,50 @@ def training_figure(out: Path, runs: dict[str, Path]) -> None:
     write_csv(out / "figures" / "training.csv", csv_rows, ["model", "epoch", "mean_val_elbo", "min", "max"])
 
 
+def sample_figure(out: Path, model: str, run: Path) -> Path:
+    """Data with D > 1: generated points (seed 0) against the test points, per coordinate (the
+    first six: histograms, each of unit area on its bins) and per pair of the first four (scatter).
+    Axes span the test points' 0.5-99.5% range, padded, so no outlier sets them."""
+    c = read_npz(run / "curves.npz")
+    gen, test = c["generated"][0].astype(float), c["test_points"].astype(float)
+    D = test.shape[1]
+    pairs = [(i, j) for i in range(min(D, 4)) for j in range(i + 1, min(D, 4))]
+    cols = max(D, len(pairs), 2)
+    fig, ax = plt.subplots(2, cols, figsize=(3.1 * cols, 6.2), squeeze=False)
+    color = COLORS.get(model, "tab:blue")
+    lo, hi = np.percentile(test, [0.5, 99.5], axis=0)
+    lo, hi = lo - 0.15 * (hi - lo), hi + 0.15 * (hi - lo)
+    rows = []
+    for k in range(D):
+        edges = np.linspace(lo[k], hi[k], 41)
+        ax[0, k].hist(test[:, k], edges, density=True, histtype="step", color="k", label="test data")
+        ax[0, k].hist(gen[:, k], edges, density=True, color=color, alpha=0.45, label="generated")
+        ax[0, k].set(xlabel=f"y{k + 1}", ylabel="density" if k == 0 else None, title=f"coordinate y{k + 1}")
+    ax[0, 0].legend(fontsize=7)
+    for p, (i, j) in enumerate(pairs):
+        ax[1, p].scatter(test[:, i], test[:, j], s=2, color="k", alpha=0.25, label="test data")
+        ax[1, p].scatter(gen[:, i], gen[:, j], s=2, color=color, alpha=0.25, label="generated")
+        ax[1, p].set(xlim=(lo[i], hi[i]), ylim=(lo[j], hi[j]), xlabel=f"y{i + 1}", ylabel=f"y{j + 1}")
+    for a in [*ax[0, D:], *ax[1, len(pairs):]]:
+        a.set_visible(False)
+    ax[1, 0].legend(fontsize=7, markerscale=4)
+    fig.suptitle(f"{model}: {len(gen):,} generated points (seed 0) against {len(test):,} test points"
+                 + (f", first {D} of {int(c['data_dim'])} coordinates" if D < int(c["data_dim"]) else ""), fontsize=10)
+    fig.tight_layout()
+    path = out / "figures" / f"{model}-samples.png"
+    _save(fig, path)
+    for which, points in (("generated", gen), ("test", test)):
+        rows += [{"points": which, "index": n, **{f"y{k + 1}": v for k, v in enumerate(point)}}
+                 for n, point in enumerate(points)]
+    write_csv(path.with_suffix(".csv"), rows, ["points", "index", *(f"y{k + 1}" for k in range(D))])
+    return path
+
+
+def has_sample_points(run: Path) -> bool:
+    """The sample figure draws data with D > 1 (estimators.evaluate._sample_curves)."""
+    return (run / "curves.npz").exists() and "generated" in read_npz(run / "curves.npz")
+
+
 def has_latent_curves(run: Path) -> bool:
     """The model figure draws z: it exists for 1-D latents (see estimators.evaluate._latent_curves)."""
     if not (run / "curves.npz").exists():
@@ -228,9 +292,11 @@ def has_latent_curves(run: Path) -> bool:
 
 
 def sweep_figures(out: Path, runs: dict[str, Path]) -> list[Path]:
-    """A sweep's figures: training curves of every run, and each run's model figure (1-D latents)."""
+    """A sweep's figures: training curves of every run, each run's model figure (1-D latents), and
+    for data with D > 1 each run's generated points against the test points."""
     training_figure(out, runs)
     drawn = [name for name, run in runs.items() if has_latent_curves(run)]
     for name in drawn:
         model_figure(out, name, runs[name])
-    return [out / "figures" / "training.png", *(out / "figures" / f"{n}.png" for n in drawn)]
+    samples = [sample_figure(out, name, run) for name, run in runs.items() if has_sample_points(run)]
+    return [out / "figures" / "training.png", *(out / "figures" / f"{n}.png" for n in drawn), *samples]

@@ -68,14 +68,26 @@ def paired(metrics, a: str, b: str, key: str) -> Interval:
     return t_interval(np.array([metrics[a][s][key] - metrics[b][s][key] for s in seeds], dtype=float))
 
 
-def summary_rows(metrics, models) -> list[list[str]]:
-    """Per model: name, runs, diverged, then 'mean ± sd' over non-diverged seeds for each TABLE column."""
+def has_values(metrics, key: str) -> bool:
+    """Whether some replica has a number for `key` (a column without: the truth's metrics without a
+    known truth, W1 exact for D > 1, the gaps without gap points, a column older runs lack)."""
+    return any(np.isfinite(float(r.get(key, np.nan))) for runs in metrics.values() for r in runs.values())
+
+
+def shown_columns(metrics) -> list[tuple[str, str, int]]:
+    """TABLE's columns that hold a value for some replica: a table never prints a column of nan."""
+    return [column for column in TABLE if has_values(metrics, column[0])]
+
+
+def summary_rows(metrics, models, columns=None) -> list[list[str]]:
+    """Per model: name, runs, diverged, then 'mean ± sd' over non-diverged seeds for each of `columns`
+    (TABLE's, by default)."""
     rows = []
     for m in models:
         runs = metrics[m]
         ok = [r for r in runs.values() if r["diverged"] != "True"]
         cells = []
-        for key, _, digits in TABLE:
+        for key, _, digits in columns or TABLE:
             v = np.array([r.get(key, np.nan) for r in ok], dtype=float)   # a column older runs lack: nan
             cells.append("n/a" if not len(v) else
                          f"{v.mean():.{digits}f} ± {v.std(ddof=1) if len(v) > 1 else 0:.{digits}f}")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..storage.files import UnreadableFile, write_text
 from .html import md_text, write_html
-from .statistics import TABLE, Interval, load_metrics, paired, summary_rows
+from .statistics import Interval, has_values, load_metrics, paired, shown_columns, summary_rows
 
 COMPARED = (("test_log_likelihood", "test LL"), ("inference_gap", "inference gap"), ("kl_to_truth", "KL to truth"))
 
@@ -28,15 +28,27 @@ def _axes(cells: list[dict]) -> list[str]:
     return list(dict.fromkeys(a for c in cells for a in c["values"]))
 
 
+FIT_COLUMNS = {"test_log_likelihood", "kl_to_truth", "test_elbo", "inference_gap", "approximation_gap",
+               "amortization_gap"}   # the per-run table's first half; samples and cost are the second
+
+
 def cell_table(cells: list[dict], metrics) -> list[str]:
+    """Per run, mean ± sd over seeds: the likelihood columns, then (a second table, so that neither
+    runs off a 1,280-pixel page) the sample-based ones and the cost; columns with no value are left out."""
     axes = _axes(cells)
-    head = ["run", *map(md_text, axes), "n", "diverged", *(t[1] for t in TABLE)]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for cell, row in zip(cells, summary_rows(metrics, [c["name"] for c in cells])):
-        name, n, diverged, *values = row
-        lines.append("| " + " | ".join([md_text(name), *(_fmt(cell["values"].get(a, "–")) for a in axes), n, diverged,
-                                         *values]) + " |")
-    return lines
+    columns = shown_columns(metrics)
+    halves = [[c for c in columns if c[0] in FIT_COLUMNS], [c for c in columns if c[0] not in FIT_COLUMNS]]
+    lines = []
+    for half, counts in zip(halves, (True, False)):
+        if not half:
+            continue
+        head = ["run", *map(md_text, axes), *(["n", "diverged"] if counts else []), *(t[1] for t in half)]
+        lines += ["" if lines else None, "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for cell, row in zip(cells, summary_rows(metrics, [c["name"] for c in cells], half)):
+            name, n, diverged, *values = row
+            lines.append("| " + " | ".join([md_text(name), *(_fmt(cell["values"].get(a, "–")) for a in axes),
+                                             *([n, diverged] if counts else []), *values]) + " |")
+    return [line for line in lines if line is not None]
 
 
 def comparisons(cells: list[dict], metrics) -> list[str]:
@@ -46,6 +58,7 @@ def comparisons(cells: list[dict], metrics) -> list[str]:
     axes = list(cells[0]["values"]) if cells else []
     cells = [c for c in cells if list(c["values"]) == axes]   # the main grid; [[grid.also]] cells stand apart
     by_values = {tuple((a, json.dumps(c["values"][a])) for a in axes): c["name"] for c in cells}
+    compared = [(key, label) for key, label in COMPARED if has_values(metrics, key)]
     for axis in axes:
         levels = list(dict.fromkeys(json.dumps(c["values"][axis]) for c in cells))
         if len(levels) < 2:
@@ -54,8 +67,8 @@ def comparisons(cells: list[dict], metrics) -> list[str]:
         if axis.startswith("data."):
             lines += ["This axis changes the data: test log-likelihoods are then on different test sets and "
                       "differ with the data's own entropy; KL to the truth compares like with like.", ""]
-        lines += ["| fixed | " + md_text(axis) + " | " + " | ".join(label for _, label in COMPARED) + " |",
-                  "|" + "---|" * (2 + len(COMPARED))]
+        lines += ["| fixed | " + md_text(axis) + " | " + " | ".join(label for _, label in compared) + " |",
+                  "|" + "---|" * (2 + len(compared))]
         for cell in cells:
             if json.dumps(cell["values"][axis]) == levels[0]:
                 continue
@@ -64,7 +77,7 @@ def comparisons(cells: list[dict], metrics) -> list[str]:
             if base is None:   # a [[grid.also]] cell with the main grid's keys, at a level the grid lacks
                 continue
             fixed = ", ".join(f"{md_text(a)}={_fmt(cell['values'][a])}" for a in axes if a != axis) or "-"
-            intervals = [paired(metrics, cell["name"], base, key) for key, _ in COMPARED]
+            intervals = [paired(metrics, cell["name"], base, key) for key, _ in compared]
             lines.append(f"| {fixed} | {_fmt(cell['values'][axis])} | " + " | ".join(map(_interval, intervals)) + " |")
     return lines
 
@@ -102,6 +115,48 @@ def exactness_lines(cells: list[dict], metrics) -> list[str]:
             "over test points: log p, ELBO, an oracle's training grid, the gap rule): at some test points the grid did not resolve their posterior or "
             "prior (a degenerate, very narrow component, typically). Their means are still reported; read them "
             "with this bound:", "", *(f"- {md_text(name)}, seed {seed}: {bound:.2g} nats" for name, seed, bound in flagged)]
+
+
+def _mean(metrics, name: str, key: str) -> float:
+    v = [r.get(key, math.nan) for r in metrics[name].values() if r["diverged"] != "True"]
+    v = [x for x in v if isinstance(x, float) and math.isfinite(x)]
+    return sum(v) / len(v) if v else math.nan
+
+
+def verdict_lines(cells: list[dict], metrics) -> list[str]:
+    """The one line that leads a plain sweep's (or a run's) report. Runs on the same data: the
+    highest mean test log-likelihood, and how far ahead it is of each other run, paired by seed.
+    Runs on different data (a data.* axis): by KL to the truth where it is known, as test
+    log-likelihoods of different test sets do not compare."""
+    names = [c["name"] for c in cells]
+    same_data = not any(a.startswith("data.") for a in _axes(cells))
+    key, better = (("test_log_likelihood", "highest") if same_data else ("kl_to_truth", "lowest"))
+    means = {n: _mean(metrics, n, key) for n in names}
+    ranked = sorted((n for n in names if math.isfinite(means[n])), key=means.get, reverse=better == "highest")
+    what = "test log-likelihood" if same_data else "KL to the truth"
+    if not ranked:
+        return [f"**Verdict:** none: no run has a finite {what}" + ("" if same_data else " (the runs differ in "
+                "their data, and the truth is unknown, so no one number compares them)") + "."]
+    best = ranked[0]
+    if len(names) == 1:
+        kl = _mean(metrics, best, "kl_to_truth")
+        return [f"**Result:** test log-likelihood {means[best]:.4f} nats per point, mean over seeds"
+                + (f"; {kl:.4f} nats from the truth" if math.isfinite(kl) else "") + "."]
+    ahead = [(n, paired(metrics, best, n, key)) for n in ranked[1:]]
+    decided = [n for n, iv in ahead if iv.excludes_zero()]
+    sign = 1 if better == "highest" else -1        # "ahead" is the difference in the better direction
+    against = ", ".join(f"{md_text(n)} by {sign * iv.mean:+.4f} {_bracket(iv, sign)}" for n, iv in ahead)
+    return [f"**Verdict:** {md_text(best)} has the {better} mean {what} ({means[best]:.4f} nats per point), ahead "
+            f"of {against} (paired by seed, 95% interval); the interval excludes zero against {len(decided)} of "
+            f"{len(ahead)}" + (f" ({', '.join(map(md_text, decided))})" if decided and len(decided) < len(ahead)
+                               else "") + "."]
+
+
+def _bracket(iv: Interval, sign: int) -> str:
+    if iv.n < 2:
+        return f"(n = {iv.n})"
+    low, high = sorted((sign * iv.low, sign * iv.high))
+    return f"[{low:+.4f}, {high:+.4f}]"
 
 
 def divergence_lines(cells: list[dict], metrics) -> list[str]:
@@ -162,9 +217,13 @@ def _write(out: Path, title: str, cells: list[dict], metrics: dict, runs: dict[s
            unfinished: list[str]) -> Path:
     """The one report: a study's own lines and figures first, then per run, paired comparisons,
     divergence, exactness and the figures (training curves, each run's model figure)."""
-    from .figures import sweep_figures
+    from .figures import comparison_figure, sweep_figures
     lead, first_figures = own
-    figures = [*first_figures, *sweep_figures(out, runs)]
+    if not lead:      # a plain sweep or run: the generic verdict, and the per-seed figure where runs compare
+        lead = [*verdict_lines(cells, metrics), ""]
+        first_figures = [comparison_figure(out, [c["name"] for c in cells], by="run", labels=_figure_names(cells))
+                         ] if len(cells) > 1 else []
+    answer, figures = first_figures[:1], [*first_figures[1:], *sweep_figures(out, runs)]
     seeds = sorted({len(m) for m in metrics.values()})
     lines = [f"# {md_text(title)}", "",
              *([f"**Unfinished:** {len(unfinished)} of {len(unfinished) + len(cells)} runs have not finished; this "
@@ -172,6 +231,7 @@ def _write(out: Path, title: str, cells: list[dict], metrics: dict, runs: dict[s
              f"{len(cells)} run{'s' if len(cells) > 1 else ''}, {'/'.join(map(str, seeds))} seed(s) each; "
              f"{_how_evaluated(metrics)}, "
              "in nats per test point; mean ± sd over seeds, diverged replicas excluded.", "", *lead,
+             *(f"![{md_text(p.stem)}](figures/{p.name})" for p in answer), *([""] if answer else []),
              "## Per run", "", *cell_table(cells, metrics), "",
              *(["## Paired comparisons", "",
                 "Mean difference over seeds with its 95% t interval; ** marks an interval that excludes zero.",
@@ -182,6 +242,21 @@ def _write(out: Path, title: str, cells: list[dict], metrics: dict, runs: dict[s
     report = write_text(out / "report.md", "\n".join(lines))
     write_html(report, title)
     return report
+
+
+def report_lead(report: Path) -> list[str]:
+    """The lines that lead a written report.md (its verdict, or a study's reading), as plain text
+    for a terminal: from after the opening paragraph to the first figure or section."""
+    lines = Path(report).read_text().splitlines()
+    start = next((i for i, line in enumerate(lines) if " nats per test point; " in line), None)
+    if start is None:
+        return []
+    lead = []
+    for line in lines[start + 1:]:
+        if line.startswith(("![", "## ")):
+            break
+        lead.append(line.replace("**", ""))
+    return [line for line in lead if line.strip()]
 
 
 def _figure_names(cells: list[dict]) -> dict[str, str]:

@@ -4,9 +4,10 @@ On a terminal: rich progress bars. Elsewhere (nohup, a cluster job, CI) a live
 display prints nothing until the end, so plain lines are written instead: one
 per task at most every `every` seconds, and one when a task finishes.
 
-A run that has trained its last epoch is evaluating (exact likelihoods, the gap search,
-samples) until it finishes: both displays say so, so that minutes of evaluation never look
-like a stalled run. No message is needed for it: the last epoch's report is the signal.
+A run that has trained its last epoch is evaluating until it finishes: both displays say so,
+and print the lines evaluation reports through the same callback as text (each phase with its
+counts, the gap search's progress with an ETA), so that minutes of evaluation never look like
+a stalled run.
 """
 from __future__ import annotations
 
@@ -42,7 +43,11 @@ class EpochProgress:
             self._bars.__exit__(*exc)
         return False
 
-    def update(self, name: str, epochs_done: int) -> None:
+    def update(self, name: str, epochs_done: int | str) -> None:
+        """Epochs done, or (text) a line of the evaluation that follows the last epoch."""
+        if isinstance(epochs_done, str):
+            self.console.print(f"{name}: {epochs_done}", soft_wrap=True, highlight=False)
+            return
         self.done[name] = epochs_done
         trained = epochs_done >= self.totals[name]
         now = time.perf_counter()
@@ -52,9 +57,6 @@ class EpochProgress:
             self._last_line[name] = now
             self.console.print(f"{name}: epoch {epochs_done}/{self.totals[name]} "
                                f"({now - self._start:.0f} s)", soft_wrap=True, highlight=False)
-        if trained:
-            self.console.print(f"{name}: evaluating (exact likelihoods, the gap search, samples)", soft_wrap=True,
-                               highlight=False)
 
 
 class SweepProgress:
@@ -89,7 +91,11 @@ class SweepProgress:
         evaluating = f" ({len(self.evaluating)} evaluating)" if self.evaluating else ""
         return f"runs {self.runs_done}/{self.total_runs}{evaluating}"
 
-    def epoch(self, name: str, done: int) -> None:
+    def epoch(self, name: str, done: int | str) -> None:
+        """Epochs a run has done, or (text) a line of its evaluation, shown as it comes."""
+        if isinstance(done, str):
+            self.console.print(f"{name}: {done}", soft_wrap=True, highlight=False)
+            return
         self.done[name] = done
         started = done >= self.epochs.get(name, 0) and name not in self.evaluating
         if started:

@@ -26,10 +26,10 @@ from pydantic import Field, ValidationError, model_validator
 
 from .. import __version__
 from ..config.files import ConfigError, absolute_path, apply_overrides, read_toml
-from ..config.schema import PRESETS, DataConfig, EvalConfig, ModelConfig, Strict, TrainConfig
+from ..config.schema import PRESETS, DataConfig, EvalConfig, ModelConfig, Strict, TrainConfig, resolve_defaults
 from ..data.paper import PaperSource
 from ..data.files import DataError
-from ..data.sources import load_source
+from ..data.sources import SOURCES, load_source
 from ..estimators.evaluate import check_evaluable, check_evaluation_memory, evaluate, metric_rows
 from ..model.layers import initialize, replica_seed
 from ..model.priors import PRIORS
@@ -72,6 +72,24 @@ class RunConfig(Strict):
     train: TrainConfig = Field(TrainConfig(), description="the optimizer, schedule and divergence policy")
     eval: EvalConfig = Field(EvalConfig(), description="the exact evaluation (quadrature over z)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults_that_depend_on_the_data(cls, data):
+        """model.learn_decoder_noise and eval.grid_size, where unset, follow the data source and
+        the latent dimension (config.schema.resolve_defaults); the result is what config.json records."""
+        if not isinstance(data, dict):
+            return data
+        source = data.get("data", {})
+        name = source.get("name", "paper") if isinstance(source, dict) else getattr(source, "name", None)
+        if not isinstance(name, str) or name not in SOURCES:
+            return data                                # refused, with its message, by the data field
+        model, eval_ = (_given(data.get(key, {})) for key in ("model", "eval"))
+        if model is None or eval_ is None:
+            return data
+        resolved_model, resolved_eval = resolve_defaults(model, eval_, SOURCES[name].known_noise)
+        return {**data, "model": _with(data.get("model", {}), resolved_model),
+                "eval": _with(data.get("eval", {}), resolved_eval)}
+
     @model_validator(mode="after")
     def _known_preset(self):
         if self.preset is not None and self.preset not in PRESETS:
@@ -95,6 +113,24 @@ class RunConfig(Strict):
     def label(self) -> str:
         """The model's name in tables and figure files: the preset's, else prior+posterior."""
         return self.preset or f"{self.model.prior}+{self.model.posterior}"
+
+
+def _given(section) -> dict | None:
+    """What the user set in a section (a dict, or a validated section's set fields); None for
+    anything else, which the section's own validation refuses."""
+    if isinstance(section, dict):
+        return section
+    if isinstance(section, Strict):
+        return {k: getattr(section, k) for k in section.model_fields_set}
+    return None
+
+
+def _with(section, resolved: dict):
+    """The section (dict or validated) with the resolved defaults added."""
+    if isinstance(section, dict):
+        return resolved
+    extra = {k: v for k, v in resolved.items() if k not in section.model_fields_set}
+    return section.model_copy(update=extra) if extra else section
 
 
 DATA_RECORD = "data_record"   # config.json's keys beyond the configuration: what the run trains on,
@@ -389,13 +425,15 @@ class RunSession:
                 on_epoch(trainer.epoch)
         if curves is not None:
             curves.close()
-        return self._evaluate(earlier + time.perf_counter() - start)
+        return self._evaluate(earlier + time.perf_counter() - start, on_epoch)
 
-    def _evaluate(self, train_seconds: float) -> Path:
+    def _evaluate(self, train_seconds: float, on_phase=None) -> Path:
+        """Evaluate the trained replicas and write metrics.csv and curves.npz; `on_phase` (the
+        training progress callback) also takes evaluation's phase lines, as text."""
         history, run = self.trainer.history, self.run
         train = self.config.train
         evaluation = evaluate(self.model, self.process, self.data["test"], self.config.eval, self.seeds,
-                              history.diverged, OBJECTIVES[train.objective].training_grid(train))
+                              history.diverged, OBJECTIVES[train.objective].training_grid(train), report=on_phase)
         # wall time is the one number that differs between identical runs: it sits last, per seed
         rows = [{**row, "train_seconds": train_seconds / len(self.seeds)} for row in metric_rows(evaluation, history)]
         write_csv(run.path / "metrics.csv", rows)

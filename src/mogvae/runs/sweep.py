@@ -246,6 +246,13 @@ class SweepDir:
         self._lock = take_lock(self.path, "sweep")
         remove_stale_temporaries(self.path, layout)   # of a report or record killed mid-write
 
+    def release(self) -> None:
+        """Give the folder's lock up now, not when this object is collected (a caller of the CLI's
+        main in one process, a notebook, runs the next command on the same folder at once)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
     def run_path(self, cell: Cell) -> Path:
         return self.path / "runs" / cell.name
 

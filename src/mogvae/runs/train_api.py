@@ -122,8 +122,10 @@ def _train(session, log) -> None:
     log(f"training {session.config.seeds} replicas for {epochs} epochs (from epoch {session.trainer.epoch}) "
         f"-> {session.run.path}")
 
-    def on_epoch(epoch: int) -> None:
-        if epoch % every == 0 and epoch < epochs:
+    def on_epoch(epoch: int | str) -> None:
+        if isinstance(epoch, str):       # evaluation's phase lines
+            log(epoch)
+        elif epoch % every == 0 and epoch < epochs:
             log(f"epoch {epoch} of {epochs}")
     with _threads(1):
         metrics = session.train(on_epoch=on_epoch)
