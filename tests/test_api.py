@@ -60,7 +60,11 @@ def test_train_returns_the_run_and_its_metrics_are_metrics_csv(trained):
     assert run.replicas == 2 and run.complete
     rows = csv_rows(out / "metrics.csv")
     frame = run.metrics
-    assert list(frame.columns) == list(rows[0]) and len(frame) == len(rows) == 2
+    columns = list(rows[0])           # metrics.csv's, with the derived seed beside the replica index
+    assert list(frame.columns) == [*columns[:columns.index("seed") + 1], "replica_seed",
+                                   *columns[columns.index("seed") + 1:]] and len(frame) == len(rows) == 2
+    from mogvae.model.layers import replica_seed
+    assert list(frame["replica_seed"]) == [replica_seed(run.config.base_seed, i) for i in (0, 1)]
     for i, row in enumerate(rows):
         for column, text in row.items():
             assert same(text, frame[column].iloc[i]), (column, text, frame[column].iloc[i])
@@ -216,15 +220,16 @@ def test_a_sweep_folder_loads_as_runs_that_agree_with_its_metrics(tmp_path):
     assert isinstance(sweep, mogvae.Sweep) and sweep.path == out
     rows = csv_rows(out / "metrics.csv")
     frame = sweep.metrics
-    assert list(frame.columns) == list(rows[0]) and len(frame) == len(rows) == 4
+    assert list(frame.drop(columns="replica_seed").columns) == list(rows[0]) and len(frame) == len(rows) == 4
     assert list(sweep.runs) == ["preset=mfg", "preset=mog-prior"]
     for name, run in sweep.runs.items():
         assert run.path == out / "runs" / name
         own = run.metrics
         mine = [row for row in rows if row["run"] == name]
         assert len(mine) == len(own) == 2
+        assert list(own["replica_seed"]) == list(frame[frame["run"] == name]["replica_seed"])
         for i, row in enumerate(mine):
-            for column in own.columns:
+            for column in own.columns.drop("replica_seed"):
                 assert same(row[column], own[column].iloc[i]), (name, column)
     # a preset's name finds its cell; an unknown name lists the runs
     assert sweep.run("mog-prior").path == sweep.run("preset=mog-prior").path

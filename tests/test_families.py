@@ -152,3 +152,16 @@ def test_the_importance_check_is_computed_once_and_recomputed_only_when_its_sour
     metrics = out / "runs" / "model.posterior=mog" / "metrics.csv"
     metrics.write_text(metrics.read_text() + "\n")                      # a rewritten run: another digest
     assert importance.importance_rows(out, (1, 10), 20) == first and len(calls) == 2 * (1 + 2)
+
+
+def test_an_importance_estimate_that_fails_its_own_check_is_marked_where_it_is_read():
+    """Issue 22: a bias of 9.6 nats with 57% of points beyond 3 SE was printed as a plain number."""
+    from mogvae.studies.importance import fails_check, reading
+    good = {"run": "a", "model": "mfg", "sigma": 0.1, "k": 1000, "bias": 1e-4, "bias_stderr": 1e-4,
+            "mean_stderr": 1e-3, "beyond_3se": 0.005}
+    bad = {**good, "run": "b", "bias": 9.6, "bias_stderr": 0.4, "beyond_3se": 0.57}
+    shaky = {**good, "run": "c", "beyond_3se": 0.08}                  # unbiased on average, its SEs too small
+    assert [fails_check(r) for r in (good, bad, shaky)] == [False, True, True]
+    text = "\n".join(reading([good, bad, shaky]))
+    assert "Fails its own check at K = 1000:** 2 of 3" in text and "- b: bias 9.6" in text and "- c:" in text
+    assert "Fails" not in "\n".join(reading([good]))

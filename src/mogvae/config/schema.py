@@ -159,8 +159,10 @@ class EvalConfig(Strict):
     n_importance: int = Field(5000, ge=2, le=1_000_000, description="importance samples per point where quadrature "
                               "cannot go (latent_dim > 2): log p(y) with its standard error")
     gap_points: int = Field(500, ge=0, le=1_000_000, description="test points (the first ones) on which the "
-                            "approximation and amortization gaps are measured: each needs its own optimized q "
-                            "(0: skip them)")
+                            "approximation and amortization gaps are measured: each needs its own optimized q, so "
+                            "the cost grows with points x the posterior's strata (a mixture's n_components) x "
+                            "steps; for a mixture it is evaluation's costliest phase, shown with an ETA (0: skip "
+                            "them)")
     gap_steps: int = Field(1000, ge=1, le=100_000, description="at most this many Adam steps of that search (it "
                            "stops sooner once the mean best ELBO gains under 1e-5 nats per 25 steps); metrics.csv "
                            "reports the steps taken as gap_optimizer_steps")

@@ -36,18 +36,22 @@ def cell_table(cells: list[dict], metrics) -> list[str]:
     """Per run, mean ± sd over seeds: the likelihood columns, then (a second table, so that neither
     runs off a 1,280-pixel page) the sample-based ones and the cost; columns with no value are left out."""
     axes = _axes(cells)
+    names = _figure_names(cells)
+    if axes == ["preset"] and all(names[c["name"]] != c["name"] for c in cells):
+        axes = []                    # a grid over the preset alone: the run is named by its preset
     columns = shown_columns(metrics)
     halves = [[c for c in columns if c[0] in FIT_COLUMNS], [c for c in columns if c[0] not in FIT_COLUMNS]]
     lines = []
     for half, counts in zip(halves, (True, False)):
         if not half:
             continue
-        head = ["run", *map(md_text, axes), *(["n", "diverged"] if counts else []), *(t[1] for t in half)]
+        head = ["run", *map(md_text, axes), *(["seeds (diverged)"] if counts else []), *(t[1] for t in half)]
         lines += ["" if lines else None, "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for cell, row in zip(cells, summary_rows(metrics, [c["name"] for c in cells], half)):
-            name, n, diverged, *values = row
-            lines.append("| " + " | ".join([md_text(name), *(_fmt(cell["values"].get(a, "–")) for a in axes),
-                                             *([n, diverged] if counts else []), *values]) + " |")
+            _, n, diverged, *values = row
+            lines.append("| " + " | ".join([md_text(names[cell["name"]] if not axes else cell["name"]),
+                                             *(_fmt(cell["values"].get(a, "–")) for a in axes),
+                                             *([f"{n} ({diverged})"] if counts else []), *values]) + " |")
     return [line for line in lines if line is not None]
 
 

@@ -160,14 +160,18 @@ class Run:
 
     @property
     def metrics(self):
-        """metrics.csv, the final evaluation, as a pandas DataFrame: one row per replica
-        (`seed` is the replica index), one column per metric (estimators/evaluate.py's METRICS),
-        then diverged, diverged_epoch, final_val_elbo and train_seconds.
+        """metrics.csv, the final evaluation, as a pandas DataFrame: one row per replica, named as
+        everywhere by `seed`, the replica index (0 .. R-1, the `replica=` of every method), and
+        `replica_seed`, the seed derived from it and base_seed that replica trained from
+        (model.layers.replica_seed); then one column per metric (estimators/evaluate.py's METRICS),
+        diverged, diverged_epoch, final_val_elbo and train_seconds.
 
             run.metrics["test_log_likelihood"].mean()
         """
         self._require_complete()
-        return _read_table(self.path / "metrics.csv")
+        table = _read_table(self.path / "metrics.csv")
+        table.insert(list(table.columns).index("seed") + 1, "replica_seed", [self._seed(int(i)) for i in table["seed"]])
+        return table
 
     def data(self, split: str) -> np.ndarray:
         """The split the run trained (or is evaluated) on, as saved: "train", "val" or "test";
@@ -363,14 +367,20 @@ class Sweep:
     @property
     def metrics(self):
         """The folder's metrics.csv as a pandas DataFrame: one row per (run, replica), with the
-        grid's columns by their dotted keys, then run, model, seed and every metric.
+        grid's columns by their dotted keys, then run, model, seed (the replica index),
+        replica_seed (its derived seed, as in Run.metrics) and every metric.
 
             sweep.metrics.pivot_table(index="model", columns="data.sigma", values="kl_to_truth")
         """
+        from ..model.layers import replica_seed
         path = self.path / "metrics.csv"
         if not os.path.lexists(path):
             raise LoadError(f"{path}: missing (written when every run has finished): {self._finish}")
-        return _read_table(path)
+        table = _read_table(path)
+        base = {c["name"]: c["config"].get("base_seed", 0) for c in self._record["cells"]}
+        table.insert(list(table.columns).index("seed") + 1, "replica_seed",
+                     [replica_seed(base.get(run, 0), int(i)) for run, i in zip(table["run"], table["seed"])])
+        return table
 
     @property
     def runs(self) -> dict[str, Run]:

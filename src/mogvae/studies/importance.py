@@ -113,6 +113,9 @@ def importance_figure(out: Path, ks=K_VALUES, points: int = POINTS) -> tuple[Pat
             mine = [r for r in rows if r["sigma"] == sigma and r["model"] == model]
             ax.errorbar([r["k"] for r in mine], [r["bias"] for r in mine], yerr=[2 * r["bias_stderr"] for r in mine],
                         marker="o", capsize=3, label=model)
+            bad = [r for r in mine if fails_check(r)]
+            ax.scatter([r["k"] for r in bad], [r["bias"] for r in bad], s=140, facecolors="none", edgecolors="red",
+                       linewidths=1.5, label="fails its own check" if bad else None, zorder=3)
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xscale("log")
         ax.set_yscale("symlog", linthresh=1e-4)   # signed: a bias below zero is sampling noise, shown as such
@@ -127,6 +130,15 @@ def importance_figure(out: Path, ks=K_VALUES, points: int = POINTS) -> tuple[Pat
     return path, rows
 
 
+BEYOND_3SE_LIMIT = 0.05   # the share of points beyond 3 SE that fails the check (0.3% if the errors were Gaussian)
+
+
+def fails_check(row: dict) -> bool:
+    """An estimate whose own standard errors do not cover its error: the mean bias beyond three of
+    its standard errors, or more than BEYOND_3SE_LIMIT of the points beyond three of theirs."""
+    return abs(row["bias"]) > 3 * row["bias_stderr"] or row["beyond_3se"] > BEYOND_3SE_LIMIT
+
+
 def reading(rows: list[dict]) -> list[str]:
     if not rows:
         return ["No VAE of this study has finished: there is no importance-sampling estimate to check."]
@@ -137,4 +149,16 @@ def reading(rows: list[dict]) -> list[str]:
             f"{max(r['bias'] for r in at_top):.2e} nats and its mean standard error at most "
             f"{max(r['mean_stderr'] for r in at_top):.2e}; the share of points beyond three standard errors of the "
             f"exact value is at most {worst['beyond_3se']:.1%} ({md_text(worst['run'])}; 0.3% if the errors were Gaussian). "
-            "Table: figures/importance.csv."]
+            "Table: figures/importance.csv."] + _failures(at_top, top)
+
+
+def _failures(rows: list[dict], k: int) -> list[str]:
+    """The estimates at K = k that fail their own check, named (ringed red in the figure)."""
+    bad = [r for r in rows if fails_check(r)]
+    if not bad:
+        return []
+    return ["", f"**Fails its own check at K = {k}:** {len(bad)} of {len(rows)} runs' estimates (a mean bias beyond "
+            f"three of its standard errors, or over {BEYOND_3SE_LIMIT:.0%} of points beyond three of theirs): their "
+            "standard errors understate their error, so their importance-sampling numbers are not to be trusted at "
+            "this K.", "", *(f"- {md_text(r['run'])}: bias {r['bias']:.3g} ± {r['bias_stderr']:.2g} nats, "
+                             f"{r['beyond_3se']:.1%} of points beyond 3 SE" for r in bad)]
