@@ -191,8 +191,14 @@ class Phases:
         self.report, self.every = report, every
         self.began = self.phase_began = self.last = time.perf_counter()
         self.name = ""
+        self.seconds: dict[str, float] = {}      # each finished phase's wall time
+
+    def _close(self) -> None:
+        if self.name:
+            self.seconds[self.name] = time.perf_counter() - self.phase_began
 
     def start(self, name: str, what: str) -> None:
+        self._close()
         self.name, self.phase_began = name, time.perf_counter()
         self.last = self.phase_began
         if self.report:
@@ -206,8 +212,10 @@ class Phases:
             self.report(f"evaluating: {self.name}, {done:,}/{total:,} {unit}, ETA {eta:.0f} s")
 
     def done(self) -> None:
+        self._close()
         if self.report:
-            self.report(f"evaluated in {time.perf_counter() - self.began:.1f} s")
+            parts = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.seconds.items())
+            self.report(f"evaluated in {time.perf_counter() - self.began:.1f} s ({parts})")
 
 
 SAMPLE_POINTS, SAMPLE_COORDS = 2000, 6   # D > 1: the generated and test points the figures draw
