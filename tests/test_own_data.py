@@ -134,3 +134,27 @@ def test_a_long_phase_reports_its_progress_with_an_eta():
     assert lines[0] == "evaluating: the best q of the family for each of 4 test points"
     assert re.fullmatch(r"evaluating: the gap search, 1/4 points, ETA [0-9]+ s", lines[1]), lines
     assert len(lines) == 3 and lines[2].startswith("evaluated in ")
+
+
+def test_a_wide_table_is_split_into_tables_that_fit_each_keeping_its_key_columns():
+    from mogvae.report.tables import MAX_CHARS, _cells, fit_tables
+    head = ["sigma", "prior + posterior", *(f"measure {i}" for i in range(7))]
+    rows = [[f"0.{k}", "vamp + flow", *(f"+{k}.12345 [-{i}.23456, +{i}.34567]" for i in range(7))] for k in range(3)]
+    table = ["| " + " | ".join(r) + " |" for r in [head, ["---"] * 9, *rows]]
+    table[1] = "|" + "---|" * 9
+    out = fit_tables(["text", *table, "after"])
+    assert out[0] == "text" and out[-1] == "after"
+    tables, current = [], []
+    for line in out[1:-1] + [""]:
+        if line.startswith("|"):
+            current.append(_cells(line))
+        elif current:
+            tables.append(current)
+            current = []
+    assert len(tables) > 1
+    for t in tables:
+        assert t[0][:2] == ["sigma", "prior + posterior"] and [r[:2] for r in t[2:]] == [r[:2] for r in rows]
+        widths = [max(len(r[i]) for r in t) + 3 for i in range(len(t[0]))]
+        assert sum(widths) <= MAX_CHARS
+    assert [c for t in tables for c in t[0][2:]] == head[2:]            # every column once, in order
+    assert fit_tables(["| a | b |", "|---|---|", "| 1 | 2 |"]) == ["| a | b |", "|---|---|", "| 1 | 2 |"]

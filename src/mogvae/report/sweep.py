@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..storage.files import UnreadableFile, write_text
 from .html import md_text, write_html
+from .tables import fit_tables
 from .statistics import Interval, has_values, load_metrics, paired, shown_columns, summary_rows
 
 COMPARED = (("test_log_likelihood", "test LL"), ("inference_gap", "inference gap"), ("kl_to_truth", "KL to truth"))
@@ -39,18 +40,21 @@ def cell_table(cells: list[dict], metrics) -> list[str]:
     names = _figure_names(cells)
     if axes == ["preset"] and all(names[c["name"]] != c["name"] for c in cells):
         axes = []                    # a grid over the preset alone: the run is named by its preset
+    settings = [tuple(json.dumps(c["values"].get(a)) for a in axes) for c in cells]
+    named_by_axes = bool(axes) and len(set(settings)) == len(settings)   # the run's name only repeats them
     columns = shown_columns(metrics)
     halves = [[c for c in columns if c[0] in FIT_COLUMNS], [c for c in columns if c[0] not in FIT_COLUMNS]]
     lines = []
     for half, counts in zip(halves, (True, False)):
         if not half:
             continue
-        head = ["run", *map(md_text, axes), *(["seeds (diverged)"] if counts else []), *(t[1] for t in half)]
+        head = [*([] if named_by_axes else ["run"]), *map(md_text, axes), *(["seeds (diverged)"] if counts else []),
+                *(t[1] for t in half)]
         lines += ["" if lines else None, "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for cell, row in zip(cells, summary_rows(metrics, [c["name"] for c in cells], half)):
             _, n, diverged, *values = row
-            lines.append("| " + " | ".join([md_text(names[cell["name"]] if not axes else cell["name"]),
-                                             *(_fmt(cell["values"].get(a, "–")) for a in axes),
+            run = [] if named_by_axes else [md_text(names[cell["name"]] if not axes else cell["name"])]
+            lines.append("| " + " | ".join([*run, *(_fmt(cell["values"].get(a, "–")) for a in axes),
                                              *([f"{n} ({diverged})"] if counts else []), *values]) + " |")
     return [line for line in lines if line is not None]
 
@@ -243,7 +247,7 @@ def _write(out: Path, title: str, cells: list[dict], metrics: dict, runs: dict[s
              "## Divergence", "", *divergence_lines(cells, metrics), "",
              "## Exactness", "", *exactness_lines(cells, metrics), "",
              "## Figures", "", *(f"![{md_text(p.stem)}](figures/{p.name})" for p in figures), ""]
-    report = write_text(out / "report.md", "\n".join(lines))
+    report = write_text(out / "report.md", "\n".join(fit_tables(lines)))
     write_html(report, title)
     return report
 
