@@ -48,6 +48,22 @@ def _metric(out, model, key, **axes):
     return {int(r["seed"]): float(r[key]) for r in rows}
 
 
+def _row(text: str, *keys: str) -> dict[str, str]:
+    """The cells of the table row that starts with `keys`, by column header, gathered across the
+    tables a wide one is split into (report/tables.py repeats the key columns in each)."""
+    cells, lines = {}, text.splitlines()
+    for i, line in enumerate(lines[:-1]):
+        if line.startswith("|") and lines[i + 1].startswith("|---") and (i == 0 or not lines[i - 1].startswith("|")):
+            head = [c.strip() for c in line.strip().strip("|").split("|")]
+            for row_line in lines[i + 2:]:
+                if not row_line.startswith("|"):
+                    break
+                row = [c.strip() for c in row_line.strip().strip("|").split("|")]
+                if row[:len(keys)] == list(keys):
+                    cells.update(zip(head, row))
+    return cells
+
+
 def test_the_dimension_study_runs_at_toy_size_and_its_reading_comes_from_metrics(tmp_path, capsys):
     out = tmp_path / "dimension"
     assert main(["study", "dimension", "--quick", "--out", str(out)]) == 0, capsys.readouterr().err
@@ -58,11 +74,11 @@ def test_the_dimension_study_runs_at_toy_size_and_its_reading_comes_from_metrics
         axes = {"data.breaking": setting, "data.data_dim": 5}
         mfg, post = (_metric(out, m, "test_log_likelihood", **axes) for m in ("mfg", "mog-posterior"))
         diff = np.mean([post[s] - mfg[s] for s in mfg])
-        row = [line for line in report.split(f"breaking = {setting})")[1].splitlines() if line.startswith("| 5 |")][0]
-        assert f"{diff:+.4f}" in row.split("|")[7], row
+        row = _row(report.split(f"breaking = {setting})")[1].split("\n### ")[0], "5")
+        assert f"{diff:+.4f}" in row["mog-posterior − mfg, test LL"], row
         truth = FoldedProcess(5, 1, 0 if setting == "0" else 4, 0.1).log_prob(
             np.load(out / "runs" / f"data.breaking={setting}__data.data_dim=5__preset=mfg" / "data" / "test.npy"))
-        assert row.split("|")[2].strip() == f"{truth.mean():.4f}"
+        assert row["true LL"] == f"{truth.mean():.4f}"
     figure_rows = (out / "figures" / "dimension.csv").read_text().splitlines()
     kl = _metric(out, "mog-both", "kl_to_truth", **{"data.breaking": "all", "data.data_dim": 5})
     assert any(r.startswith("all,5,kl_to_truth,mog-both,") and abs(float(r.split(",")[4]) - np.mean(list(
@@ -78,7 +94,7 @@ def test_the_tabular_study_runs_at_toy_size_and_reads_per_dimension(tmp_path, ca
         axes = {"data.dataset": "diabetes", "model.latent_dim": latent}
         mfg, prior = (_metric(out, m, "test_log_likelihood", **axes) for m in ("mfg", "mog-prior"))
         diff = np.mean([prior[s] - mfg[s] for s in mfg])
-        row = [line for line in report.splitlines() if line.startswith(f"| diabetes | {latent} |")][0]
-        assert how in row and f"{diff:+.3f}" in row.split("|")[5]
-        assert row.split("|")[8].strip().startswith(f"{diff / 10:+.4f}")     # diabetes has 10 dimensions
+        row = _row(report, "diabetes", str(latent))
+        assert row["evaluated by"].startswith(how) and f"{diff:+.3f}" in row["mog-prior − mfg"], row
+        assert row["same, per dimension"].startswith(f"{diff / 10:+.4f}")     # diabetes has 10 dimensions
     assert (out / "figures" / "tabular.png").read_bytes()[:4] == b"\x89PNG"
