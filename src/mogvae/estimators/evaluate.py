@@ -122,6 +122,7 @@ def check_evaluation_memory(model: ModelConfig, config: EvalConfig, data_dim: in
 class Evaluation:
     metrics: list[dict[str, float]]   # one dict per replica, keys METRICS
     curves: dict[str, np.ndarray]     # figure data; arrays with a leading replica axis where per replica
+    pointwise: dict[str, np.ndarray]  # per test point (POINTWISE), saved as pointwise.npz
 
 
 def evaluate(model: VAE, process: PaperProcess, y_test: np.ndarray, config: EvalConfig,
@@ -145,6 +146,7 @@ def evaluate(model: VAE, process: PaperProcess, y_test: np.ndarray, config: Eval
     if estimator.exact:      # the gap search and the training grid's check compare exact ELBOs
         terms.update(_gap_terms(model, y_test, terms, config, true_log_p, training_grid, phases))
     log_p, elbo, model_density = terms.pop("log_p"), terms.pop("elbo"), terms.pop("model_density")
+    pointwise = _pointwise(terms, log_p, elbo, true_log_p, estimator.exact, diverged)
     true_density = np.exp(process.log_prob(y_grid)) if one_d else None
     phases.start("samples", f"{config.n_generated:,} generated points x {R} replicas, figures' curves")
     z_gen, y_gen, f_gen = _generate(model, seeds, config.n_generated)
@@ -179,7 +181,36 @@ def evaluate(model: VAE, process: PaperProcess, y_test: np.ndarray, config: Eval
     else:
         curves = _sample_curves(y_gen, y_cols)
     phases.done()
-    return Evaluation(metrics, curves)
+    return Evaluation(metrics, curves, pointwise)
+
+
+POINTWISE = {
+    "log_p": "[R, N] log p_theta(y) of each test point",
+    "log_p_error": "[R, N] its error: the quadrature's bound |fine - coarse| (log_p_error_is = 'bound'), or "
+                   "importance sampling's standard error ('stderr')",
+    "elbo": "[R, N] the ELBO of the encoder's q",
+    "elbo_error": "[R, N] its quadrature bound (NaN for the Monte Carlo ELBO beyond latent_dim 2)",
+    "true_log_p": "[N] log p*(y), NaN without a known truth",
+    "elbo_star": "[R, n] on the first n = eval.gap_points test points: ELBO*, the ELBO of the best q found",
+    "q_star_raw": "[R, n, P] that q's parameters, the input of model.posterior.from_raw",
+}
+"""pointwise.npz in a run folder: evaluation's per-point values, for anyone to check the means of
+metrics.csv (test_log_likelihood = log_p.mean(1), approximation_gap = (log_p[:, :n] - elbo_star)
+.mean(1), ...). A diverged replica's rows are NaN, as its metrics are."""
+
+
+def _pointwise(terms: dict, log_p, elbo, true_log_p, exact: bool, diverged: list[bool]) -> dict[str, np.ndarray]:
+    """POINTWISE's arrays (the gap search's where it ran), popped from the estimator's terms."""
+    def copy(v) -> np.ndarray:            # a copy: the NaN rows below change nothing else
+        v = v.detach().cpu().double().numpy() if isinstance(v, torch.Tensor) else v
+        return np.array(v, dtype=np.float64)
+    out = {"log_p": copy(log_p), "log_p_error": copy(terms.pop("log_p_error")), "elbo": copy(elbo),
+           "elbo_error": copy(terms.pop("elbo_error")), "true_log_p": copy(true_log_p),
+           **{k: copy(terms.pop(k)) for k in ("elbo_star", "q_star_raw") if k in terms}}
+    for key, value in out.items():
+        if key != "true_log_p":
+            value[np.asarray(diverged, dtype=bool)] = np.nan
+    return {**out, "log_p_error_is": np.array("bound" if exact else "stderr")}
 
 
 class Phases:

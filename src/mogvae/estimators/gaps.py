@@ -50,6 +50,7 @@ class BestPosterior:
     steps: int
     converged: bool
     q: object
+    raw: torch.Tensor        # [R, N, P]: the optimized q's parameters, the input of posterior.from_raw
 
 
 def hermite_elbo(model: VAE, y: torch.Tensor, q, n_nodes: int) -> torch.Tensor:
@@ -88,9 +89,9 @@ def best_posterior(model: VAE, y, max_steps: int = MAX_STEPS, tolerance: float =
     finally:
         for p in model.parameters():
             p.requires_grad_(True)
-    q = model.posterior.from_raw(torch.cat([p[4] for p in parts], 1))
+    raw = torch.cat([p[4] for p in parts], 1)
     return BestPosterior(torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1),
-                         max(p[2] for p in parts), all(p[3] for p in parts), q)
+                         max(p[2] for p in parts), all(p[3] for p in parts), model.posterior.from_raw(raw), raw)
 
 
 def _optimize(model: VAE, y: torch.Tensor, max_steps: int, tolerance: float):
@@ -154,7 +155,17 @@ def gap_metrics(model: VAE, y, log_p: torch.Tensor, elbo: torch.Tensor, true_log
         "amortization_gap": (star - elbo).mean(1),
         "gap_rule_error": torch.where(on_grid.elbo >= elbo, rule_error, torch.zeros_like(rule_error)).amax(1),
         "gap_optimizer_steps": torch.full((log_p.shape[0],), float(best.steps)),
+        # per point, for pointwise.npz: ELBO* by the grid rule, and the q whose ELBO it is (the encoder's
+        # where the search found none better: its raw output then)
+        "elbo_star": star,
+        "q_star_raw": torch.where((on_grid.elbo >= elbo)[..., None], best.raw, _encoder_raw(model, y, best.raw)),
     }
+
+
+def _encoder_raw(model: VAE, y, like: torch.Tensor) -> torch.Tensor:
+    """The encoder's raw output at y [R, N, P], in `like`'s dtype."""
+    with torch.no_grad():
+        return model.posterior.raw(as_batch(y, like.shape[0], like.device)).to(like.dtype)
 
 
 def gap_means(log_p: torch.Tensor, elbo: torch.Tensor, true_log_p=None) -> dict[str, torch.Tensor]:

@@ -130,8 +130,9 @@ def importance_terms(model: VAE, y_test, y_grid, config, seeds: list[int]) -> di
     density = None if y_grid is None else \
         torch.exp(importance_log_likelihood(model, y_grid, config.n_importance, gens)[0]).numpy()
     nan = np.full(len(seeds), math.nan)
-    return {"log_p": log_p, "elbo": monte_carlo_elbo(model, y_test, config.n_importance, gens),
-            "model_density": density,
+    elbo = monte_carlo_elbo(model, y_test, config.n_importance, gens)
+    return {"log_p": log_p, "elbo": elbo, "model_density": density,
+            "log_p_error": se.numpy(), "elbo_error": np.full(tuple(elbo.shape), math.nan),
             "quadrature_error": nan, "grid_edge_mass": nan, "elbo_quadrature_error": nan,
             "test_log_likelihood_stderr": (torch.sqrt((se * se).sum(1)) / se.shape[1]).numpy()}
 

@@ -290,6 +290,8 @@ def quadrature_terms(model: VAE, y_test, y_grid, config, seeds=None) -> dict:
     nan = np.full(len(exact.log_p), math.nan)
     density = None if y_grid is None else torch.exp(log_marginal(model, y_grid, grid).log_p).numpy()
     return {"log_p": exact.log_p, "elbo": exact.elbo, "grid": grid, "model_density": density,
+            "log_p_error": (exact.log_p - exact.log_p_coarse).abs().numpy(),
+            "elbo_error": torch.maximum((exact.elbo - exact.elbo_coarse).abs(), (1 - exact.q_mass).abs()).numpy(),
             "quadrature_error": (exact.log_p - exact.log_p_coarse).abs().amax(1).numpy(),
             "grid_edge_mass": exact.edge_mass.amax(1).numpy(),
             "elbo_quadrature_error": torch.maximum((exact.elbo - exact.elbo_coarse).abs(),

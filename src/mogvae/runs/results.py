@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..storage.files import UnreadableFile, read_csv, read_json, read_npy, read_text
+from ..storage.files import UnreadableFile, read_csv, read_json, read_npy, read_npz, read_text
 from .run import SPLITS, RunConfig, RunDir, RunError, stored_config
 
 # mogvae.train lives in train_api.py: it trains a folder, then load()s it (an import of this module, not back)
@@ -172,6 +172,23 @@ class Run:
         table = _read_table(self.path / "metrics.csv")
         table.insert(list(table.columns).index("seed") + 1, "replica_seed", [self._seed(int(i)) for i in table["seed"]])
         return table
+
+    @property
+    def pointwise(self) -> dict[str, np.ndarray]:
+        """pointwise.npz: evaluation's per-point values behind metrics.csv's means, with their
+        bounds (estimators/evaluate.py's POINTWISE: log_p, log_p_error, elbo, elbo_error,
+        true_log_p, and on the gap points elbo_star and q_star_raw). Runs evaluated before it
+        existed have none (LoadError).
+
+            pw = run.pointwise
+            pw["log_p"].mean(1)                   # test_log_likelihood, per replica
+        """
+        self._require_complete()
+        path = self.path / "pointwise.npz"
+        if not os.path.lexists(path):
+            raise LoadError(f"{path}: missing: the run was evaluated before per-point values were saved")
+        with _one_line():
+            return read_npz(path)
 
     def data(self, split: str) -> np.ndarray:
         """The split the run trained (or is evaluated) on, as saved: "train", "val" or "test";

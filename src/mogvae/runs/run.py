@@ -4,7 +4,8 @@ DIR/config.json        the resolved configuration (a resume must match it)
 DIR/data/*.npy         the exact data
 DIR/history.jsonl      one line per epoch, appended and fsynced (a torn last line is ignored)
 DIR/checkpoints/       epoch-NNNNNN.safetensors, the newest two kept (see storage/checkpoints.py)
-DIR/metrics.csv        the final exact evaluation, one row per seed; DIR/curves.npz its figure data
+DIR/metrics.csv        the final exact evaluation, one row per seed; DIR/curves.npz its figure data;
+DIR/pointwise.npz      its per-point values, with their bounds (estimators/evaluate.py's POINTWISE)
 DIR/status.json        progress and wall time (the only file that differs between identical runs)
 
 Every file is written atomically; a second process on the same DIR is refused
@@ -47,10 +48,12 @@ from ..training.trainer import Trainer
 KEEP_CHECKPOINTS = 2
 SPLITS = ("train", "val", "test")
 CHECKPOINT_NAME = "epoch-[0-9][0-9][0-9][0-9][0-9][0-9].safetensors"  # only these are ours: others are never read or deleted
-RUN_LAYOUT = Layout("run", files=("config.json", "history.jsonl", "metrics.csv", "curves.npz", "status.json",
+RUN_LAYOUT = Layout("run", files=("config.json", "history.jsonl", "metrics.csv", "curves.npz", "pointwise.npz",
+                                  "status.json",
                                   "report.md", "report.html", *(f"data/{s}.npy" for s in SPLITS)),
                     patterns=(f"checkpoints/{CHECKPOINT_NAME}", "tensorboard/events.out.tfevents.*", "figures/*"))
-RUN_NAMES = re.compile(r"config\.json|history\.jsonl|metrics\.csv|curves\.npz|status\.json|data/(train|val|test)\.npy"
+RUN_NAMES = re.compile(r"config\.json|history\.jsonl|metrics\.csv|(curves|pointwise)\.npz|status\.json"
+                       r"|data/(train|val|test)\.npy"
                        r"|report\.(md|html)|figures/\*"
                        r"|checkpoints/epoch-(\[0-9\]){6}\.safetensors|tensorboard/events\.out\.tfevents\.\*")
 
@@ -428,7 +431,7 @@ class RunSession:
         return self._evaluate(earlier + time.perf_counter() - start, on_epoch)
 
     def _evaluate(self, train_seconds: float, on_phase=None) -> Path:
-        """Evaluate the trained replicas and write metrics.csv and curves.npz; `on_phase` (the
+        """Evaluate the trained replicas and write metrics.csv, curves.npz and pointwise.npz; `on_phase` (the
         training progress callback) also takes evaluation's phase lines, as text."""
         history, run = self.trainer.history, self.run
         train = self.config.train
@@ -438,6 +441,7 @@ class RunSession:
         rows = [{**row, "train_seconds": train_seconds / len(self.seeds)} for row in metric_rows(evaluation, history)]
         write_csv(run.path / "metrics.csv", rows)
         write_npz(run.path / "curves.npz", evaluation.curves)
+        write_npz(run.path / "pointwise.npz", evaluation.pointwise)
         write_json(run.path / "status.json", {"epoch": self.trainer.epoch, "of": self.config.train.epochs,
                                               "done": True, "diverged": sum(history.diverged),
                                               "events": history.events, "train_seconds": train_seconds})
