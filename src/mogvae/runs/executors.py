@@ -21,6 +21,7 @@ import multiprocessing as mp
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from multiprocessing.connection import wait
@@ -82,6 +83,20 @@ def _on_sigterm(signum, frame):
     raise _Stop(128 + signum)
 
 
+def _stop_where_it_can_raise(unraisable) -> None:
+    """sys.unraisablehook of a worker: a SIGTERM that lands in a callback Python cannot raise
+    from (a weakref's, during an import) would be 'ignored' with a traceback on stderr and the
+    worker would go on; it is delivered again instead, from a thread once this hook has
+    returned (sent from here, it would land in the hook, as unraisable), to stop the worker
+    where it can raise. Anything else is reported as Python does."""
+    if isinstance(unraisable.exc_value, _Stop):
+        again = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM))
+        again.daemon = True
+        again.start()
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def _failure(e: BaseException) -> dict:
     """A worker's exception as plain data: one line of text, and what the driver
     needs to re-raise a full disk as the OSError it is."""
@@ -98,6 +113,7 @@ def _local_worker(conn, tensorboard: bool) -> None:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver decides; Ctrl-C reaches the whole group
     signal.signal(signal.SIGTERM, _on_sigterm)
+    sys.unraisablehook = _stop_where_it_can_raise
     try:
         while (job := conn.recv()) is not None:
             name, config, out = job
