@@ -32,7 +32,7 @@ from ..model.vae import VAE
 from ..objectives.bounds import log_weights
 from .quadrature import F64, as_batch, hermite_rule, rule_elbo
 
-TOLERANCE = 1e-5    # nats per point: stop when the mean best ELBO rose by less over the last CHECK_EVERY steps
+TOLERANCE = 1e-5    # nats: a point stops when its best ELBO rose by less over PATIENCE checks
 CHECK_EVERY = 25
 MAX_STEPS = 1000
 LEARNING_RATE = 0.1
