@@ -158,3 +158,21 @@ def test_a_wide_table_is_split_into_tables_that_fit_each_keeping_its_key_columns
         assert sum(widths) <= MAX_CHARS
     assert [c for t in tables for c in t[0][2:]] == head[2:]            # every column once, in order
     assert fit_tables(["| a | b |", "|---|---|", "| 1 | 2 |"]) == ["| a | b |", "|---|---|", "| 1 | 2 |"]
+
+
+def test_a_command_ends_with_the_reports_verdict_lines_capped(tmp_path):
+    """The lines a command prints after its table come from report.md: a plain sweep's verdict, a
+    study's opening paragraph and the bullets and bold lines of its reading, at most LEAD_LINES."""
+    from mogvae.report.sweep import LEAD_LINES, report_lead
+    intro = "2 runs, 2 seed(s) each; every likelihood exact (quadrature), in nats per test point; mean ± sd over seeds."
+    study = tmp_path / "study.md"
+    study.write_text("\n".join(["# t", "", intro, "", "Data: the paper's process.", "", "## What the numbers say", "",
+                                "Differences are paired.", "", *(f"- **claim {i}** decided" for i in range(14)),
+                                "| a | b |", "|---|---|", "| 1 | 2 |", "## Per run", "", "- not a verdict"]))
+    lines = report_lead(study)
+    assert lines[0] == "Data: the paper's process." and lines[1] == "- claim 0 decided"
+    assert len(lines) == LEAD_LINES + 1 and lines[-1] == "... and 5 more in study.md"
+    plain = tmp_path / "plain.md"
+    plain.write_text("\n".join(["# t", "", intro, "", "**Verdict:** b has the highest mean test log-likelihood.", "",
+                                "![comparison](figures/comparison.png)", "", "## Per run"]))
+    assert report_lead(plain) == ["Verdict: b has the highest mean test log-likelihood."]

@@ -252,19 +252,24 @@ def _write(out: Path, title: str, cells: list[dict], metrics: dict, runs: dict[s
     return report
 
 
+LEAD_LINES = 10   # at most this many of a study's verdict lines at the end of a command
+
+
 def report_lead(report: Path) -> list[str]:
-    """The lines that lead a written report.md (its verdict, or a study's reading), as plain text
-    for a terminal: from after the opening paragraph to the first figure or section."""
+    """The lines that lead a written report.md, as plain text for a terminal: the paragraph
+    after the opening one (a plain sweep's verdict), then the verdict lines of a study's reading
+    (its bullets and bold lines) up to the per-run table, at most LEAD_LINES in all."""
     lines = Path(report).read_text().splitlines()
     start = next((i for i, line in enumerate(lines) if " nats per test point; " in line), None)
     if start is None:
         return []
-    lead = []
-    for line in lines[start + 1:]:
-        if line.startswith(("![", "## ")):
-            break
-        lead.append(line.replace("**", ""))
-    return [line for line in lead if line.strip()]
+    body = [line for line in lines[start + 1:] if line.strip()]
+    body = body[:next((i for i, line in enumerate(body) if line == "## Per run"), len(body))]
+    opening = next((i for i, line in enumerate(body) if line.startswith(("![", "#", "|"))), len(body))
+    lead = [*body[:opening], *(line for line in body[opening:] if line.startswith(("- ", "**")))]
+    if len(lead) > LEAD_LINES:
+        lead = [*lead[:LEAD_LINES], f"... and {len(lead) - LEAD_LINES} more in {Path(report).name}"]
+    return [line.replace("**", "").replace("\\_", "_") for line in lead]
 
 
 def _figure_names(cells: list[dict]) -> dict[str, str]:
