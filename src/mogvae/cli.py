@@ -175,6 +175,7 @@ def reproduce(args) -> int:
     config = _study_config(args)
     scheduler = getattr(args, "scheduler", None)
     _check_tensorboard(args)
+    sweep = None                        # the folder, once claimed and locked
     try:
         if scheduler:
             check_scheduler(scheduler)  # before the folder is made
@@ -184,7 +185,7 @@ def reproduce(args) -> int:
         sweep.check(cells)  # a resume must ask for the same study
         pending = sweep.pending(cells)
     except (OutputError, SpecError, SchedulerUnavailable) as e:
-        if "sweep" in locals():
+        if sweep is not None:
             sweep.release()
         raise UsageError(str(e).replace("use a new folder", "pass --overwrite to replace it")) from None
     try:
