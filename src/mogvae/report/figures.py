@@ -206,8 +206,7 @@ def training_figure(out: Path, runs: dict[str, Path]) -> None:
     """Validation ELBO per epoch of each run (history.jsonl): mean over seeds, band min..max;
     the true validation log-likelihood where it is known (truth.json)."""
     from ..runs.run import read_history
-    from .paper import read_truth
-    truth = read_truth(out) if (out / "truth.json").exists() else {}
+    truth = _read_truth_if_any(out)
     fig, ax = plt.subplots(1, 2, figsize=(13, 4.5))
     csv_rows = []
     for i, (m, run) in enumerate(runs.items()):

@@ -66,6 +66,15 @@ def _read_table(path: Path):
     return pd.read_csv(io.StringIO(text), keep_default_na=False, na_values=["", "nan", "NaN"])
 
 
+def _with_replica_seeds(table, base_seed):
+    """metrics.csv's table with `replica_seed` after `seed` (the replica index): the seed each
+    replica trained from, model.layers.replica_seed(base_seed(row), index)."""
+    from ..model.layers import replica_seed
+    seeds = [replica_seed(base_seed(row), int(row["seed"])) for _, row in table.iterrows()]
+    table.insert(list(table.columns).index("seed") + 1, "replica_seed", seeds)
+    return table
+
+
 # -- runs --------------------------------------------------------------------------------------
 
 class Run:
@@ -169,9 +178,7 @@ class Run:
             run.metrics["test_log_likelihood"].mean()
         """
         self._require_complete()
-        table = _read_table(self.path / "metrics.csv")
-        table.insert(list(table.columns).index("seed") + 1, "replica_seed", [self._seed(int(i)) for i in table["seed"]])
-        return table
+        return _with_replica_seeds(_read_table(self.path / "metrics.csv"), lambda _: self.config.base_seed)
 
     @property
     def pointwise(self) -> dict[str, np.ndarray]:
@@ -389,15 +396,11 @@ class Sweep:
 
             sweep.metrics.pivot_table(index="model", columns="data.sigma", values="kl_to_truth")
         """
-        from ..model.layers import replica_seed
         path = self.path / "metrics.csv"
         if not os.path.lexists(path):
             raise LoadError(f"{path}: missing (written when every run has finished): {self._finish}")
-        table = _read_table(path)
         base = {c["name"]: c["config"].get("base_seed", 0) for c in self._record["cells"]}
-        table.insert(list(table.columns).index("seed") + 1, "replica_seed",
-                     [replica_seed(base.get(run, 0), int(i)) for run, i in zip(table["run"], table["seed"])])
-        return table
+        return _with_replica_seeds(_read_table(path), lambda row: base.get(row["run"], 0))
 
     @property
     def runs(self) -> dict[str, Run]:
