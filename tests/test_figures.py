@@ -69,3 +69,35 @@ def test_one_outlying_seed_does_not_set_the_axis():
     lo, hi = robust_limits(values)
     assert hi < 0.01 and lo < 0.0019                            # the bulk is readable; the outlier is marked
     assert robust_limits(np.array([1.0, 1.0, 1.0]))[0] < 1.0 < robust_limits(np.array([1.0, 1.0, 1.0]))[1]
+
+
+def test_a_figure_is_drawn_again_only_when_what_it_shows_changed(quick_run, tmp_path, monkeypatch):
+    """A report keeps a figure drawn from the same saved files (the digest in its PNG) and draws it
+    again when its curves change or its PNG is damaged; the kept PNG is byte for byte the old one."""
+    import shutil
+
+    from mogvae.report import figures
+    out, _ = quick_run
+    run = tmp_path / "run"
+    shutil.copytree(out / "runs" / "preset=mfg", run)
+    (tmp_path / "figures").mkdir()
+    drawn = []
+    save = figures._save
+    monkeypatch.setattr(figures, "_save", lambda fig, path, inputs=None: (drawn.append(path.name),
+                                                                           save(fig, path, inputs)))
+    png = tmp_path / "figures" / "mfg.png"
+    figures.model_figure(tmp_path, "mfg", run)
+    first = png.read_bytes()
+    figures.model_figure(tmp_path, "mfg", run)
+    assert drawn == ["mfg.png"] and png.read_bytes() == first
+    figures.model_figure(tmp_path, "mog-prior", run)        # another label: another title and colour
+    assert drawn == ["mfg.png", "mog-prior.png"]
+    curves = dict(np.load(run / "curves.npz"))
+    curves["decoder"] = curves["decoder"] + 1e-3
+    np.savez(run / "curves.npz", **curves)
+    figures.model_figure(tmp_path, "mfg", run)
+    assert drawn[-1] == "mfg.png" and len(drawn) == 3 and png.read_bytes() != first
+    png.write_bytes(png.read_bytes()[:100])                  # a damaged PNG is drawn again, not trusted
+    figures.model_figure(tmp_path, "mfg", run)
+    assert len(drawn) == 4 and figures.already_drawn(png, figures.inputs_digest(
+        "model", "mfg", (run / "curves.npz").read_bytes()))

@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 
 from ..data.paper import PaperProcess  # noqa: E402
 from ..estimators.evaluate import mass_window  # noqa: E402
-from ..storage.files import atomic_write_bytes, read_csv, read_npz, write_csv  # noqa: E402
+from ..storage.files import atomic_write_bytes, read_bytes, read_csv, read_npz, write_csv  # noqa: E402
 
 COLORS = {"mfg": "#4c72b0", "mog-prior": "#dd8452", "mog-posterior": "#55a868", "mog-both": "#c44e52"}
 COMPARED = [("test_log_likelihood", "test log-likelihood (nats)"), ("kl_to_truth", "KL(p* || p_theta) (nats)"),
@@ -22,12 +22,39 @@ COMPARED = [("test_log_likelihood", "test log-likelihood (nats)"), ("kl_to_truth
 TRUTH_PROBES = {"the paper's y values": (1.0, 0.2, -3.0), "y inside the data": (0.0, 0.1, 0.3)}
 
 
-def _save(fig, path: Path) -> None:
+INPUTS_KEY = "mogvae-inputs"   # a PNG text chunk: the digest of what the figure was drawn from
+
+
+def _save(fig, path: Path, inputs: str | None = None) -> None:
     import io
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={INPUTS_KEY: inputs} if inputs else None)
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def inputs_digest(*parts: bytes | str) -> str:
+    """The digest of a figure's inputs (the saved files it reads, its labels) and of the code that
+    draws it (this module, matplotlib's version): equal digests draw equal figures."""
+    import hashlib
+    h = hashlib.sha256(Path(__file__).read_bytes() + matplotlib.__version__.encode())
+    for part in parts:
+        h.update(hashlib.sha256(part.encode() if isinstance(part, str) else part).digest())
+    return h.hexdigest()
+
+
+def already_drawn(png: Path, inputs: str) -> bool:
+    """Whether `png` and its CSV were drawn from exactly `inputs`: then a report keeps them instead
+    of drawing again (a figure costs about a second; a study's report redrew dozens of unchanged
+    ones). A damaged or stale PNG is drawn again, never trusted."""
+    if not (png.is_file() and png.with_suffix(".csv").is_file()):
+        return False
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(png) as image:
+            return image.text.get(INPUTS_KEY) == inputs
+    except (OSError, ValueError, SyntaxError, UnidentifiedImageError):
+        return False
 
 
 def truth_figure(out: Path) -> None:
@@ -66,6 +93,9 @@ def truth_figure(out: Path) -> None:
 
 def model_figure(out: Path, model: str, run: Path) -> None:
     """The paper's Figures 2-4 for one model (its run folder `run`): decoder, generated data, posteriors."""
+    inputs = inputs_digest("model", model, read_bytes(run / "curves.npz"))
+    if already_drawn(out / "figures" / f"{model}.png", inputs):
+        return
     c = read_npz(run / "curves.npz")
     fig, ax = plt.subplots(2, 3, figsize=(15, 8))
     color = COLORS.get(model, "k")
@@ -111,7 +141,7 @@ def model_figure(out: Path, model: str, run: Path) -> None:
         rows += [{"panel": f"posterior_y={y:g}", "seed": 0, "x": zz, "value": f"{pp};{qq}"}
                  for zz, pp, qq in zip(z[::5], p[::5], q[::5])]
     fig.tight_layout()
-    _save(fig, out / "figures" / f"{model}.png")
+    _save(fig, out / "figures" / f"{model}.png", inputs)
     write_csv(out / "figures" / f"{model}.csv", rows, ["panel", "seed", "x", "value"])
 
 
@@ -207,6 +237,10 @@ def training_figure(out: Path, runs: dict[str, Path]) -> None:
     the true validation log-likelihood where it is known (truth.json)."""
     from ..runs.run import read_history
     truth = _read_truth_if_any(out)
+    inputs = inputs_digest("training", repr(truth), *(part for m, run in runs.items()
+                                                       for part in (m, read_bytes(run / "history.jsonl"))))
+    if already_drawn(out / "figures" / "training.png", inputs):
+        return
     fig, ax = plt.subplots(1, 2, figsize=(13, 4.5))
     csv_rows = []
     for i, (m, run) in enumerate(runs.items()):
@@ -235,7 +269,7 @@ def training_figure(out: Path, runs: dict[str, Path]) -> None:
     ax[1].set_ylim(low - 0.01, high + 0.01)
     ax[1].set_title("second half of training (plateau check)")
     fig.tight_layout()
-    _save(fig, out / "figures" / "training.png")
+    _save(fig, out / "figures" / "training.png", inputs)
     write_csv(out / "figures" / "training.csv", csv_rows, ["model", "epoch", "mean_val_elbo", "min", "max"])
 
 
@@ -243,6 +277,10 @@ def sample_figure(out: Path, model: str, run: Path) -> Path:
     """Data with D > 1: generated points (seed 0) against the test points, per coordinate (the
     first six: histograms, each of unit area on its bins) and per pair of the first four (scatter).
     Axes span the test points' 0.5-99.5% range, padded, so no outlier sets them."""
+    path = out / "figures" / f"{model}-samples.png"
+    inputs = inputs_digest("samples", model, read_bytes(run / "curves.npz"))
+    if already_drawn(path, inputs):
+        return path
     c = read_npz(run / "curves.npz")
     gen, test = c["generated"][0].astype(float), c["test_points"].astype(float)
     D = test.shape[1]
@@ -269,8 +307,7 @@ def sample_figure(out: Path, model: str, run: Path) -> Path:
     fig.suptitle(f"{model}: {len(gen):,} generated points (seed 0) against {len(test):,} test points"
                  + (f", first {D} of {int(c['data_dim'])} coordinates" if D < int(c["data_dim"]) else ""), fontsize=10)
     fig.tight_layout()
-    path = out / "figures" / f"{model}-samples.png"
-    _save(fig, path)
+    _save(fig, path, inputs)
     for which, points in (("generated", gen), ("test", test)):
         rows += [{"points": which, "index": n, **{f"y{k + 1}": v for k, v in enumerate(point)}}
                  for n, point in enumerate(points)]

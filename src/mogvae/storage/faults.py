@@ -4,7 +4,7 @@ process passes POINT. ACTION is
 
     KILL, TERM, INT  the process sends itself that signal
     ENOSPC, EIO ...  an errno name: the point raises that OSError (ENOSPC: a full disk)
-    TERM-PARENT      SIGTERM to the parent (a sweep's driver), then wait up to a minute
+    TERM-PARENT      SIGTERM to the sweep's driver (MOGVAE_DRIVER_PID, else the parent), then wait up to a minute
                      at the point for a signal of its own (the driver's answer)
     HOLD             wait at the point (up to five minutes) until FILE (needed) is removed
 
@@ -26,6 +26,7 @@ import signal
 import time
 
 _passes: dict[str, int] = {}
+DRIVER_PID = "MOGVAE_DRIVER_PID"   # set in a local worker's environment: its driver is not its parent (the fork server is)
 
 
 def point(name: str) -> None:
@@ -52,7 +53,7 @@ def point(name: str) -> None:
             time.sleep(0.05)
         return
     if action == "TERM-PARENT":
-        os.kill(os.getppid(), signal.SIGTERM)
+        os.kill(int(os.environ.get(DRIVER_PID, os.getppid())), signal.SIGTERM)
         time.sleep(60)
         return
     os.kill(os.getpid(), getattr(signal, f"SIG{action}"))
