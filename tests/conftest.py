@@ -54,6 +54,8 @@ epochs = 3
 [eval]
 grid_size = 401
 n_generated = 200
+gap_points = 20
+gap_steps = 50
 """
 
 

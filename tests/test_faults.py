@@ -32,6 +32,8 @@ epochs = 6
 [eval]
 grid_size = 401
 n_generated = 500
+gap_points = 20
+gap_steps = 50
 """
 
 

@@ -26,6 +26,8 @@ epochs = {epochs}
 [eval]
 grid_size = 801
 n_generated = 1000
+gap_points = 20
+gap_steps = 50
 """
 
 

@@ -29,6 +29,8 @@ epochs = 4
 [eval]
 grid_size = 401
 n_generated = 200
+gap_points = 20
+gap_steps = 50
 [grid]
 preset = ["mfg", "mog-both"]
 "data.sigma" = [0.1, 0.2]

@@ -17,6 +17,7 @@ the log of a mixture and is kept as the tests' independent rule.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -305,8 +306,10 @@ def posterior_on_grid(model: VAE, y, grid: Grid) -> torch.Tensor:
     return torch.exp(terms - log_p).transpose(1, 2)
 
 
+@functools.lru_cache(maxsize=16)
 def hermite_rule(n: int, dim: int, dtype=torch.float64):
-    """Nodes [J, D] and weights [J] for E_{N(0, I_D)}[g] with J = n^D."""
+    """Nodes [J, D] and weights [J] for E_{N(0, I_D)}[g] with J = n^D (computed once: the gap
+    search asks for them on every step; callers must not modify them in place)."""
     x, w = np.polynomial.hermite.hermgauss(n)
     x, w = x * math.sqrt(2.0), w / math.sqrt(math.pi)
     grids = np.meshgrid(*([x] * dim), indexing="ij")
