@@ -312,3 +312,39 @@ def test_a_points_elbo_does_not_depend_on_the_points_beside_it(name):
         for field in ("elbo", "elbo_coarse", "q_mass"):
             torch.testing.assert_close(getattr(alone, field), getattr(together, field)[:, idx], rtol=1e-14, atol=1e-13,
                                        msg=f"{field} at {idx}")
+
+
+def test_a_posterior_beyond_the_priors_window_is_followed_and_its_bound_bounds():
+    """y far out puts the posterior of a linear-Gaussian VAE outside the prior's +-8 window (at z ~ 11
+    and ~ -13 here): the window follows it, log p matches the closed form within the reported bound,
+    and a point's value does not depend on the points evaluated beside it."""
+    from mogvae.estimators.quadrature import follow_posteriors, log_p_bound, quadrature_log_likelihood
+    a, b = 1.0, 0.0
+    model = linear_vae([a], b)
+    y = np.array([0.3, 12.0, -14.0, 1.0])
+    ref = stats.norm.logpdf(y, b, math.sqrt(a**2 + SIGMA**2))
+    grid = latent_grid(model, 2001, 8.0, y=y)
+    truncated = integrate(model, y, grid, elbo=False)
+    assert abs(float(truncated.log_p[0, 1]) - ref[1]) > 1.0      # the prior's window alone is far off
+    followed = follow_posteriors(model, y, grid, truncated, 2001, 8.0)
+    bound = log_p_bound(followed)[0].numpy()
+    err = np.abs(followed.log_p[0].numpy() - ref)
+    assert (err <= np.maximum(bound, 1e-12)).all() and err.max() < 1e-8, (err, bound)
+    assert float(followed.edge_mass.max()) < 1e-9
+    assert np.array_equal(followed.log_p[0, [0, 3]].numpy(), truncated.log_p[0, [0, 3]].numpy())  # only the far points
+    alone = quadrature_log_likelihood(model, y[1:2])
+    assert float(alone.value[0, 0]) == float(followed.log_p[0, 1])
+
+
+def test_a_window_that_cannot_follow_its_posterior_far_enough_says_so_in_its_bound():
+    """With too few nodes allowed to widen the window, the posterior goes on beyond it: no finite bound
+    is reported (inf flags the replica), where the rule's |fine - coarse| alone understated the error."""
+    from mogvae.estimators.quadrature import follow_posteriors, log_p_bound
+    model = linear_vae([1.0], 0.0)
+    y = np.array([40.0])
+    ref = stats.norm.logpdf(y, 0.0, math.sqrt(1 + SIGMA**2))
+    grid = latent_grid(model, 2001, 8.0)
+    stuck = follow_posteriors(model, y, grid, integrate(model, y, grid, elbo=False), 2001, 8.0, max_nodes=4001)
+    err = abs(float(stuck.log_p[0, 0]) - ref[0])
+    assert err > 3 * float((stuck.log_p - stuck.log_p_coarse).abs().max())    # the rule alone understates it
+    assert log_p_bound(stuck)[0, 0] == math.inf

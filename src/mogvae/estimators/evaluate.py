@@ -186,8 +186,9 @@ def evaluate(model: VAE, process: PaperProcess, y_test: np.ndarray, config: Eval
 
 POINTWISE = {
     "log_p": "[R, N] log p_theta(y) of each test point",
-    "log_p_error": "[R, N] its error: the quadrature's bound |fine - coarse| (log_p_error_is = 'bound'), or "
-                   "importance sampling's standard error ('stderr')",
+    "log_p_error": "[R, N] its error: the quadrature's bound, |fine - coarse| or the posterior mass left at the "
+                   "edge of the point's window where larger (log_p_error_is = 'bound'), or importance sampling's "
+                   "standard error ('stderr')",
     "elbo": "[R, N] the ELBO of the encoder's q",
     "elbo_error": "[R, N] its quadrature bound (NaN for the Monte Carlo ELBO beyond latent_dim 2)",
     "true_log_p": "[N] log p*(y), NaN without a known truth",

@@ -26,7 +26,7 @@ class Grid:
     core: slice = field(default_factory=lambda: slice(None))  # the nodes covering the prior, where log p(y) is integrated; the rest serve q
 
 
-def _trapezoid_log_weights(h: torch.Tensor, n: int) -> torch.Tensor:
+def trapezoid_log_weights(h: torch.Tensor, n: int) -> torch.Tensor:
     """log of the trapezoid weights on n uniform nodes of spacing h [R] -> [R, n]."""
     w = h[:, None].expand(-1, n).clone()
     w[:, 0] /= 2
@@ -58,7 +58,7 @@ def latent_grid(model: VAE, size: int, span: float, y=None, max_size: int = 20_0
     t = torch.linspace(0, 1, size, dtype=lo.dtype, device=lo.device)
     axes = [lo[:, d, None] + (hi - lo)[:, d, None] * t for d in range(D)]  # each [R, n]
     h = [(hi - lo)[:, d] / (size - 1) for d in range(D)]
-    fine = [_trapezoid_log_weights(hd, size) for hd in h]
+    fine = [trapezoid_log_weights(hd, size) for hd in h]
     if D == 1:
         # the core: the nodes over the prior's reach (an even start, so the coarse rule is every other node)
         i0 = int(((p_lo[:, 0] - lo[:, 0]) / h[0]).round().min()) // 2 * 2
@@ -68,7 +68,7 @@ def latent_grid(model: VAE, size: int, span: float, y=None, max_size: int = 20_0
         log_wc = torch.log(2 * h[0])[:, None].expand(-1, len(idx))    # integrand ~e^-32 at the ends
         return Grid(axes[0][..., None], fine[0], idx, log_wc, tuple(axes), core)
     coarse_n = (size + 1) // 2
-    coarse = [_trapezoid_log_weights(2 * hd, coarse_n) for hd in h]
+    coarse = [trapezoid_log_weights(2 * hd, coarse_n) for hd in h]
     idx = torch.arange(0, size, 2, device=lo.device)
     # tensor product, row-major: node (i, j) -> i * size + j
     nodes = torch.stack([torch.stack(torch.meshgrid(a0, a1, indexing="ij"), -1).reshape(-1, 2)
