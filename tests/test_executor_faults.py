@@ -183,10 +183,16 @@ def test_a_local_driver_killed_by_kill_9_leaks_no_semaphores_and_resumes(spec, t
     out = tmp_path / "out"
     # capture_output reads until every holder of stderr is gone: the workers (killed with
     # their parent) and Python's resource tracker, which warns of leaks as it exits
+    temporary = tmp_path / "tmp"        # where multiprocessing puts the fork server's socket (pymp-*)
+    temporary.mkdir()
     killed = subprocess.run(sweep_cmd(spec, out, "--workers", "2"), capture_output=True, text=True, timeout=300,
-                            env=env_with("progress:2:KILL"), start_new_session=True)
+                            env={**env_with("progress:2:KILL"), "TMPDIR": str(temporary)}, start_new_session=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert "leaked" not in killed.stderr and "resource_tracker" not in killed.stderr, killed.stderr
+    deadline = time.monotonic() + 30       # the fork server exits once its driver is gone, and tidies up
+    while list(temporary.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert list(temporary.iterdir()) == []
     resumes_to_the_reference(spec, out, reference)
 
 

@@ -120,17 +120,38 @@ def _failure(e: BaseException) -> dict:
 # imports it, then forks each worker from itself (measured: a spawned worker spent 4-5 s importing
 # PyTorch, its compiler (torch.optim's constructor imports it) and SciPy before its first epoch).
 WORKER_PRELOAD = ["mogvae.runs.executors", "mogvae.runs.run", "mogvae.estimators.evaluate", "torch._dynamo"]
+SERVER_FOLDER = "MOGVAE_FORKSERVER_FOLDER"   # the driver's multiprocessing folder, which holds the server's socket
 
 
 def _worker_context():
     """Workers fork from a fork server: a clean single-threaded process (no inherited thread
     pools or locks, as with spawn) that has already imported WORKER_PRELOAD; spawn where
-    there is no fork server (Windows)."""
+    there is no fork server (Windows). The server's socket lies in the driver's multiprocessing
+    folder (/tmp/pymp-*), which the driver removes as it exits, but not when it is killed: the
+    server, which exits as soon as its driver is gone, then removes it (`_tidy_after_driver`)."""
     if "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
+    from multiprocessing import util
+    os.environ[SERVER_FOLDER] = util.get_temp_dir()   # before the server starts: it inherits this environment
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(WORKER_PRELOAD)
     return ctx
+
+
+def _tidy_after_driver() -> None:
+    """In the fork server (which imports this module first): remove the driver's multiprocessing
+    folder when the server exits, which it does once the driver is gone. A driver killed by kill -9
+    otherwise left it behind, with the server's socket in it. Only a folder named as multiprocessing
+    names its own (pymp-*) is removed."""
+    import atexit
+    import shutil
+    folder = os.environ.get(SERVER_FOLDER)
+    if folder and Path(folder).name.startswith("pymp-") and mp.current_process().name == "MainProcess":
+        atexit.register(shutil.rmtree, folder, True)
+
+
+if "multiprocessing.forkserver" in sys.modules and sys.argv[:1] == ["-c"]:
+    _tidy_after_driver()
 
 
 def _driver_environment() -> dict:
