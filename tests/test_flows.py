@@ -188,8 +188,9 @@ def test_a_flow_finds_the_gaussian_posterior_of_a_linear_gaussian_model():
     log_p = stats.norm.logpdf(y, b, math.sqrt(a**2 + SIGMA**2))
     gap = log_p - best.elbo_star[0].numpy()
     # The true gap is 0 (the identity spline). The search stops at its tolerance on the improvement
-    # rate, and on a spline's 3 x bins flat directions it stops short: measured 8e-6 to 1.4e-3 nats per
-    # point (a Gaussian family: under 1e-5). So a flow's approximation gap is an upper bound, by this much.
-    assert np.all(gap > -1e-9) and np.all(gap < 2e-3) and gap.mean() < 1e-3, gap
+    # rate, and on a spline's 3 x bins flat directions it stops short: measured 1.4e-5 to 3.2e-4 nats per
+    # point, mean 9.2e-5, with L-BFGS (Adam: 8e-6 to 1.4e-3; a Gaussian family: under 1e-5). So a flow's
+    # approximation gap is an upper bound, by this much.
+    assert np.all(gap > -1e-9) and np.all(gap < 5e-4) and gap.mean() < 2e-4, gap
     assert np.all(best.elbo_star[0].numpy() >= best.elbo_encoder[0].numpy())  # amortization gap >= 0
     assert np.all(log_p - best.elbo_encoder[0].numpy() > 0.01)                 # the encoder really was off

@@ -160,9 +160,9 @@ def test_a_capped_gap_search_stops_at_its_cap_and_a_longer_one_finds_no_worse_po
     from mogvae.estimators.quadrature import integrate
     model = linear_vae([1.7], 0.3)
     exact = integrate(model, Y, latent_grid(model, 2001, 8.0, y=Y))
-    short, longer = (gap_metrics(model, Y, exact.log_p, exact.elbo, max_steps=n) for n in (25, 100))
-    assert float(short["gap_optimizer_steps"][0]) == 25 and float(longer["gap_optimizer_steps"][0]) <= 100
+    short, longer = (gap_metrics(model, Y, exact.log_p, exact.elbo, max_steps=n) for n in (2, 100))
+    assert float(short["gap_optimizer_steps"][0]) == 2 and float(longer["gap_optimizer_steps"][0]) <= 100
     for gaps in (short, longer):
         assert float(gaps["amortization_gap"][0]) >= 0
     assert float(longer["approximation_gap"][0]) <= float(short["approximation_gap"][0]) + 1e-12
-    assert float(longer["approximation_gap"][0]) < float(short["approximation_gap"][0])      # 25 steps are too few here
+    assert float(longer["approximation_gap"][0]) < float(short["approximation_gap"][0])      # 2 iterations are too few here

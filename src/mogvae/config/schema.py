@@ -163,9 +163,9 @@ class EvalConfig(Strict):
                             "the cost grows with points x the posterior's strata (a mixture's n_components) x "
                             "steps; for a mixture it is evaluation's costliest phase, shown with an ETA (0: skip "
                             "them)")
-    gap_steps: int = Field(1000, ge=1, le=100_000, description="at most this many Adam steps of that search (a "
-                           "point stops sooner once its best ELBO gains under 1e-5 nats over 100 steps); metrics.csv "
-                           "reports the most steps a point took as gap_optimizer_steps")
+    gap_steps: int = Field(1000, ge=1, le=100_000, description="at most this many L-BFGS iterations of that search, "
+                           "per start (a point stops sooner once its best ELBO gains under 1e-5 nats over 10 "
+                           "iterations); metrics.csv reports the most a point took as gap_optimizer_steps")
 
     _odd_grid = field_validator("grid_size")(lambda cls, v, info: _odd(v, info))
 

@@ -311,7 +311,8 @@ def _gap_terms(model: VAE, y_test, terms: dict, config: EvalConfig, true_log_p, 
         out.update({k: v.numpy() for k, v in gap_means(terms["log_p"][:, :n], terms["elbo"][:, :n], truth).items()})
     elif n > 0:
         phases.start("the gap search", f"the best q of the family for each of {n:,} test points x "
-                                       f"{terms['log_p'].shape[0]} replicas (at most {config.gap_steps:,} steps)")
+                                       f"{terms['log_p'].shape[0]} replicas (L-BFGS, at most "
+                                       f"{config.gap_steps:,} iterations per start)")
         gaps = gap_metrics(model, y_test[:n], terms["log_p"][:, :n], terms["elbo"][:, :n], truth,
                            config.grid_size, config.grid_span, config.gap_steps,
                            progress=lambda done: phases.step(done, n, "points"))
