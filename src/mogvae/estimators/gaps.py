@@ -237,7 +237,7 @@ def _posterior_start(model: VAE, y: torch.Tensor) -> torch.Tensor | None:
     posterior = model.posterior
     if not isinstance(posterior, MixturePosterior) or posterior.learn_weights or model.latent_dim != 1:
         return None
-    grid = latent_grid(model, START_GRID, 8.0, y=y[0])
+    grid = latent_grid(model, START_GRID, 8.0)              # the prior's window: the same for every point
     z, h = grid.axes[0], grid.axes[0][:, 1] - grid.axes[0][:, 0]                  # [R, G], [R]
     density = torch.softmax(log_joint(model, y[0], grid.nodes), 1) / h[:, None, None]  # [R, G, B]
     K = posterior.k
