@@ -7,9 +7,11 @@ import csv
 import os
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -183,17 +185,34 @@ def test_a_local_driver_killed_by_kill_9_leaks_no_semaphores_and_resumes(spec, t
     out = tmp_path / "out"
     # capture_output reads until every holder of stderr is gone: the workers (killed with
     # their parent) and Python's resource tracker, which warns of leaks as it exits
-    temporary = tmp_path / "tmp"        # where multiprocessing puts the fork server's socket (pymp-*)
-    temporary.mkdir()
-    killed = subprocess.run(sweep_cmd(spec, out, "--workers", "2"), capture_output=True, text=True, timeout=300,
-                            env={**env_with("progress:2:KILL"), "TMPDIR": str(temporary)}, start_new_session=True)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    assert "leaked" not in killed.stderr and "resource_tracker" not in killed.stderr, killed.stderr
-    deadline = time.monotonic() + 30       # the fork server exits once its driver is gone, and tidies up
-    while list(temporary.iterdir()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert list(temporary.iterdir()) == []
+    # where multiprocessing puts the fork server's socket (pymp-*): short, as a socket's path must be
+    temporary = Path(tempfile.mkdtemp(prefix="mv", dir="/tmp"))
+    try:
+        killed = subprocess.run(sweep_cmd(spec, out, "--workers", "2"), capture_output=True, text=True, timeout=300,
+                                env={**env_with("progress:2:KILL"), "TMPDIR": str(temporary)}, start_new_session=True)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        assert "leaked" not in killed.stderr and "resource_tracker" not in killed.stderr, killed.stderr
+        deadline = time.monotonic() + 30       # the fork server exits once its driver is gone, and tidies up
+        while list(temporary.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert list(temporary.iterdir()) == []
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
     resumes_to_the_reference(spec, out, reference)
+
+
+def test_a_temporary_folder_too_deep_for_a_socket_spawns_the_workers_instead(monkeypatch, tmp_path):
+    """A Unix socket's path holds 107 bytes: under a deep TMPDIR the fork server could not start
+    ("AF_UNIX path too long", met in this suite); then workers are spawned, as before the fork server."""
+    import tempfile as tf
+
+    from mogvae.runs import executors
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    monkeypatch.setattr(tf, "tempdir", str(deep))
+    assert executors._worker_context().get_start_method() == "spawn"
+    monkeypatch.setattr(tf, "tempdir", "/tmp")
+    assert executors._worker_context().get_start_method() == "forkserver"
 
 
 def test_sigterm_while_a_worker_writes_leaves_no_temporary(spec, tmp_path, reference):

@@ -121,15 +121,20 @@ def _failure(e: BaseException) -> dict:
 # PyTorch, its compiler (torch.optim's constructor imports it) and SciPy before its first epoch).
 WORKER_PRELOAD = ["mogvae.runs.executors", "mogvae.runs.run", "mogvae.estimators.evaluate", "torch._dynamo"]
 SERVER_FOLDER = "MOGVAE_FORKSERVER_FOLDER"   # the driver's multiprocessing folder, which holds the server's socket
+# A Unix socket's path holds at most 107 bytes: TMPDIR/pymp-XXXXXXXX/listener-XXXXXXXX must fit, or the fork server
+# cannot start ("AF_UNIX path too long", met with a long TMPDIR); beyond this, workers are spawned instead.
+SOCKET_FOLDER_ROOM = 107 - len("/pymp-XXXXXXXX/listener-XXXXXXXX")
 
 
 def _worker_context():
     """Workers fork from a fork server: a clean single-threaded process (no inherited thread
     pools or locks, as with spawn) that has already imported WORKER_PRELOAD; spawn where
-    there is no fork server (Windows). The server's socket lies in the driver's multiprocessing
+    there is no fork server (Windows) or where its socket's path would be too long. The server's socket lies in the driver's multiprocessing
     folder (/tmp/pymp-*), which the driver removes as it exits, but not when it is killed: the
     server, which exits as soon as its driver is gone, then removes it (`_tidy_after_driver`)."""
-    if "forkserver" not in mp.get_all_start_methods():
+    import tempfile
+    if "forkserver" not in mp.get_all_start_methods() or \
+            len(os.fsencode(tempfile.gettempdir())) > SOCKET_FOLDER_ROOM:
         return mp.get_context("spawn")
     from multiprocessing import util
     os.environ[SERVER_FOLDER] = util.get_temp_dir()   # before the server starts: it inherits this environment
