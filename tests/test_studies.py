@@ -7,7 +7,6 @@ import pytest
 from scipy import integrate, stats
 
 from mogvae.cli import main
-from mogvae.data.folded import FoldedProcess
 from mogvae.studies.noise import best_gaussian_kl
 
 
@@ -62,39 +61,3 @@ def _row(text: str, *keys: str) -> dict[str, str]:
                 if row[:len(keys)] == list(keys):
                     cells.update(zip(head, row))
     return cells
-
-
-def test_the_dimension_study_runs_at_toy_size_and_its_reading_comes_from_metrics(tmp_path, capsys):
-    out = tmp_path / "dimension"
-    assert main(["study", "dimension", "--quick", "--out", str(out)]) == 0, capsys.readouterr().err
-    report = (out / "report.md").read_text()
-    assert "## Does the paper's finding survive more observed dimensions?" in report
-    assert "![dimension](figures/dimension.png)" in report
-    for setting in ("0", "all"):
-        axes = {"data.breaking": setting, "data.data_dim": 5}
-        mfg, post = (_metric(out, m, "test_log_likelihood", **axes) for m in ("mfg", "mog-posterior"))
-        diff = np.mean([post[s] - mfg[s] for s in mfg])
-        row = _row(report.split(f"breaking = {setting})")[1].split("\n### ")[0], "5")
-        assert f"{diff:+.4f}" in row["mog-posterior − mfg, test LL"], row
-        truth = FoldedProcess(5, 1, 0 if setting == "0" else 4, 0.1).log_prob(
-            np.load(out / "runs" / f"data.breaking={setting}__data.data_dim=5__preset=mfg" / "data" / "test.npy"))
-        assert row["true LL"] == f"{truth.mean():.4f}"
-    figure_rows = (out / "figures" / "dimension.csv").read_text().splitlines()
-    kl = _metric(out, "mog-both", "kl_to_truth", **{"data.breaking": "all", "data.data_dim": 5})
-    assert any(r.startswith("all,5,kl_to_truth,mog-both,") and abs(float(r.split(",")[4]) - np.mean(list(
-        kl.values()))) < 1e-12 for r in figure_rows)
-
-
-def test_the_tabular_study_runs_at_toy_size_and_reads_per_dimension(tmp_path, capsys):
-    out = tmp_path / "tabular"
-    assert main(["study", "tabular", "--quick", "--out", str(out)]) == 0, capsys.readouterr().err
-    report = (out / "report.md").read_text()
-    assert "## Richer prior or richer posterior on real data?" in report
-    for latent, how in ((2, "2-D quadrature"), (5, "importance sampling")):
-        axes = {"data.dataset": "diabetes", "model.latent_dim": latent}
-        mfg, prior = (_metric(out, m, "test_log_likelihood", **axes) for m in ("mfg", "mog-prior"))
-        diff = np.mean([prior[s] - mfg[s] for s in mfg])
-        row = _row(report, "diabetes", str(latent))
-        assert row["evaluated by"].startswith(how) and f"{diff:+.3f}" in row["mog-prior − mfg"], row
-        assert row["same, per dimension"].startswith(f"{diff / 10:+.4f}")     # diabetes has 10 dimensions
-    assert (out / "figures" / "tabular.png").read_bytes()[:4] == b"\x89PNG"
