@@ -101,3 +101,20 @@ def test_methods_are_checked():
     with pytest.raises(ValueError, match="unknown method"):
         log_likelihood(model, Y, "exact")
     assert log_likelihood(linear_vae([1.0], 0.0), Y).method == "quadrature"
+
+
+@pytest.mark.parametrize("name", ["mfg", "mog-both"])
+def test_the_monte_carlo_elbos_standard_error_matches_the_spread_of_independent_estimates(name):
+    """Each point's standard error of the stratified Monte Carlo ELBO (evaluation's elbo_error beyond
+    latent_dim 2) against the standard deviation of 40 estimates from independent draws, and the
+    estimates' mean against the quadrature ELBO within four of its own standard errors."""
+    from mogvae.estimators.likelihood import monte_carlo_elbo_with_error
+    model = random_model(name)
+    y = PAPER_Y[:6]
+    runs = [monte_carlo_elbo_with_error(model, y, 200, [100 + 2 * i, 101 + 2 * i]) for i in range(40)]
+    values, errors = torch.stack([v for v, _ in runs]), torch.stack([e for _, e in runs])   # [40, R, N]
+    spread = values.std(0)
+    ratio = errors.mean(0) / spread
+    assert bool(((ratio > 0.7) & (ratio < 1.4)).all()), ratio                  # 40 draws: the sd is known to ~11%
+    exact = integrate(model, y, latent_grid(model, 2001, 8.0, y=y)).elbo
+    assert bool(((values.mean(0) - exact).abs() < 4 * errors.mean(0) / math.sqrt(40)).all())

@@ -190,7 +190,7 @@ POINTWISE = {
                    "edge of the point's window where larger (log_p_error_is = 'bound'), or importance sampling's "
                    "standard error ('stderr')",
     "elbo": "[R, N] the ELBO of the encoder's q",
-    "elbo_error": "[R, N] its quadrature bound (NaN for the Monte Carlo ELBO beyond latent_dim 2)",
+    "elbo_error": "[R, N] its quadrature bound, or, for the Monte Carlo ELBO beyond latent_dim 2, its standard error",
     "true_log_p": "[N] log p*(y), NaN without a known truth",
     "elbo_star": "[R, n] on the first n = eval.gap_points test points: ELBO*, the ELBO of the best q found",
     "q_star_raw": "[R, n, P] that q's parameters, the input of model.posterior.from_raw",

@@ -101,12 +101,24 @@ def importance_log_likelihood(model: VAE, y, n_samples: int, seeds: list[int],
 def monte_carlo_elbo(model: VAE, y, n_samples: int, seeds: list[int], budget: int = 2_000_000) -> torch.Tensor:
     """The ELBO per point by stratified Monte Carlo from q (n_samples draws per point,
     split over q's components): [R, N]. Unbiased; where quadrature cannot go."""
+    return monte_carlo_elbo_with_error(model, y, n_samples, seeds, budget)[0]
+
+
+@torch.no_grad()
+def monte_carlo_elbo_with_error(model: VAE, y, n_samples: int, seeds: list[int],
+                                budget: int = 2_000_000) -> tuple[torch.Tensor, torch.Tensor]:
+    """monte_carlo_elbo and each point's standard error, [R, N] each: the stratified estimate
+    sum_k pi_k mean_n log w_nk has variance sum_k pi_k^2 var_n(log w_nk) / n (n draws per
+    component; NaN with a single draw)."""
     K = model.posterior.k
-    out = []
-    for yc, eps in _draws(model, y, max(1, math.ceil(n_samples / K)), K, seeds, budget):
-        log_w, pi = log_weights(model, yc, eps)
-        out.append((log_w * pi).sum(2).mean(1))
-    return torch.cat(out, 1)
+    n = max(1, math.ceil(n_samples / K))
+    values, errors = [], []
+    for yc, eps in _draws(model, y, n, K, seeds, budget):
+        log_w, pi = log_weights(model, yc, eps)                      # [R, n, K, b], [R, 1, K, b]
+        values.append((log_w * pi).sum(2).mean(1))
+        variance = log_w.var(1) if n > 1 else torch.full_like(log_w[:, 0], math.nan)   # [R, K, b]
+        errors.append(torch.sqrt((pi[:, 0] ** 2 * variance / n).sum(1)))
+    return torch.cat(values, 1), torch.cat(errors, 1)
 
 
 def _draws(model: VAE, y, n: int, K: int, seeds: list[int], budget: int):
@@ -124,15 +136,15 @@ def _draws(model: VAE, y, n: int, K: int, seeds: list[int], budget: int):
 
 def importance_terms(model: VAE, y_test, y_grid, config, seeds: list[int]) -> dict:
     """Evaluation's terms where quadrature does not fit: log p(y) by importance sampling, the ELBO by
-    Monte Carlo from q, each mean with its standard error over draws and points."""
+    Monte Carlo from q, each with its standard error per point (and log p's mean, over draws and points)."""
     gens = [s + IMPORTANCE_OFFSET for s in seeds]
     log_p, se = importance_log_likelihood(model, y_test, config.n_importance, gens)
     density = None if y_grid is None else \
         torch.exp(importance_log_likelihood(model, y_grid, config.n_importance, gens)[0]).numpy()
     nan = np.full(len(seeds), math.nan)
-    elbo = monte_carlo_elbo(model, y_test, config.n_importance, gens)
+    elbo, elbo_se = monte_carlo_elbo_with_error(model, y_test, config.n_importance, gens)
     return {"log_p": log_p, "elbo": elbo, "model_density": density,
-            "log_p_error": se.numpy(), "elbo_error": np.full(tuple(elbo.shape), math.nan),
+            "log_p_error": se.numpy(), "elbo_error": elbo_se.numpy(),
             "quadrature_error": nan, "grid_edge_mass": nan, "elbo_quadrature_error": nan,
             "test_log_likelihood_stderr": (torch.sqrt((se * se).sum(1)) / se.shape[1]).numpy()}
 
