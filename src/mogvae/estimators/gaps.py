@@ -37,9 +37,10 @@ from dataclasses import dataclass
 import torch
 
 from ..model.layers import replica_count
+from ..model.posteriors import MIN_SCALE, MixturePosterior
 from ..model.vae import VAE
 from ..objectives.bounds import log_weights
-from .quadrature import F64, as_batch, hermite_rule, latent_grid, rule_elbo
+from .quadrature import F64, as_batch, hermite_rule, latent_grid, log_joint, rule_elbo
 
 TOLERANCE = 1e-5    # nats: a point stops when its best ELBO rose by less over LBFGS_PATIENCE checks
 MAX_STEPS = 1000    # L-BFGS iterations at most (eval.gap_steps)
@@ -232,8 +233,6 @@ def _posterior_start(model: VAE, y: torch.Tensor) -> torch.Tensor | None:
     with the scale of a Gaussian of its weight and the posterior's density there. The encoder's q can
     sit in the lesser mode of a bimodal posterior, from which no local search leaves (measured on the
     2-D ring: up to 15.5 nats between local optima). None for other families and latents."""
-    from ..model.posteriors import MIN_SCALE, MixturePosterior
-    from .quadrature import log_joint
     posterior = model.posterior
     if not isinstance(posterior, MixturePosterior) or posterior.learn_weights or model.latent_dim != 1:
         return None

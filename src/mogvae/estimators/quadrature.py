@@ -300,15 +300,16 @@ def follow_posteriors(model: VAE, y, grid: Grid, exact: Integrals, size: int, sp
     h = (p_hi - p_lo) / (size - 1)
     log_p, coarse, edge = exact.log_p.clone(), exact.log_p_coarse.clone(), exact.edge_mass.clone()
     for i in todo:
-        lo, hi = p_lo, p_hi
+        point, lo, hi = y[:, i:i + 1], p_lo, p_hi
+        *_, left, right = _window_log_p(model, point, lo, hi, h)       # which sides of the prior's window hold mass
         for _ in range(WIDENINGS):
             width = hi - lo
-            left, right = _edge_masses(model, y[:, i:i + 1], lo, hi, h)
             lo, hi = torch.where(left > TRUNCATION, lo - width, lo), torch.where(right > TRUNCATION, hi + width, hi)
-            window = _window_log_p(model, y[:, i:i + 1], lo, hi, h, max_nodes)
+            window = _window_log_p(model, point, lo, hi, h, max_nodes)
             if window is None:          # the window would outgrow max_nodes: keep the last one and its edge mass
                 break
-            log_p[:, i], coarse[:, i], edge[:, i] = window
+            log_p[:, i], coarse[:, i], left, right = window
+            edge[:, i] = left + right
             if not bool((edge[:, i] > TRUNCATION).any()):
                 break
     return replace(exact, log_p=log_p, log_p_coarse=coarse, edge_mass=edge)
@@ -322,26 +323,20 @@ def _window_nodes(lo: torch.Tensor, hi: torch.Tensor, h: torch.Tensor) -> tuple[
     return (lo[:, None] + (hi - lo)[:, None] * t)[..., None], (hi - lo) / (n - 1), n
 
 
-def _edge_masses(model: VAE, y: torch.Tensor, lo, hi, h) -> tuple[torch.Tensor, torch.Tensor]:
-    """The posterior mass in the outer EDGE of the window [lo, hi] on its left and on its right side, [R] each."""
-    nodes, spacing, n = _window_nodes(lo, hi, h)
-    terms = log_joint(model, y, nodes)[..., 0] + trapezoid_log_weights(spacing, n)     # [R, n]
-    total, k = torch.logsumexp(terms, 1), max(1, int(EDGE * n))
-    return (torch.exp(torch.logsumexp(terms[:, :k], 1) - total), torch.exp(torch.logsumexp(terms[:, -k:], 1) - total))
-
-
-def _window_log_p(model: VAE, y: torch.Tensor, lo, hi, h, max_nodes: int):
+def _window_log_p(model: VAE, y: torch.Tensor, lo, hi, h, max_nodes: float = math.inf):
     """log p(y) of one point on the window [lo, hi] by the fine and the coarse (every other node)
-    trapezoid rule, and the mass in the window's outer EDGE (both sides), [R] each; None beyond max_nodes."""
+    trapezoid rule, and the posterior mass in the window's outer EDGE on its left and on its right
+    side, [R] each; None beyond max_nodes."""
     nodes, spacing, n = _window_nodes(lo, hi, h)
     if n > max_nodes:
         return None
     terms = log_joint(model, y, nodes)[..., 0]                                          # [R, n]
-    fine = torch.logsumexp(terms + trapezoid_log_weights(spacing, n), 1)
+    weighted = terms + trapezoid_log_weights(spacing, n)
+    fine = torch.logsumexp(weighted, 1)
     coarse = torch.logsumexp(terms[:, ::2] + trapezoid_log_weights(2 * spacing, (n + 1) // 2), 1)
     k = max(1, int(EDGE * n))
-    outer = torch.cat([terms[:, :k], terms[:, -k:]], 1) + torch.log(spacing)[:, None]
-    return fine, coarse, torch.exp(torch.logsumexp(outer, 1) - fine)
+    return (fine, coarse, torch.exp(torch.logsumexp(weighted[:, :k], 1) - fine),
+            torch.exp(torch.logsumexp(weighted[:, -k:], 1) - fine))
 
 
 def log_p_bound(exact: Integrals, followed: bool = True) -> torch.Tensor:
