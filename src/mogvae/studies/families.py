@@ -81,7 +81,7 @@ def families_figure(out: Path) -> Path:
               ["sigma", "prior", "posterior", "seed", *(t[0] for t in TERMS), "total"])
     cells = _intervals(rows)
     sigmas = sorted({k[0] for k in cells}, reverse=True)
-    fig, axes = plt.subplots(1, len(sigmas), figsize=(7 * len(sigmas), 4.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(sigmas), figsize=(7 * len(sigmas) + 2.5, 4.8), squeeze=False)   # + the legend
     for ax, sigma in zip(axes[0], sigmas):
         keys = sorted(k for k in cells if k[0] == sigma)
         x = np.arange(len(keys))
@@ -100,7 +100,8 @@ def families_figure(out: Path) -> Path:
         ax.set_ylim(min(down.min(), 0.0) - 0.15 * span, max(up.max(), *(t.mean for t in total)) + 0.25 * span)
         ax.set_xticks(x, [f"{k[1]}\n+{k[2]}" for k in keys])
         ax.set(title=f"sigma = {sigma:g}", ylabel="nats per test point, mean over seeds")
-        ax.legend(fontsize=8)
+    # one legend, outside the last panel: inside, "best" still covered intervals that run off the top
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle("Where the ELBO falls short of log p*: prior + posterior family (negative parts hatched, below 0; "
                  "axes span the bars, an interval may run off an edge)", fontsize=10)
     fig.tight_layout()
