@@ -27,7 +27,11 @@ GENERATE_OFFSET = 104729         # generation noise: replica seed + offset
 METRICS = ("test_log_likelihood", "true_log_likelihood", "test_elbo", "inference_gap",
            "kl_to_truth", "w1_to_truth", "w1_samples", "w1_decoder", "std_ratio",
            "quadrature_error", "grid_edge_mass", "elbo_quadrature_error", "test_log_likelihood_stderr",
-           "training_grid_error", *GAP_METRICS)
+           "training_grid_error", *GAP_METRICS, "error_bound", "tolerance")
+EXACT_BOUNDS = ("quadrature_error", "elbo_quadrature_error", "gap_rule_error")
+"""The bounds a replica's exact numbers carry (max over test points): log p, the ELBO, ELBO*. Their
+largest is its error_bound; above eval.tolerance the replica is flagged. (training_grid_error
+is not among them: it measures the training objective's grid, not an evaluated number.)"""
 TRUTH_METRICS = ("true_log_likelihood", "kl_to_truth", "w1_to_truth", "w1_decoder",
                  "gap_true_log_likelihood")  # NaN without a known truth
 PROBE_SPAN, PROBE_GRID = 12.0, 6001  # the plotting grid over the prior, wider than evaluation's 8 scales
@@ -121,6 +125,7 @@ def check_evaluation_memory(model: ModelConfig, config: EvalConfig, data_dim: in
 @dataclass(frozen=True)
 class Evaluation:
     metrics: list[dict[str, float]]   # one dict per replica, keys METRICS
+    flagged: list[bool]               # per replica: its error_bound misses eval.tolerance
     curves: dict[str, np.ndarray]     # figure data; arrays with a leading replica axis where per replica
     pointwise: dict[str, np.ndarray]  # per test point (POINTWISE), saved as pointwise.npz
 
@@ -167,11 +172,13 @@ def evaluate(model: VAE, process: PaperProcess, y_test: np.ndarray, config: Eval
             "std_ratio": float(np.mean(np.std(y_gen[r], 0) / np.std(y_cols, 0))),
         }
         m.update({k: float(terms[k][r]) if k in terms else math.nan for k in METRICS if k not in m})
+        m["error_bound"], m["tolerance"] = error_bound(m), config.tolerance
         model_based = [v for k, v in m.items() if k not in TRUTH_METRICS and k not in SAMPLED_NAN
                        and (one_d or k not in ONE_D_METRICS)]
         if diverged[r] or not all(math.isfinite(v) for v in model_based):
             m = {k: math.nan for k in m}  # never report a diverged replica as a result
         metrics.append(m)
+    flagged = [m["error_bound"] > config.tolerance for m in metrics]     # NaN (diverged, sampled): not flagged
     curves = {}
     if one_d:
         curves = {"y_grid": y_grid, "model_density": model_density, "true_density": true_density,
@@ -181,16 +188,24 @@ def evaluate(model: VAE, process: PaperProcess, y_test: np.ndarray, config: Eval
     else:
         curves = _sample_curves(y_gen, y_cols)
     phases.done()
-    return Evaluation(metrics, curves, pointwise)
+    return Evaluation(metrics, flagged, curves, pointwise)
+
+
+def error_bound(m: dict[str, float]) -> float:
+    """The largest of a replica's EXACT_BOUNDS it has (inf where a window could not hold a
+    posterior), NaN where it has none (importance sampling: its error is a standard error)."""
+    bounds = [m[k] for k in EXACT_BOUNDS if not math.isnan(m.get(k, math.nan))]
+    return max(bounds) if bounds else math.nan
 
 
 POINTWISE = {
     "log_p": "[R, N] log p_theta(y) of each test point",
     "log_p_error": "[R, N] its error: the quadrature's bound, |fine - coarse| or the posterior mass left at the "
-                   "edge of the point's window where larger (log_p_error_is = 'bound'), or importance sampling's "
-                   "standard error ('stderr')",
+                   "edge of the point's window where larger, of the adaptive rule where the grid's missed "
+                   "eval.tolerance (log_p_error_is = 'bound'), or importance sampling's standard error ('stderr')",
     "elbo": "[R, N] the ELBO of the encoder's q",
-    "elbo_error": "[R, N] its quadrature bound, or, for the Monte Carlo ELBO beyond latent_dim 2, its standard error",
+    "elbo_error": "[R, N] its quadrature bound (inf where neither the grid nor the adaptive rule resolved q), or, "
+                  "for the Monte Carlo ELBO beyond latent_dim 2, its standard error",
     "true_log_p": "[N] log p*(y), NaN without a known truth",
     "elbo_star": "[R, n] on the first n = eval.gap_points test points: ELBO*, the ELBO of the best q found",
     "q_star_raw": "[R, n, P] that q's parameters, the input of model.posterior.from_raw",
@@ -286,7 +301,7 @@ def _true_means(process, n: int) -> np.ndarray | None:
 
 
 SAMPLED_NAN = ("quadrature_error", "grid_edge_mass", "elbo_quadrature_error", "test_log_likelihood_stderr",
-               "training_grid_error", *GAP_METRICS)
+               "training_grid_error", *GAP_METRICS, "error_bound")
 """NaN by design on one of the two paths: the quadrature's bounds under importance
 sampling, the standard error under quadrature (its error is the bound)."""
 
@@ -315,18 +330,19 @@ def _gap_terms(model: VAE, y_test, terms: dict, config: EvalConfig, true_log_p, 
                                        f"{config.gap_steps:,} iterations per start)")
         gaps = gap_metrics(model, y_test[:n], terms["log_p"][:, :n], terms["elbo"][:, :n], truth,
                            config.grid_size, config.grid_span, config.gap_steps,
-                           progress=lambda done: phases.step(done, n, "points"))
+                           progress=lambda done: phases.step(done, n, "points"), tolerance=config.tolerance)
         out.update({k: v.numpy() for k, v in gaps.items()})
     return out
 
 
 def metric_rows(evaluation: Evaluation, history) -> list[dict]:
-    """One row per seed: its metrics, whether and when it diverged, and its final validation ELBO."""
+    """One row per seed: its metrics, whether and when it diverged, whether its error bound missed
+    eval.tolerance (flagged: left out of every comparison), and its final validation ELBO."""
     R = len(evaluation.metrics)
     final = history.val_elbo[-1] if history.val_elbo else [math.nan] * R
     return [{"seed": i, **m, "diverged": div is not None, "diverged_epoch": div.epoch if div else "",
-             "final_val_elbo": final[i]}
-            for i, (m, div) in enumerate(zip(evaluation.metrics, history.divergence))]
+             "flagged": flagged, "final_val_elbo": final[i]}
+            for i, (m, div, flagged) in enumerate(zip(evaluation.metrics, history.divergence, evaluation.flagged))]
 
 
 @torch.no_grad()

@@ -22,6 +22,8 @@ flows.SplineFlow, ...) needs no evaluation code:
     smooth                      False for a density that is only piecewise smooth
     base_rule(n)                None, or for a family that is only piecewise smooth, a
                                 quadrature rule over eps with nodes on its pieces
+    knots()                     None, or for a piecewise-smooth 1-D family, where its pieces
+                                meet in z: [R, B, m] (adaptive quadrature's breaks)
     sample(generators, n)       ancestral draws [R, n, D] with B = 1, replica r from generators[r]
     to(dtype)
 
@@ -51,11 +53,15 @@ class Latent:
         R, n, K, B, D = z.shape
         return z, self.log_prob(z.reshape(R, n * K, B, D)).reshape(R, n, K, B)
 
-    def base_rule(self, n: int, span: float = 8.0):
+    def base_rule(self, n: int, span: float = 8.0, breaks=None):
         """A family whose draws are only piecewise smooth in eps (a spline flow) gives
         (eps [R, J, K, B, D], weights [R, J, K, B]) for the expectation over each
         stratum's standard-normal draws, with nodes on its pieces; None (the default)
         means the density is smooth and quadrature over z is exact-quality."""
+        return None
+
+    def knots(self) -> torch.Tensor | None:
+        """Where a piecewise-smooth 1-D density's pieces meet, in z: [R, B, m]; None if it is smooth."""
         return None
 
     def pool(self) -> "Latent":
@@ -161,6 +167,10 @@ class Pooled(Latent):
         e = eps.reshape(R, n, K, M, B, D).permute(0, 1, 4, 2, 3, 5).reshape(R, n * B, K, M, D)
         z = self.inner.stratified_rsample(e)
         return z.reshape(R, n, B, K, M, D).permute(0, 1, 3, 4, 2, 5).reshape(R, n, K * M, B, D)
+
+    def knots(self) -> torch.Tensor | None:
+        inner = self.inner.knots()                           # [R, M, m]
+        return None if inner is None else inner.reshape(inner.shape[0], 1, -1)
 
     def stratum_weights(self) -> torch.Tensor:
         w = self.inner.stratum_weights()                     # [R, 1, K, M]

@@ -32,6 +32,16 @@ RESOLVE = 16    # quadrature nodes per bin, in units of 4 (see `resolution`)
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
+def _inside(u: torch.Tensor, span: float) -> torch.Tensor:
+    """The breaks u [..., m] within (-span, span), as few per row as the row holding the most needs
+    (the rest of a row at span: empty pieces): most of a VampPrior's knots fall far out in a point's
+    tails, and each piece costs its rule's nodes."""
+    inside = u.abs() < span
+    keep = max(int(inside.sum(-1).max()), 1)
+    first = torch.sort(torch.where(inside, u, torch.full_like(u, math.inf)), -1).values[..., :keep]
+    return first.clamp(-span, span)
+
+
 @dataclass(frozen=True)
 class SplineFlow(Latent):
     loc: torch.Tensor          # [R, 1, B, D]
@@ -95,17 +105,25 @@ class SplineFlow(Latent):
         heights = self._spline().vertical.diff(dim=-1).amin(-1)      # [R, 1, B, D]
         return (self.scale * heights.clamp(max=1.0)).amin(-1)[:, 0] / RESOLVE
 
-    def base_rule(self, n: int, span: float = 8.0):
+    def base_rule(self, n: int, span: float = 8.0, breaks: torch.Tensor | None = None):
         """A rule for E_{u ~ N(0, 1)}[g(z(u))] that respects the spline's pieces:
         Gauss-Legendre with n nodes on each bin and on each tail [-span, -BOUND],
         [BOUND, span] (g is smooth on each, only C1 across the knots, where a rule
-        over the whole line converges slowly). Returns eps [R, J, 1, B, 1] and
-        weights [R, J, 1, B] (the N(0, 1) density folded in); None for D > 1,
-        where the tensor product would be (bins + 2)^2 n^2 nodes per point."""
+        over the whole line converges slowly). `breaks` [R, m]: more places in z where
+        g is not smooth (a VampPrior of flows' knots), mapped into each point's u by
+        T's inverse and cut there too. Returns eps [R, J, 1, B, 1] and weights
+        [R, J, 1, B] (the N(0, 1) density folded in); None for D > 1, where the
+        tensor product would be (bins + 2)^2 n^2 nodes per point."""
         if self.dim != 1:
             return None
-        knots = self._spline().horizontal[..., 0, :]                  # [R, 1, B, bins + 1]
+        spline = self._spline()
+        knots = spline.horizontal[..., 0, :]                          # [R, 1, B, bins + 1]
         ends = torch.full_like(knots[..., :1], span)
+        if breaks is not None:                                       # z [R, m] -> u [R, 1, B, m]
+            v = (breaks[:, None, None, :] - self.loc) / self.scale          # [R, 1, B, m] (D = 1)
+            inside = spline.inv(v.clamp(-BOUND, BOUND).permute(3, 0, 1, 2)[..., None])[..., 0].permute(1, 2, 3, 0)
+            u = torch.where(v.abs() < BOUND, inside, v)              # the identity beyond the spline's bound
+            knots = torch.sort(torch.cat([knots, _inside(u, span)], -1), -1).values
         edges = torch.cat([-ends, knots, ends], -1)
         a, b = edges[..., :-1, None], edges[..., 1:, None]           # [R, 1, B, P, 1]
         x, w = (torch.as_tensor(t, dtype=knots.dtype, device=knots.device) for t in leggauss(n))
@@ -114,6 +132,14 @@ class SplineFlow(Latent):
         R, _, B = knots.shape[:3]
         eps = u.reshape(R, 1, B, -1).permute(0, 3, 1, 2)[..., None]  # [R, J, 1, B, 1]
         return eps, weights.reshape(R, 1, B, -1).permute(0, 3, 1, 2)
+
+    def knots(self) -> torch.Tensor | None:
+        """The spline's knots in z (T maps the horizontal knots onto the vertical ones): [R, B, bins + 1];
+        None for D > 1."""
+        if self.dim != 1:
+            return None
+        vertical = self._spline().vertical                                # [R, 1, B, 1, bins + 1]
+        return (self.loc[..., None] + self.scale[..., None] * vertical)[:, 0, :, 0]
 
     def select(self, index) -> "SplineFlow":
         return SplineFlow(*(t[:, :, index] for t in self._tensors()))

@@ -13,6 +13,7 @@ import numpy as np  # noqa: E402
 from ..data.paper import PaperProcess  # noqa: E402
 from ..estimators.evaluate import mass_window  # noqa: E402
 from ..storage.files import atomic_write_bytes, read_bytes, read_csv, read_npz, write_csv  # noqa: E402
+from .statistics import counted  # noqa: E402
 
 COLORS = {"mfg": "#4c72b0", "mog-prior": "#dd8452", "mog-posterior": "#55a868", "mog-both": "#c44e52"}
 COMPARED = [("test_log_likelihood", "test log-likelihood (nats)"), ("kl_to_truth", "KL(p* || p_theta) (nats)"),
@@ -170,7 +171,7 @@ def comparison_figure(out: Path, models: list[str], by: str = "model", labels: d
     the names shown (and colored) for them."""
     shown = [(labels or {}).get(m, m) for m in models]
     from .statistics import t_interval
-    rows = [r for r in read_csv(out / "metrics.csv") if r["diverged"] == "False"]
+    rows = [r for r in read_csv(out / "metrics.csv") if counted(r)]
     truth = _read_truth_if_any(out)
     compared = [(k, label) for k, label in COMPARED if any(np.isfinite(float(r[k])) for r in rows if k in r)]
     cols = min(4, len(compared))

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..storage.files import UnreadableFile, read_json
 from .html import md_text
-from .statistics import Interval, paired, t_interval
+from .statistics import Interval, counted, flagged, paired, t_interval
 
 
 def _verdict(iv: Interval, better: str, worse: str) -> str:
@@ -45,13 +45,14 @@ def reading(metrics, truth: dict) -> list[str]:
         out.append("- Both (mog-both − mfg), test log-likelihood "
                    + _verdict(paired(metrics, "mog-both", "mfg", "test_log_likelihood"), "helps", "hurts"))
     for m in metrics:
-        ratio = t_interval(np.array([r["std_ratio"] for r in metrics[m].values()], dtype=float))
+        ratio = t_interval(np.array([r["std_ratio"] for r in metrics[m].values() if counted(r)], dtype=float))
         if ratio.n > 1:
             learns = ratio.low <= 1 <= ratio.high
             out.append(f"- {md_text(m)}: std(generated)/std(test) = {ratio.mean:.3f} [95% CI {ratio.low:.3f}, {ratio.high:.3f}]: "
                        + ("consistent with learning the variance." if learns else
                           "does not learn the variance (the paper's observation)."))
-    kl = {m: t_interval(np.array([r["kl_to_truth"] for r in metrics[m].values()], dtype=float)) for m in metrics}
+    kl = {m: t_interval(np.array([r["kl_to_truth"] for r in metrics[m].values() if counted(r)], dtype=float))
+          for m in metrics}
     out.append("- Distance to the truth, KL(p* || p_theta) in nats: "
                + ", ".join(f"{md_text(m)} {iv.mean:.4f}" for m, iv in kl.items())
                + f" (true test log-likelihood {truth['test_log_likelihood']:.4f}).")
@@ -59,6 +60,10 @@ def reading(metrics, truth: dict) -> list[str]:
     total = sum(len(runs) for runs in metrics.values())
     out.append(f"- Diverged runs: {diverged} of {total}" + (" (excluded from every mean above; see metrics.csv)."
                                                            if diverged else "."))
+    missed = sum(r["diverged"] != "True" and flagged(r) for runs in metrics.values() for r in runs.values())
+    if missed:
+        out.append(f"- Replicas whose error bound missed the tolerance: {missed} of {total} (flagged in metrics.csv, "
+                   "excluded from every mean and interval above; the exactness line lists them).")
     return out
 
 

@@ -14,10 +14,28 @@ from ..storage.files import UnreadableFile, read_csv
 TABLE = [("test_log_likelihood", "test LL", 4), ("kl_to_truth", "KL to truth", 4), ("test_elbo", "test ELBO", 4),
          ("inference_gap", "inference gap", 4), ("approximation_gap", "approx. gap", 5),
          ("amortization_gap", "amort. gap", 5), ("w1_to_truth", "W1 exact", 4), ("w1_samples", "W1 samples", 4),
-         ("w1_decoder", "W1 decoder", 4), ("std_ratio", "std ratio", 3), ("train_seconds", "train s/seed", 1)]
+         ("w1_decoder", "W1 decoder", 4), ("std_ratio", "std ratio", 3), ("train_seconds", "train s/seed", 1),
+         ("error_bound", "error bound", 0)]
+BOUND_COLUMN = "error_bound"   # not a mean: the largest over the counted replicas, with how many were left out
 
 
-TEXT_COLUMNS = {"model", "run", "preset", "diverged", "diverged_epoch"}  # the rest are numbers (grid axes: dotted)
+TEXT_COLUMNS = {"model", "run", "preset", "diverged", "diverged_epoch", "flagged"}  # the rest are numbers (grid axes: dotted)
+DEFAULT_TOLERANCE = 1e-4   # eval.tolerance's default: the flag of a row written before the flag was
+
+
+def flagged(row: dict) -> bool:
+    """Whether a replica's exact numbers missed their tolerance (metrics.csv's `flagged`; a row
+    written before it existed: its bounds against the default tolerance)."""
+    if "flagged" in row:
+        return row["flagged"] == "True"
+    bounds = [float(row.get(k, math.nan)) for k in ("quadrature_error", "elbo_quadrature_error", "gap_rule_error")]
+    return any(b > DEFAULT_TOLERANCE for b in bounds if not math.isnan(b))
+
+
+def counted(row: dict) -> bool:
+    """Whether a replica enters means, comparisons and verdicts: it neither diverged nor was flagged.
+    A row without `diverged` is a study's selection of values from rows it already kept (paired.by_cell)."""
+    return "diverged" not in row or row["diverged"] != "True" and not flagged(row)
 
 
 @dataclass(frozen=True)
@@ -63,8 +81,10 @@ def load_metrics(path: Path, by: str | None = "model", label: str = "run") -> di
 
 
 def paired(metrics, a: str, b: str, key: str) -> Interval:
-    """Mean over seeds of metric(a) - metric(b), paired by seed (same data order)."""
-    seeds = sorted(set(metrics.get(a, {})) & set(metrics.get(b, {})))
+    """Mean over seeds of metric(a) - metric(b), paired by seed (same data order), over the seeds
+    whose replicas both count (neither diverged nor flagged)."""
+    seeds = sorted(s for s in set(metrics.get(a, {})) & set(metrics.get(b, {}))
+                   if counted(metrics[a][s]) and counted(metrics[b][s]))
     return t_interval(np.array([metrics[a][s][key] - metrics[b][s][key] for s in seeds], dtype=float))
 
 
@@ -80,16 +100,27 @@ def shown_columns(metrics) -> list[tuple[str, str, int]]:
 
 
 def summary_rows(metrics, models, columns=None) -> list[list[str]]:
-    """Per model: name, runs, diverged, then 'mean ± sd' over non-diverged seeds for each of `columns`
-    (TABLE's, by default)."""
+    """Per model: name, runs, diverged, then 'mean ± sd' over the seeds that count (neither diverged
+    nor flagged) for each of `columns` (TABLE's, by default); the error bound's column: the largest
+    over them, and how many flagged replicas were left out."""
     rows = []
     for m in models:
         runs = metrics[m]
-        ok = [r for r in runs.values() if r["diverged"] != "True"]
+        ok = [r for r in runs.values() if counted(r)]
         cells = []
         for key, _, digits in columns or TABLE:
             v = np.array([r.get(key, np.nan) for r in ok], dtype=float)   # a column older runs lack: nan
+            if key == BOUND_COLUMN:
+                cells.append(_bound_cell(v, sum(r["diverged"] != "True" and flagged(r) for r in runs.values())))
+                continue
             cells.append("n/a" if not len(v) else
                          f"{v.mean():.{digits}f} ± {v.std(ddof=1) if len(v) > 1 else 0:.{digits}f}")
         rows.append([m, str(len(runs)), str(len(runs) - len(ok)), *cells])
     return rows
+
+
+def _bound_cell(bounds: np.ndarray, left_out: int) -> str:
+    """The largest error bound of the counted replicas, and the flagged ones left out."""
+    bounds = bounds[~np.isnan(bounds)]
+    text = f"≤ {bounds.max():.0e}" if len(bounds) else "n/a"
+    return text + (f" ({left_out} flagged, left out)" if left_out else "")

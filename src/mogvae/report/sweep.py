@@ -14,7 +14,7 @@ from pathlib import Path
 from ..storage.files import UnreadableFile, write_text
 from .html import md_text, write_html
 from .tables import fit_tables
-from .statistics import Interval, has_values, load_metrics, paired, shown_columns, summary_rows
+from .statistics import Interval, counted, flagged, has_values, load_metrics, paired, shown_columns, summary_rows
 
 COMPARED = (("test_log_likelihood", "test LL"), ("inference_gap", "inference gap"), ("kl_to_truth", "KL to truth"))
 
@@ -97,36 +97,37 @@ def _interval(iv: Interval) -> str:
     return f"{iv.mean:+.4f} [{iv.low:+.4f}, {iv.high:+.4f}]{mark}"
 
 
-EXACT_TOLERANCE = 1e-3  # nats: an error bound above it means the grid did not resolve that replica's integrands
-
-
-ERROR_BOUNDS = ("quadrature_error", "elbo_quadrature_error", "training_grid_error", "gap_rule_error")
-
-
-def _error_bound(row: dict) -> float:
-    """The largest of a replica's quadrature error bounds (those it has: the oracle's
-    training grid and the gap rule only where they apply)."""
-    return max([v for k in ERROR_BOUNDS if isinstance(v := row.get(k, math.nan), float) and math.isfinite(v)],
-               default=0.0)
+def _bound(row: dict) -> float:
+    """A replica's error bound (evaluate.error_bound; a row written before it: its largest exact bound)."""
+    if "error_bound" in row:
+        return row["error_bound"]
+    return max([v for k in ("quadrature_error", "elbo_quadrature_error", "gap_rule_error")
+                if not math.isnan(v := row.get(k, math.nan))], default=math.nan)
 
 
 def exactness_lines(cells: list[dict], metrics) -> list[str]:
-    """Replicas whose quadrature error bound (max over test points: log p, ELBO, the
-    oracle's training grid, the gap rule) exceeds EXACT_TOLERANCE: their numbers
-    are not exact at the configured grid."""
-    flagged = [(c["name"], seed, _error_bound(r)) for c in cells for seed, r in sorted(metrics[c["name"]].items())
-               if _error_bound(r) > EXACT_TOLERANCE]
-    total = sum(len(metrics[c["name"]]) for c in cells)
-    if not flagged:
-        return [f"Every replica's quadrature error bound is below {EXACT_TOLERANCE:g} nats (max over test points)."]
-    return [f"{len(flagged)} of {total} replicas have a quadrature error bound above {EXACT_TOLERANCE:g} nats (max "
-            "over test points: log p, ELBO, an oracle's training grid, the gap rule): at some test points the grid did not resolve their posterior or "
-            "prior (a degenerate, very narrow component, typically). Their means are still reported; read them "
-            "with this bound:", "", *(f"- {md_text(name)}, seed {seed}: {bound:.2g} nats" for name, seed, bound in flagged)]
+    """The largest error bound of the replicas that count, and those flagged: their bound (max over test
+    points of log p, the ELBO, ELBO*) missed the tolerance, so they are left out of every mean,
+    comparison and verdict."""
+    rows = [(c["name"], seed, r) for c in cells for seed, r in sorted(metrics[c["name"]].items())
+            if r["diverged"] != "True"]
+    missed = [(name, seed, _bound(r), r.get("tolerance", math.nan)) for name, seed, r in rows if flagged(r)]
+    bounds = [b for _, _, r in rows if not flagged(r) and not math.isnan(b := _bound(r))]
+    out = [f"Every exact number is within its error bound (max over test points of log p, the ELBO and ELBO*); "
+           f"the largest bound of a replica that counts: {max(bounds):.1e} nats." if bounds else
+           "No replica has an exact number with a bound (importance sampling: standard errors)."]
+    if missed:
+        out += ["", f"{len(missed)} of {len(rows)} replicas missed their tolerance even after adaptive refinement "
+                "(at some test point a rule could not resolve a posterior, a prior or q within the budget, or a "
+                "window could not hold a posterior: bound inf). They stay in metrics.csv (flagged = True) and are "
+                "left out of every mean, comparison and verdict here:", "",
+                *(f"- {md_text(name)}, seed {seed}: bound {bound:.2g} nats (tolerance {tol:g})"
+                  for name, seed, bound, tol in missed)]
+    return out
 
 
 def _mean(metrics, name: str, key: str) -> float:
-    v = [r.get(key, math.nan) for r in metrics[name].values() if r["diverged"] != "True"]
+    v = [r.get(key, math.nan) for r in metrics[name].values() if counted(r)]
     v = [x for x in v if isinstance(x, float) and math.isfinite(x)]
     return sum(v) / len(v) if v else math.nan
 
@@ -151,13 +152,15 @@ def verdict_lines(cells: list[dict], metrics) -> list[str]:
         return [f"**Result:** test log-likelihood {means[best]:.4f} nats per point, mean over seeds"
                 + (f"; {kl:.4f} nats from the truth" if math.isfinite(kl) else "") + "."]
     ahead = [(n, paired(metrics, best, n, key)) for n in ranked[1:]]
+    missed = sum(r["diverged"] != "True" and flagged(r) for n in names for r in metrics[n].values())
+    left_out = f" {missed} flagged replica{'s' if missed > 1 else ''} left out (Exactness)." if missed else ""
     decided = [n for n, iv in ahead if iv.excludes_zero()]
     sign = 1 if better == "highest" else -1        # "ahead" is the difference in the better direction
     against = ", ".join(f"{md_text(n)} by {sign * iv.mean:+.4f} {_bracket(iv, sign)}" for n, iv in ahead)
     return [f"**Verdict:** {md_text(best)} has the {better} mean {what} ({means[best]:.4f} nats per point), ahead "
             f"of {against} (paired by seed, 95% interval); the interval excludes zero against {len(decided)} of "
             f"{len(ahead)}" + (f" ({', '.join(map(md_text, decided))})" if decided and len(decided) < len(ahead)
-                               else "") + "."]
+                               else "") + "." + left_out]
 
 
 def _bracket(iv: Interval, sign: int) -> str:
@@ -238,7 +241,8 @@ def _write(out: Path, title: str, cells: list[dict], metrics: dict, runs: dict[s
                 "report shows the others (a study's own reading waits for all of them).", ""] if unfinished else []),
              f"{len(cells)} run{'s' if len(cells) > 1 else ''}, {'/'.join(map(str, seeds))} seed(s) each; "
              f"{_how_evaluated(metrics)}, "
-             "in nats per test point; mean ± sd over seeds, diverged replicas excluded.", "", *lead,
+             "in nats per test point; mean ± sd over seeds, diverged replicas and those whose error bound missed "
+             "the tolerance (Exactness) excluded.", "", *lead,
              *(f"![{md_text(p.stem)}](figures/{p.name})" for p in answer), *([""] if answer else []),
              "## Per run", "", *cell_table(cells, metrics), "",
              *(["## Paired comparisons", "",

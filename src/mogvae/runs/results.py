@@ -281,11 +281,11 @@ class Run:
             lp.mean()                                            # test_log_likelihood of replica 0
         """
         from ..estimators.likelihood import importance_log_likelihood
-        return self._per_point(y, replica, lambda integrals: integrals.log_p, importance_log_likelihood, elbo=False)
+        return self._per_point(y, replica, importance_log_likelihood, elbo=False)
 
-    def _per_point(self, y, replica: int, pick, sampler, elbo: bool) -> np.ndarray:
-        """One replica's values per point, [N], by evaluation's choice of estimator: `pick` takes them
-        from the grid's integrals, or `sampler` (importance_log_likelihood, monte_carlo_elbo) draws them
+    def _per_point(self, y, replica: int, sampler, elbo: bool) -> np.ndarray:
+        """One replica's values per point, [N], by evaluation's choice of estimator: quadrature (log p, or
+        the ELBO where `elbo`), or `sampler` (importance_log_likelihood, monte_carlo_elbo) drawing them
         from that replica's evaluation seed, in the chunks evaluation used."""
         from ..estimators.likelihood import IMPORTANCE_OFFSET, choose
         r = self._replica(replica)
@@ -294,19 +294,22 @@ class Run:
             return np.empty(0)
         with torch.no_grad():
             if choose("auto", model.latent_dim, ev.grid_size).exact:     # evaluation's choice
-                return pick(self._quadrature(model, r, y, elbo=elbo))[0].numpy()              # [N]
+                return self._quadrature(model, r, y, elbo=elbo)[0].numpy()                     # [N]
             out = sampler(model, y, ev.n_importance, [self._seed(r) + IMPORTANCE_OFFSET], budget=self._budget(sampler))
             return (out[0] if isinstance(out, tuple) else out)[0].numpy()                    # [N]
 
-    def _quadrature(self, model, r: int, y: np.ndarray, elbo: bool):
-        """integrate() of replica r's model on the nodes evaluation gave replica r for these y. Those
-        depend on every replica (a 1-D grid widens to the widest q at one spacing), and on a prior with
-        kinks (a VampPrior of flows) another grid moves log p by up to its quadrature error (measured
-        1e-4): on the same nodes the test split's mean is evaluation's to float32 precision."""
-        from ..estimators.quadrature import integrate, latent_grid
+    def _quadrature(self, model, r: int, y: np.ndarray, elbo: bool) -> torch.Tensor:
+        """log p (or the ELBO) [1, N] of replica r's model as evaluation computes it: on the nodes evaluation
+        gave replica r for these y, each point's window following its posterior, refined to eval.tolerance
+        where the grid's bound misses it. The nodes depend on every replica (a 1-D grid widens to the widest
+        q at one spacing), and on a prior with kinks (a VampPrior of flows) another grid moves log p by up to
+        its quadrature error (measured 1e-4): on the same nodes the test split's mean is evaluation's to
+        float32 precision, or, at a point evaluation refined for another replica, to within its bound."""
+        from ..estimators.quadrature import _refined_elbo, _refined_log_p, follow_posteriors, integrate, latent_grid
         ev = self.config.eval
-        grid = latent_grid(self._trained(), ev.grid_size, ev.grid_span, y=y)           # all R: nodes [R, G, D]
-        return integrate(model, y, _replica_grid(grid, r), elbo=elbo)
+        grid = _replica_grid(latent_grid(self._trained(), ev.grid_size, ev.grid_span, y=y), r)   # all R: [R, G, D]
+        exact = follow_posteriors(model, y, grid, integrate(model, y, grid, elbo=elbo), ev.grid_size, ev.grid_span)
+        return (_refined_elbo if elbo else _refined_log_p)(model, y, grid, exact, ev.tolerance)[0]
 
     def elbo(self, y, replica: int = 0) -> np.ndarray:
         """The ELBO of each point under one replica's encoder, [N], as evaluation computes it:
@@ -316,7 +319,7 @@ class Run:
             gap = run.log_prob(y) - run.elbo(y)     # KL(q(z|y) || p(z|y)) per point, >= 0
         """
         from ..estimators.likelihood import monte_carlo_elbo
-        return self._per_point(y, replica, lambda integrals: integrals.elbo, monte_carlo_elbo, elbo=True)
+        return self._per_point(y, replica, monte_carlo_elbo, elbo=True)
 
     def _budget(self, estimator) -> int:
         """The sampler's budget for one replica that splits the points into the chunks evaluation

@@ -13,7 +13,7 @@ from ..config.schema import ModelConfig
 from ..estimators.gaps import decomposition
 from ..objectives import OBJECTIVES
 from ..report.html import md_text
-from ..report.statistics import Interval, t_interval
+from ..report.statistics import Interval, counted, t_interval
 from ..storage.files import read_csv, write_csv
 
 DEFAULT_POSTERIOR = ModelConfig().posterior
@@ -37,7 +37,7 @@ def _rows(out: Path) -> tuple[dict, dict]:
     vaes: dict = {}
     oracles: dict = {}
     for r in read_csv(out / "metrics.csv"):
-        if r["diverged"] == "True":
+        if not counted(r):           # diverged, or its error bound missed the tolerance
             continue
         values = {k: float(r[k]) for k in NEEDED}
         # a cell that does not set the posterior (the first oracles) has the default one

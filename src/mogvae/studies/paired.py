@@ -2,7 +2,7 @@
 richer model against mfg, paired by seed, at every level."""
 from __future__ import annotations
 
-from ..report.statistics import Interval, paired
+from ..report.statistics import Interval, counted, paired
 
 MEANS_CAPTION = ("mean over seeds with 95% t intervals; axes span the means (an interval may run off "
                  "an edge)")   # the noise and dimension figures
@@ -10,10 +10,11 @@ RICHER = (("mog-prior", "a richer prior"), ("mog-posterior", "a richer posterior
 
 
 def by_cell(rows: list[dict], level, keys) -> dict[tuple[str, object], dict[int, dict[str, float]]]:
-    """{(model, level(row)): {seed: {key: value}}} over the replicas that did not diverge."""
+    """{(model, level(row)): {seed: {key: value}}} over the replicas that count (neither diverged nor
+    flagged: error bound above the tolerance)."""
     out: dict = {}
     for r in rows:
-        if r["diverged"] != "True":
+        if counted(r):
             out.setdefault((r["model"], level(r)), {})[int(r["seed"])] = {k: float(r[k]) for k in keys}
     return out
 
