@@ -126,6 +126,7 @@ def test_a_three_dimensional_latent_is_evaluated_by_importance_sampling(tiny, tm
     for row in rows:
         assert math.isfinite(float(row["test_log_likelihood"])) and math.isfinite(float(row["test_elbo"]))
         assert 0 < float(row["test_log_likelihood_stderr"]) < 0.1
+        assert 0 < float(row["test_elbo_stderr"]) < 0.1                # the Monte Carlo ELBO's, beside it
         assert math.isnan(float(row["quadrature_error"]))       # no grid: the error is the standard error
 
 

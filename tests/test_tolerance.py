@@ -114,8 +114,10 @@ def test_the_elbo_of_a_q_narrower_than_the_grid_has_no_grid_bound_and_is_refined
     assert (np.abs(elbo.numpy() - ref) <= bound.numpy() + 1e-8).all()
 
 
-def test_a_budget_too_small_leaves_the_bound_above_the_tolerance():
-    """The refinement's budget spent, the bound that is left is reported as it is (not the tolerance)."""
+def test_a_budget_too_small_leaves_the_bound_above_the_tolerance_and_a_cut_window_is_not_refined():
+    """The budget spent, the bound that is left is reported (not the tolerance); the same point with the
+    budget meets it. A replica whose window cut its posterior off keeps its value and bound, while the
+    other replica at the same point is refined."""
     from mogvae.estimators.adaptive import refine_log_p
     model = random_model("mog-both").double()
     with torch.no_grad():
@@ -123,9 +125,15 @@ def test_a_budget_too_small_leaves_the_bound_above_the_tolerance():
         model.prior.loc[:, 0, 0] = 0.3
     y = np.array([0.0])
     grid, exact = _exact(model, y)
-    _, bound, refined = refine_log_p(model, y, exact.log_p, log_p_bound(exact), exact.window, torch.tensor([True]),
-                                     grid, 1e-12, max_nodes=1)
-    assert refined == 1 and float(bound.max()) > 1e-12
+    bound, held = log_p_bound(exact), torch.ones(2, 1, dtype=torch.bool)
+    assert float(bound.min()) > 1e-12
+    _, small, _ = refine_log_p(model, y, exact.log_p, bound, exact.window, held, grid, 1e-12, max_nodes=1)
+    _, enough, _ = refine_log_p(model, y, exact.log_p, bound, exact.window, held, grid, 1e-12)
+    assert float(small.min()) > 1e-12 and float(enough.max()) <= 1e-12
+    cut = torch.tensor([[False], [True]])
+    log_p, after, refined = refine_log_p(model, y, exact.log_p, bound, exact.window, cut, grid, 1e-12)
+    assert refined == 1 and float(after[0, 0]) == float(bound[0, 0]) and float(log_p[0, 0]) == float(exact.log_p[0, 0])
+    assert float(after[1, 0]) <= 1e-12
 
 
 def _row(ll: float, flagged: str | None = "False", bound: float = 1e-7) -> dict:
@@ -148,7 +156,7 @@ def test_a_flagged_replica_is_left_out_of_every_mean_comparison_and_verdict_and_
     exact = "\n".join(exactness_lines(cells, metrics))
     assert "1 of 6 replicas missed their tolerance" in exact and "- a, seed 2: bound 0.4 nats" in exact
     table = summary_rows(metrics, ["a"], [("test_log_likelihood", "LL", 2), ("error_bound", "bound", 0)])
-    assert table[0][3] == "1.05 ± 0.07" and table[0][4] == "≤ 1e-07 (1 flagged, left out)"
+    assert table[0][3] == "1.05 ± 0.07" and table[0][4] == "≤ 1.0e-07 (1 flagged, left out)"
     rows = [{"model": m, "seed": s, **r} for m, runs in metrics.items() for s, r in runs.items()]
     cells_by_level = by_cell(rows, lambda r: 0, ["test_log_likelihood"])
     assert sorted(cells_by_level[("a", 0)]) == [0, 1]

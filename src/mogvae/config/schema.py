@@ -171,7 +171,8 @@ class EvalConfig(Strict):
                              "point whose quadrature error bound (log p, the ELBO, ELBO*) misses it is integrated "
                              "again, adaptively, until it meets it or a budget is spent; a replica whose bound "
                              "still misses it is flagged in metrics.csv and left out of every comparison and "
-                             "verdict of the reports")
+                             "verdict of the reports. Below about 1e-6 the float32 networks' rounding, not the "
+                             "rule, sets what a bound can reach")
 
     _odd_grid = field_validator("grid_size")(lambda cls, v, info: _odd(v, info))
 

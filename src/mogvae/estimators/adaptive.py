@@ -52,10 +52,11 @@ def _component_breaks(dist) -> torch.Tensor:
     return breaks if knots is None else torch.cat([breaks, knots.reshape(R, -1)], 1)
 
 
-def _mass_quantiles(model: VAE, point: torch.Tensor, grid) -> torch.Tensor:
-    """PANELS + 1 quantiles of the point's posterior mass on the shared 1-D grid: [R, PANELS + 1]."""
-    from .quadrature import log_joint
-    mass = torch.softmax(log_joint(model, point, grid.nodes)[..., 0] + grid.log_w, 1)     # [R, G]
+def _mass_quantiles(point: torch.Tensor, grid, grid_terms) -> torch.Tensor:
+    """PANELS + 1 quantiles of the point's posterior mass on the shared 1-D grid: [R, PANELS + 1].
+    `grid_terms`: the decoder on the grid (quadrature._grid_terms), computed once for every point."""
+    from .quadrature import _log_terms
+    mass = torch.softmax(_log_terms(point, *grid_terms)[..., 0] + grid.log_w, 1)           # [R, G]
     cdf = torch.cumsum(mass, 1)
     levels = torch.linspace(0, 1, PANELS + 1, dtype=F64).expand(len(cdf), -1).contiguous()
     index = torch.searchsorted(cdf.contiguous(), levels).clamp(max=grid.nodes.shape[1] - 1)
@@ -89,6 +90,8 @@ def _panels(integrand, lo: torch.Tensor, hi: torch.Tensor, breaks: list[torch.Te
         if float(err.sum(1).max()) <= tolerance or 2 * edges.shape[1] * (FINE + COARSE) > max_nodes:
             break
         split = (err > tolerance / (2 * err.shape[1])).any(0)                       # [P]: halve where any replica needs it
+        if not bool(split.any()):          # nothing left to halve (a NaN compares false): more rounds change nothing
+            break
         edges = torch.sort(torch.cat([edges, (a + width / 2)[:, split]], 1), 1).values
     return total, err.sum(1)
 
@@ -100,22 +103,23 @@ def _points_to_refine(bound: torch.Tensor, tolerance: float) -> list[int]:
 @torch.no_grad()
 def refine_log_p(model: VAE, y, log_p: torch.Tensor, bound: torch.Tensor, windows: torch.Tensor, held: torch.Tensor,
                  grid, tolerance: float, max_nodes: int = MAX_NODES) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """log p and its bound [R, N] with every point whose bound exceeds `tolerance` (on some replica)
-    integrated again over its window `windows` [R, N, 2], where that window holds its posterior (`held`
-    [N]: no rule on a window that cut the posterior off can help). A point's bound only falls: where the
-    adaptive rule's is not smaller, the grid's value stays. Returns (log_p, bound, points refined)."""
-    from .quadrature import log_joint
-    todo = [i for i in _points_to_refine(bound, tolerance) if bool(held[i])]
+    """log p and its bound [R, N] with every point whose bound exceeds `tolerance` integrated again over
+    its window `windows` [R, N, 2], on the replicas whose window holds its posterior (`held` [R, N]: no
+    rule on a window that cut the posterior off can help, and its bound stays). A point's bound only
+    falls: where the adaptive rule's is not smaller, the grid's value stays. Returns (log_p, bound,
+    points refined)."""
+    from .quadrature import _grid_terms, log_joint
+    todo = _points_to_refine(torch.where(held, bound, torch.zeros_like(bound)), tolerance)
     if not todo:
         return log_p, bound, 0
     y = as_batch(y, log_p.shape[0], log_p.device)
     log_p, bound = log_p.clone(), bound.clone()
-    prior_breaks = _component_breaks(model.prior().to(F64))
+    prior_breaks, grid_terms = _component_breaks(model.prior().to(F64)), _grid_terms(model, grid.nodes)
     for i in todo:
         point = y[:, i:i + 1]
         value, err = _panels(lambda z: log_joint(model, point, z)[..., 0], windows[:, i, :1], windows[:, i, 1:],
-                             [prior_breaks, _mass_quantiles(model, point, grid)], tolerance, True, max_nodes)
-        _keep_better(log_p, bound, i, value, err)
+                             [prior_breaks, _mass_quantiles(point, grid, grid_terms)], tolerance, True, max_nodes)
+        _keep_better(log_p, bound, i, value, torch.where(held[:, i], err, torch.full_like(err, torch.inf)))
     return log_p, bound, len(todo)
 
 
@@ -126,7 +130,7 @@ def refine_elbo(model: VAE, y, elbo: torch.Tensor, bound: torch.Tensor, q, grid,
     integrated again over its q's window (`q`: batch over y, or None for the encoder's). The bound adds
     the mass of q the panels miss. A piecewise-smooth q or prior (a spline flow's, a VampPrior of flows)
     puts its knots among the breaks. Returns (elbo, bound, points refined)."""
-    from .quadrature import log_joint
+    from .quadrature import _grid_terms, log_joint
     todo = _points_to_refine(bound, tolerance)
     R = elbo.shape[0]
     y = as_batch(y, R, elbo.device)
@@ -134,11 +138,11 @@ def refine_elbo(model: VAE, y, elbo: torch.Tensor, bound: torch.Tensor, q, grid,
     if not todo:
         return elbo, bound, 0
     elbo, bound = elbo.clone(), bound.clone()
-    prior_breaks = _component_breaks(model.prior().to(F64))
+    prior_breaks, grid_terms = _component_breaks(model.prior().to(F64)), _grid_terms(model, grid.nodes)
     for i in todo:
         point, qi = y[:, i:i + 1], q.select(slice(i, i + 1))
         lo, hi = box(*qi.reach(Q_SPAN))
-        breaks = [prior_breaks, _component_breaks(qi), _mass_quantiles(model, point, grid)]
+        breaks = [prior_breaks, _component_breaks(qi), _mass_quantiles(point, grid, grid_terms)]
 
         def integrand(z):
             log_q = qi.log_prob(z[:, :, None, :])[..., 0]                             # [R, M]
@@ -147,7 +151,7 @@ def refine_elbo(model: VAE, y, elbo: torch.Tensor, bound: torch.Tensor, q, grid,
         value, err = _panels(integrand, lo, hi, breaks, tolerance, False, max_nodes)
         mass, mass_err = _panels(lambda z: qi.density(z[:, :, None, :])[..., 0], lo, hi, breaks, tolerance,
                                  False, max_nodes)
-        _keep_better(elbo, bound, i, value, torch.maximum(err, (1 - mass).abs() + mass_err))
+        _keep_better(elbo, bound, i, value, err + (1 - mass).abs() + mass_err)     # q's mass beyond +-10 scales: ~1e-23
     return elbo, bound, len(todo)
 
 

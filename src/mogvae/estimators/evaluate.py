@@ -27,7 +27,7 @@ GENERATE_OFFSET = 104729         # generation noise: replica seed + offset
 METRICS = ("test_log_likelihood", "true_log_likelihood", "test_elbo", "inference_gap",
            "kl_to_truth", "w1_to_truth", "w1_samples", "w1_decoder", "std_ratio",
            "quadrature_error", "grid_edge_mass", "elbo_quadrature_error", "test_log_likelihood_stderr",
-           "training_grid_error", *GAP_METRICS, "error_bound", "tolerance")
+           "test_elbo_stderr", "training_grid_error", *GAP_METRICS, "error_bound", "tolerance")
 EXACT_BOUNDS = ("quadrature_error", "elbo_quadrature_error", "gap_rule_error")
 """The bounds a replica's exact numbers carry (max over test points): log p, the ELBO, ELBO*. Their
 largest is its error_bound; above eval.tolerance the replica is flagged. (training_grid_error
@@ -301,7 +301,7 @@ def _true_means(process, n: int) -> np.ndarray | None:
 
 
 SAMPLED_NAN = ("quadrature_error", "grid_edge_mass", "elbo_quadrature_error", "test_log_likelihood_stderr",
-               "training_grid_error", *GAP_METRICS, "error_bound")
+               "test_elbo_stderr", "training_grid_error", *GAP_METRICS, "error_bound")
 """NaN by design on one of the two paths: the quadrature's bounds under importance
 sampling, the standard error under quadrature (its error is the bound)."""
 

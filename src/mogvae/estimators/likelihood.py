@@ -59,15 +59,16 @@ def choose(method: str, latent_dim: int, grid_size: int = 2001) -> Estimator:
 
 
 def log_likelihood(model: VAE, y, method: str = "auto", *, n_samples: int = 5000, seeds: list[int] | None = None,
-                   grid_size: int = 2001, grid_span: float = 8.0) -> Estimate:
+                   grid_size: int = 2001, grid_span: float = 8.0, tolerance: float | None = 1e-4) -> Estimate:
     """log p_theta(y) for every replica and point. `n_samples` is the importance
     sampler's draws per point (split evenly over q's components); `seeds` seed each
-    replica's draws (default 0, 1, ...): the same seeds give the same estimate."""
+    replica's draws (default 0, 1, ...): the same seeds give the same estimate.
+    `tolerance`: quadrature refines a 1-D point until its bound meets it (None: the grid alone)."""
     model = model.eval()
     estimator = choose(method, model.latent_dim, grid_size)
     seeds = seeds if seeds is not None else list(range(replica_count(model)))
     return estimator.log_likelihood(model, y, n_samples=n_samples, seeds=seeds, grid_size=grid_size,
-                                    grid_span=grid_span)
+                                    grid_span=grid_span, tolerance=tolerance)
 
 
 def _importance(model: VAE, y, *, n_samples: int, seeds: list[int], **_) -> Estimate:
@@ -146,7 +147,12 @@ def importance_terms(model: VAE, y_test, y_grid, config, seeds: list[int]) -> di
     return {"log_p": log_p, "elbo": elbo, "model_density": density,
             "log_p_error": se.numpy(), "elbo_error": elbo_se.numpy(),
             "quadrature_error": nan, "grid_edge_mass": nan, "elbo_quadrature_error": nan,
-            "test_log_likelihood_stderr": (torch.sqrt((se * se).sum(1)) / se.shape[1]).numpy()}
+            "test_log_likelihood_stderr": _mean_stderr(se), "test_elbo_stderr": _mean_stderr(elbo_se)}
+
+
+def _mean_stderr(se: torch.Tensor) -> np.ndarray:
+    """The standard error of a mean over points [R, N] of independent estimates with these errors: [R]."""
+    return (torch.sqrt((se * se).sum(1)) / se.shape[1]).numpy()
 
 
 IMPORTANCE = Estimator("importance", exact=False, fits=lambda latent_dim, grid_size: True,

@@ -420,21 +420,23 @@ def quadrature_terms(model: VAE, y_test, y_grid, config, seeds=None) -> dict:
             "quadrature_error": bound.amax(1).numpy(),
             "grid_edge_mass": exact.edge_mass.amax(1).numpy(),
             "elbo_quadrature_error": elbo_bound.amax(1).numpy(),
-            "test_log_likelihood_stderr": nan}
+            "test_log_likelihood_stderr": nan, "test_elbo_stderr": nan}
 
 
 def _refined_log_p(model: VAE, y, grid: Grid, exact: Integrals, tolerance: float | None):
     """log p and its bound [R, N], 1-D points whose bound misses `tolerance` refined (adaptive.refine_log_p;
     the mass the window left out still enters the bound). Under a prior with a component narrower than
-    twice the grid's spacing the grid gives no bound at any point (its two rules sample the component at
-    a node or two and can agree while both are off: measured, |fine - coarse| 4.4e-7 against an error of
-    4.6e-7), so every point of that replica is refined."""
+    the grid's spacing the grid gives no bound at any point (its two rules sample the component at a
+    node or two and can agree while both are off: measured, |fine - coarse| 4.4e-7 against an error of
+    4.6e-7 at a scale of a quarter of the spacing), so every point of that replica is refined. (At a
+    scale of one spacing or more the fine rule's error on a Gaussian is below 2 exp(-2 pi^2) = 5e-9 of
+    its mass, and the coarse rule's, at twice the spacing, is the larger: |fine - coarse| bounds it.)"""
     one_d = len(grid.axes) == 1
     bound = log_p_bound(exact, followed=one_d)
     if not one_d or tolerance is None:
         return exact.log_p, bound
     from .adaptive import refine_log_p
-    held = (exact.edge_mass <= TRUNCATION).all(0)                                      # [N]
+    held = exact.edge_mass <= TRUNCATION                                               # [R, N]
     bound = torch.where(_unresolved_prior(model, grid)[:, None] & held, torch.full_like(bound, math.inf), bound)
     log_p, refined, _ = refine_log_p(model, y, exact.log_p, bound, exact.window, held, grid, tolerance)
     return log_p, torch.maximum(refined, exact.edge_mass)
@@ -447,24 +449,24 @@ def _spacing(grid: Grid) -> torch.Tensor:
 
 def _unresolved_prior(model: VAE, grid: Grid) -> torch.Tensor:
     """Per replica [R]: the prior is smooth (a mixture of Gaussians, whose narrow component the grid can
-    alias) and has a component narrower than twice the 1-D grid's spacing. (A piecewise-smooth prior, a
+    alias) and has a component narrower than the 1-D grid's spacing. (A piecewise-smooth prior, a
     flow's, converges as h^2 between its knots, where |fine - coarse| does bound the error.)"""
     prior = model.prior().to(F64)
-    return prior.resolution()[:, 0] < 2 * _spacing(grid) if prior.smooth else torch.zeros(len(grid.axes[0]), dtype=torch.bool)
+    return prior.resolution()[:, 0] < _spacing(grid) if prior.smooth else torch.zeros(len(grid.axes[0]), dtype=torch.bool)
 
 
 def _refined_elbo(model: VAE, y, grid: Grid, exact: Integrals, tolerance: float | None, q=None):
     """The ELBO and its bound [R, N] (|fine - coarse|, or q's mass missing from the window where larger), 1-D
     points whose bound misses `tolerance` refined on panels that follow q (adaptive.refine_elbo). A point
-    whose q (or prior) has a component narrower than twice the grid's spacing has no bound on the grid:
-    both rules then sample the component at a few nodes, and can agree while both are off (measured: 50
+    whose q (or prior) has a component narrower than the grid's spacing has no bound on the grid: both
+    rules then sample the component at a node or two, and can agree while both are off (measured: 50
     nats off, with |fine - coarse| 0.33, for a component of scale 1e-3 at spacing 0.01)."""
     bound = torch.maximum((exact.elbo - exact.elbo_coarse).abs(), (1 - exact.q_mass).abs())
     if len(grid.axes) > 1 or tolerance is None:
         return exact.elbo, bound
     from .adaptive import refine_elbo
     q_all = (model.posterior(as_batch(y, bound.shape[0], bound.device)) if q is None else q).to(F64)
-    narrow_q = q_all.resolution() < 2 * _spacing(grid)[:, None] if q_all.base_rule(1) is None else False  # else: its own rule
+    narrow_q = q_all.resolution() < _spacing(grid)[:, None] if q_all.base_rule(1) is None else False  # else: its own rule
     unresolved = narrow_q | _unresolved_prior(model, grid)[:, None]
     bound = torch.where(unresolved, torch.full_like(bound, math.inf), bound)
     elbo, bound, _ = refine_elbo(model, y, exact.elbo, bound, q_all, grid, tolerance)

@@ -215,7 +215,7 @@ def comparison_figure(out: Path, models: list[str], by: str = "model", labels: d
                       ha="right")
         ax.set_title(label, fontsize=9)
     fig.suptitle("per seed (dots; triangles: outside the axis, value beside) and mean with 95% t interval (black); "
-                 "diverged runs excluded", fontsize=10)
+                 "diverged and flagged runs excluded", fontsize=10)
     fig.tight_layout()
     _save(fig, out / "figures" / "comparison.png")
     write_csv(out / "figures" / "comparison.csv", csv_rows, ["metric", "model", "seed", "value"])

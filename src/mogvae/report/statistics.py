@@ -90,8 +90,10 @@ def paired(metrics, a: str, b: str, key: str) -> Interval:
 
 def has_values(metrics, key: str) -> bool:
     """Whether some replica has a number for `key` (a column without: the truth's metrics without a
-    known truth, W1 exact for D > 1, the gaps without gap points, a column older runs lack)."""
-    return any(np.isfinite(float(r.get(key, np.nan))) for runs in metrics.values() for r in runs.values())
+    known truth, W1 exact for D > 1, the gaps without gap points, a column older runs lack). An
+    infinite error bound is a value: a window that could not hold a posterior."""
+    ok = (lambda v: not np.isnan(v)) if key == BOUND_COLUMN else np.isfinite
+    return any(ok(float(r.get(key, np.nan))) for runs in metrics.values() for r in runs.values())
 
 
 def shown_columns(metrics) -> list[tuple[str, str, int]]:
@@ -115,12 +117,12 @@ def summary_rows(metrics, models, columns=None) -> list[list[str]]:
                 continue
             cells.append("n/a" if not len(v) else
                          f"{v.mean():.{digits}f} ± {v.std(ddof=1) if len(v) > 1 else 0:.{digits}f}")
-        rows.append([m, str(len(runs)), str(len(runs) - len(ok)), *cells])
+        rows.append([m, str(len(runs)), str(sum(r["diverged"] == "True" for r in runs.values())), *cells])
     return rows
 
 
 def _bound_cell(bounds: np.ndarray, left_out: int) -> str:
     """The largest error bound of the counted replicas, and the flagged ones left out."""
     bounds = bounds[~np.isnan(bounds)]
-    text = f"≤ {bounds.max():.0e}" if len(bounds) else "n/a"
+    text = f"≤ {bounds.max():.1e}" if len(bounds) else "n/a"
     return text + (f" ({left_out} flagged, left out)" if left_out else "")

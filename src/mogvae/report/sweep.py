@@ -115,6 +115,7 @@ def exactness_lines(cells: list[dict], metrics) -> list[str]:
     bounds = [b for _, _, r in rows if not flagged(r) and not math.isnan(b := _bound(r))]
     out = [f"Every exact number is within its error bound (max over test points of log p, the ELBO and ELBO*); "
            f"the largest bound of a replica that counts: {max(bounds):.1e} nats." if bounds else
+           "No replica that counts has an exact number with a bound." if missed else
            "No replica has an exact number with a bound (importance sampling: standard errors)."]
     if missed:
         out += ["", f"{len(missed)} of {len(rows)} replicas missed their tolerance even after adaptive refinement "
