@@ -188,7 +188,7 @@ def _put(target: tuple, values: torch.Tensor, sub: slice) -> None:
     array[:, points[sub]] = values
 
 
-def _piecewise_elbo_chunk(model: VAE, y: torch.Tensor, q, parts: dict) -> None:
+def _piecewise_elbo_chunk(model: VAE, y: torch.Tensor, q, parts: dict, budget: int = 16_000_000) -> None:
     """The ELBO of a q that is only piecewise smooth (a spline flow), by its own rule
     over the standard-normal draws (`base_rule`): Gauss-Legendre on each piece, with
     RULE_NODES nodes per piece for the value and half as many for the error bound.
@@ -199,18 +199,26 @@ def _piecewise_elbo_chunk(model: VAE, y: torch.Tensor, q, parts: dict) -> None:
     inside q's pieces: the 16-node rule was off by up to 3e-5 nats, |16 - 8| fell
     short of that by up to 1.5x, and the bound was moved out to three times the
     difference, KINKED_BOUND, which flagged every such replica at 1e-4.) A kinked
-    prior that cannot say where its knots are keeps KINKED_BOUND."""
+    prior that cannot say where its knots are keeps KINKED_BOUND. Points go a few at a
+    time, so that the prior's densities at every node (R x nodes x points x its strata)
+    stay within `budget` elements, however many knots cut the pieces."""
     prior = model.prior().to(F64)
     knots = None if prior.smooth else prior.knots()
     breaks = None if knots is None else knots.reshape(knots.shape[0], -1)
     n = RULE_NODES if breaks is None else KNOTTED_RULE_NODES
-    rule = q.base_rule(n, breaks=breaks)
-    fine, coarse = (rule_elbo(model, y, q, r) for r in (rule, q.base_rule(n // 2, breaks=breaks)))
-    if not prior.smooth and knots is None:
-        coarse = fine + KINKED_BOUND * (coarse - fine)
-    parts["elbo"].append(fine)
-    parts["elbo_coarse"].append(coarse)
-    parts["q_mass"].append((rule[1] * q.stratum_weights()).sum((1, 2)))
+    pieces = 2 + (q.knots().shape[-1] if q.knots() is not None else 1) + (0 if breaks is None else breaks.shape[1])
+    step = max(1, budget // (y.shape[0] * pieces * n * prior.strata))
+    values: dict[str, list] = {"elbo": [], "elbo_coarse": [], "q_mass": []}
+    for s in range(0, y.shape[1], step):
+        qs, ys = q.select(slice(s, s + step)), y[:, s:s + step]
+        rule = qs.base_rule(n, breaks=breaks)
+        fine, coarse = (rule_elbo(model, ys, qs, r) for r in (rule, qs.base_rule(n // 2, breaks=breaks)))
+        if not prior.smooth and knots is None:
+            coarse = fine + KINKED_BOUND * (coarse - fine)
+        for key, value in zip(values, (fine, coarse, (rule[1] * qs.stratum_weights()).sum((1, 2)))):
+            values[key].append(value)
+    for key, value in values.items():
+        parts[key].append(torch.cat(value, 1))
 
 
 STRATUM_SPAN = 8.0          # the 2-D ELBO's rule per stratum: eps in [-8, 8]^2,
