@@ -206,7 +206,8 @@ def _piecewise_elbo_chunk(model: VAE, y: torch.Tensor, q, parts: dict, budget: i
     knots = None if prior.smooth else prior.knots()
     breaks = None if knots is None else knots.reshape(knots.shape[0], -1)
     n = RULE_NODES if breaks is None else KNOTTED_RULE_NODES
-    pieces = 2 + (q.knots().shape[-1] if q.knots() is not None else 1) + (0 if breaks is None else breaks.shape[1])
+    own = q.knots()
+    pieces = 2 + (1 if own is None else own.shape[-1]) + (0 if breaks is None else breaks.shape[1])
     step = max(1, budget // (y.shape[0] * pieces * n * prior.strata))
     values: dict[str, list] = {"elbo": [], "elbo_coarse": [], "q_mass": []}
     for s in range(0, y.shape[1], step):

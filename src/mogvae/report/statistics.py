@@ -23,13 +23,24 @@ TEXT_COLUMNS = {"model", "run", "preset", "diverged", "diverged_epoch", "flagged
 DEFAULT_TOLERANCE = 1e-4   # eval.tolerance's default: the flag of a row written before the flag was
 
 
+EXACT_BOUNDS = ("quadrature_error", "elbo_quadrature_error", "gap_rule_error")   # as estimators.evaluate's
+# (repeated, not imported: the reports read metrics.csv without importing PyTorch)
+
+
+def error_bound(row: dict) -> float:
+    """A replica's error bound: metrics.csv's `error_bound`, or for a row written before it existed the
+    largest of its EXACT_BOUNDS (NaN where it has none: importance sampling)."""
+    if "error_bound" in row:
+        return float(row["error_bound"])
+    return max([v for k in EXACT_BOUNDS if not math.isnan(v := float(row.get(k, math.nan)))], default=math.nan)
+
+
 def flagged(row: dict) -> bool:
     """Whether a replica's exact numbers missed their tolerance (metrics.csv's `flagged`; a row
-    written before it existed: its bounds against the default tolerance)."""
+    written before it existed: its bound against the default tolerance)."""
     if "flagged" in row:
         return row["flagged"] == "True"
-    bounds = [float(row.get(k, math.nan)) for k in ("quadrature_error", "elbo_quadrature_error", "gap_rule_error")]
-    return any(b > DEFAULT_TOLERANCE for b in bounds if not math.isnan(b))
+    return error_bound(row) > DEFAULT_TOLERANCE
 
 
 def counted(row: dict) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 from ..storage.files import UnreadableFile, write_text
 from .html import md_text, write_html
 from .tables import fit_tables
-from .statistics import Interval, counted, flagged, has_values, load_metrics, paired, shown_columns, summary_rows
+from .statistics import Interval, counted, error_bound, flagged, has_values, load_metrics, paired, shown_columns, summary_rows
 
 COMPARED = (("test_log_likelihood", "test LL"), ("inference_gap", "inference gap"), ("kl_to_truth", "KL to truth"))
 
@@ -97,22 +97,14 @@ def _interval(iv: Interval) -> str:
     return f"{iv.mean:+.4f} [{iv.low:+.4f}, {iv.high:+.4f}]{mark}"
 
 
-def _bound(row: dict) -> float:
-    """A replica's error bound (evaluate.error_bound; a row written before it: its largest exact bound)."""
-    if "error_bound" in row:
-        return row["error_bound"]
-    return max([v for k in ("quadrature_error", "elbo_quadrature_error", "gap_rule_error")
-                if not math.isnan(v := row.get(k, math.nan))], default=math.nan)
-
-
 def exactness_lines(cells: list[dict], metrics) -> list[str]:
     """The largest error bound of the replicas that count, and those flagged: their bound (max over test
     points of log p, the ELBO, ELBO*) missed the tolerance, so they are left out of every mean,
     comparison and verdict."""
     rows = [(c["name"], seed, r) for c in cells for seed, r in sorted(metrics[c["name"]].items())
             if r["diverged"] != "True"]
-    missed = [(name, seed, _bound(r), r.get("tolerance", math.nan)) for name, seed, r in rows if flagged(r)]
-    bounds = [b for _, _, r in rows if not flagged(r) and not math.isnan(b := _bound(r))]
+    missed = [(name, seed, error_bound(r), r.get("tolerance", math.nan)) for name, seed, r in rows if flagged(r)]
+    bounds = [b for _, _, r in rows if not flagged(r) and not math.isnan(b := error_bound(r))]
     out = [f"Every exact number is within its error bound (max over test points of log p, the ELBO and ELBO*); "
            f"the largest bound of a replica that counts: {max(bounds):.1e} nats." if bounds else
            "No replica that counts has an exact number with a bound." if missed else
