@@ -25,11 +25,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..model.distributions import box
+from ..model.distributions import box, replicas_of
 from ..model.grid import F64, as_batch
+from ..model.layers import replica_subset
 from ..model.vae import VAE
 
-PANELS = 64              # uniform panels over the window, and as many between posterior-mass quantiles
+PANELS = 32              # uniform panels over the window, and as many between posterior-mass quantiles
 BREAKS = (-8.0, -4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0, 8.0)   # each component's, in its own scales
 MAX_NODES = 200_000      # latent nodes per point and replica, the two rules together: about 0.1 s per point
 MAX_ROUNDS = 40          # halvings: 2^-40 of a window is below float64's resolution of its position
@@ -68,95 +69,127 @@ def _panels(integrand, lo: torch.Tensor, hi: torch.Tensor, breaks: list[torch.Te
     """int_lo^hi of `integrand` (nodes [R, M, 1] -> values [R, M]; their logs where `log`) per replica
     [R], by adaptive Gauss-Legendre panels starting from PANELS uniform ones and `breaks` ([R, m] each,
     clipped to the window), and its error bound [R]: the value's own (a log where `log`, its error
-    relative), and the bound."""
+    relative), and the bound. Each round evaluates only the halves of the panels it split (a panel's
+    two rules are kept, not recomputed)."""
     t = torch.linspace(0, 1, PANELS + 1, dtype=F64)
     edges = torch.sort(torch.cat([lo + (hi - lo) * t, *(b.clamp(lo, hi) for b in breaks)], 1), 1).values
-    rules = [_legendre(FINE), _legendre(COARSE)]
+    a, width = edges[:, :-1], edges[:, 1:] - edges[:, :-1]                          # [R, P]
+    fine, coarse = _panel_rules(integrand, a, width, log)
     for _ in range(MAX_ROUNDS):
-        a, width = edges[:, :-1], edges[:, 1:] - edges[:, :-1]                      # [R, P]
-        panels = []
-        for x, w in rules:
-            values = integrand((a[:, :, None] + width[:, :, None] * x).reshape(len(a), -1, 1)).reshape(*a.shape, -1)
-            if log:
-                panels.append(torch.logsumexp(values + torch.log(width.clamp_min(1e-300))[:, :, None] + torch.log(w), 2))
-            else:
-                panels.append((values * w).sum(2) * width)
-        fine, coarse = panels
-        if log:
-            total = torch.logsumexp(fine, 1)                                        # [R]
-            err = (torch.exp(fine - total[:, None]) - torch.exp(coarse - total[:, None])).abs()
-        else:
-            total, err = fine.sum(1), (fine - coarse).abs()
-        if float(err.sum(1).max()) <= tolerance or 2 * edges.shape[1] * (FINE + COARSE) > max_nodes:
+        total, err = _panel_error(fine, coarse, log)
+        if float(err.sum(1).max()) <= tolerance or 2 * a.shape[1] * (FINE + COARSE) > max_nodes:
             break
-        split = (err > tolerance / (2 * err.shape[1])).any(0)                       # [P]: halve where any replica needs it
+        split = (err > tolerance / (2 * err.shape[1])).any(0)                       # [P]: halve where a replica needs it
         if not bool(split.any()):          # nothing left to halve (a NaN compares false): more rounds change nothing
             break
-        edges = torch.sort(torch.cat([edges, (a + width / 2)[:, split]], 1), 1).values
+        half = width[:, split] / 2
+        halves = (torch.cat([a[:, split], a[:, split] + half], 1), torch.cat([half, half], 1))
+        new_fine, new_coarse = _panel_rules(integrand, *halves, log)
+        keep = ~split
+        a, width = torch.cat([a[:, keep], halves[0]], 1), torch.cat([width[:, keep], halves[1]], 1)
+        fine, coarse = torch.cat([fine[:, keep], new_fine], 1), torch.cat([coarse[:, keep], new_coarse], 1)
+    total, err = _panel_error(fine, coarse, log)
     return total, err.sum(1)
 
 
-def _points_to_refine(bound: torch.Tensor, tolerance: float) -> list[int]:
-    return torch.nonzero(((bound > tolerance) & ~torch.isnan(bound)).any(0))[:, 0].tolist()
+def _panel_rules(integrand, a: torch.Tensor, width: torch.Tensor, log: bool):
+    """Each panel's integral [R, P] by the FINE- and the COARSE-node Gauss-Legendre rule (logs where `log`)."""
+    out = []
+    for x, w in (_legendre(FINE), _legendre(COARSE)):
+        values = integrand((a[:, :, None] + width[:, :, None] * x).reshape(len(a), -1, 1)).reshape(*a.shape, -1)
+        if log:
+            out.append(torch.logsumexp(values + torch.log(width.clamp_min(1e-300))[:, :, None] + torch.log(w), 2))
+        else:
+            out.append((values * w).sum(2) * width)
+    return out
+
+
+def _panel_error(fine: torch.Tensor, coarse: torch.Tensor, log: bool):
+    """The integral [R] and each panel's share of its error bound [R, P] (relative to the integral where `log`)."""
+    if log:
+        total = torch.logsumexp(fine, 1)
+        return total, (torch.exp(fine - total[:, None]) - torch.exp(coarse - total[:, None])).abs()
+    return fine.sum(1), (fine - coarse).abs()
 
 
 @torch.no_grad()
 def refine_log_p(model: VAE, y, log_p: torch.Tensor, bound: torch.Tensor, windows: torch.Tensor, held: torch.Tensor,
                  grid, tolerance: float, max_nodes: int = MAX_NODES) -> tuple[torch.Tensor, torch.Tensor, int]:
     """log p and its bound [R, N] with every point whose bound exceeds `tolerance` integrated again over
-    its window `windows` [R, N, 2], on the replicas whose window holds its posterior (`held` [R, N]: no
-    rule on a window that cut the posterior off can help, and its bound stays). A point's bound only
-    falls: where the adaptive rule's is not smaller, the grid's value stays. Returns (log_p, bound,
-    points refined)."""
-    from .quadrature import _grid_terms, log_joint
-    todo = _points_to_refine(torch.where(held, bound, torch.zeros_like(bound)), tolerance)
+    its window `windows` [R, N, 2], on the replicas that miss it and whose window holds its posterior
+    (`held` [R, N]: no rule on a window that cut the posterior off can help, and its bound stays). A
+    point's bound only falls: where the adaptive rule's is not smaller, the grid's value stays. Returns
+    (log_p, bound, points refined)."""
+    from .quadrature import log_joint
+    todo = _to_refine(bound, tolerance, held)
     if not todo:
         return log_p, bound, 0
-    y = as_batch(y, log_p.shape[0], log_p.device)
     log_p, bound = log_p.clone(), bound.clone()
-    prior_breaks, grid_terms = _component_breaks(model.prior().to(F64)), _grid_terms(model, grid.nodes)
-    for i in todo:
-        point = y[:, i:i + 1]
-        value, err = _panels(lambda z: log_joint(model, point, z)[..., 0], windows[:, i, :1], windows[:, i, 1:],
-                             [prior_breaks, _mass_quantiles(point, grid, grid_terms)], tolerance, True, max_nodes)
-        _keep_better(log_p, bound, i, value, torch.where(held[:, i], err, torch.full_like(err, torch.inf)))
+    for i, r, one, yi, breaks in _refinements(model, y, grid, todo):
+        row = slice(r, r + 1)
+        value, err = _panels(lambda z: log_joint(one, yi, z)[..., 0], windows[row, i, :1], windows[row, i, 1:],
+                             breaks, tolerance, True, max_nodes)
+        _keep_better(log_p, bound, r, i, value, err)
     return log_p, bound, len(todo)
 
 
 @torch.no_grad()
 def refine_elbo(model: VAE, y, elbo: torch.Tensor, bound: torch.Tensor, q, grid, tolerance: float,
                 max_nodes: int = MAX_NODES) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The ELBO and its bound [R, N] with every point whose bound exceeds `tolerance` (on some replica)
-    integrated again over its q's window (`q`: batch over y, or None for the encoder's). The bound adds
-    the mass of q the panels miss. A piecewise-smooth q or prior (a spline flow's, a VampPrior of flows)
-    puts its knots among the breaks. Returns (elbo, bound, points refined)."""
-    from .quadrature import _grid_terms, log_joint
-    todo = _points_to_refine(bound, tolerance)
-    R = elbo.shape[0]
-    y = as_batch(y, R, elbo.device)
-    q = (model.posterior(y) if q is None else q).to(F64)
+    """The ELBO and its bound [R, N] with every point whose bound exceeds `tolerance` integrated again,
+    on the replicas that miss it, over its q's window (`q`: batch over y, or None for the encoder's). The
+    bound adds the mass of q the panels miss. A piecewise-smooth q or prior (a spline flow's, a VampPrior
+    of flows) puts its knots among the breaks. Returns (elbo, bound, points refined)."""
+    from .quadrature import log_joint
+    todo = _to_refine(bound, tolerance)
+    q = (model.posterior(as_batch(y, elbo.shape[0], elbo.device)) if q is None else q).to(F64)
     if not todo:
         return elbo, bound, 0
     elbo, bound = elbo.clone(), bound.clone()
-    prior_breaks, grid_terms = _component_breaks(model.prior().to(F64)), _grid_terms(model, grid.nodes)
-    for i in todo:
-        point, qi = y[:, i:i + 1], q.select(slice(i, i + 1))
+    for i, r, one, yi, breaks in _refinements(model, y, grid, todo):
+        qi = replicas_of(q.select(slice(i, i + 1)), slice(r, r + 1))
         lo, hi = box(*qi.reach(Q_SPAN))
-        breaks = [prior_breaks, _component_breaks(qi), _mass_quantiles(point, grid, grid_terms)]
+        breaks = [*breaks, _component_breaks(qi)]
 
-        def integrand(z):
-            log_q = qi.log_prob(z[:, :, None, :])[..., 0]                             # [R, M]
-            return torch.exp(log_q) * (log_joint(model, point, z)[..., 0] - log_q)
+        def integrand(z, one=one, qi=qi, yi=yi):
+            log_q = qi.log_prob(z[:, :, None, :])[..., 0]                             # [1, M]
+            return torch.exp(log_q) * (log_joint(one, yi, z)[..., 0] - log_q)
 
         value, err = _panels(integrand, lo, hi, breaks, tolerance, False, max_nodes)
         mass, mass_err = _panels(lambda z: qi.density(z[:, :, None, :])[..., 0], lo, hi, breaks, tolerance,
                                  False, max_nodes)
-        _keep_better(elbo, bound, i, value, err + (1 - mass).abs() + mass_err)     # q's mass beyond +-10 scales: ~1e-23
+        _keep_better(elbo, bound, r, i, value, err + (1 - mass).abs() + mass_err)     # q's mass beyond +-10 scales: ~1e-23
     return elbo, bound, len(todo)
 
 
-def _keep_better(values: torch.Tensor, bound: torch.Tensor, i: int, value: torch.Tensor, err: torch.Tensor) -> None:
-    """Point i's value and bound [R] replaced where the new bound is smaller."""
-    better = err < bound[:, i]
-    values[:, i] = torch.where(better, value, values[:, i])
-    bound[:, i] = torch.where(better, err, bound[:, i])
+def _refinements(model: VAE, y, grid, todo: list[tuple[int, list[int]]]):
+    """For each point i and replica r to refine: (i, r, that replica alone, its y [1, 1, Y], the breaks its
+    panels share: the prior's components and the point's posterior-mass quantiles, [1, m] each). Each
+    replica runs alone (layers.replica_subset), so a point's value does not depend on which others did."""
+    from .quadrature import _grid_terms
+    y = as_batch(y, grid.log_w.shape[0], grid.nodes.device)
+    prior_breaks, grid_terms = _component_breaks(model.prior().to(F64)), _grid_terms(model, grid.nodes)
+    alone: dict[int, VAE] = {}
+    for i, needing in todo:
+        point = y[:, i:i + 1]
+        quantiles = _mass_quantiles(point, grid, grid_terms)
+        for r in needing:
+            if r not in alone:
+                alone[r] = replica_subset(model, [r]).eval()
+            row = slice(r, r + 1)
+            yield i, r, alone[r], point[row], [prior_breaks[row], quantiles[row]]
+
+
+def _to_refine(bound: torch.Tensor, tolerance: float, held: torch.Tensor | None = None) -> list[tuple[int, list[int]]]:
+    """(point, the replicas whose bound there misses `tolerance` and, with `held`, whose window holds it)."""
+    miss = (bound > tolerance) & ~torch.isnan(bound)
+    if held is not None:
+        miss &= held
+    return [(int(i), torch.nonzero(miss[:, i])[:, 0].tolist()) for i in torch.nonzero(miss.any(0))[:, 0]]
+
+
+def _keep_better(values: torch.Tensor, bound: torch.Tensor, r: int, i: int, value: torch.Tensor,
+                 err: torch.Tensor) -> None:
+    """Replica r's value and bound at point i replaced if the new bound ([1]) is smaller."""
+    if float(err[0]) < float(bound[r, i]):
+        values[r, i], bound[r, i] = value[0], err[0]

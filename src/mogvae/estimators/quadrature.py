@@ -29,6 +29,7 @@ from ..model.grid import F64, MAX_LATENT, Grid, as_batch, latent_grid, trapezoid
 from ..model.vae import VAE
 from ..objectives.bounds import log_weights
 from .base import Estimate, Estimator
+from .local_rules import narrow_prior_log_p, strata_elbo, zoom_log_p
 
 MAX_GRID_NODES = 250_000   # latent nodes per replica: the decoder on the grid and the 2-D ELBO terms stay ~1 GB
 RULE_NODES = 16     # Gauss-Legendre nodes per smooth piece of a piecewise-smooth q (model.flows.SplineFlow.base_rule)
@@ -446,8 +447,20 @@ def _refined_log_p(model: VAE, y, grid: Grid, exact: Integrals, tolerance: float
         return exact.log_p, bound
     from .adaptive import refine_log_p
     held = exact.edge_mass <= TRUNCATION                                               # [R, N]
-    bound = torch.where(_unresolved_prior(model, grid)[:, None] & held, torch.full_like(bound, math.inf), bound)
-    log_p, refined, _ = refine_log_p(model, y, exact.log_p, bound, exact.window, held, grid, tolerance)
+    unresolved = _unresolved_prior(model, grid)
+    log_p = exact.log_p
+    bound = torch.where(unresolved[:, None] & held, torch.full_like(bound, math.inf), bound)
+    if bool(unresolved.any()):           # the narrow components by rules of their own, every point at once
+        split = narrow_prior_log_p(model, y, grid, _spacing(grid))
+        if split is not None:
+            take = unresolved[:, None] & held & (split[1] < bound)
+            log_p, bound = torch.where(take, split[0], log_p), torch.where(take, split[1], bound)
+    miss = (bound > tolerance) & held                       # resolved points keep theirs
+    if bool(miss.any()):                 # a posterior narrower than the grid: a window of its own, many points at once
+        value, zoomed = zoom_log_p(model, y, grid, miss, tolerance)
+        take = miss & (zoomed < bound)
+        log_p, bound = torch.where(take, value, log_p), torch.where(take, zoomed, bound)
+    log_p, refined, _ = refine_log_p(model, y, log_p, bound, exact.window, held, grid, tolerance)
     return log_p, torch.maximum(refined, exact.edge_mass)
 
 
@@ -478,7 +491,25 @@ def _refined_elbo(model: VAE, y, grid: Grid, exact: Integrals, tolerance: float 
     narrow_q = q_all.resolution() < _spacing(grid)[:, None] if q_all.base_rule(1) is None else False  # else: its own rule
     unresolved = narrow_q | _unresolved_prior(model, grid)[:, None]
     bound = torch.where(unresolved, torch.full_like(bound, math.inf), bound)
-    elbo, bound, _ = refine_elbo(model, y, exact.elbo, bound, q_all, grid, tolerance)
+    elbo = exact.elbo
+    if q_all.base_rule(1) is None:       # a smooth q: first a rule on each stratum, every point at once
+        elbo, bound = _strata_pass(model, y, q_all, elbo, bound, tolerance)
+    elbo, bound, _ = refine_elbo(model, y, elbo, bound, q_all, grid, tolerance)
+    return elbo, bound
+
+
+def _strata_pass(model: VAE, y, q, elbo: torch.Tensor, bound: torch.Tensor, tolerance: float):
+    """The points whose ELBO bound misses `tolerance` on some replica, by strata.strata_elbo (nodes
+    that follow each component of q), kept where its bound is the smaller."""
+    todo = torch.nonzero((bound > tolerance).any(0))[:, 0]
+    if len(todo) == 0:
+        return elbo, bound
+    value, new = strata_elbo(model, as_batch(y, bound.shape[0], bound.device)[:, todo], q.select(todo),
+                             model.prior().to(F64))
+    better = (bound[:, todo] > tolerance) & (new < bound[:, todo])     # resolved points keep theirs
+    elbo, bound = elbo.clone(), bound.clone()
+    elbo[:, todo] = torch.where(better, value, elbo[:, todo])
+    bound[:, todo] = torch.where(better, new, bound[:, todo])
     return elbo, bound
 
 

@@ -20,11 +20,16 @@ class GaussianDecoder(nn.Module):
         if not (math.isfinite(noise) and noise > 0):
             raise ValueError(f"decoder noise must be positive and finite, got {noise!r}")
         self.net = MLP(replicas, latent_dim, hidden, data_dim, activation)
-        self.shape = (replicas, 1, 1, data_dim)
+        self.data_dim = data_dim
         # A known noise stays an exact Python float (a float32 buffer would round sigma).
         self.known_noise = None if learn_noise else noise
         if learn_noise:
             self.log_noise = nn.Parameter(torch.full(self.shape, math.log(noise)))
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(R, 1, 1, Y): log sigma_dec's shape, R read from the network (a replica subset has fewer)."""
+        return (self.net.net[0].weight.shape[0], 1, 1, self.data_dim)
 
     def log_noise_as(self, dtype: torch.dtype) -> torch.Tensor:
         """log sigma_dec, [R, 1, 1, Y], in `dtype`."""

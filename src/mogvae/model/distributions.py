@@ -32,6 +32,8 @@ This module also holds the two ways evaluation combines such distributions:
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -80,6 +82,18 @@ class Latent:
         z = self.stratified_rsample(eps)[:, :, :, 0]         # [R, n, K, D]
         chosen = torch.stack([k for k, _ in out])             # [R, n]
         return z.gather(2, chosen[:, :, None, None].expand(R, n, 1, D))[:, :, 0]
+
+
+def replicas_of(dist, index):
+    """The same distribution with only the replicas `index` (a slice or a list) of each of its tensors,
+    which all carry the replica axis first, and of each distribution it holds (a defensive mixture's,
+    a pool's members)."""
+    if isinstance(dist, torch.Tensor):
+        return dist[index]
+    if not dataclasses.is_dataclass(dist):
+        return dist
+    return dataclasses.replace(dist, **{f.name: replicas_of(getattr(dist, f.name), index)
+                                        for f in dataclasses.fields(dist) if f.init})
 
 
 def box(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -96,3 +96,19 @@ def initialize(module: nn.Module, seeds: list[int]) -> list[torch.Generator]:
 
 def replica_count(module: nn.Module) -> int:
     return next(iter(module.parameters())).shape[0]
+
+
+def replica_subset(module: nn.Module, index: list[int]) -> nn.Module:
+    """A copy of `module` holding only the replicas `index`, in that order (every parameter and buffer
+    carries the replica axis first): evaluation's per-point refinement runs only the replicas that need it."""
+    import copy
+    sub = copy.deepcopy(module)
+    with torch.no_grad():
+        for m in sub.modules():
+            for name, p in m._parameters.items():
+                if p is not None:
+                    m._parameters[name] = nn.Parameter(p[index].clone(), requires_grad=p.requires_grad)
+            for name, b in m._buffers.items():
+                if b is not None:
+                    m._buffers[name] = b[index].clone()
+    return sub

@@ -1,0 +1,228 @@
+"""Rules that follow what the shared grid cannot resolve, for every point at once (1-D latents): the
+step between the grid and the per-point panels of adaptive.py (issue 21's refinement, made affordable).
+
+A component narrower than the grid's spacing leaves the grid without a bound (quadrature._refined_*),
+and the panels then refine every point one at a time: measured on a sigma = 0.01 mixture-prior run,
+28 ms a point for log p and 34 ms for the ELBO, 977 s for 10,000 points at R = 10. Here the
+integral over each such component is taken by the trapezoid rule on its own standard-normal draws
+(quadrature.normal_trapezoid: 61 nodes over +-8 scales, 41 for the bound), whose nodes follow the
+component however narrow it is, for all points in one batched pass:
+
+- log p(y) = log [ int p(y|z) p_wide(z) dz  +  sum_{k narrow} pi_k E_{N(0,1)}[p(y | mu_k + s_k eps)] ]:
+  the grid keeps the components it resolves (scale >= its spacing), each narrow one gets its rule;
+- the ELBO = sum_k pi_k E_{N(0,1)}[log p(y, z) - log q(z)] at z = mu_k + s_k eps, over q's strata;
+- log p(y) of a posterior narrower than the grid's spacing (a wide prior stretches a replica's grid:
+  0.035 against a posterior width near 0.003 at sigma = 0.01) on a window of its own, the nodes where
+  the grid saw its mass, ZOOM_NODES nodes across (zoom_log_p).
+
+|fine - coarse| bounds a rule only where its integrand is smooth on the coarse rule's spacing (0.4 of
+the stratum's scale), as one node per scale does on the grid. So a rule is trusted only where
+
+- log p: the likelihood varies slowly over the component: s_k |f'(z)| / sigma <= LIKELIHOOD_SLOPE on
+  its nodes (then exp(-(y - f)^2 / 2 sigma^2) has curvature at most that squared in eps, for any y);
+- the ELBO: every feature of log p(z) and log q(z) (the prior's and q's narrowest components) is at
+  least the coarse spacing in the widest stratum of q; log p(y|z) itself is a smooth quadratic of f
+  and needs nothing (it is not exponentiated).
+
+Elsewhere the bound stays inf, and the point goes on to the panels.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..model.grid import F64, as_batch
+from ..model.mixtures import DiagMixture
+from ..model.vae import VAE
+
+NODES = (61, 41)            # trapezoid nodes over eps in [-SPAN, SPAN]: the value and its bound
+SPAN = 8.0
+COARSE_SPACING = 2 * SPAN / (NODES[1] - 1)    # 0.4 scales: the finest feature either rule must resolve
+LIKELIHOOD_SLOPE = 1 / COARSE_SPACING         # s |f'| / sigma at most this: the likelihood's own width >= 0.4 s
+
+
+@torch.no_grad()
+def narrow_prior_log_p(model: VAE, y, grid, spacing: torch.Tensor, budget: int = 4_000_000):
+    """log p(y) and its bound [R, N] with the prior split into the components the 1-D grid resolves
+    (on its core, as `integrate`) and those narrower than its `spacing` [R] (each by its own rule);
+    None where the prior is not a mixture of Gaussians. The bound is inf where the core's outer 2%
+    holds posterior mass (that point's window is followed elsewhere). A replica whose likelihood is too steep for a narrow
+    component's rule gets bound inf (the panels then take its points)."""
+    prior = model.prior().to(F64)
+    if not isinstance(prior, DiagMixture):
+        return None
+    from .quadrature import TRUNCATION, _grid_terms, _log_terms, _outer_nodes, normal_trapezoid
+    R = grid.log_w.shape[0]
+    y = as_batch(y, R, grid.nodes.device)
+    log_pi = torch.log_softmax(prior.logits[:, 0, 0], -1)                        # [R, K]
+    loc, scale = prior.loc[:, 0, 0, :, 0], prior.scale[:, 0, 0, :, 0]           # [R, K]
+    narrow = scale < spacing[:, None]
+    mean, inv_sigma, offset = _grid_terms(model, grid.nodes)
+    components = torch.distributions.Normal(loc[:, None], scale[:, None]).log_prob(grid.nodes) + log_pi[:, None]
+    decoder_only = offset - prior.log_prob(grid.nodes[:, :, None, :])[:, :, 0]   # log p(y|z) without the prior
+    wide = decoder_only + torch.logsumexp(components.masked_fill(narrow[:, None], -math.inf), -1)
+    rules = []
+    for n in NODES:
+        eps, w = normal_trapezoid(n, SPAN, 1)                                    # [J, 1], [J]
+        z = (loc[:, :, None] + scale[:, :, None] * eps[None, None, :, 0]).reshape(R, -1, 1)   # [R, K J, 1]
+        m, inv, off = _grid_terms(model, z)
+        off = off - prior.log_prob(z[:, :, None, :])[:, :, 0] + (log_pi[:, :, None] + torch.log(w)).reshape(R, -1)
+        off = off.masked_fill(~narrow[:, :, None].expand(-1, -1, n).reshape(R, -1), -math.inf)
+        rules.append((m, inv, off))
+    steep = _too_steep(rules[0][0], inv_sigma, scale, narrow, NODES[0])          # [R]
+    core, coarse = grid.core, grid.coarse
+    chunk = max(1, budget // (R * grid.log_w.shape[1]))
+    fine_parts, coarse_parts, edge_parts, outer = [], [], [], _outer_nodes(grid)
+    for s in range(0, y.shape[1], chunk):
+        yc = y[:, s:s + chunk]
+        terms = _log_terms(yc, mean, inv_sigma, wide)                              # [R, G, n]
+        on_grid = (torch.logsumexp(terms[:, core] + grid.log_w[:, core, None], 1),
+                   torch.logsumexp(terms[:, coarse] + grid.log_w_coarse[:, :, None], 1))
+        for (m, inv, off), grid_part, parts in zip(rules, on_grid, (fine_parts, coarse_parts)):
+            parts.append(torch.logaddexp(grid_part, torch.logsumexp(_log_terms(yc, m, inv, off), 1)))
+        edge_parts.append(torch.exp(torch.logsumexp(terms[:, outer] + grid.log_w[:, outer, None], 1) - fine_parts[-1]))
+    fine, coarse_value, edge = (torch.cat(p, 1) for p in (fine_parts, coarse_parts, edge_parts))
+    bound = torch.maximum((fine - coarse_value).abs(), edge)
+    unbounded = steep[:, None] | (edge > TRUNCATION)      # a posterior beyond the core: its window is followed
+    return fine, torch.where(unbounded, torch.full_like(bound, math.inf), bound)
+
+
+def _too_steep(mean: torch.Tensor, inv_sigma: torch.Tensor, scale: torch.Tensor, narrow: torch.Tensor,
+               n: int) -> torch.Tensor:
+    """Per replica [R]: some narrow component's rule sees the likelihood change faster than its coarse
+    spacing resolves, s_k |f'| / sigma > LIKELIHOOD_SLOPE (f' by differences between its nodes)."""
+    R, K = scale.shape
+    f = (mean * inv_sigma).reshape(R, K, n, -1)                                   # f / sigma on each rule
+    step = 2 * SPAN / (n - 1)                                                     # in eps: s_k times this in z
+    slope = ((f[:, :, 1:] - f[:, :, :-1]).norm(dim=-1) / step).amax(-1)          # s_k |f'| / sigma: [R, K]
+    return ((slope > LIKELIHOOD_SLOPE) & narrow).any(1)
+
+
+@torch.no_grad()
+def strata_elbo(model: VAE, y: torch.Tensor, q, prior) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ELBO of a smooth q [R, N] (y [R, N, Y]) by the trapezoid rule on each stratum's draws, and
+    its bound: |61 - 41| plus q's mass beyond +-SPAN, inf where a feature of log p(z) or log q(z) is
+    finer than the coarse rule's spacing in q's widest stratum."""
+    from .quadrature import stratum_trapezoid_elbo
+    parts = {"elbo": [], "elbo_coarse": [], "q_mass": []}
+    stratum_trapezoid_elbo(model, y, q, parts, NODES, SPAN)
+    fine, coarse, mass = (torch.cat(parts[k], 1) for k in ("elbo", "elbo_coarse", "q_mass"))
+    bound = (fine - coarse).abs() + (1 - mass).abs()
+    finest = torch.minimum(q.resolution(), prior.resolution().amin())            # [R, N]
+    resolved = finest >= COARSE_SPACING * _widest(q)
+    return fine, torch.where(resolved, bound, torch.full_like(bound, math.inf))
+
+
+def _widest(q) -> torch.Tensor:
+    """The scale of q's widest stratum per point, [R, N]: half the distance from its -1 to its +1 draw."""
+    R, K = q.stratum_weights().shape[0], q.strata
+    N = q.resolution().shape[1]
+    eps = torch.tensor([-1.0, 1.0], dtype=F64)[None, :, None, None, None].expand(R, 2, K, N, 1)
+    z = q.stratified_rsample(eps)                                                 # [R, 2, K, N, 1]
+    return ((z[:, 1] - z[:, 0]).abs()[..., 0] / 2).amax(1)
+
+
+ZOOM_NODES = 257            # nodes over a point's zoomed window (129 for the bound)
+ZOOM_SUPPORT = 46.0         # nats below the largest: nodes whose mass is below e^-46 = 1e-20 of it are outside
+ZOOM_MARGIN = 2             # node spacings added on either side of the nodes that hold the mass
+ZOOM_ROUNDS = 4             # zooms per point at most: each narrows the window to the mass its nodes found
+
+
+@torch.no_grad()
+def zoom_log_p(model: VAE, y, grid, miss: torch.Tensor, tolerance: float, chunk: int = 128):
+    """log p(y) and its bound [R, N] at the points and replicas in `miss` [R, N] (inf elsewhere), each on
+    a window of its own: the grid's nodes within ZOOM_SUPPORT nats of the posterior's largest mass there,
+    ZOOM_MARGIN spacings wider on either side, at ZOOM_NODES uniform nodes; a point whose bound misses
+    `tolerance` zooms again into the mass those nodes found, up to ZOOM_ROUNDS times (a posterior 200x
+    narrower than the grid's spacing takes two). The bound is the trapezoid rule's |fine - coarse| plus
+    the posterior mass left outside the windows (relative), and inf where a prior component narrower than
+    the window's spacing lies within it (the two rules could alias it) or the mass reaches the grid's
+    ends. Each replica runs alone (layers.replica_subset) on its own points, a chunk at a time."""
+    from ..model.layers import replica_subset
+    R = grid.log_w.shape[0]
+    y = as_batch(y, R, grid.nodes.device)
+    values = torch.full(miss.shape, math.nan, dtype=F64)
+    bounds = torch.full(miss.shape, math.inf, dtype=F64)
+    for r in torch.nonzero(miss.any(1))[:, 0].tolist():
+        one, row = replica_subset(model, [r]).eval(), slice(r, r + 1)
+        points = torch.nonzero(miss[r])[:, 0]
+        for s in range(0, len(points), chunk):
+            part = points[s:s + chunk]
+            values[r, part], bounds[r, part] = (t[0] for t in _zoom(one, y[row, part], grid.nodes[row],
+                                                                     grid.log_w[row], tolerance))
+    return values, bounds
+
+
+def _zoom(model: VAE, y: torch.Tensor, nodes: torch.Tensor, log_w: torch.Tensor, tolerance: float):
+    """zoom_log_p on one chunk of points y [R, n, Y] from the grid's nodes [R, G, 1] and weights [R, G]."""
+    from .quadrature import _grid_terms, _log_terms
+    prior = model.prior().to(F64)
+    z, h = nodes[..., 0][:, None], (nodes[:, 1, 0] - nodes[:, 0, 0])[:, None]          # [R, 1, G], [R, 1]
+    log_mass = (_log_terms(y, *_grid_terms(model, nodes)) + log_w[:, :, None]).transpose(1, 2)   # [R, n, G]
+    lo, hi, outside = _support(z, h, log_mass)
+    for _ in range(ZOOM_ROUNDS):
+        value, rule_bound, window_nodes, terms = _window_rule(model, y, lo, hi)
+        bound = torch.where(_narrow_prior_inside(prior, lo, hi), torch.full_like(rule_bound, math.inf),
+                            rule_bound + outside)
+        again = bound > tolerance
+        if not bool(again.any()):
+            break
+        step = (hi - lo) / (ZOOM_NODES - 1)
+        lo2, hi2, outside2 = _support(window_nodes, step, terms + torch.log(step)[..., None])
+        lo, hi = torch.where(again, lo2, lo), torch.where(again, hi2, hi)
+        outside = torch.where(again, outside + outside2, outside)
+    return value, bound
+
+
+def _support(z: torch.Tensor, h: torch.Tensor, log_mass: torch.Tensor):
+    """Per replica and point [R, n]: the window [lo, hi] over the nodes z ([R, n or 1, J], spacing h [R, n
+    or 1]) holding the posterior's mass (within ZOOM_SUPPORT nats of its largest; log_mass [R, n, J]),
+    ZOOM_MARGIN spacings wider, and the share of the mass outside it (inf where the mass reaches the
+    nodes' ends: what lies beyond them is unknown; follow_posteriors widens such windows)."""
+    inside = log_mass >= log_mass.amax(-1, keepdim=True) - ZOOM_SUPPORT
+    lo = torch.where(inside, z, math.inf).amin(-1) - ZOOM_MARGIN * h
+    hi = torch.where(inside, z, -math.inf).amax(-1) + ZOOM_MARGIN * h
+    mass = torch.softmax(log_mass, -1)
+    within = (z >= lo[..., None]) & (z <= hi[..., None])
+    outside = torch.where(within, torch.zeros_like(mass), mass).sum(-1)
+    cut = (lo < z[..., 0]) | (hi > z[..., -1])
+    return lo, hi, torch.where(cut, torch.full_like(outside, math.inf), outside)
+
+
+def _window_rule(model: VAE, y: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
+    """log int_lo^hi p(y|z) p(z) dz per replica and point (y [R, n, Y], lo and hi [R, n]) by the trapezoid
+    rule on ZOOM_NODES nodes, its bound |fine - coarse| (every other node), the nodes [R, n, J] and log
+    p(y, z) there. The bound is inf where the likelihood is narrower than the coarse rule's spacing where
+    the posterior holds mass: |f(z) - f(z')| / sigma > 1 across a coarse step (measured: a wide posterior
+    with a narrow spike, sampled by one node of both rules, was 8e-4 nats off with |fine - coarse| 1e-5)."""
+    from .quadrature import _grid_terms
+    R, n = lo.shape
+    t = torch.linspace(0, 1, ZOOM_NODES, dtype=F64)
+    nodes = lo[..., None] + (hi - lo)[..., None] * t                                   # [R, n, J]
+    mean, inv_sigma, offset = _grid_terms(model, nodes.reshape(R, -1, 1))
+    r = (mean.reshape(R, n, ZOOM_NODES, -1) - y[:, :, None]) * inv_sigma[:, :, None]
+    terms = -0.5 * (r * r).sum(-1) + offset.reshape(R, n, ZOOM_NODES)                 # [R, n, J]
+    h = ((hi - lo) / (ZOOM_NODES - 1))[..., None]
+    edge = torch.zeros(ZOOM_NODES, dtype=F64)
+    edge[[0, -1]] = math.log(2)
+    fine = torch.logsumexp(terms - edge + torch.log(h), -1)
+    coarse = torch.logsumexp(terms[..., ::2] - edge[::2] + torch.log(2 * h), -1)
+    # the likelihood's own width: where it holds mass, f / sigma may change by at most 1 per coarse step
+    held = terms >= terms.amax(-1, keepdim=True) - ZOOM_SUPPORT
+    change = (r[:, :, 1:] - r[:, :, :-1]).norm(dim=-1)                                 # per fine step
+    steep = ((change > 0.5) & (held[..., 1:] | held[..., :-1])).any(-1)
+    bound = torch.where(steep, torch.full_like(fine, math.inf), (fine - coarse).abs())
+    return fine, bound, nodes, terms
+
+
+def _narrow_prior_inside(prior, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """[R, n]: a component of the prior within [lo, hi] (its location +- 8 scales reaching in) is narrower
+    than the window's spacing."""
+    spacing = (hi - lo) / (ZOOM_NODES - 1)
+    if not isinstance(prior, DiagMixture):   # a piecewise-smooth prior converges as h^2 between its knots: bounded
+        return prior.resolution()[:, :1] < spacing if prior.smooth else torch.zeros_like(lo, dtype=torch.bool)
+    loc, scale = prior.loc[:, 0, 0, :, 0][:, None], prior.scale[:, 0, 0, :, 0][:, None]    # [R, 1, K]
+    spacing = spacing[..., None]
+    reaches = (loc + SPAN * scale >= lo[..., None]) & (loc - SPAN * scale <= hi[..., None])
+    return (reaches & (scale < spacing)).any(-1)

@@ -1,0 +1,131 @@
+"""The batched rules between the shared grid and the per-point panels (estimators/local_rules.py): each
+meets the tolerance where the grid cannot, against a closed form or a rule of 200,001 nodes, and each
+gives no bound (inf) where its integrand is finer than its own nodes, so that the panels take over."""
+import math
+
+import numpy as np
+import torch
+from scipy import stats
+
+from mogvae.estimators.local_rules import (COARSE_SPACING, LIKELIHOOD_SLOPE, NODES, SPAN, _too_steep,
+                                           narrow_prior_log_p, strata_elbo, zoom_log_p)
+from mogvae.estimators.quadrature import _refined_elbo, _refined_log_p, _spacing, as_batch, integrate
+from mogvae.model.distributions import box
+from mogvae.model.mixtures import DiagMixture
+from mogvae.model.posteriors import MIN_SCALE
+from test_quadrature import SIGMA, linear_vae, random_model
+from test_tolerance import _exact, _fine_log_p
+
+F64 = torch.float64
+
+
+def _narrow_prior_model(scale: float = 2e-3):
+    model = random_model("mog-both").double()
+    with torch.no_grad():
+        model.prior.raw_scale[:, 0, 0] = math.log(math.expm1(scale - MIN_SCALE))
+        model.prior.loc[:, 0, 0] = 0.3
+    return model
+
+
+def test_a_prior_component_narrower_than_the_grid_gets_its_own_rule_for_every_point_at_once():
+    """A component of scale 2e-3 at a grid spacing near 0.01: split off the grid, it meets 1e-6 in one
+    pass at every point whose posterior the grid's core holds, within its bound of 200,001 nodes over
+    the point's window; a point whose posterior reaches beyond the core (its window was followed) gets
+    no bound here, and the panels take it (to the tolerance all the same)."""
+    model = _narrow_prior_model()
+    y = np.linspace(-1.5, 1.5, 11)
+    grid, exact = _exact(model, y)
+    assert bool((model.prior().scale[:, 0, 0, 0, 0] < _spacing(grid)).all())
+    log_p, bound = narrow_prior_log_p(model, y, grid, _spacing(grid))
+    lo, hi = box(*model.prior().to(F64).reach(8.0))                              # the prior's window, [R, 1]
+    core = (exact.window[..., 0] == lo) & (exact.window[..., 1] == hi)             # [R, N]: not followed
+    assert int(core.sum()) >= 14 and torch.equal(torch.isfinite(bound), core)
+    assert float(bound[core].max()) <= 1e-6
+    refined, refined_bound = _refined_log_p(model, y, grid, exact, 1e-6)
+    assert torch.equal(refined[core], log_p[core])                                # the panels had nothing to do there
+    assert float(refined_bound.max()) <= 1e-6
+    for i in range(len(y)):
+        err = np.abs(refined[:, i].numpy() - _fine_log_p(model, y[i], exact.window[:, i]))
+        assert (err <= refined_bound[:, i].numpy() + 1e-10).all(), (i, err, refined_bound[:, i])
+
+
+def test_a_likelihood_steeper_than_a_narrow_components_rule_gives_no_bound():
+    """The guard: the rule's |fine - coarse| bounds it only while s |f'| / sigma <= LIKELIHOOD_SLOPE on
+    its nodes; a linear f of slope a on a component of scale s is judged at s a / sigma."""
+    J = NODES[0]
+    eps = torch.linspace(-SPAN, SPAN, J, dtype=F64)
+    scale, sigma = torch.tensor([[0.01, 0.5]], dtype=F64), 0.1          # [R = 1, K = 2]
+    for slope, steep in ((0.9 * LIKELIHOOD_SLOPE, False), (1.1 * LIKELIHOOD_SLOPE, True)):
+        a = slope * sigma / 0.01                                         # s a / sigma = slope on the narrow one
+        mean = (a * scale[..., None] * eps).reshape(1, -1, 1)           # f at mu_k + s_k eps (mu_k = 0)
+        inv = torch.full((1, 1, 1), 1 / sigma, dtype=F64)
+        assert bool(_too_steep(mean, inv, scale, torch.tensor([[True, False]]), J)[0]) == steep
+    # the wide component is not narrow: it is not judged
+    assert not bool(_too_steep(mean, inv, scale, torch.tensor([[False, False]]), J)[0])
+
+
+def test_a_posterior_narrower_than_the_grid_meets_the_tolerance_on_a_zoomed_window():
+    """y = 300 z + b with sigma = 0.3: a posterior of width 1e-3, a tenth of the grid's spacing. On a
+    window of its own, log p is N(y; b, sqrt(a^2 + sigma^2)) within a bound of 1e-6, every point at once."""
+    a, b = 300.0, 0.2
+    model = linear_vae([a], b)
+    y = np.array([-250.0, -3.0, 0.0, 41.0, 600.0])
+    grid, exact = _exact(model, y)
+    assert float((exact.log_p - exact.log_p_coarse).abs().max()) > 1e-3        # the grid does not resolve it
+    log_p, bound = zoom_log_p(model, y, grid, torch.ones(len(grid.log_w), len(y), dtype=torch.bool), 1e-6)
+    ref = stats.norm.logpdf(y, b, math.sqrt(a ** 2 + SIGMA ** 2))
+    assert float(bound.max()) <= 1e-6
+    assert (np.abs(log_p[0].numpy() - ref) <= bound[0].numpy() + 1e-10).all()
+
+
+def test_a_zoomed_window_over_a_narrow_prior_component_gives_no_bound():
+    """The zoom's nodes must resolve the prior too: where a component narrower than the window's
+    spacing reaches into the window, the bound is inf."""
+    model = _narrow_prior_model(2 * MIN_SCALE)
+    y = np.linspace(-1.5, 1.5, 5)
+    grid, _ = _exact(model, y)
+    _, bound = zoom_log_p(model, y, grid, torch.ones(len(grid.log_w), len(y), dtype=torch.bool), 1e-6)
+    assert bool(torch.isinf(bound).any())
+
+
+def _gaussian_q(loc, scale) -> DiagMixture:
+    loc = torch.as_tensor(loc, dtype=F64).reshape(1, 1, -1, 1, 1)
+    return DiagMixture(torch.zeros(*loc.shape[:4], dtype=F64), loc, torch.full_like(loc, scale))
+
+
+def _linear_gaussian_elbo(y, a, b, mu, s):
+    """ELBO of N(mu, s^2) under y = a z + b + N(0, SIGMA^2), z ~ N(0, 1), in closed form."""
+    expected_log_lik = -0.5 * math.log(2 * math.pi * SIGMA ** 2) - ((y - a * mu - b) ** 2 + a ** 2 * s ** 2) / (2 * SIGMA ** 2)
+    expected_log_prior = -0.5 * math.log(2 * math.pi) - (mu ** 2 + s ** 2) / 2
+    return expected_log_lik + expected_log_prior + 0.5 * math.log(2 * math.pi * math.e * s ** 2)
+
+
+def test_the_elbo_of_a_q_narrower_than_the_grid_meets_the_tolerance_on_its_strata():
+    """A Gaussian q of scale 1e-3 (a tenth of the grid's spacing): the grid gives no bound, and the rule
+    on q's own draws meets 1e-6 against the closed form, for every point at once: the panels get none."""
+    a, b, s = 300.0, 0.2, 1e-3
+    model = linear_vae([a], b)
+    y = np.array([-250.0, -3.0, 0.0, 41.0, 600.0])
+    mu = (y - b) / a + 2e-4                                     # near the posterior, not at it
+    q = _gaussian_q(mu, s)
+    elbo, bound = strata_elbo(model, as_batch(y, 1, "cpu"), q, model.prior().to(F64))
+    ref = np.array([_linear_gaussian_elbo(v, a, b, m, s) for v, m in zip(y, mu)])
+    assert float(bound.max()) <= 1e-6
+    assert (np.abs(elbo[0].numpy() - ref) <= bound[0].numpy() + 1e-9).all(), (elbo[0].numpy() - ref, bound)
+    grid, _ = _exact(model, y)
+    on_grid = integrate(model, y, grid, q=q)
+    refined, refined_bound = _refined_elbo(model, y, grid, on_grid, 1e-6, q=q)
+    assert torch.equal(refined, elbo) and torch.equal(refined_bound, bound)
+
+
+def test_a_q_whose_widest_stratum_cannot_resolve_a_narrow_feature_gives_no_bound():
+    """A wide stratum's nodes are COARSE_SPACING of its scale apart: a prior or q component narrower than
+    that (a narrow bump in log p(z) or log q(z)) could fall between them, so the rule is not trusted."""
+    model = _narrow_prior_model(1e-2)
+    y = np.array([0.0, 0.5])
+    wide = _gaussian_q([0.3, 0.3], 1e-2 / COARSE_SPACING * 1.5)
+    resolved = _gaussian_q([0.3, 0.3], 1e-2 / COARSE_SPACING * 0.5)
+    for q, finite in ((wide, False), (resolved, True)):
+        q2 = DiagMixture(*(t.expand(2, *t.shape[1:]) for t in (q.logits, q.loc, q.scale)))
+        _, bound = strata_elbo(model, as_batch(y, 2, "cpu"), q2, model.prior().to(F64))
+        assert bool(torch.isfinite(bound).all()) == finite
