@@ -224,3 +224,22 @@ def test_the_knotted_flow_rule_in_small_chunks_gives_the_same_elbo():
         _piecewise_elbo_chunk(model, y, q, split, budget=50_000)        # a few points at a time
     for key in whole:
         assert torch.allclose(whole[key][0], split[key][0], rtol=0, atol=1e-12), key
+
+
+def test_refinement_is_a_phase_of_evaluation_with_its_progress():
+    """Evaluation says when points are refined, how many, and how far along (the likelihood phase once
+    stood still for 16 minutes while one replica's points were refined one at a time)."""
+    from mogvae.config.schema import EvalConfig
+    from mogvae.estimators.evaluate import Phases
+    from mogvae.estimators.quadrature import quadrature_terms
+    lines = []
+    phases = Phases(lines.append, every=0.0)
+    model = random_model("mog-both", steepness=30.0).double()
+    y = np.linspace(-1.5, 1.5, 11)
+    terms = quadrature_terms(model, y, None, EvalConfig(grid_size=301, tolerance=1e-9), phases=phases)
+    phases.done()
+    assert float(terms["quadrature_error"].max()) <= 1e-9
+    started = [line for line in lines if "whose bound misses eval.tolerance = 1e-09" in line]
+    assert started and started[0].startswith("evaluating: log p of ")
+    assert any(line.startswith("evaluating: refining log p, ") and "ETA" in line for line in lines)
+    assert "refining log p" in lines[-1]                                  # its time in the closing line

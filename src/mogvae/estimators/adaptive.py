@@ -114,7 +114,7 @@ def _panel_error(fine: torch.Tensor, coarse: torch.Tensor, log: bool):
 
 @torch.no_grad()
 def refine_log_p(model: VAE, y, log_p: torch.Tensor, bound: torch.Tensor, windows: torch.Tensor, held: torch.Tensor,
-                 grid, tolerance: float, max_nodes: int = MAX_NODES) -> tuple[torch.Tensor, torch.Tensor, int]:
+                 grid, tolerance: float, max_nodes: int = MAX_NODES, phases=None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """log p and its bound [R, N] with every point whose bound exceeds `tolerance` integrated again over
     its window `windows` [R, N, 2], on the replicas that miss it and whose window holds its posterior
     (`held` [R, N]: no rule on a window that cut the posterior off can help, and its bound stays). A
@@ -125,7 +125,7 @@ def refine_log_p(model: VAE, y, log_p: torch.Tensor, bound: torch.Tensor, window
     if not todo:
         return log_p, bound, 0
     log_p, bound = log_p.clone(), bound.clone()
-    for i, r, one, yi, breaks in _refinements(model, y, grid, todo):
+    for i, r, one, yi, breaks in _refinements(model, y, grid, todo, phases, "log p", tolerance):
         row = slice(r, r + 1)
         value, err = _panels(lambda z: log_joint(one, yi, z)[..., 0], windows[row, i, :1], windows[row, i, 1:],
                              breaks, tolerance, True, max_nodes)
@@ -135,7 +135,7 @@ def refine_log_p(model: VAE, y, log_p: torch.Tensor, bound: torch.Tensor, window
 
 @torch.no_grad()
 def refine_elbo(model: VAE, y, elbo: torch.Tensor, bound: torch.Tensor, q, grid, tolerance: float,
-                max_nodes: int = MAX_NODES) -> tuple[torch.Tensor, torch.Tensor, int]:
+                max_nodes: int = MAX_NODES, phases=None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The ELBO and its bound [R, N] with every point whose bound exceeds `tolerance` integrated again,
     on the replicas that miss it, over its q's window (`q`: batch over y, or None for the encoder's). The
     bound adds the mass of q the panels miss. A piecewise-smooth q or prior (a spline flow's, a VampPrior
@@ -146,7 +146,7 @@ def refine_elbo(model: VAE, y, elbo: torch.Tensor, bound: torch.Tensor, q, grid,
     if not todo:
         return elbo, bound, 0
     elbo, bound = elbo.clone(), bound.clone()
-    for i, r, one, yi, breaks in _refinements(model, y, grid, todo):
+    for i, r, one, yi, breaks in _refinements(model, y, grid, todo, phases, "the ELBO", tolerance):
         qi = replicas_of(q.select(slice(i, i + 1)), slice(r, r + 1))
         lo, hi = box(*qi.reach(Q_SPAN))
         breaks = [*breaks, _component_breaks(qi)]
@@ -162,15 +162,24 @@ def refine_elbo(model: VAE, y, elbo: torch.Tensor, bound: torch.Tensor, q, grid,
     return elbo, bound, len(todo)
 
 
-def _refinements(model: VAE, y, grid, todo: list[tuple[int, list[int]]]):
+def _refinements(model: VAE, y, grid, todo: list[tuple[int, list[int]]], phases, what: str, tolerance: float):
     """For each point i and replica r to refine: (i, r, that replica alone, its y [1, 1, Y], the breaks its
     panels share: the prior's components and the point's posterior-mass quantiles, [1, m] each). Each
-    replica runs alone (layers.replica_subset), so a point's value does not depend on which others did."""
+    replica runs alone (layers.replica_subset), so a point's value does not depend on which others did.
+    With `phases` (evaluate.Phases), the refinement is a phase of its own, with progress and an ETA."""
     from .quadrature import _grid_terms
     y = as_batch(y, grid.log_w.shape[0], grid.nodes.device)
     prior_breaks, grid_terms = _component_breaks(model.prior().to(F64)), _grid_terms(model, grid.nodes)
     alone: dict[int, VAE] = {}
+    total = sum(len(needing) for _, needing in todo)
+    if phases:
+        phases.start(f"refining {what}", f"{what} of {total:,} point-replicas whose bound misses eval.tolerance = "
+                                         f"{tolerance:g}, on panels, one at a time")
+    done = 0
     for i, needing in todo:
+        if phases:
+            phases.step(done, total, "point-replicas")
+        done += len(needing)
         point = y[:, i:i + 1]
         quantiles = _mass_quantiles(point, grid, grid_terms)
         for r in needing:

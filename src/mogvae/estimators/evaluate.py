@@ -147,7 +147,7 @@ def evaluate(model: VAE, process: PaperProcess, y_test: np.ndarray, config: Eval
     estimator = choose("auto", model.latent_dim, config.grid_size)
     phases.start("likelihoods", f"log p(y) and the ELBO by {estimator.name}, {len(y_test):,} test points x {R} "
                                 f"replicas")
-    terms = estimator.evaluation_terms(model, y_test, y_grid, config, seeds)
+    terms = estimator.evaluation_terms(model, y_test, y_grid, config, seeds, phases=phases)
     if estimator.exact:      # the gap search and the training grid's check compare exact ELBOs
         terms.update(_gap_terms(model, y_test, terms, config, true_log_p, training_grid, phases))
     log_p, elbo, model_density = terms.pop("log_p"), terms.pop("elbo"), terms.pop("model_density")

@@ -135,7 +135,7 @@ def _draws(model: VAE, y, n: int, K: int, seeds: list[int], budget: int):
         yield yc, randn_per_replica(gens, (n, K, yc.shape[1], model.latent_dim), dtype=F64).to(device)
 
 
-def importance_terms(model: VAE, y_test, y_grid, config, seeds: list[int]) -> dict:
+def importance_terms(model: VAE, y_test, y_grid, config, seeds: list[int], phases=None) -> dict:
     """Evaluation's terms where quadrature does not fit: log p(y) by importance sampling, the ELBO by
     Monte Carlo from q, each with its standard error per point (and log p's mean, over draws and points)."""
     gens = [s + IMPORTANCE_OFFSET for s in seeds]

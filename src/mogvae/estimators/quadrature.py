@@ -415,15 +415,16 @@ def hermite_rule(n: int, dim: int, dtype=torch.float64):
     return torch.as_tensor(nodes, dtype=dtype), torch.as_tensor(weights, dtype=dtype)
 
 
-def quadrature_terms(model: VAE, y_test, y_grid, config, seeds=None) -> dict:
+def quadrature_terms(model: VAE, y_test, y_grid, config, seeds=None, phases=None) -> dict:
     """Evaluation's terms on the latent grid: log p and the ELBO per point, the model's density on
     y_grid, and the rule's error bounds (the standard error is NaN: the bound is the error). In 1-D,
-    each point whose bound misses config.tolerance is refined (adaptive.py)."""
+    each point whose bound misses config.tolerance is refined (local_rules.py, then adaptive.py, whose
+    panels report their progress to `phases`)."""
     grid = latent_grid(model, config.grid_size, config.grid_span, y=y_test)
     exact = follow_posteriors(model, y_test, grid, integrate(model, y_test, grid), config.grid_size, config.grid_span)
     nan = np.full(len(exact.log_p), math.nan)
-    log_p, bound = _refined_log_p(model, y_test, grid, exact, config.tolerance)
-    elbo, elbo_bound = _refined_elbo(model, y_test, grid, exact, config.tolerance)
+    log_p, bound = _refined_log_p(model, y_test, grid, exact, config.tolerance, phases)
+    elbo, elbo_bound = _refined_elbo(model, y_test, grid, exact, config.tolerance, phases=phases)
     density = None if y_grid is None else torch.exp(log_marginal(model, y_grid, grid).log_p).numpy()
     return {"log_p": log_p, "elbo": elbo, "grid": grid, "model_density": density,
             "log_p_error": bound.numpy(), "elbo_error": elbo_bound.numpy(),
@@ -433,7 +434,7 @@ def quadrature_terms(model: VAE, y_test, y_grid, config, seeds=None) -> dict:
             "test_log_likelihood_stderr": nan, "test_elbo_stderr": nan}
 
 
-def _refined_log_p(model: VAE, y, grid: Grid, exact: Integrals, tolerance: float | None):
+def _refined_log_p(model: VAE, y, grid: Grid, exact: Integrals, tolerance: float | None, phases=None):
     """log p and its bound [R, N], 1-D points whose bound misses `tolerance` refined (adaptive.refine_log_p;
     the mass the window left out still enters the bound). Under a prior with a component narrower than
     the grid's spacing the grid gives no bound at any point (its two rules sample the component at a
@@ -460,7 +461,7 @@ def _refined_log_p(model: VAE, y, grid: Grid, exact: Integrals, tolerance: float
         value, zoomed = zoom_log_p(model, y, grid, miss, tolerance)
         take = miss & (zoomed < bound)
         log_p, bound = torch.where(take, value, log_p), torch.where(take, zoomed, bound)
-    log_p, refined, _ = refine_log_p(model, y, log_p, bound, exact.window, held, grid, tolerance)
+    log_p, refined, _ = refine_log_p(model, y, log_p, bound, exact.window, held, grid, tolerance, phases=phases)
     return log_p, torch.maximum(refined, exact.edge_mass)
 
 
@@ -477,7 +478,7 @@ def _unresolved_prior(model: VAE, grid: Grid) -> torch.Tensor:
     return prior.resolution()[:, 0] < _spacing(grid) if prior.smooth else torch.zeros(len(grid.axes[0]), dtype=torch.bool)
 
 
-def _refined_elbo(model: VAE, y, grid: Grid, exact: Integrals, tolerance: float | None, q=None):
+def _refined_elbo(model: VAE, y, grid: Grid, exact: Integrals, tolerance: float | None, q=None, phases=None):
     """The ELBO and its bound [R, N] (|fine - coarse|, or q's mass missing from the window where larger), 1-D
     points whose bound misses `tolerance` refined on panels that follow q (adaptive.refine_elbo). A point
     whose q (or prior) has a component narrower than the grid's spacing has no bound on the grid: both
@@ -494,7 +495,7 @@ def _refined_elbo(model: VAE, y, grid: Grid, exact: Integrals, tolerance: float 
     elbo = exact.elbo
     if q_all.base_rule(1) is None:       # a smooth q: first a rule on each stratum, every point at once
         elbo, bound = _strata_pass(model, y, q_all, elbo, bound, tolerance)
-    elbo, bound, _ = refine_elbo(model, y, elbo, bound, q_all, grid, tolerance)
+    elbo, bound, _ = refine_elbo(model, y, elbo, bound, q_all, grid, tolerance, phases=phases)
     return elbo, bound
 
 
