@@ -8,12 +8,12 @@ import torch
 from scipy import stats
 
 from mogvae.estimators.local_rules import (COARSE_SPACING, LIKELIHOOD_SLOPE, NODES, SPAN, _too_steep,
-                                           narrow_prior_log_p, strata_elbo, zoom_log_p)
+                                           narrow_prior_log_p, strata_elbo, zoom_log_p, zoom_log_p_2d)
 from mogvae.estimators.quadrature import _refined_elbo, _refined_log_p, _spacing, as_batch, integrate
 from mogvae.model.distributions import box
 from mogvae.model.mixtures import DiagMixture
 from mogvae.model.posteriors import MIN_SCALE
-from test_quadrature import SIGMA, linear_vae, random_model
+from test_quadrature import SIGMA, linear_vae, linear_vae_3d, random_model
 from test_tolerance import _exact, _fine_log_p
 
 F64 = torch.float64
@@ -129,3 +129,74 @@ def test_a_q_whose_widest_stratum_cannot_resolve_a_narrow_feature_gives_no_bound
         q2 = DiagMixture(*(t.expand(2, *t.shape[1:]) for t in (q.logits, q.loc, q.scale)))
         _, bound = strata_elbo(model, as_batch(y, 2, "cpu"), q2, model.prior().to(F64))
         assert bool(torch.isfinite(bound).all()) == finite
+
+
+def test_a_2d_posterior_narrower_than_the_grid_meets_the_tolerance_in_a_box_of_its_own():
+    """A 2-D latent whose posterior (width near 0.006) is far narrower than the 101^2 grid's spacing (0.16):
+    the grid's log p is off and its bound misses 1e-6; each point refined on a box of its own meets it,
+    against the closed form N(y; b, A A^T + sigma^2 I)."""
+    from mogvae.estimators.quadrature import latent_grid, log_p_bound
+    model, truth = linear_vae_3d(scale=30.0)
+    y = truth.rvs(6, random_state=3)
+    grid = latent_grid(model, 101, 8.0)
+    exact = integrate(model, y, grid, elbo=False)
+    ref = truth.logpdf(y)
+    assert float(log_p_bound(exact, followed=False).max()) > 1e-6
+    log_p, bound = _refined_log_p(model, y, grid, exact, 1e-6)
+    assert float(bound.max()) <= 1e-6
+    assert (np.abs(log_p[0].numpy() - ref) <= bound[0].numpy() + 1e-9).all(), (log_p[0].numpy() - ref, bound)
+
+
+def test_a_2d_box_whose_likelihood_is_too_steep_for_its_nodes_gives_no_bound():
+    """The guard in 2-D: a box from a grid too coarse to see the posterior's width, on one round, is
+    nats off, and its bound is inf (f / sigma changes by more than 1 across its coarse step), not the
+    |fine - coarse| that would pass it."""
+    from mogvae.estimators import local_rules
+    from mogvae.estimators.quadrature import latent_grid
+    model, truth = linear_vae_3d(scale=3000.0)
+    y = truth.rvs(2, random_state=4)
+    grid = latent_grid(model, 101, 8.0)
+    rounds, local_rules.ZOOM_ROUNDS = local_rules.ZOOM_ROUNDS, 1
+    try:
+        value, bound = zoom_log_p_2d(model, y, grid, torch.ones(1, 2, dtype=torch.bool), 1e-6)
+    finally:
+        local_rules.ZOOM_ROUNDS = rounds
+    assert np.abs(value[0].numpy() - truth.logpdf(y)).min() > 1.0       # what the guard keeps out: nats off
+    assert bool(torch.isinf(bound).all())
+
+
+def test_a_2d_elbo_that_misses_the_tolerance_is_refined_on_finer_strata():
+    """A 2-D Gaussian q of scale 0.5 over a prior with a component of scale 0.2: a bump in log p(z) that
+    the (61, 41) rule on q's draws samples 0.4 of q's scale apart, and its bound misses 1e-6; the
+    (121, 81) rule meets 1e-6, within its bound of a 1601^2-node trapezoid rule over z written here in
+    NumPy. (At a component of 0.25 the (61, 41) rule's |61 - 41| was 1.8e-10 for an error of 1.7e-8: a
+    feature at one coarse node per scale is resolved to about 1e-8, not to the last digit.)"""
+    from mogvae.estimators.quadrature import latent_grid
+    from mogvae.model.priors import MixturePrior
+    model, truth = linear_vae_3d()
+    prior = MixturePrior(1, 2, 2).double()
+    with torch.no_grad():
+        prior.loc[:] = torch.tensor([[[0.0, 0.0], [0.3, 0.2]]])
+        prior.raw_scale[:] = torch.log(torch.expm1(torch.tensor([[[1.0, 1.0], [0.2, 0.2]]]) - MIN_SCALE))
+    model.prior = prior
+    y = truth.rvs(2, random_state=5)
+    m, s = np.array([[0.2, 0.1], [-0.3, 0.4]]), 0.5
+    q = DiagMixture(torch.zeros(1, 1, 2, 1, dtype=F64), torch.tensor(m).reshape(1, 1, 2, 1, 2),
+                    torch.full((1, 1, 2, 1, 2), s, dtype=F64))
+    grid = latent_grid(model, 101, 8.0, y=y, q=q)
+    exact = integrate(model, y, grid, q=q)
+    assert float((exact.elbo - exact.elbo_coarse).abs().max()) > 1e-6
+    elbo, bound = _refined_elbo(model, y, grid, exact, 1e-6, q=q)
+    assert float(bound.max()) <= 1e-6
+    A, b = model.decoder.net.net[0].weight[0].detach().numpy().T, model.decoder.net.net[0].bias[0, 0].detach().numpy()
+    for i in range(len(y)):
+        t = np.linspace(-8 * s, 8 * s, 1601)
+        z = np.stack(np.meshgrid(m[i, 0] + t, m[i, 1] + t, indexing="ij"), -1)          # [n, n, 2]
+        log_q = stats.multivariate_normal(m[i], s * s * np.eye(2)).logpdf(z)
+        log_lik = stats.multivariate_normal(np.zeros(3), SIGMA**2 * np.eye(3)).logpdf(y[i] - z @ A.T - b)
+        log_prior = np.logaddexp(stats.multivariate_normal([0, 0], np.eye(2)).logpdf(z),
+                                 stats.multivariate_normal([0.3, 0.2], 0.2**2 * np.eye(2)).logpdf(z)) + math.log(0.5)
+        w = np.full(len(t), t[1] - t[0])
+        w[[0, -1]] /= 2
+        ref = float((np.exp(log_q) * (log_lik + log_prior - log_q) * w[:, None] * w[None, :]).sum())
+        assert abs(float(elbo[0, i]) - ref) <= float(bound[0, i]) + 1e-9, (float(elbo[0, i]) - ref, bound)

@@ -60,9 +60,10 @@ def test_marginal_matches_linear_gaussian_closed_form_2d():
     np.testing.assert_allclose(got, ref, atol=1e-8)
 
 
-def test_marginal_matches_the_closed_form_with_3d_observations_and_a_2d_latent():
-    """y = A z + b + noise, A [3, 2], z ~ N(0, I_2): p(y) = N(b, A A^T + sigma^2 I_3)."""
-    A = np.array([[1.2, -0.4], [0.3, 0.9], [-0.8, 0.5]])
+def linear_vae_3d(scale: float = 1.0):
+    """y = scale A z + b + noise, A [3, 2], z ~ N(0, I_2), any encoder: (the model, p(y) = N(b, scale^2
+    A A^T + sigma^2 I_3) as a SciPy distribution)."""
+    A = scale * np.array([[1.2, -0.4], [0.3, 0.9], [-0.8, 0.5]])
     b = np.array([0.1, -0.3, 0.2])
     decoder = GaussianDecoder(1, 2, 3, hidden=(), noise=SIGMA).double()
     posterior = GaussianPosterior(1, 2, 3, hidden=()).double()
@@ -71,10 +72,15 @@ def test_marginal_matches_the_closed_form_with_3d_observations_and_a_2d_latent()
         decoder.net.net[0].weight[:] = torch.tensor(A.T[None])    # [1, 2, 3]: z [.., 2] @ W -> [.., 3]
         decoder.net.net[0].bias[:] = torch.tensor(b)
     model = VAE(StandardNormalPrior(1, 2).double(), posterior, decoder)
-    y = stats.multivariate_normal(b, A @ A.T + SIGMA**2 * np.eye(3)).rvs(8, random_state=1)
+    return model, stats.multivariate_normal(b, A @ A.T + SIGMA**2 * np.eye(3))
+
+
+def test_marginal_matches_the_closed_form_with_3d_observations_and_a_2d_latent():
+    """y = A z + b + noise, A [3, 2], z ~ N(0, I_2): p(y) = N(b, A A^T + sigma^2 I_3)."""
+    model, truth = linear_vae_3d()
+    y = truth.rvs(8, random_state=1)
     got = log_marginal(model, y, latent_grid(model, 301, 8.0)).log_p[0].numpy()
-    ref = stats.multivariate_normal(b, A @ A.T + SIGMA**2 * np.eye(3)).logpdf(y)
-    np.testing.assert_allclose(got, ref, atol=1e-8)
+    np.testing.assert_allclose(got, truth.logpdf(y), atol=1e-8)
 
 
 def test_model_posterior_matches_closed_form():

@@ -167,7 +167,7 @@ class EvalConfig(Strict):
                            "per start (a point stops sooner once its best ELBO gains under 1e-5 nats over 10 "
                            "iterations); metrics.csv reports the most a point took as gap_optimizer_steps")
 
-    tolerance: float = Field(1e-4, gt=0, le=1.0, description="nats per test point: with a 1-D latent, each "
+    tolerance: float = Field(1e-4, gt=0, le=1.0, description="nats per test point: with a 1- or 2-D latent, each "
                              "point whose quadrature error bound (log p, the ELBO, ELBO*) misses it is integrated "
                              "again, adaptively, until it meets it or a budget is spent; a replica whose bound "
                              "still misses it is flagged in metrics.csv and left out of every comparison and "

@@ -100,27 +100,29 @@ def _too_steep(mean: torch.Tensor, inv_sigma: torch.Tensor, scale: torch.Tensor,
 
 
 @torch.no_grad()
-def strata_elbo(model: VAE, y: torch.Tensor, q, prior) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ELBO of a smooth q [R, N] (y [R, N, Y]) by the trapezoid rule on each stratum's draws, and
-    its bound: |61 - 41| plus q's mass beyond +-SPAN, inf where a feature of log p(z) or log q(z) is
-    finer than the coarse rule's spacing in q's widest stratum."""
+def strata_elbo(model: VAE, y: torch.Tensor, q, prior, nodes: tuple[int, int] = NODES) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ELBO of a smooth q [R, N] (y [R, N, Y]) by the trapezoid rule on each stratum's draws (`nodes`
+    per axis over +-SPAN, and fewer for the bound), and its bound: |fine - coarse| plus q's mass beyond
+    +-SPAN, inf where a feature of log p(z) or log q(z) is finer than the coarse rule's spacing in q's
+    widest stratum. Any latent dimension (the rule is a product over axes: nodes^D per stratum)."""
     from .quadrature import stratum_trapezoid_elbo
     parts = {"elbo": [], "elbo_coarse": [], "q_mass": []}
-    stratum_trapezoid_elbo(model, y, q, parts, NODES, SPAN)
+    stratum_trapezoid_elbo(model, y, q, parts, nodes, SPAN)
     fine, coarse, mass = (torch.cat(parts[k], 1) for k in ("elbo", "elbo_coarse", "q_mass"))
     bound = (fine - coarse).abs() + (1 - mass).abs()
     finest = torch.minimum(q.resolution(), prior.resolution().amin())            # [R, N]
-    resolved = finest >= COARSE_SPACING * _widest(q)
+    resolved = finest >= 2 * SPAN / (nodes[1] - 1) * _widest(q)
     return fine, torch.where(resolved, bound, torch.full_like(bound, math.inf))
 
 
 def _widest(q) -> torch.Tensor:
-    """The scale of q's widest stratum per point, [R, N]: half the distance from its -1 to its +1 draw."""
-    R, K = q.stratum_weights().shape[0], q.strata
+    """The scale of q's widest stratum along any axis per point, [R, N]: half the distance from its -1
+    to its +1 draw along that axis."""
+    R, K, D = q.stratum_weights().shape[0], q.strata, q.dim
     N = q.resolution().shape[1]
-    eps = torch.tensor([-1.0, 1.0], dtype=F64)[None, :, None, None, None].expand(R, 2, K, N, 1)
-    z = q.stratified_rsample(eps)                                                 # [R, 2, K, N, 1]
-    return ((z[:, 1] - z[:, 0]).abs()[..., 0] / 2).amax(1)
+    eps = torch.cat([torch.zeros(1, D, dtype=F64), torch.eye(D, dtype=F64)])      # the centre, +1 on each axis
+    z = q.stratified_rsample(eps[None, :, None, None, :].expand(R, D + 1, K, N, D))   # [R, D + 1, K, N, D]
+    return (z[:, 1:] - z[:, :1]).norm(dim=-1).amax(dim=(1, 2))
 
 
 ZOOM_NODES = 257            # nodes over a point's zoomed window (129 for the bound)
@@ -139,9 +141,15 @@ def zoom_log_p(model: VAE, y, grid, miss: torch.Tensor, tolerance: float, chunk:
     the posterior mass left outside the windows (relative), and inf where a prior component narrower than
     the window's spacing lies within it (the two rules could alias it) or the mass reaches the grid's
     ends. Each replica runs alone (layers.replica_subset) on its own points, a chunk at a time."""
+    return _each_replica(model, y, grid, miss, chunk,
+                         lambda one, yc, row: _zoom(one, yc, grid.nodes[row], grid.log_w[row], tolerance))
+
+
+def _each_replica(model: VAE, y, grid, miss: torch.Tensor, chunk: int, rule):
+    """(values, bounds) [R, N] from `rule(replica alone, y [1, n, Y], its row)` -> ([1, n], [1, n]) on each
+    replica's points in `miss` [R, N], `chunk` at a time (NaN and inf elsewhere)."""
     from ..model.layers import replica_subset
-    R = grid.log_w.shape[0]
-    y = as_batch(y, R, grid.nodes.device)
+    y = as_batch(y, grid.log_w.shape[0], grid.nodes.device)
     values = torch.full(miss.shape, math.nan, dtype=F64)
     bounds = torch.full(miss.shape, math.inf, dtype=F64)
     for r in torch.nonzero(miss.any(1))[:, 0].tolist():
@@ -149,8 +157,7 @@ def zoom_log_p(model: VAE, y, grid, miss: torch.Tensor, tolerance: float, chunk:
         points = torch.nonzero(miss[r])[:, 0]
         for s in range(0, len(points), chunk):
             part = points[s:s + chunk]
-            values[r, part], bounds[r, part] = (t[0] for t in _zoom(one, y[row, part], grid.nodes[row],
-                                                                     grid.log_w[row], tolerance))
+            values[r, part], bounds[r, part] = (t[0] for t in rule(one, y[row, part], row))
     return values, bounds
 
 
@@ -226,3 +233,95 @@ def _narrow_prior_inside(prior, lo: torch.Tensor, hi: torch.Tensor) -> torch.Ten
     spacing = spacing[..., None]
     reaches = (loc + SPAN * scale >= lo[..., None]) & (loc - SPAN * scale <= hi[..., None])
     return (reaches & (scale < spacing)).any(-1)
+
+
+ZOOM_NODES_2D = 129         # nodes per axis over a point's zoomed box in 2-D (65 for the bound)
+
+
+@torch.no_grad()
+def zoom_log_p_2d(model: VAE, y, grid, miss: torch.Tensor, tolerance: float, chunk: int = 8):
+    """zoom_log_p for a 2-D latent: each point and replica in `miss` [R, N] on a box of its own (the grid's
+    nodes within ZOOM_SUPPORT nats of the posterior's largest mass, ZOOM_MARGIN spacings wider along each
+    axis) at ZOOM_NODES_2D^2 nodes, zooming again up to ZOOM_ROUNDS times; (log p, bound) [R, N], inf
+    elsewhere. The bound is |fine - coarse| (every other node along both axes) plus the mass left outside
+    the boxes; inf where f / sigma changes by more than 1 across a coarse step along either axis where the
+    posterior holds mass, where a prior component narrower than the box's spacing reaches into it, or
+    where the mass reaches the grid's edge."""
+    def rule(one, yc, row):
+        spacing = torch.stack([a[row, 1] - a[row, 0] for a in grid.axes], -1)[:, None]      # [1, 1, 2]
+        return _zoom_2d(one, yc, grid.nodes[row], grid.log_w[row], spacing, tolerance)
+    return _each_replica(model, y, grid, miss, chunk, rule)
+
+
+def _zoom_2d(model: VAE, y: torch.Tensor, nodes: torch.Tensor, log_w: torch.Tensor, spacing: torch.Tensor,
+             tolerance: float):
+    """zoom_log_p_2d on one chunk of points y [1, n, Y] from the grid's nodes [1, G, 2] and weights [1, G]."""
+    from .quadrature import _grid_terms, _log_terms
+    prior = model.prior().to(F64)
+    log_mass = (_log_terms(y, *_grid_terms(model, nodes)) + log_w[:, :, None]).transpose(1, 2)   # [1, n, G]
+    lo, hi, outside = _box(nodes[:, None], spacing, log_mass)
+    for _ in range(ZOOM_ROUNDS):
+        value, rule_bound, box_nodes, terms, step = _box_rule(model, y, lo, hi)
+        bound = torch.where(_narrow_prior_in_box(prior, lo, hi, step), torch.full_like(rule_bound, math.inf),
+                            rule_bound + outside)
+        again = bound > tolerance
+        if not bool(again.any()):
+            break
+        lo2, hi2, outside2 = _box(box_nodes.flatten(2, 3), step, terms.flatten(2))
+        lo, hi = torch.where(again[..., None], lo2, lo), torch.where(again[..., None], hi2, hi)
+        outside = torch.where(again, outside + outside2, outside)
+    return value, bound
+
+
+def _box(z: torch.Tensor, h: torch.Tensor, log_mass: torch.Tensor):
+    """As _support, in 2-D: the box [lo, hi] ([R, n, 2] each) around the nodes z [R, n or 1, J, 2] holding
+    the posterior's mass (log_mass [R, n, J]), ZOOM_MARGIN spacings h [R, n or 1, 2] wider, and the mass
+    outside it [R, n] (inf where the box reaches past the nodes' extent)."""
+    inside = (log_mass >= log_mass.amax(-1, keepdim=True) - ZOOM_SUPPORT)[..., None]
+    lo = torch.where(inside, z, math.inf).amin(-2) - ZOOM_MARGIN * h
+    hi = torch.where(inside, z, -math.inf).amax(-2) + ZOOM_MARGIN * h
+    mass = torch.softmax(log_mass, -1)
+    within = ((z >= lo[..., None, :]) & (z <= hi[..., None, :])).all(-1)
+    outside = torch.where(within, torch.zeros_like(mass), mass).sum(-1)
+    cut = ((lo < z.amin(-2)) | (hi > z.amax(-2))).any(-1)
+    return lo, hi, torch.where(cut, torch.full_like(outside, math.inf), outside)
+
+
+def _box_rule(model: VAE, y: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
+    """log of the integral of p(y|z) p(z) over each point's box (lo, hi [R, n, 2]) by the trapezoid rule on
+    ZOOM_NODES_2D^2 nodes; its bound (|fine - coarse|, inf where the likelihood is too steep for the
+    coarse nodes where the posterior holds mass); the nodes [R, n, J, J, 2], log p(y, z) there [R, n, J, J]
+    and the spacing [R, n, 2]."""
+    from .quadrature import _grid_terms
+    R, n, _ = lo.shape
+    J = ZOOM_NODES_2D
+    t = torch.linspace(0, 1, J, dtype=F64)
+    axes = lo[..., None] + (hi - lo)[..., None] * t                                    # [R, n, 2, J]
+    nodes = torch.stack(torch.broadcast_tensors(axes[:, :, 0, :, None], axes[:, :, 1, None, :]), -1)
+    mean, inv_sigma, offset = _grid_terms(model, nodes.reshape(R, -1, 2))
+    r = (mean.reshape(R, n, J, J, -1) - y[:, :, None, None]) * inv_sigma[:, :, None, None]
+    terms = -0.5 * (r * r).sum(-1) + offset.reshape(R, n, J, J)
+    step = (hi - lo) / (J - 1)                                                         # [R, n, 2]
+    edge = torch.zeros(J, dtype=F64)
+    edge[[0, -1]] = math.log(2)
+    log_w = torch.log(step).sum(-1)[..., None, None] - edge[:, None] - edge[None, :]
+    fine = torch.logsumexp((terms + log_w).flatten(2), -1)
+    coarse_w = torch.log(2 * step).sum(-1)[..., None, None] - edge[::2, None] - edge[None, ::2]
+    coarse = torch.logsumexp((terms[..., ::2, ::2] + coarse_w).flatten(2), -1)
+    held = terms >= terms.amax(dim=(-2, -1), keepdim=True) - ZOOM_SUPPORT
+    steep = torch.zeros_like(fine, dtype=torch.bool)
+    for axis in (2, 3):
+        change = (r.narrow(axis, 1, J - 1) - r.narrow(axis, 0, J - 1)).norm(dim=-1)
+        near = held.narrow(axis, 1, J - 1) | held.narrow(axis, 0, J - 1)
+        steep |= ((change > 0.5) & near).flatten(2).any(-1)
+    bound = torch.where(steep, torch.full_like(fine, math.inf), (fine - coarse).abs())
+    return fine, bound, nodes, terms, step
+
+
+def _narrow_prior_in_box(prior, lo: torch.Tensor, hi: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """[R, n]: a prior component narrower than the box's spacing along some axis reaches into the box."""
+    if not isinstance(prior, DiagMixture):
+        return (prior.resolution()[:, :1] < step.amin(-1)) if prior.smooth else torch.zeros(lo.shape[:2], dtype=torch.bool)
+    loc, scale = prior.loc[:, 0, 0][:, None], prior.scale[:, 0, 0][:, None]            # [R, 1, K, 2]
+    reaches = ((loc + SPAN * scale >= lo[:, :, None]) & (loc - SPAN * scale <= hi[:, :, None])).all(-1)
+    return (reaches & (scale < step[:, :, None]).any(-1)).any(-1)

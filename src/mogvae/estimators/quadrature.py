@@ -29,7 +29,7 @@ from ..model.grid import F64, MAX_LATENT, Grid, as_batch, latent_grid, trapezoid
 from ..model.vae import VAE
 from ..objectives.bounds import log_weights
 from .base import Estimate, Estimator
-from .local_rules import narrow_prior_log_p, strata_elbo, zoom_log_p
+from .local_rules import narrow_prior_log_p, strata_elbo, zoom_log_p, zoom_log_p_2d
 
 MAX_GRID_NODES = 250_000   # latent nodes per replica: the decoder on the grid and the 2-D ELBO terms stay ~1 GB
 RULE_NODES = 16     # Gauss-Legendre nodes per smooth piece of a piecewise-smooth q (model.flows.SplineFlow.base_rule)
@@ -444,8 +444,15 @@ def _refined_log_p(model: VAE, y, grid: Grid, exact: Integrals, tolerance: float
     its mass, and the coarse rule's, at twice the spacing, is the larger: |fine - coarse| bounds it.)"""
     one_d = len(grid.axes) == 1
     bound = log_p_bound(exact, followed=one_d)
-    if not one_d or tolerance is None:
+    if tolerance is None:
         return exact.log_p, bound
+    if not one_d:                        # 2-D: a box of its own for each point that misses the tolerance
+        miss = bound > tolerance
+        if not bool(miss.any()):
+            return exact.log_p, bound
+        value, zoomed = zoom_log_p_2d(model, y, grid, miss, tolerance)
+        take = miss & (zoomed < bound)
+        return torch.where(take, value, exact.log_p), torch.where(take, zoomed, bound)
     from .adaptive import refine_log_p
     held = exact.edge_mass <= TRUNCATION                                               # [R, N]
     unresolved = _unresolved_prior(model, grid)
@@ -485,10 +492,17 @@ def _refined_elbo(model: VAE, y, grid: Grid, exact: Integrals, tolerance: float 
     rules then sample the component at a node or two, and can agree while both are off (measured: 50
     nats off, with |fine - coarse| 0.33, for a component of scale 1e-3 at spacing 0.01)."""
     bound = torch.maximum((exact.elbo - exact.elbo_coarse).abs(), (1 - exact.q_mass).abs())
-    if len(grid.axes) > 1 or tolerance is None:
+    if tolerance is None:
         return exact.elbo, bound
     from .adaptive import refine_elbo
     q_all = (model.posterior(as_batch(y, bound.shape[0], bound.device)) if q is None else q).to(F64)
+    if len(grid.axes) > 1:               # 2-D: the rule on q's strata again, with 2x and 4x the nodes per axis
+        if q_all.base_rule(1) is not None:
+            return exact.elbo, bound
+        elbo = exact.elbo
+        for nodes in FINER_STRATA:
+            elbo, bound = _strata_pass(model, y, q_all, elbo, bound, tolerance, nodes)
+        return elbo, bound
     narrow_q = q_all.resolution() < _spacing(grid)[:, None] if q_all.base_rule(1) is None else False  # else: its own rule
     unresolved = narrow_q | _unresolved_prior(model, grid)[:, None]
     bound = torch.where(unresolved, torch.full_like(bound, math.inf), bound)
@@ -499,18 +513,28 @@ def _refined_elbo(model: VAE, y, grid: Grid, exact: Integrals, tolerance: float 
     return elbo, bound
 
 
-def _strata_pass(model: VAE, y, q, elbo: torch.Tensor, bound: torch.Tensor, tolerance: float):
-    """The points whose ELBO bound misses `tolerance` on some replica, by strata.strata_elbo (nodes
-    that follow each component of q), kept where its bound is the smaller."""
-    todo = torch.nonzero((bound > tolerance).any(0))[:, 0]
-    if len(todo) == 0:
+FINER_STRATA = ((121, 81),)   # 2-D: the strata's rule a point tries after (61, 41): 4x the nodes (about
+                               # 0.4 GB a point at 10 components; 241^2 would need 1.5 GB)
+
+
+def _strata_pass(model: VAE, y, q, elbo: torch.Tensor, bound: torch.Tensor, tolerance: float,
+                 nodes: tuple[int, int] = STRATUM_NODES):
+    """The points and replicas whose ELBO bound misses `tolerance`, by local_rules.strata_elbo (nodes that
+    follow each component of q, `nodes` per axis), each replica alone (layers.replica_subset) on its own
+    points, kept where its bound is the smaller."""
+    from ..model.distributions import replicas_of
+    from ..model.layers import replica_subset
+    miss = bound > tolerance
+    if not bool(miss.any()):
         return elbo, bound
-    value, new = strata_elbo(model, as_batch(y, bound.shape[0], bound.device)[:, todo], q.select(todo),
-                             model.prior().to(F64))
-    better = (bound[:, todo] > tolerance) & (new < bound[:, todo])     # resolved points keep theirs
+    y = as_batch(y, bound.shape[0], bound.device)
     elbo, bound = elbo.clone(), bound.clone()
-    elbo[:, todo] = torch.where(better, value, elbo[:, todo])
-    bound[:, todo] = torch.where(better, new, bound[:, todo])
+    for r in torch.nonzero(miss.any(1))[:, 0].tolist():
+        one, row, points = replica_subset(model, [r]).eval(), slice(r, r + 1), torch.nonzero(miss[r])[:, 0]
+        value, new = strata_elbo(one, y[row, points], replicas_of(q.select(points), row), one.prior().to(F64), nodes)
+        better = new[0] < bound[r, points]
+        elbo[r, points] = torch.where(better, value[0], elbo[r, points])
+        bound[r, points] = torch.where(better, new[0], bound[r, points])
     return elbo, bound
 
 
