@@ -236,16 +236,21 @@ def _narrow_prior_inside(prior, lo: torch.Tensor, hi: torch.Tensor) -> torch.Ten
 
 
 ZOOM_NODES_2D = 129         # nodes per axis over a point's zoomed box in 2-D (65 for the bound)
+SUPPORT_2D = 30.0           # nats: the box holds the nodes within e^-30 of the largest mass (what is left
+                            # outside is at most 161,201 nodes x 1e-13 = 2e-8 of it, and enters the bound)
+FINER_BOXES = (257, 513)    # nodes per axis a box tries in turn where 129 were too few (513^2: about 0.3 s a point)
+STEEP_2D = 20.0             # nats: the steepness guard looks where the mass is within e^-20 of the largest
+                            # (digits at d_z = 2: at 46 nats every box was judged too steep by its far tails)
 
 
 @torch.no_grad()
 def zoom_log_p_2d(model: VAE, y, grid, miss: torch.Tensor, tolerance: float, chunk: int = 8):
     """zoom_log_p for a 2-D latent: each point and replica in `miss` [R, N] on a box of its own (the grid's
-    nodes within ZOOM_SUPPORT nats of the posterior's largest mass, ZOOM_MARGIN spacings wider along each
+    nodes within SUPPORT_2D nats of the posterior's largest mass, ZOOM_MARGIN spacings wider along each
     axis) at ZOOM_NODES_2D^2 nodes, zooming again up to ZOOM_ROUNDS times; (log p, bound) [R, N], inf
     elsewhere. The bound is |fine - coarse| (every other node along both axes) plus the mass left outside
     the boxes; inf where f / sigma changes by more than 1 across a coarse step along either axis where the
-    posterior holds mass, where a prior component narrower than the box's spacing reaches into it, or
+    posterior holds mass (within STEEP_2D nats of its largest), where a prior component narrower than the box's spacing reaches into it, or
     where the mass reaches the grid's edge."""
     def rule(one, yc, row):
         spacing = torch.stack([a[row, 1] - a[row, 0] for a in grid.axes], -1)[:, None]      # [1, 1, 2]
@@ -270,6 +275,14 @@ def _zoom_2d(model: VAE, y: torch.Tensor, nodes: torch.Tensor, log_w: torch.Tens
         lo2, hi2, outside2 = _box(box_nodes.flatten(2, 3), step, terms.flatten(2))
         lo, hi = torch.where(again[..., None], lo2, lo), torch.where(again[..., None], hi2, hi)
         outside = torch.where(again, outside + outside2, outside)
+    for J in FINER_BOXES:               # a box whose likelihood is too steep for its nodes: more nodes, a point at a time
+        for k in torch.nonzero(bound[0] > tolerance)[:, 0].tolist():
+            p = slice(k, k + 1)
+            v, b, _, _, step = _box_rule(model, y[:, p], lo[:, p], hi[:, p], J)
+            b = torch.where(_narrow_prior_in_box(prior, lo[:, p], hi[:, p], step), torch.full_like(b, math.inf),
+                            b + outside[:, p])
+            if float(b[0, 0]) < float(bound[0, k]):
+                value[0, k], bound[0, k] = v[0, 0], b[0, 0]
     return value, bound
 
 
@@ -277,7 +290,7 @@ def _box(z: torch.Tensor, h: torch.Tensor, log_mass: torch.Tensor):
     """As _support, in 2-D: the box [lo, hi] ([R, n, 2] each) around the nodes z [R, n or 1, J, 2] holding
     the posterior's mass (log_mass [R, n, J]), ZOOM_MARGIN spacings h [R, n or 1, 2] wider, and the mass
     outside it [R, n] (inf where the box reaches past the nodes' extent)."""
-    inside = (log_mass >= log_mass.amax(-1, keepdim=True) - ZOOM_SUPPORT)[..., None]
+    inside = (log_mass >= log_mass.amax(-1, keepdim=True) - SUPPORT_2D)[..., None]
     lo = torch.where(inside, z, math.inf).amin(-2) - ZOOM_MARGIN * h
     hi = torch.where(inside, z, -math.inf).amax(-2) + ZOOM_MARGIN * h
     mass = torch.softmax(log_mass, -1)
@@ -287,14 +300,13 @@ def _box(z: torch.Tensor, h: torch.Tensor, log_mass: torch.Tensor):
     return lo, hi, torch.where(cut, torch.full_like(outside, math.inf), outside)
 
 
-def _box_rule(model: VAE, y: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
+def _box_rule(model: VAE, y: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, J: int = ZOOM_NODES_2D):
     """log of the integral of p(y|z) p(z) over each point's box (lo, hi [R, n, 2]) by the trapezoid rule on
-    ZOOM_NODES_2D^2 nodes; its bound (|fine - coarse|, inf where the likelihood is too steep for the
+    J^2 nodes; its bound (|fine - coarse|, inf where the likelihood is too steep for the
     coarse nodes where the posterior holds mass); the nodes [R, n, J, J, 2], log p(y, z) there [R, n, J, J]
     and the spacing [R, n, 2]."""
     from .quadrature import _grid_terms
     R, n, _ = lo.shape
-    J = ZOOM_NODES_2D
     t = torch.linspace(0, 1, J, dtype=F64)
     axes = lo[..., None] + (hi - lo)[..., None] * t                                    # [R, n, 2, J]
     nodes = torch.stack(torch.broadcast_tensors(axes[:, :, 0, :, None], axes[:, :, 1, None, :]), -1)
@@ -308,7 +320,7 @@ def _box_rule(model: VAE, y: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
     fine = torch.logsumexp((terms + log_w).flatten(2), -1)
     coarse_w = torch.log(2 * step).sum(-1)[..., None, None] - edge[::2, None] - edge[None, ::2]
     coarse = torch.logsumexp((terms[..., ::2, ::2] + coarse_w).flatten(2), -1)
-    held = terms >= terms.amax(dim=(-2, -1), keepdim=True) - ZOOM_SUPPORT
+    held = terms >= terms.amax(dim=(-2, -1), keepdim=True) - STEEP_2D
     steep = torch.zeros_like(fine, dtype=torch.bool)
     for axis in (2, 3):
         change = (r.narrow(axis, 1, J - 1) - r.narrow(axis, 0, J - 1)).norm(dim=-1)
