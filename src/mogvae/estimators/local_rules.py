@@ -1,5 +1,5 @@
-"""Rules that follow what the shared grid cannot resolve, for every point at once (1-D latents): the
-step between the grid and the per-point panels of adaptive.py (issue 21's refinement, made affordable).
+"""Rules that follow what the shared grid cannot resolve, many points at once (1-D and 2-D latents):
+the step between the grid and the per-point panels of adaptive.py (1-D) (issue 21's refinement, made affordable).
 
 A component narrower than the grid's spacing leaves the grid without a bound (quadrature._refined_*),
 and the panels then refine every point one at a time: measured on a sigma = 0.01 mixture-prior run,
@@ -21,8 +21,8 @@ the stratum's scale), as one node per scale does on the grid. So a rule is trust
 - log p: the likelihood varies slowly over the component: s_k |f'(z)| / sigma <= LIKELIHOOD_SLOPE on
   its nodes (then exp(-(y - f)^2 / 2 sigma^2) has curvature at most that squared in eps, for any y);
 - the ELBO: every feature of log p(z) and log q(z) (the prior's and q's narrowest components) is at
-  least the coarse spacing in the widest stratum of q; log p(y|z) itself is a smooth quadratic of f
-  and needs nothing (it is not exponentiated).
+  least the coarse spacing in the widest stratum of q. Not guarded yet: a decoder f steep enough to
+  make a step in log p(y|z) between two nodes (a review's finding), which both rules can alias alike.
 
 Elsewhere the bound stays inf, and the point goes on to the panels.
 """
@@ -46,9 +46,11 @@ LIKELIHOOD_SLOPE = 1 / COARSE_SPACING         # s |f'| / sigma at most this: the
 def narrow_prior_log_p(model: VAE, y, grid, spacing: torch.Tensor, budget: int = 4_000_000):
     """log p(y) and its bound [R, N] with the prior split into the components the 1-D grid resolves
     (on its core, as `integrate`) and those narrower than its `spacing` [R] (each by its own rule);
-    None where the prior is not a mixture of Gaussians. The bound is inf where the core's outer 2%
-    holds posterior mass (that point's window is followed elsewhere). A replica whose likelihood is too steep for a narrow
-    component's rule gets bound inf (the panels then take its points)."""
+    None where the prior is not a mixture of Gaussians. The bound is inf where the core's outer 2%, or a
+    narrow component's outermost nodes (near +-8 of its scales), hold posterior mass (the mass goes on
+    beyond them: a likelihood peaking 10 scales from a component passes the steepness guard, and a rule
+    over +-8 scales misses half of it), and where the likelihood is too steep for a narrow component's
+    rule (the panels then take those points)."""
     prior = model.prior().to(F64)
     if not isinstance(prior, DiagMixture):
         return None
@@ -80,8 +82,12 @@ def narrow_prior_log_p(model: VAE, y, grid, spacing: torch.Tensor, budget: int =
         on_grid = (torch.logsumexp(terms[:, core] + grid.log_w[:, core, None], 1),
                    torch.logsumexp(terms[:, coarse] + grid.log_w_coarse[:, :, None], 1))
         for (m, inv, off), grid_part, parts in zip(rules, on_grid, (fine_parts, coarse_parts)):
-            parts.append(torch.logaddexp(grid_part, torch.logsumexp(_log_terms(yc, m, inv, off), 1)))
-        edge_parts.append(torch.exp(torch.logsumexp(terms[:, outer] + grid.log_w[:, outer, None], 1) - fine_parts[-1]))
+            own = _log_terms(yc, m, inv, off)                                       # [R, K J, n]
+            parts.append(torch.logaddexp(grid_part, torch.logsumexp(own, 1)))
+        ends = own.reshape(R, -1, NODES[1], own.shape[-1])[:, :, [0, 1, -2, -1]]   # each component's outer nodes
+        edge_parts.append(torch.exp(torch.logaddexp(
+            torch.logsumexp(terms[:, outer] + grid.log_w[:, outer, None], 1),
+            torch.logsumexp(ends.flatten(1, 2), 1)) - fine_parts[-1]))
     fine, coarse_value, edge = (torch.cat(p, 1) for p in (fine_parts, coarse_parts, edge_parts))
     bound = torch.maximum((fine - coarse_value).abs(), edge)
     unbounded = steep[:, None] | (edge > TRUNCATION)      # a posterior beyond the core: its window is followed
@@ -166,11 +172,12 @@ def _zoom(model: VAE, y: torch.Tensor, nodes: torch.Tensor, log_w: torch.Tensor,
     from .quadrature import _grid_terms, _log_terms
     prior = model.prior().to(F64)
     z, h = nodes[..., 0][:, None], (nodes[:, 1, 0] - nodes[:, 0, 0])[:, None]          # [R, 1, G], [R, 1]
+    grid_h = h[:, 0]
     log_mass = (_log_terms(y, *_grid_terms(model, nodes)) + log_w[:, :, None]).transpose(1, 2)   # [R, n, G]
     lo, hi, outside = _support(z, h, log_mass)
     for _ in range(ZOOM_ROUNDS):
         value, rule_bound, window_nodes, terms = _window_rule(model, y, lo, hi)
-        bound = torch.where(_narrow_prior_inside(prior, lo, hi), torch.full_like(rule_bound, math.inf),
+        bound = torch.where(_narrow_prior_inside(prior, lo, hi, grid_h), torch.full_like(rule_bound, math.inf),
                             rule_bound + outside)
         again = bound > tolerance
         if not bool(again.any()):
@@ -218,21 +225,36 @@ def _window_rule(model: VAE, y: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
     # the likelihood's own width: where it holds mass, f / sigma may change by at most 1 per coarse step
     held = terms >= terms.amax(-1, keepdim=True) - ZOOM_SUPPORT
     change = (r[:, :, 1:] - r[:, :, :-1]).norm(dim=-1)                                 # per fine step
-    steep = ((change > 0.5) & (held[..., 1:] | held[..., :-1])).any(-1)
+    near = held[..., 1:] | held[..., :-1] | _passes_near(r[:, :, :-1], r[:, :, 1:], r, ZOOM_SUPPORT)
+    steep = ((change > 0.5) & near).any(-1)
     bound = torch.where(steep, torch.full_like(fine, math.inf), (fine - coarse).abs())
     return fine, bound, nodes, terms
 
 
-def _narrow_prior_inside(prior, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """[R, n]: a component of the prior within [lo, hi] (its location +- 8 scales reaching in) is narrower
-    than the window's spacing."""
+def _passes_near(a: torch.Tensor, b: torch.Tensor, r: torch.Tensor, nats: float) -> torch.Tensor:
+    """Whether the segment from a to b (r = (f - y) / sigma at two neighbouring nodes, [..., Y]) passes
+    where the likelihood is within `nats` of its best node (r's smallest norm over the point's nodes, r
+    [R, n, *nodes, Y]): f can cross y between two nodes that both see almost nothing, which is where an
+    aliased spike hides. r is taken as linear along the segment."""
+    d = b - a
+    t = (-(a * d).sum(-1) / (d * d).sum(-1).clamp_min(1e-300)).clamp(0, 1)
+    closest = (a + t[..., None] * d).square().sum(-1)
+    best = r.square().sum(-1).flatten(2).amin(-1)                                      # [R, n]
+    return 0.5 * (closest - best.reshape(*best.shape, *[1] * (closest.dim() - 2))) <= nats
+
+
+def _narrow_prior_inside(prior, lo: torch.Tensor, hi: torch.Tensor, grid_h: torch.Tensor) -> torch.Tensor:
+    """[R, n]: a prior component within [lo, hi] (its location +- 8 scales reaching in) is narrower than
+    the window's spacing, or one anywhere is narrower than the grid's spacing grid_h [R] (the grid cannot
+    see its mass, so the window, built from the grid's mass, may leave it out without counting it)."""
     spacing = (hi - lo) / (ZOOM_NODES - 1)
-    if not isinstance(prior, DiagMixture):   # a piecewise-smooth prior converges as h^2 between its knots: bounded
-        return prior.resolution()[:, :1] < spacing if prior.smooth else torch.zeros_like(lo, dtype=torch.bool)
+    unseen = (prior.resolution().amin(1) < grid_h)[:, None]                            # [R, 1]
+    if not isinstance(prior, DiagMixture):   # judged by its narrowest scale (a flow's too: its knots' pieces)
+        return (prior.resolution()[:, :1] < spacing) | unseen
     loc, scale = prior.loc[:, 0, 0, :, 0][:, None], prior.scale[:, 0, 0, :, 0][:, None]    # [R, 1, K]
-    spacing = spacing[..., None]
     reaches = (loc + SPAN * scale >= lo[..., None]) & (loc - SPAN * scale <= hi[..., None])
-    return (reaches & (scale < spacing)).any(-1)
+    return (reaches & (scale < spacing[..., None])).any(-1) | unseen
+
 
 
 ZOOM_NODES_2D = 129         # nodes per axis over a point's zoomed box in 2-D (65 for the bound)
@@ -263,11 +285,12 @@ def _zoom_2d(model: VAE, y: torch.Tensor, nodes: torch.Tensor, log_w: torch.Tens
     """zoom_log_p_2d on one chunk of points y [1, n, Y] from the grid's nodes [1, G, 2] and weights [1, G]."""
     from .quadrature import _grid_terms, _log_terms
     prior = model.prior().to(F64)
+    grid_h = spacing.amin(-1)[:, 0]                                                    # [1]
     log_mass = (_log_terms(y, *_grid_terms(model, nodes)) + log_w[:, :, None]).transpose(1, 2)   # [1, n, G]
     lo, hi, outside = _box(nodes[:, None], spacing, log_mass)
     for _ in range(ZOOM_ROUNDS):
         value, rule_bound, box_nodes, terms, step = _box_rule(model, y, lo, hi)
-        bound = torch.where(_narrow_prior_in_box(prior, lo, hi, step), torch.full_like(rule_bound, math.inf),
+        bound = torch.where(_narrow_prior_in_box(prior, lo, hi, step, grid_h), torch.full_like(rule_bound, math.inf),
                             rule_bound + outside)
         again = bound > tolerance
         if not bool(again.any()):
@@ -279,7 +302,7 @@ def _zoom_2d(model: VAE, y: torch.Tensor, nodes: torch.Tensor, log_w: torch.Tens
         for k in torch.nonzero(bound[0] > tolerance)[:, 0].tolist():
             p = slice(k, k + 1)
             v, b, _, _, step = _box_rule(model, y[:, p], lo[:, p], hi[:, p], J)
-            b = torch.where(_narrow_prior_in_box(prior, lo[:, p], hi[:, p], step), torch.full_like(b, math.inf),
+            b = torch.where(_narrow_prior_in_box(prior, lo[:, p], hi[:, p], step, grid_h), torch.full_like(b, math.inf),
                             b + outside[:, p])
             if float(b[0, 0]) < float(bound[0, k]):
                 value[0, k], bound[0, k] = v[0, 0], b[0, 0]
@@ -307,6 +330,7 @@ def _box_rule(model: VAE, y: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, J
     and the spacing [R, n, 2]."""
     from .quadrature import _grid_terms
     R, n, _ = lo.shape
+    assert J % 2 == 1, "the coarse rule is every other node: an odd count keeps both ends"
     t = torch.linspace(0, 1, J, dtype=F64)
     axes = lo[..., None] + (hi - lo)[..., None] * t                                    # [R, n, 2, J]
     nodes = torch.stack(torch.broadcast_tensors(axes[:, :, 0, :, None], axes[:, :, 1, None, :]), -1)
@@ -323,17 +347,20 @@ def _box_rule(model: VAE, y: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, J
     held = terms >= terms.amax(dim=(-2, -1), keepdim=True) - STEEP_2D
     steep = torch.zeros_like(fine, dtype=torch.bool)
     for axis in (2, 3):
-        change = (r.narrow(axis, 1, J - 1) - r.narrow(axis, 0, J - 1)).norm(dim=-1)
-        near = held.narrow(axis, 1, J - 1) | held.narrow(axis, 0, J - 1)
+        a, b = r.narrow(axis, 0, J - 1), r.narrow(axis, 1, J - 1)
+        change = (b - a).norm(dim=-1)
+        near = held.narrow(axis, 1, J - 1) | held.narrow(axis, 0, J - 1) | _passes_near(a, b, r, STEEP_2D)
         steep |= ((change > 0.5) & near).flatten(2).any(-1)
     bound = torch.where(steep, torch.full_like(fine, math.inf), (fine - coarse).abs())
     return fine, bound, nodes, terms, step
 
 
-def _narrow_prior_in_box(prior, lo: torch.Tensor, hi: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """[R, n]: a prior component narrower than the box's spacing along some axis reaches into the box."""
+def _narrow_prior_in_box(prior, lo: torch.Tensor, hi: torch.Tensor, step: torch.Tensor, grid_h: torch.Tensor) -> torch.Tensor:
+    """[R, n]: a prior component narrower than the box's spacing along some axis reaches into the box, or
+    one anywhere is narrower than the grid's spacing grid_h [R] along some axis (unseen by the grid)."""
+    unseen = (prior.resolution().amin(1) < grid_h)[:, None]
     if not isinstance(prior, DiagMixture):
-        return (prior.resolution()[:, :1] < step.amin(-1)) if prior.smooth else torch.zeros(lo.shape[:2], dtype=torch.bool)
+        return (prior.resolution()[:, :1] < step.amin(-1)) | unseen
     loc, scale = prior.loc[:, 0, 0][:, None], prior.scale[:, 0, 0][:, None]            # [R, 1, K, 2]
     reaches = ((loc + SPAN * scale >= lo[:, :, None]) & (loc - SPAN * scale <= hi[:, :, None])).all(-1)
-    return (reaches & (scale < step[:, :, None]).any(-1)).any(-1)
+    return (reaches & (scale < step[:, :, None]).any(-1)).any(-1) | unseen

@@ -447,6 +447,7 @@ def _refined_log_p(model: VAE, y, grid: Grid, exact: Integrals, tolerance: float
     if tolerance is None:
         return exact.log_p, bound
     if not one_d:                        # 2-D: a box of its own for each point that misses the tolerance
+        bound = torch.where(_unresolved_prior(model, grid)[:, None], torch.full_like(bound, math.inf), bound)
         miss = bound > tolerance
         if not bool(miss.any()):
             return exact.log_p, bound
@@ -473,13 +474,13 @@ def _refined_log_p(model: VAE, y, grid: Grid, exact: Integrals, tolerance: float
 
 
 def _spacing(grid: Grid) -> torch.Tensor:
-    """A 1-D grid's spacing per replica [R]."""
-    return grid.axes[0][:, 1] - grid.axes[0][:, 0]
+    """A grid's spacing per replica [R] (in 2-D, the smaller of its two)."""
+    return torch.stack([a[:, 1] - a[:, 0] for a in grid.axes]).amin(0)
 
 
 def _unresolved_prior(model: VAE, grid: Grid) -> torch.Tensor:
     """Per replica [R]: the prior is smooth (a mixture of Gaussians, whose narrow component the grid can
-    alias) and has a component narrower than the 1-D grid's spacing. (A piecewise-smooth prior, a
+    alias) and has a component narrower than the grid's spacing (in 2-D, along either axis). (A piecewise-smooth prior, a
     flow's, converges as h^2 between its knots, where |fine - coarse| does bound the error.)"""
     prior = model.prior().to(F64)
     return prior.resolution()[:, 0] < _spacing(grid) if prior.smooth else torch.zeros(len(grid.axes[0]), dtype=torch.bool)
@@ -496,8 +497,8 @@ def _refined_elbo(model: VAE, y, grid: Grid, exact: Integrals, tolerance: float 
         return exact.elbo, bound
     from .adaptive import refine_elbo
     q_all = (model.posterior(as_batch(y, bound.shape[0], bound.device)) if q is None else q).to(F64)
-    if len(grid.axes) > 1:               # 2-D: the rule on q's strata again, with 2x and 4x the nodes per axis
-        if q_all.base_rule(1) is not None:
+    if len(grid.axes) > 1:               # 2-D: the rule on q's strata again, with 2x the nodes per axis
+        if not q_all.smooth:
             return exact.elbo, bound
         elbo = exact.elbo
         for nodes in FINER_STRATA:
