@@ -142,9 +142,9 @@ def refine_elbo(model: VAE, y, elbo: torch.Tensor, bound: torch.Tensor, q, grid,
     of flows) puts its knots among the breaks. Returns (elbo, bound, points refined)."""
     from .quadrature import log_joint
     todo = _to_refine(bound, tolerance)
-    q = (model.posterior(as_batch(y, elbo.shape[0], elbo.device)) if q is None else q).to(F64)
     if not todo:
         return elbo, bound, 0
+    q = (model.posterior(as_batch(y, elbo.shape[0], elbo.device)) if q is None else q).to(F64)
     elbo, bound = elbo.clone(), bound.clone()
     for i, r, one, yi, breaks in _refinements(model, y, grid, todo, phases, "the ELBO", tolerance):
         qi = replicas_of(q.select(slice(i, i + 1)), slice(r, r + 1))

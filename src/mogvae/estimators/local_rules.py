@@ -147,15 +147,15 @@ def zoom_log_p(model: VAE, y, grid, miss: torch.Tensor, tolerance: float, chunk:
     the posterior mass left outside the windows (relative), and inf where a prior component narrower than
     the window's spacing lies within it (the two rules could alias it) or the mass reaches the grid's
     ends. Each replica runs alone (layers.replica_subset) on its own points, a chunk at a time."""
-    return _each_replica(model, y, grid, miss, chunk,
-                         lambda one, yc, row: _zoom(one, yc, grid.nodes[row], grid.log_w[row], tolerance))
+    return each_replica(model, y, miss, chunk,
+                        lambda one, yc, row, part: _zoom(one, yc, grid.nodes[row], grid.log_w[row], tolerance))
 
 
-def _each_replica(model: VAE, y, grid, miss: torch.Tensor, chunk: int, rule):
-    """(values, bounds) [R, N] from `rule(replica alone, y [1, n, Y], its row)` -> ([1, n], [1, n]) on each
-    replica's points in `miss` [R, N], `chunk` at a time (NaN and inf elsewhere)."""
+def each_replica(model: VAE, y, miss: torch.Tensor, chunk: int, rule):
+    """(values, bounds) [R, N] from `rule(replica alone, y [1, n, Y], its row, the points' indices)` ->
+    ([1, n], [1, n]) on each replica's points in `miss` [R, N], `chunk` at a time (NaN and inf elsewhere)."""
     from ..model.layers import replica_subset
-    y = as_batch(y, grid.log_w.shape[0], grid.nodes.device)
+    y = as_batch(y, miss.shape[0], miss.device)
     values = torch.full(miss.shape, math.nan, dtype=F64)
     bounds = torch.full(miss.shape, math.inf, dtype=F64)
     for r in torch.nonzero(miss.any(1))[:, 0].tolist():
@@ -163,7 +163,7 @@ def _each_replica(model: VAE, y, grid, miss: torch.Tensor, chunk: int, rule):
         points = torch.nonzero(miss[r])[:, 0]
         for s in range(0, len(points), chunk):
             part = points[s:s + chunk]
-            values[r, part], bounds[r, part] = (t[0] for t in rule(one, y[row, part], row))
+            values[r, part], bounds[r, part] = (t[0] for t in rule(one, y[row, part], row, part))
     return values, bounds
 
 
@@ -274,10 +274,10 @@ def zoom_log_p_2d(model: VAE, y, grid, miss: torch.Tensor, tolerance: float, chu
     the boxes; inf where f / sigma changes by more than 1 across a coarse step along either axis where the
     posterior holds mass (within STEEP_2D nats of its largest), where a prior component narrower than the box's spacing reaches into it, or
     where the mass reaches the grid's edge."""
-    def rule(one, yc, row):
+    def rule(one, yc, row, part):
         spacing = torch.stack([a[row, 1] - a[row, 0] for a in grid.axes], -1)[:, None]      # [1, 1, 2]
         return _zoom_2d(one, yc, grid.nodes[row], grid.log_w[row], spacing, tolerance)
-    return _each_replica(model, y, grid, miss, chunk, rule)
+    return each_replica(model, y, miss, chunk, rule)
 
 
 def _zoom_2d(model: VAE, y: torch.Tensor, nodes: torch.Tensor, log_w: torch.Tensor, spacing: torch.Tensor,

@@ -29,7 +29,7 @@ from ..model.grid import F64, MAX_LATENT, Grid, as_batch, latent_grid, trapezoid
 from ..model.vae import VAE
 from ..objectives.bounds import log_weights
 from .base import Estimate, Estimator
-from .local_rules import narrow_prior_log_p, strata_elbo, zoom_log_p, zoom_log_p_2d
+from .local_rules import each_replica, narrow_prior_log_p, strata_elbo, zoom_log_p, zoom_log_p_2d
 
 MAX_GRID_NODES = 250_000   # latent nodes per replica: the decoder on the grid and the 2-D ELBO terms stay ~1 GB
 RULE_NODES = 16     # Gauss-Legendre nodes per smooth piece of a piecewise-smooth q (model.flows.SplineFlow.base_rule)
@@ -451,9 +451,7 @@ def _refined_log_p(model: VAE, y, grid: Grid, exact: Integrals, tolerance: float
         miss = bound > tolerance
         if not bool(miss.any()):
             return exact.log_p, bound
-        value, zoomed = zoom_log_p_2d(model, y, grid, miss, tolerance)
-        take = miss & (zoomed < bound)
-        return torch.where(take, value, exact.log_p), torch.where(take, zoomed, bound)
+        return _keep_smaller(exact.log_p, bound, *zoom_log_p_2d(model, y, grid, miss, tolerance), miss)
     from .adaptive import refine_log_p
     held = exact.edge_mass <= TRUNCATION                                               # [R, N]
     unresolved = _unresolved_prior(model, grid)
@@ -462,13 +460,10 @@ def _refined_log_p(model: VAE, y, grid: Grid, exact: Integrals, tolerance: float
     if bool(unresolved.any()):           # the narrow components by rules of their own, every point at once
         split = narrow_prior_log_p(model, y, grid, _spacing(grid))
         if split is not None:
-            take = unresolved[:, None] & held & (split[1] < bound)
-            log_p, bound = torch.where(take, split[0], log_p), torch.where(take, split[1], bound)
+            log_p, bound = _keep_smaller(log_p, bound, *split, unresolved[:, None] & held)
     miss = (bound > tolerance) & held                       # resolved points keep theirs
     if bool(miss.any()):                 # a posterior narrower than the grid: a window of its own, many points at once
-        value, zoomed = zoom_log_p(model, y, grid, miss, tolerance)
-        take = miss & (zoomed < bound)
-        log_p, bound = torch.where(take, value, log_p), torch.where(take, zoomed, bound)
+        log_p, bound = _keep_smaller(log_p, bound, *zoom_log_p(model, y, grid, miss, tolerance), miss)
     log_p, refined, _ = refine_log_p(model, y, log_p, bound, exact.window, held, grid, tolerance, phases=phases)
     return log_p, torch.maximum(refined, exact.edge_mass)
 
@@ -524,19 +519,20 @@ def _strata_pass(model: VAE, y, q, elbo: torch.Tensor, bound: torch.Tensor, tole
     follow each component of q, `nodes` per axis), each replica alone (layers.replica_subset) on its own
     points, kept where its bound is the smaller."""
     from ..model.distributions import replicas_of
-    from ..model.layers import replica_subset
     miss = bound > tolerance
     if not bool(miss.any()):
         return elbo, bound
-    y = as_batch(y, bound.shape[0], bound.device)
-    elbo, bound = elbo.clone(), bound.clone()
-    for r in torch.nonzero(miss.any(1))[:, 0].tolist():
-        one, row, points = replica_subset(model, [r]).eval(), slice(r, r + 1), torch.nonzero(miss[r])[:, 0]
-        value, new = strata_elbo(one, y[row, points], replicas_of(q.select(points), row), one.prior().to(F64), nodes)
-        better = new[0] < bound[r, points]
-        elbo[r, points] = torch.where(better, value[0], elbo[r, points])
-        bound[r, points] = torch.where(better, new[0], bound[r, points])
-    return elbo, bound
+    new = each_replica(model, y, miss, miss.shape[1], lambda one, yc, row, part: strata_elbo(
+        one, yc, replicas_of(q.select(part), row), one.prior().to(F64), nodes))
+    return _keep_smaller(elbo, bound, *new, miss)
+
+
+def _keep_smaller(values: torch.Tensor, bound: torch.Tensor, new_values: torch.Tensor, new_bound: torch.Tensor,
+                  where: torch.Tensor):
+    """The values and bounds [R, N] with the new ones taken where `where` holds and the new bound is smaller:
+    a refinement only ever lowers a bound, and a point it did not try keeps its value bit for bit."""
+    take = where & (new_bound < bound)
+    return torch.where(take, new_values, values), torch.where(take, new_bound, bound)
 
 
 def quadrature_log_likelihood(model: VAE, y, *, grid_size: int = 2001, grid_span: float = 8.0,
