@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -128,6 +129,16 @@ def test_a_three_dimensional_latent_is_evaluated_by_importance_sampling(tiny, tm
         assert 0 < float(row["test_log_likelihood_stderr"]) < 0.1
         assert 0 < float(row["test_elbo_stderr"]) < 0.1                # the Monte Carlo ELBO's, beside it
         assert math.isnan(float(row["quadrature_error"]))       # no grid: the error is the standard error
+    # the means' sampling bound, recomputed from the saved per-point standard errors: 2 SE + the bias of log p
+    saved = np.load(out / "pointwise.npz")
+    se, elbo_se = saved["log_p_error"], saved["elbo_error"]
+    assert str(saved["log_p_error_is"]) == "stderr"
+    n = se.shape[1]
+    expected = np.maximum(2 * np.sqrt((se ** 2).sum(1)) / n + (se ** 2).mean(1) / 2, 2 * np.sqrt((elbo_se ** 2).sum(1)) / n)
+    for row, bound in zip(rows, expected):
+        assert float(row["sampling_error_bound"]) == pytest.approx(bound, rel=1e-9)
+        assert float(row["error_bound"]) == float(row["sampling_error_bound"])
+        assert row["flagged"] == str(bound > float(row["tolerance"]))
 
 
 @pytest.mark.parametrize("out,needle", [("x" * 300, "too long"), ("/dev/null", "not a folder"),

@@ -137,17 +137,89 @@ def _draws(model: VAE, y, n: int, K: int, seeds: list[int], budget: int):
 
 def importance_terms(model: VAE, y_test, y_grid, config, seeds: list[int], phases=None) -> dict:
     """Evaluation's terms where quadrature does not fit: log p(y) by importance sampling, the ELBO by
-    Monte Carlo from q, each with its standard error per point (and log p's mean, over draws and points)."""
+    Monte Carlo from q, each with its standard error per point (and log p's mean, over draws and points).
+    A point whose standard error would keep its replica's sampling_bound above eval.sampling_tolerance
+    draws again (refine_sampled); `sampling_error_bound` is the larger of the two means' bounds, per replica."""
     gens = [s + IMPORTANCE_OFFSET for s in seeds]
     log_p, se = importance_log_likelihood(model, y_test, config.n_importance, gens)
+    elbo, elbo_se = monte_carlo_elbo_with_error(model, y_test, config.n_importance, gens)
+    (log_p, se), (elbo, elbo_se) = refine_sampled(model, y_test, (log_p, se), (elbo, elbo_se), config.n_importance,
+                                                  gens, config.sampling_tolerance, phases)
     density = None if y_grid is None else \
         torch.exp(importance_log_likelihood(model, y_grid, config.n_importance, gens)[0]).numpy()
     nan = np.full(len(seeds), math.nan)
-    elbo, elbo_se = monte_carlo_elbo_with_error(model, y_test, config.n_importance, gens)
+    bound = torch.maximum(sampling_bound(se, biased=True), sampling_bound(elbo_se, biased=False))
     return {"log_p": log_p, "elbo": elbo, "model_density": density,
             "log_p_error": se.numpy(), "elbo_error": elbo_se.numpy(),
             "quadrature_error": nan, "grid_edge_mass": nan, "elbo_quadrature_error": nan,
-            "test_log_likelihood_stderr": _mean_stderr(se), "test_elbo_stderr": _mean_stderr(elbo_se)}
+            "test_log_likelihood_stderr": _mean_stderr(se), "test_elbo_stderr": _mean_stderr(elbo_se),
+            "sampling_error_bound": bound.numpy()}
+
+
+def sampling_bound(se: torch.Tensor, biased: bool) -> torch.Tensor:
+    """What the mean over points of sampled estimates with standard errors se [R, N] may be off by, per
+    replica [R]: two standard errors of the mean (95%), plus, for log p_hat (`biased`), the delta
+    method's bias mean(se^2) / 2 (the log of an unbiased estimate is low by about Var / 2 p^2 at every
+    point alike, so the mean over points does not average it away)."""
+    out = 2 * torch.sqrt((se * se).sum(1)) / se.shape[1]
+    return out + (se * se).mean(1) / 2 if biased else out
+
+
+def point_target(tolerance: float, n_points: int) -> float:
+    """A standard error per point at which, if every point meets it, both sampling_bounds meet
+    `tolerance`: s = tolerance sqrt(N) / 4 gives 2 s / sqrt(N) = tolerance / 2, and s <= sqrt(tolerance)
+    keeps the bias s^2 / 2 within the other half."""
+    return min(tolerance * math.sqrt(n_points) / 4, math.sqrt(tolerance))
+
+
+SAMPLING_ROUNDS = 4          # doublings of a point's draws at most: up to 16 x eval.n_importance where needed
+ROUND_SEED = 1_000_003       # round j's draws for replica r: its seed + IMPORTANCE_OFFSET + j ROUND_SEED
+
+
+def refine_sampled(model: VAE, y, log_p: tuple, elbo: tuple, n_samples: int, seeds: list[int], tolerance: float,
+                   phases=None) -> tuple[tuple, tuple]:
+    """(log p_hat, se) and (ELBO, se) [R, N] after each point whose standard error exceeds
+    point_target(tolerance, N) doubled its draws, up to SAMPLING_ROUNDS times. A round's new draws are
+    an estimate of their own from a stream of the round's (ROUND_SEED); the two equal-sized estimates are
+    averaged (for log p_hat, their p_hat). Each replica runs alone (layers.replica_subset) on its own
+    points, so a replica's numbers do not depend on which others drew again."""
+    from ..model.layers import replica_subset
+    y = as_batch(y, replica_count(model), next(model.parameters()).device)
+    target = point_target(tolerance, y.shape[1])
+    (lp, lp_se), (el, el_se) = (tuple(t.clone() for t in pair) for pair in (log_p, elbo))
+    todo = (lp_se > target) | (el_se > target)
+    total, done = int(todo.sum()), 0
+    if phases and total:
+        phases.start("drawing again", f"more importance samples for {total:,} point-replicas whose standard error "
+                     f"exceeds {target:.2g} (eval.sampling_tolerance = {tolerance:g} over {y.shape[1]:,} points)")
+    for r in torch.nonzero(todo.any(1))[:, 0].tolist():
+        one = replica_subset(model, [r]).eval()
+        for j in range(SAMPLING_ROUNDS):
+            need_lp, need_el = lp_se[r] > target, el_se[r] > target
+            points = torch.nonzero(need_lp | need_el)[:, 0]
+            if len(points) == 0:
+                break
+            seed, n = [seeds[r] + (j + 1) * ROUND_SEED], n_samples * 2 ** j
+            if bool(need_lp.any()):
+                at = torch.nonzero(need_lp)[:, 0]
+                v, s = importance_log_likelihood(one, y[r, at], n, seed)
+                lp[r, at], lp_se[r, at] = _average_p_hat(lp[r, at], lp_se[r, at], v[0], s[0])
+            if bool(need_el.any()):
+                at = torch.nonzero(need_el)[:, 0]
+                v, s = monte_carlo_elbo_with_error(one, y[r, at], n, seed)
+                el[r, at], el_se[r, at] = (el[r, at] + v[0]) / 2, torch.sqrt(el_se[r, at] ** 2 + s[0] ** 2) / 2
+        done += int(todo[r].sum())
+        if phases:
+            phases.step(done, total, "point-replicas")
+    return (lp, lp_se), (el, el_se)
+
+
+def _average_p_hat(l1: torch.Tensor, s1: torch.Tensor, l2: torch.Tensor, s2: torch.Tensor):
+    """log((p1 + p2) / 2) and its standard error from two independent estimates of equal size, each as
+    (log p_hat, se = sd(p_hat) / p_hat): Var = (Var1 + Var2) / 4."""
+    log = torch.logaddexp(l1, l2) - math.log(2)
+    se = torch.sqrt((s1 * torch.exp(l1 - log)) ** 2 + (s2 * torch.exp(l2 - log)) ** 2) / 2
+    return log, se
 
 
 def _mean_stderr(se: torch.Tensor) -> np.ndarray:

@@ -105,15 +105,17 @@ def exactness_lines(cells: list[dict], metrics) -> list[str]:
             if r["diverged"] != "True"]
     missed = [(name, seed, error_bound(r), r.get("tolerance", math.nan)) for name, seed, r in rows if flagged(r)]
     bounds = [b for _, _, r in rows if not flagged(r) and not math.isnan(b := error_bound(r))]
-    out = [f"Every exact number is within its error bound (max over test points of log p, the ELBO and ELBO*); "
-           f"the largest bound of a replica that counts: {max(bounds):.1e} nats." if bounds else
-           "No replica that counts has an exact number with a bound." if missed else
-           "No replica has an exact number with a bound (importance sampling: standard errors)."]
+    out = [f"Every number is within its error bound (exact: max over test points of log p, the ELBO and ELBO*; "
+           f"importance sampling: two standard errors of the means plus the bias of log p); the largest bound of a "
+           f"replica that counts: {max(bounds):.1e} nats." if bounds else
+           "No replica that counts has a number with a bound." if missed else
+           "No replica has a number with a bound (written before bounds were saved)."]
     if missed:
         out += ["", f"{len(missed)} of {len(rows)} replicas missed their tolerance even after adaptive refinement "
                 "(at some test point a rule could not resolve a posterior, a prior or q within the budget, or a "
-                "window could not hold a posterior: bound inf). They stay in metrics.csv (flagged = True) and are "
-                "left out of every mean, comparison and verdict here:", "",
+                "window could not hold a posterior: bound inf; under importance sampling, the means' sampling "
+                "error stayed above it with 16 times the draws). They stay in metrics.csv (flagged = True) and "
+                "are left out of every mean, comparison and verdict here:", "",
                 *(f"- {md_text(name)}, seed {seed}: bound {bound:.2g} nats (tolerance {tol:g})"
                   for name, seed, bound, tol in missed)]
     return out
@@ -136,17 +138,19 @@ def verdict_lines(cells: list[dict], metrics) -> list[str]:
     means = {n: _mean(metrics, n, key) for n in names}
     ranked = sorted((n for n in names if math.isfinite(means[n])), key=means.get, reverse=better == "highest")
     what = "test log-likelihood" if same_data else "KL to the truth"
+    missed = sum(r["diverged"] != "True" and flagged(r) for n in names for r in metrics[n].values())
+    left_out = f" {missed} flagged replica{'s' if missed > 1 else ''} left out (Exactness)." if missed else ""
     if not ranked:
-        return [f"**Verdict:** none: no run has a finite {what}" + ("" if same_data else " (the runs differ in "
-                "their data, and the truth is unknown, so no one number compares them)") + "."]
+        why = (" that counts: every replica diverged or missed its tolerance" if missed else
+               "" if same_data else " (the runs differ in their data, and the truth is unknown, so no one number "
+               "compares them)")
+        return [f"**Verdict:** none: no run has a finite {what}{why}." + left_out]
     best = ranked[0]
     if len(names) == 1:
         kl = _mean(metrics, best, "kl_to_truth")
         return [f"**Result:** test log-likelihood {means[best]:.4f} nats per point, mean over seeds"
-                + (f"; {kl:.4f} nats from the truth" if math.isfinite(kl) else "") + "."]
+                + (f"; {kl:.4f} nats from the truth" if math.isfinite(kl) else "") + "." + left_out]
     ahead = [(n, paired(metrics, best, n, key)) for n in ranked[1:]]
-    missed = sum(r["diverged"] != "True" and flagged(r) for n in names for r in metrics[n].values())
-    left_out = f" {missed} flagged replica{'s' if missed > 1 else ''} left out (Exactness)." if missed else ""
     decided = [n for n, iv in ahead if iv.excludes_zero()]
     sign = 1 if better == "highest" else -1        # "ahead" is the difference in the better direction
     against = ", ".join(f"{md_text(n)} by {sign * iv.mean:+.4f} {_bracket(iv, sign)}" for n, iv in ahead)
