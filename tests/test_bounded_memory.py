@@ -137,7 +137,7 @@ def test_a_truth_too_slow_to_compute_is_refused_naming_settings_that_fit():
     ({"model": {"latent_dim": 2}, "eval": {"grid_size": 101}, "data": FOLDED_1000}, "model.latent_dim",
      lambda v: {"model": {"latent_dim": v}}),
     ({"model": {"latent_dim": 3}, "data": FOLDED_1000}, "model.latent_dim", lambda v: {"model": {"latent_dim": v}}),
-    ({"model": {"latent_dim": 3}, "eval": {"grid_size": 401}, "data": {**FOLDED_1000, "data_dim": 200}},
+    ({"model": {"latent_dim": 3}, "eval": {"grid_size": 401}, "data": {**FOLDED_1000, "data_dim": 800}},
      "model.latent_dim", lambda v: {"model": {"latent_dim": v}}),
 ])
 def test_evaluation_memory_at_the_datas_dimension_is_refused_naming_a_setting_that_fits(settings, key, fits):

@@ -139,6 +139,13 @@ def test_a_three_dimensional_latent_is_evaluated_by_importance_sampling(tiny, tm
         assert float(row["sampling_error_bound"]) == pytest.approx(bound, rel=1e-9)
         assert float(row["error_bound"]) == float(row["sampling_error_bound"])
         assert row["flagged"] == str(bound > float(row["tolerance"]))
+    # the Python API draws each test point's samples as evaluation did (its own stream, drawing again alike)
+    import mogvae
+    run = mogvae.load(out)
+    y = run.data("test")
+    for r, row in enumerate(rows):
+        assert abs(run.log_prob(y, replica=r).mean() - float(row["test_log_likelihood"])) < 1e-6
+        assert abs(run.elbo(y, replica=r).mean() - float(row["test_elbo"])) < 1e-6
 
 
 @pytest.mark.parametrize("out,needle", [("x" * 300, "too long"), ("/dev/null", "not a folder"),

@@ -74,7 +74,7 @@ GRID_BYTES = 26              # per seed, latent node and D: the decoder's mean o
 WIDEST_1D_GRID = 20_001      # quadrature.latent_grid widens a 1-D grid to cover q, up to this
 GENERATED_BYTES = 25         # per seed (and the truth), generated sample and D (_generate, _true_means)
 STRATA_BYTES = 11_500_000    # per D: the 2-D ELBO's decoder at 250,000 draws (quadrature.stratum_trapezoid_elbo)
-IMPORTANCE_BYTES = 46_000_000  # per D: the decoder at 2,000,000 draws (likelihood.importance_log_likelihood)
+IMPORTANCE_BYTES = 5_750_000   # per D: the decoder at 250,000 draws (likelihood.importance_log_likelihood)
 
 
 def evaluation_bytes(model: ModelConfig, config: EvalConfig, data_dim: int, seeds: int = 1) -> dict[str, float]:

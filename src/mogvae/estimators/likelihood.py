@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..model.distributions import Defensive
-from ..model.layers import make_generators, randn_per_replica, replica_count
+from ..model.layers import replica_count
 from ..model.vae import VAE
 from ..objectives.bounds import log_weights
 from .base import Estimate, Estimator
@@ -77,14 +77,16 @@ def _importance(model: VAE, y, *, n_samples: int, seeds: list[int], **_) -> Esti
 
 
 @torch.no_grad()
-def importance_log_likelihood(model: VAE, y, n_samples: int, seeds: list[int],
-                              budget: int = 2_000_000) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p_hat, standard error), each [R, N], float64 densities (see the module note).
-    Points are taken in chunks whose [R, n, K, B] weights stay within `budget`."""
+def importance_log_likelihood(model: VAE, y, n_samples: int, seeds: list[int], budget: int = 250_000,
+                              index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p_hat, standard error), each [R, N], float64 densities (see the module note). Points are
+    taken in chunks whose [R, n, K, B] weights stay within `budget` (measured: 250,000 took 4.1 s
+    where 2,000,000 took 5.0 s, whose decoder activations reach 0.5 GB); each draws from its own
+    stream (_draws), so neither the budget nor the other points change its estimate."""
     K = model.posterior.k + model.prior().strata
     n = max(2, math.ceil(n_samples / K))                      # draws per component (two, for a variance)
     values, errors = [], []
-    for yc, eps in _draws(model, y, n, K, seeds, budget):
+    for yc, eps in _draws(model, y, n, K, seeds, budget, index):
         proposal = Defensive(model.posterior(yc).to(F64), model.prior().to(F64), DEFENSIVE)
         log_w, pi = log_weights(model, yc, eps, proposal)             # [R, n, K, B], [R, 1, K, B]
         m = log_w.amax(dim=(1, 2), keepdim=True)
@@ -99,22 +101,22 @@ def importance_log_likelihood(model: VAE, y, n_samples: int, seeds: list[int],
 
 
 @torch.no_grad()
-def monte_carlo_elbo(model: VAE, y, n_samples: int, seeds: list[int], budget: int = 2_000_000) -> torch.Tensor:
+def monte_carlo_elbo(model: VAE, y, n_samples: int, seeds: list[int], budget: int = 250_000) -> torch.Tensor:
     """The ELBO per point by stratified Monte Carlo from q (n_samples draws per point,
     split over q's components): [R, N]. Unbiased; where quadrature cannot go."""
     return monte_carlo_elbo_with_error(model, y, n_samples, seeds, budget)[0]
 
 
 @torch.no_grad()
-def monte_carlo_elbo_with_error(model: VAE, y, n_samples: int, seeds: list[int],
-                                budget: int = 2_000_000) -> tuple[torch.Tensor, torch.Tensor]:
+def monte_carlo_elbo_with_error(model: VAE, y, n_samples: int, seeds: list[int], budget: int = 250_000,
+                                index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """monte_carlo_elbo and each point's standard error, [R, N] each: the stratified estimate
     sum_k pi_k mean_n log w_nk has variance sum_k pi_k^2 var_n(log w_nk) / n (n draws per
     component; NaN with a single draw)."""
     K = model.posterior.k
     n = max(1, math.ceil(n_samples / K))
     values, errors = [], []
-    for yc, eps in _draws(model, y, n, K, seeds, budget):
+    for yc, eps in _draws(model, y, n, K, seeds, budget, index):
         log_w, pi = log_weights(model, yc, eps)                      # [R, n, K, b], [R, 1, K, b]
         values.append((log_w * pi).sum(2).mean(1))
         variance = log_w.var(1) if n > 1 else torch.full_like(log_w[:, 0], math.nan)   # [R, K, b]
@@ -122,29 +124,42 @@ def monte_carlo_elbo_with_error(model: VAE, y, n_samples: int, seeds: list[int],
     return torch.cat(values, 1), torch.cat(errors, 1)
 
 
-def _draws(model: VAE, y, n: int, K: int, seeds: list[int], budget: int):
-    """Chunks of points y [R, B, Y] (float64) with each replica's standard-normal draws
-    for them, eps [R, n, K, B, D], replica r from seeds[r] alone; chunks keep
-    [R, n, K, B] within `budget` elements."""
+def _draws(model: VAE, y, n: int, K: int, seeds: list[int], budget: int, index: torch.Tensor | None = None):
+    """Chunks of points y [R, B, Y] (float64) with each replica's standard-normal draws for them,
+    eps [R, n, K, B, D]; chunks keep [R, n, K, B] within `budget` elements. Point i of replica r draws
+    from a stream of its own, (seeds[r], index[i]) (index: the points' places in the set evaluated,
+    default 0, 1, ...), so that its estimate does not depend on the points evaluated beside it, on
+    the chunks, or on which points draw again (issue 21; it did, through one stream per replica)."""
     R, device = replica_count(model), next(model.parameters()).device
     y = as_batch(y, R, device)                                # [R, N, Y], float64
-    gens = make_generators(seeds)
+    index = torch.arange(y.shape[1]) if index is None else index
     chunk = max(1, budget // (R * n * K))
     for s in range(0, y.shape[1], chunk):
         yc = y[:, s:s + chunk]
-        yield yc, randn_per_replica(gens, (n, K, yc.shape[1], model.latent_dim), dtype=F64).to(device)
+        eps = torch.stack([torch.stack([torch.randn((n, K, model.latent_dim), generator=_point_stream(seed, int(i)),
+                                                    dtype=F64) for i in index[s:s + chunk]], 2) for seed in seeds])
+        yield yc, eps.to(device)
+
+
+def _point_stream(seed: int, i: int) -> torch.Generator:
+    """The generator of point i's draws under `seed`: NumPy's SeedSequence mixes the two (no two pairs
+    share a stream, as seed * N + i would once seeds lie N apart)."""
+    state = np.random.SeedSequence([int(seed), int(i)]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
 
 
 def importance_terms(model: VAE, y_test, y_grid, config, seeds: list[int], phases=None) -> dict:
     """Evaluation's terms where quadrature does not fit: log p(y) by importance sampling, the ELBO by
     Monte Carlo from q, each with its standard error per point (and log p's mean, over draws and points).
     A point whose standard error would keep its replica's sampling_bound above eval.sampling_tolerance
-    draws again (refine_sampled); `sampling_error_bound` is the larger of the two means' bounds, per replica."""
+    draws again (draw_again); `sampling_error_bound` is the larger of the two means' bounds, per replica."""
     gens = [s + IMPORTANCE_OFFSET for s in seeds]
-    log_p, se = importance_log_likelihood(model, y_test, config.n_importance, gens)
-    elbo, elbo_se = monte_carlo_elbo_with_error(model, y_test, config.n_importance, gens)
-    (log_p, se), (elbo, elbo_se) = refine_sampled(model, y_test, (log_p, se), (elbo, elbo_se), config.n_importance,
-                                                  gens, config.sampling_tolerance, phases)
+    estimates = []
+    for sampler in (importance_log_likelihood, monte_carlo_elbo_with_error):
+        first = sampler(model, y_test, config.n_importance, gens)
+        estimates.append(draw_again(model, y_test, first, sampler, config.n_importance, gens,
+                                    config.sampling_tolerance, phases))
+    (log_p, se), (elbo, elbo_se) = estimates
     density = None if y_grid is None else \
         torch.exp(importance_log_likelihood(model, y_grid, config.n_importance, gens)[0]).numpy()
     nan = np.full(len(seeds), math.nan)
@@ -176,42 +191,42 @@ SAMPLING_ROUNDS = 4          # doublings of a point's draws at most: up to 16 x 
 ROUND_SEED = 1_000_003       # round j's draws for replica r: its seed + IMPORTANCE_OFFSET + j ROUND_SEED
 
 
-def refine_sampled(model: VAE, y, log_p: tuple, elbo: tuple, n_samples: int, seeds: list[int], tolerance: float,
-                   phases=None) -> tuple[tuple, tuple]:
-    """(log p_hat, se) and (ELBO, se) [R, N] after each point whose standard error exceeds
-    point_target(tolerance, N) doubled its draws, up to SAMPLING_ROUNDS times. A round's new draws are
-    an estimate of their own from a stream of the round's (ROUND_SEED); the two equal-sized estimates are
-    averaged (for log p_hat, their p_hat). Each replica runs alone (layers.replica_subset) on its own
-    points, so a replica's numbers do not depend on which others drew again."""
+def draw_again(model: VAE, y, estimate: tuple, sampler, n_samples: int, seeds: list[int], tolerance: float,
+               phases=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """An estimate (values, se) [R, N] by `sampler` (importance_log_likelihood or
+    monte_carlo_elbo_with_error) after each point whose standard error exceeds point_target(tolerance, N)
+    doubled its draws, up to SAMPLING_ROUNDS times. A round's new draws are an estimate of their own from
+    the point's stream of that round (ROUND_SEED), averaged with the one before (for log p_hat, their
+    p_hat). Each replica runs alone (layers.replica_subset) and each point on its own stream, so neither
+    another replica nor another point changes a point's numbers."""
     from ..model.layers import replica_subset
     y = as_batch(y, replica_count(model), next(model.parameters()).device)
     target = point_target(tolerance, y.shape[1])
-    (lp, lp_se), (el, el_se) = (tuple(t.clone() for t in pair) for pair in (log_p, elbo))
-    todo = (lp_se > target) | (el_se > target)
+    value, se = (t.clone() for t in estimate)
+    todo = se > target
     total, done = int(todo.sum()), 0
+    what = "log p" if sampler is importance_log_likelihood else "the ELBO"
     if phases and total:
-        phases.start("drawing again", f"more importance samples for {total:,} point-replicas whose standard error "
-                     f"exceeds {target:.2g} (eval.sampling_tolerance = {tolerance:g} over {y.shape[1]:,} points)")
+        phases.start(f"drawing again ({what})", f"more samples of {what} for {total:,} point-replicas whose standard "
+                     f"error exceeds {target:.2g} (eval.sampling_tolerance = {tolerance:g} over {y.shape[1]:,} points)")
+    average = _average_p_hat if sampler is importance_log_likelihood else _average_values
     for r in torch.nonzero(todo.any(1))[:, 0].tolist():
         one = replica_subset(model, [r]).eval()
         for j in range(SAMPLING_ROUNDS):
-            need_lp, need_el = lp_se[r] > target, el_se[r] > target
-            points = torch.nonzero(need_lp | need_el)[:, 0]
-            if len(points) == 0:
+            at = torch.nonzero(se[r] > target)[:, 0]
+            if len(at) == 0:
                 break
-            seed, n = [seeds[r] + (j + 1) * ROUND_SEED], n_samples * 2 ** j
-            if bool(need_lp.any()):
-                at = torch.nonzero(need_lp)[:, 0]
-                v, s = importance_log_likelihood(one, y[r, at], n, seed)
-                lp[r, at], lp_se[r, at] = _average_p_hat(lp[r, at], lp_se[r, at], v[0], s[0])
-            if bool(need_el.any()):
-                at = torch.nonzero(need_el)[:, 0]
-                v, s = monte_carlo_elbo_with_error(one, y[r, at], n, seed)
-                el[r, at], el_se[r, at] = (el[r, at] + v[0]) / 2, torch.sqrt(el_se[r, at] ** 2 + s[0] ** 2) / 2
+            v, s = sampler(one, y[r, at], n_samples * 2 ** j, [seeds[r] + (j + 1) * ROUND_SEED], index=at)
+            value[r, at], se[r, at] = average(value[r, at], se[r, at], v[0], s[0])
         done += int(todo[r].sum())
         if phases:
             phases.step(done, total, "point-replicas")
-    return (lp, lp_se), (el, el_se)
+    return value, se
+
+
+def _average_values(v1: torch.Tensor, s1: torch.Tensor, v2: torch.Tensor, s2: torch.Tensor):
+    """The mean of two independent estimates of equal size, and its standard error."""
+    return (v1 + v2) / 2, torch.sqrt(s1 * s1 + s2 * s2) / 2
 
 
 def _average_p_hat(l1: torch.Tensor, s1: torch.Tensor, l2: torch.Tensor, s2: torch.Tensor):

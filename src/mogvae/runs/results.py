@@ -17,7 +17,6 @@ sweep trains it.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import io
 import operator
 import os
@@ -285,9 +284,10 @@ class Run:
 
     def _per_point(self, y, replica: int, sampler, elbo: bool) -> np.ndarray:
         """One replica's values per point, [N], by evaluation's choice of estimator: quadrature (log p, or
-        the ELBO where `elbo`), or `sampler` (importance_log_likelihood, monte_carlo_elbo) drawing them
-        from that replica's evaluation seed, in the chunks evaluation used."""
-        from ..estimators.likelihood import IMPORTANCE_OFFSET, choose
+        the ELBO where `elbo`), or `sampler` (importance_log_likelihood, monte_carlo_elbo_with_error) drawing
+        them from that replica's evaluation seed, each point on its own stream, and drawing again where
+        evaluation would (likelihood.draw_again): on the test split, the numbers evaluation wrote."""
+        from ..estimators.likelihood import IMPORTANCE_OFFSET, choose, draw_again
         r = self._replica(replica)
         model, y, ev = self.model(r), self._points(y), self.config.eval
         if len(y) == 0:
@@ -295,8 +295,9 @@ class Run:
         with torch.no_grad():
             if choose("auto", model.latent_dim, ev.grid_size).exact:     # evaluation's choice
                 return self._quadrature(model, r, y, elbo=elbo)[0].numpy()                     # [N]
-            out = sampler(model, y, ev.n_importance, [self._seed(r) + IMPORTANCE_OFFSET], budget=self._budget(sampler))
-            return (out[0] if isinstance(out, tuple) else out)[0].numpy()                    # [N]
+            seeds = [self._seed(r) + IMPORTANCE_OFFSET]
+            first = sampler(model, y, ev.n_importance, seeds)
+            return draw_again(model, y, first, sampler, ev.n_importance, seeds, ev.sampling_tolerance)[0][0].numpy()
 
     def _quadrature(self, model, r: int, y: np.ndarray, elbo: bool) -> torch.Tensor:
         """log p (or the ELBO) [1, N] of replica r's model as evaluation computes it: on the nodes evaluation
@@ -318,14 +319,8 @@ class Run:
 
             gap = run.log_prob(y) - run.elbo(y)     # KL(q(z|y) || p(z|y)) per point, >= 0
         """
-        from ..estimators.likelihood import monte_carlo_elbo
-        return self._per_point(y, replica, monte_carlo_elbo, elbo=True)
-
-    def _budget(self, estimator) -> int:
-        """The sampler's budget for one replica that splits the points into the chunks evaluation
-        used with all R (chunk = budget // (R n K), and floor(floor(b / R) / m) = floor(b / (R m))),
-        so that each point gets the same draws: on the test split, the numbers evaluation wrote."""
-        return inspect.signature(estimator).parameters["budget"].default // self.replicas
+        from ..estimators.likelihood import monte_carlo_elbo_with_error
+        return self._per_point(y, replica, monte_carlo_elbo_with_error, elbo=True)
 
     def sample(self, n: int, replica: int = 0, seed: int = 0) -> np.ndarray:
         """n draws y ~ p(y) from one replica, [n, D]: z from its prior, then y from its
