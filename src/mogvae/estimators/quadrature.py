@@ -73,12 +73,14 @@ def _log_terms_wide(y: torch.Tensor, mean, inv_sigma, offset) -> torch.Tensor:
 
 @torch.no_grad()
 def integrate(model: VAE, y, grid: Grid, elbo: bool = True, budget: int = 4_000_000,
-              elbo_chunk: int = 128, elbo_budget: int = 16_000_000, q=None) -> "Integrals":
+              elbo_chunk: int = 128, elbo_budget: int = 16_000_000, q=None, progress=None) -> "Integrals":
     """log p(y) and, if `elbo`, the ELBO of every point by the fine and the coarse
     rule on one grid: the decoder is evaluated once, and the gap log p - ELBO is
     KL(q(z|y) || p(z|y)) computed on the same nodes. `q` (batch over y, [R, 1, N, K, D])
     replaces the encoder's posterior in the ELBO (the gap decomposition's optimized q).
-    q is read through the latent-distribution protocol only (model/distributions.py)."""
+    q is read through the latent-distribution protocol only (model/distributions.py).
+    `progress(points done)` is called after each chunk (a 2-D grid takes minutes: 401^2 nodes
+    and q's strata for 359 points x 10 replicas took about 20 minutes on digits)."""
     mean, inv_sigma, offset = _grid_terms(model, grid.nodes)
     R, G = grid.log_w.shape
     y = as_batch(y, R, grid.nodes.device)
@@ -101,6 +103,8 @@ def integrate(model: VAE, y, grid: Grid, elbo: bool = True, budget: int = 4_000_
             sub = slice(e, e + elbo_chunk)
             q_sub = None if q is None else q.select(slice(s + e, s + min(e + elbo_chunk, yc.shape[1])))
             _elbo_chunk(model, yc[:, sub], grid, terms[:, :, sub], log_p[:, sub], parts, elbo_budget, q_sub)
+        if progress:
+            progress(min(s + chunk, y.shape[1]))
     out = {k: torch.cat(v, 1) if v else None for k, v in parts.items()}
     inverse = torch.argsort(order)
     return Integrals(**{k: v[:, inverse] if v is not None else None for k, v in out.items()})
@@ -421,7 +425,9 @@ def quadrature_terms(model: VAE, y_test, y_grid, config, seeds=None, phases=None
     each point whose bound misses config.tolerance is refined (local_rules.py, then adaptive.py, whose
     panels report their progress to `phases`)."""
     grid = latent_grid(model, config.grid_size, config.grid_span, y=y_test)
-    exact = follow_posteriors(model, y_test, grid, integrate(model, y_test, grid), config.grid_size, config.grid_span)
+    n = len(y_test)
+    on_grid = integrate(model, y_test, grid, progress=phases and (lambda done: phases.step(done, n, "points")))
+    exact = follow_posteriors(model, y_test, grid, on_grid, config.grid_size, config.grid_span)
     nan = np.full(len(exact.log_p), math.nan)
     log_p, bound = _refined_log_p(model, y_test, grid, exact, config.tolerance, phases)
     elbo, elbo_bound = _refined_elbo(model, y_test, grid, exact, config.tolerance, phases=phases)
