@@ -29,7 +29,7 @@ from ..model.grid import F64, MAX_LATENT, Grid, as_batch, latent_grid, trapezoid
 from ..model.vae import VAE
 from ..objectives.bounds import log_weights
 from .base import Estimate, Estimator
-from .local_rules import each_replica, narrow_prior_log_p, strata_elbo, zoom_log_p, zoom_log_p_2d
+from .local_rules import each_replica, narrow_prior_log_p, step_bound, strata_elbo, zoom_log_p, zoom_log_p_2d
 
 MAX_GRID_NODES = 250_000   # latent nodes per replica: the decoder on the grid and the 2-D ELBO terms stay ~1 GB
 RULE_NODES = 16     # Gauss-Legendre nodes per smooth piece of a piecewise-smooth q (model.flows.SplineFlow.base_rule)
@@ -262,6 +262,7 @@ def stratum_trapezoid_elbo(model: VAE, y: torch.Tensor, q, parts: dict, nodes: t
             values.append((log_w * pi * w[None, :, None, None]).sum((1, 2)))
             if suffix == "":
                 parts["q_mass"].append(w.sum() * pi.sum((1, 2)))
+                parts.setdefault("elbo_steps", []).append(step_bound(log_w, pi, w, n))
         parts["elbo" + suffix].append(torch.cat(values, 1))
 
 
@@ -294,6 +295,7 @@ class Integrals:
     elbo_coarse: torch.Tensor | None = None
     q_mass: torch.Tensor | None = None
     window: torch.Tensor | None = None     # [R, N, 2]: each point's window of log p in 1-D (follow_posteriors)
+    elbo_steps: torch.Tensor | None = None  # [R, N]: 2-D, what steps of log w between q's strata's nodes may cost
 
 
 TRUNCATION = 1e-9   # posterior mass in a window's outer 2% above which a point's window follows its posterior
@@ -494,6 +496,8 @@ def _refined_elbo(model: VAE, y, grid: Grid, exact: Integrals, tolerance: float 
     rules then sample the component at a node or two, and can agree while both are off (measured: 50
     nats off, with |fine - coarse| 0.33, for a component of scale 1e-3 at spacing 0.01)."""
     bound = torch.maximum((exact.elbo - exact.elbo_coarse).abs(), (1 - exact.q_mass).abs())
+    if exact.elbo_steps is not None:     # 2-D: what steps of log w between q's strata's nodes may cost
+        bound = bound + exact.elbo_steps
     if tolerance is None:
         return exact.elbo, bound
     from .adaptive import refine_elbo
