@@ -139,6 +139,11 @@ def test_a_three_dimensional_latent_is_evaluated_by_importance_sampling(tiny, tm
         assert float(row["sampling_error_bound"]) == pytest.approx(bound, rel=1e-9)
         assert float(row["error_bound"]) == float(row["sampling_error_bound"])
         assert row["flagged"] == str(bound > float(row["tolerance"]))
+    # evaluation's phases are timed in status.json (benchmarks/studies.py sums them over a study's runs)
+    import json
+    seconds = json.loads((out / "status.json").read_text())["evaluation_seconds"]
+    assert {"the truth", "likelihoods", "samples"} <= set(seconds)
+    assert sum(v for k, v in seconds.items() if k != "total") <= seconds["total"]
     # the Python API draws each test point's samples as evaluation did (its own stream, drawing again alike)
     import mogvae
     run = mogvae.load(out)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -130,6 +130,7 @@ class Evaluation:
     flagged: list[bool]               # per replica: its error_bound misses its tolerance (held_to)
     curves: dict[str, np.ndarray]     # figure data; arrays with a leading replica axis where per replica
     pointwise: dict[str, np.ndarray]  # per test point (POINTWISE), saved as pointwise.npz
+    seconds: dict[str, float] = field(default_factory=dict)   # each phase's wall time, and "total"
 
 
 def evaluate(model: VAE, process: PaperProcess, y_test: np.ndarray, config: EvalConfig,
@@ -190,7 +191,7 @@ def evaluate(model: VAE, process: PaperProcess, y_test: np.ndarray, config: Eval
     else:
         curves = _sample_curves(y_gen, y_cols)
     phases.done()
-    return Evaluation(metrics, flagged, curves, pointwise)
+    return Evaluation(metrics, flagged, curves, pointwise, {**phases.seconds, "total": phases.total()})
 
 
 def held_to(config: EvalConfig, exact: bool) -> float:
@@ -266,11 +267,14 @@ class Phases:
             eta = (now - self.phase_began) / done * (total - done)
             self.report(f"evaluating: {self.name}, {done:,}/{total:,} {unit}, ETA {eta:.0f} s")
 
+    def total(self) -> float:
+        return time.perf_counter() - self.began
+
     def done(self) -> None:
         self._close()
         if self.report:
             parts = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.seconds.items())
-            self.report(f"evaluated in {time.perf_counter() - self.began:.1f} s ({parts})")
+            self.report(f"evaluated in {self.total():.1f} s ({parts})")
 
 
 SAMPLE_POINTS, SAMPLE_COORDS = 2000, 6   # D > 1: the generated and test points the figures draw

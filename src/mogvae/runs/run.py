@@ -6,7 +6,8 @@ DIR/history.jsonl      one line per epoch, appended and fsynced (a torn last lin
 DIR/checkpoints/       epoch-NNNNNN.safetensors, the newest two kept (see storage/checkpoints.py)
 DIR/metrics.csv        the final exact evaluation, one row per seed; DIR/curves.npz its figure data;
 DIR/pointwise.npz      its per-point values, with their bounds (estimators/evaluate.py's POINTWISE)
-DIR/status.json        progress and wall time (the only file that differs between identical runs)
+DIR/status.json        progress and wall time, training's and each evaluation phase's (the only file
+                       that differs between identical runs)
 
 Every file is written atomically; a second process on the same DIR is refused
 (an flock, released by the kernel even after kill -9); re-running the same
@@ -444,7 +445,8 @@ class RunSession:
         write_npz(run.path / "pointwise.npz", evaluation.pointwise)
         write_json(run.path / "status.json", {"epoch": self.trainer.epoch, "of": self.config.train.epochs,
                                               "done": True, "diverged": sum(history.diverged),
-                                              "events": history.events, "train_seconds": train_seconds})
+                                              "events": history.events, "train_seconds": train_seconds,
+                                              "evaluation_seconds": evaluation.seconds})
         return run.path / "metrics.csv"
 
 
