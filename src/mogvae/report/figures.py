@@ -63,6 +63,9 @@ def truth_figure(out: Path) -> None:
     paper's probe values gets its own panel and y-range: the spikes at y = 1 and
     y = -3 (mass squeezed against z = 0 and 1) would flatten the y = 0.2 curve."""
     from .paper import read_truth
+    inputs = inputs_digest("truth", read_bytes(out / "truth.json"))
+    if already_drawn(out / "figures" / "truth.png", inputs):
+        return
     process = PaperProcess(read_truth(out)["sigma"])
     z = np.linspace(0, 1, 1001)
     y = np.linspace(-0.4, 0.65, 301)
@@ -86,7 +89,7 @@ def truth_figure(out: Path) -> None:
         a.set(xlabel="z", ylabel="density", ylim=(0, 1.08 * p.max()), title=f"true posterior p*(z | y = {yy:g})")
         rows += [{"panel": "posterior", "z": zz, "y": yy, "value": v} for zz, v in zip(z, p)]
     fig.tight_layout()
-    _save(fig, out / "figures" / "truth.png")
+    _save(fig, out / "figures" / "truth.png", inputs)
     rows += [{"panel": "joint", "z": z[j], "y": y[i], "value": joint[i, j]}
              for i in range(0, len(y), 10) for j in range(0, len(z), 25)]
     write_csv(out / "figures" / "truth.csv", rows, ["panel", "z", "y", "value"])
@@ -170,6 +173,12 @@ def comparison_figure(out: Path, models: list[str], by: str = "model", labels: d
     log axis instead. `by`: metrics.csv's column naming the model (a sweep's: "run"); `labels`:
     the names shown (and colored) for them."""
     shown = [(labels or {}).get(m, m) for m in models]
+    path = out / "figures" / "comparison.png"
+    truth_file = out / "truth.json"
+    inputs = inputs_digest("comparison", read_bytes(out / "metrics.csv"), repr((models, by, shown)),
+                           read_bytes(truth_file) if truth_file.exists() else b"")
+    if already_drawn(path, inputs):
+        return path
     from .statistics import t_interval
     rows = [r for r in read_csv(out / "metrics.csv") if counted(r)]
     truth = _read_truth_if_any(out)
@@ -217,9 +226,9 @@ def comparison_figure(out: Path, models: list[str], by: str = "model", labels: d
     fig.suptitle("per seed (dots; triangles: outside the axis, value beside) and mean with 95% t interval (black); "
                  "diverged and flagged runs excluded", fontsize=10)
     fig.tight_layout()
-    _save(fig, out / "figures" / "comparison.png")
+    _save(fig, path, inputs)
     write_csv(out / "figures" / "comparison.csv", csv_rows, ["metric", "model", "seed", "value"])
-    return out / "figures" / "comparison.png"
+    return path
 
 
 def _read_truth_if_any(out: Path) -> dict:
