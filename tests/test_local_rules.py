@@ -250,10 +250,10 @@ def test_a_decoder_step_between_the_strata_nodes_enters_the_bound():
     """Review: a decoder step narrower than q's nodes (a tanh of width 1e-4 under q = N(0, 1)) falls
     between the nodes of the 61- and the 41-node rule alike; both are 0.1-0.27 nats off while |61 - 41|
     is up to 2.3x smaller. The step's size times the mass between its nodes (local_rules.step_bound)
-    enters the bound, which then holds against SciPy's quad with the step as a breakpoint; a smooth
-    decoder (width 1) adds nothing that matters."""
+    enters the bound, which then holds against SciPy's quad with the step as a breakpoint, on q's
+    strata and on the 1-D grid; a smooth decoder (width 1) adds nothing that matters."""
     from scipy import integrate as scipy_integrate
-    from mogvae.estimators.quadrature import stratum_trapezoid_elbo
+    from mogvae.estimators.quadrature import latent_grid, stratum_trapezoid_elbo
     sigma, q = 0.3, _gaussian_q([0.0], 1.0)
     beyond_fine_coarse = []
     for k, c in ((1e4, 0.26), (1e4, 0.54), (1e4, 0.8), (1.0, 0.54)):
@@ -266,6 +266,9 @@ def test_a_decoder_step_between_the_strata_nodes_enters_the_bound():
         stratum_trapezoid_elbo(model, as_batch([0.0], 1, "cpu"), q, parts, NODES, SPAN)
         error, fine_coarse = abs(float(elbo[0, 0]) - ref), abs(float(parts["elbo"][0] - parts["elbo_coarse"][0]))
         assert error <= float(bound[0, 0]), (k, c, error, bound)
+        grid = latent_grid(model, 2001, 8.0, q=q)                      # the 1-D grid's own rule carries it too
+        on_grid = _refined_elbo(model, [0.0], grid, integrate(model, [0.0], grid, q=q), None, q=q)
+        assert abs(float(on_grid[0][0, 0]) - ref) <= float(on_grid[1][0, 0]), (k, c, on_grid, ref)
         if k > 1:
             beyond_fine_coarse.append(error / fine_coarse)
         else:

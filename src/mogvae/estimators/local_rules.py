@@ -143,14 +143,21 @@ def step_bound(log_w: torch.Tensor, pi: torch.Tensor, w: torch.Tensor, n: int) -
     weight = w.reshape(*[n] * D)[None, ..., None, None] * pi.reshape(R, *[1] * D, K, b)
     total = torch.zeros(R, b, dtype=log_w.dtype, device=log_w.device)
     for axis in range(1, D + 1):
-        d2, d3 = torch.diff(x, 2, dim=axis), torch.diff(x, 3, dim=axis).abs()             # n - 2, n - 3 long
-        pad = torch.zeros_like(d2.narrow(axis, 0, 1))
-        near = torch.cat([pad, d2.abs(), pad], axis)                                     # n long: d2[i] at i + 1
-        beside = torch.stack([near.narrow(axis, i, n - 3) for i in range(4)]).amax(0)     # d2[i - 1 .. i + 2]
-        mass = torch.maximum(weight.narrow(axis, 1, n - 3), weight.narrow(axis, 2, n - 3))
-        cost = torch.where(d3 >= STEP_RATIO * beside, d3 * mass, torch.zeros_like(d3))
-        total = total + cost.flatten(1, D).sum(1).sum(1)
+        total = total + step_cost(x, weight, axis).flatten(1, D).sum(1).sum(1)
     return total
+
+
+def step_cost(x: torch.Tensor, weight: torch.Tensor, axis: int) -> torch.Tensor:
+    """step_bound's term along one axis of nodes (x and the nodes' weights, the same shape): per node
+    i of x's axis but the last three, the third difference d3[i] times the larger weight of nodes i + 1
+    and i + 2 where |d3[i]| >= STEP_RATIO x every |d2| within two nodes of it, else 0."""
+    n = x.shape[axis]
+    d2, d3 = torch.diff(x, 2, dim=axis), torch.diff(x, 3, dim=axis).abs()                 # n - 2, n - 3 long
+    pad = torch.zeros_like(d2.narrow(axis, 0, 1))
+    near = torch.cat([pad, d2.abs(), pad], axis)                                         # n long: d2[i] at i + 1
+    beside = torch.stack([near.narrow(axis, i, n - 3) for i in range(4)]).amax(0)         # d2[i - 1 .. i + 2]
+    mass = torch.maximum(weight.narrow(axis, 1, n - 3), weight.narrow(axis, 2, n - 3))
+    return torch.where(d3 >= STEP_RATIO * beside, d3 * mass, torch.zeros_like(d3))
 
 
 def _widest(q) -> torch.Tensor:

@@ -29,7 +29,7 @@ from ..model.grid import F64, MAX_LATENT, Grid, as_batch, latent_grid, trapezoid
 from ..model.vae import VAE
 from ..objectives.bounds import log_weights
 from .base import Estimate, Estimator
-from .local_rules import each_replica, narrow_prior_log_p, step_bound, strata_elbo, zoom_log_p, zoom_log_p_2d
+from .local_rules import each_replica, narrow_prior_log_p, step_bound, step_cost, strata_elbo, zoom_log_p, zoom_log_p_2d
 
 MAX_GRID_NODES = 250_000   # latent nodes per replica: the decoder on the grid and the 2-D ELBO terms stay ~1 GB
 RULE_NODES = 16     # Gauss-Legendre nodes per smooth piece of a piecewise-smooth q (model.flows.SplineFlow.base_rule)
@@ -136,7 +136,7 @@ def _elbo_chunk(model: VAE, y: torch.Tensor, grid: Grid, terms: torch.Tensor, lo
     mass = torch.exp(terms[:, core] + grid.log_w[:, core, None] - log_p[:, None])   # posterior mass per node
     strides = _strides(model, q, mass, h, per_scale)                    # [n], per point
     n = y.shape[1]
-    out = {key: torch.empty(y.shape[0], n, dtype=F64) for key in ("elbo", "elbo_coarse", "q_mass")}
+    out = {key: torch.empty(y.shape[0], n, dtype=F64) for key in ("elbo", "elbo_coarse", "q_mass", "elbo_steps")}
     for stride in strides.unique().tolist():
         points = torch.nonzero(strides == stride)[:, 0]
         _elbo_at_stride(grid, q.select(points), terms[:, :, points], int(stride), span, budget,
@@ -185,6 +185,10 @@ def _elbo_at_stride(grid: Grid, q, terms: torch.Tensor, stride: int, span: float
             _put(out["elbo" + suffix], (integrand * w).sum(1), sub)
             if suffix == "":
                 _put(out["q_mass"], (q_dens * w).sum(1), sub)
+                if len(range(i0, i1, stride)) > 3:   # a decoder step between two nodes: local_rules.step_bound
+                    _put(out["elbo_steps"], step_cost(t - log_q, q_dens * w, 1).sum(1), sub)
+                else:
+                    _put(out["elbo_steps"], torch.zeros_like(q_dens[:, 0]), sub)
 
 
 def _put(target: tuple, values: torch.Tensor, sub: slice) -> None:
@@ -295,7 +299,7 @@ class Integrals:
     elbo_coarse: torch.Tensor | None = None
     q_mass: torch.Tensor | None = None
     window: torch.Tensor | None = None     # [R, N, 2]: each point's window of log p in 1-D (follow_posteriors)
-    elbo_steps: torch.Tensor | None = None  # [R, N]: 2-D, what steps of log w between q's strata's nodes may cost
+    elbo_steps: torch.Tensor | None = None  # [R, N]: what steps of log w between the ELBO's nodes may cost
 
 
 TRUNCATION = 1e-9   # posterior mass in a window's outer 2% above which a point's window follows its posterior
@@ -496,7 +500,7 @@ def _refined_elbo(model: VAE, y, grid: Grid, exact: Integrals, tolerance: float 
     rules then sample the component at a node or two, and can agree while both are off (measured: 50
     nats off, with |fine - coarse| 0.33, for a component of scale 1e-3 at spacing 0.01)."""
     bound = torch.maximum((exact.elbo - exact.elbo_coarse).abs(), (1 - exact.q_mass).abs())
-    if exact.elbo_steps is not None:     # 2-D: what steps of log w between q's strata's nodes may cost
+    if exact.elbo_steps is not None:     # what steps of log w between the ELBO's nodes may cost (step_bound)
         bound = bound + exact.elbo_steps
     if tolerance is None:
         return exact.elbo, bound
