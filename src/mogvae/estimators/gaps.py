@@ -81,9 +81,9 @@ def hermite_elbo(model: VAE, y: torch.Tensor, q, n_nodes: int) -> torch.Tensor:
 def best_posterior(model: VAE, y, max_steps: int = MAX_STEPS, tolerance: float = TOLERANCE,
                    chunk: int = 250, progress=None) -> BestPosterior:
     """ELBO*(y): the best q of the posterior's family for each point, from the encoder's
-    output (and the posterior's shape) by L-BFGS on the Gauss-Hermite ELBO, keeping each point's best iterate.
-    Points are taken `chunk` at a time (each point's optimum is its own); `progress(points
-    done)` is called after each chunk."""
+    output (and the posterior's shape) by L-BFGS on the Gauss-Hermite ELBO, keeping each point's best iterate,
+    then from its neighbours' best where that is better (_from_neighbours). Points are taken `chunk` at a
+    time; `progress(points done)` is called after each chunk."""
     model = model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -94,12 +94,50 @@ def best_posterior(model: VAE, y, max_steps: int = MAX_STEPS, tolerance: float =
             parts.append(_optimize(model, y[:, s:s + chunk], max_steps, tolerance))
             if progress:
                 progress(min(s + chunk, y.shape[1]))
+        star, raw = _from_neighbours(model, y, torch.cat([p[0] for p in parts], 1), torch.cat([p[4] for p in parts], 1),
+                                     max_steps, tolerance, chunk)
     finally:
         for p in model.parameters():
             p.requires_grad_(True)
-    raw = torch.cat([p[4] for p in parts], 1)
-    return BestPosterior(torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1),
-                         max(p[2] for p in parts), all(p[3] for p in parts), model.posterior.from_raw(raw), raw)
+    return BestPosterior(star, torch.cat([p[1] for p in parts], 1), max(p[2] for p in parts), all(p[3] for p in parts),
+                         model.posterior.from_raw(raw), raw)
+
+
+NEIGHBOUR_SWEEPS = 4    # passes at most in which points try their neighbours' best q as a start
+
+
+def _from_neighbours(model: VAE, y: torch.Tensor, best: torch.Tensor, raw: torch.Tensor, max_steps: int,
+                     tolerance: float, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each point's best (by the reporting rule) and its q [R, N, P] after trying, as a start, the best q of
+    its neighbours in y (sorted by y's first coordinate) wherever that q is already better at this point:
+    a point's own starts can leave it in a lesser optimum that a neighbour escaped (measured on the noise
+    study's sigma = 0.03 mixture-posterior run, 100 points x 10 replicas: starting every point from both
+    neighbours' optima raised ELBO* by 6.5e-4 nats on average and up to 0.2; this screened form, which
+    searches from 7% of the points, by 5.4e-4). Repeated while a pass gains, up to NEIGHBOUR_SWEEPS.
+    A point's ELBO* then depends on the other gap points (its starts come from them), not on the chunks."""
+    _, final = NODES[model.latent_dim]
+    posterior = model.posterior
+    order = torch.argsort(y[0, :, 0])
+    inverse = torch.argsort(order)
+    y, best, raw = y[:, order], best[:, order].clone(), raw[:, order].clone()
+    for _ in range(NEIGHBOUR_SWEEPS):
+        gained = False
+        for shift in (1, -1):
+            start = torch.roll(raw, shift, 1)
+            with torch.no_grad():
+                there = torch.cat([hermite_elbo(model, y[:, s:s + chunk], posterior.from_raw(start[:, s:s + chunk]), final)
+                                   for s in range(0, y.shape[1], chunk)], 1)
+            points = torch.nonzero((there > best + tolerance).any(0))[:, 0]
+            for s in range(0, len(points), chunk):
+                at = points[s:s + chunk]
+                value, x, _, _ = _lbfgs(model, y[:, at], start[:, at], max_steps, tolerance)
+                better = value > best[:, at]
+                best[:, at] = torch.where(better, value, best[:, at])
+                raw[:, at] = torch.where(better[..., None], x, raw[:, at])
+                gained = gained or bool(better.any())
+        if not gained:
+            break
+    return best[:, inverse], raw[:, inverse]
 
 
 def _optimize(model: VAE, y: torch.Tensor, max_steps: int, tolerance: float):
