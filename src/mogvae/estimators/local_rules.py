@@ -150,8 +150,11 @@ def step_bound(log_w: torch.Tensor, pi: torch.Tensor, w: torch.Tensor, n: int) -
 def step_cost(x: torch.Tensor, weight: torch.Tensor, axis: int) -> torch.Tensor:
     """step_bound's term along one axis of nodes (x and the nodes' weights, the same shape): per node
     i of x's axis but the last three, the third difference d3[i] times the larger weight of nodes i + 1
-    and i + 2 where |d3[i]| >= STEP_RATIO x every |d2| within two nodes of it, else 0."""
+    and i + 2 where |d3[i]| >= STEP_RATIO x every |d2| within two nodes of it, else 0 (nothing with
+    fewer than four nodes)."""
     n = x.shape[axis]
+    if n < 4:
+        return x.narrow(axis, 0, 0)
     d2, d3 = torch.diff(x, 2, dim=axis), torch.diff(x, 3, dim=axis).abs()                 # n - 2, n - 3 long
     pad = torch.zeros_like(d2.narrow(axis, 0, 1))
     near = torch.cat([pad, d2.abs(), pad], axis)                                         # n long: d2[i] at i + 1

@@ -185,10 +185,8 @@ def _elbo_at_stride(grid: Grid, q, terms: torch.Tensor, stride: int, span: float
             _put(out["elbo" + suffix], (integrand * w).sum(1), sub)
             if suffix == "":
                 _put(out["q_mass"], (q_dens * w).sum(1), sub)
-                if len(range(i0, i1, stride)) > 3:   # a decoder step between two nodes: local_rules.step_bound
-                    _put(out["elbo_steps"], step_cost(t - log_q, q_dens * w, 1).sum(1), sub)
-                else:
-                    _put(out["elbo_steps"], torch.zeros_like(q_dens[:, 0]), sub)
+                # a decoder step between two nodes (local_rules.step_bound)
+                _put(out["elbo_steps"], step_cost(t - log_q, q_dens * w, 1).sum(1), sub)
 
 
 def _put(target: tuple, values: torch.Tensor, sub: slice) -> None:
