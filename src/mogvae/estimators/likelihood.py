@@ -154,12 +154,8 @@ def importance_terms(model: VAE, y_test, y_grid, config, seeds: list[int], phase
     A point whose standard error would keep its replica's sampling_bound above eval.sampling_tolerance
     draws again (draw_again); `sampling_error_bound` is the larger of the two means' bounds, per replica."""
     gens = [s + IMPORTANCE_OFFSET for s in seeds]
-    estimates = []
-    for sampler in (importance_log_likelihood, monte_carlo_elbo_with_error):
-        first = sampler(model, y_test, config.n_importance, gens)
-        estimates.append(draw_again(model, y_test, first, sampler, config.n_importance, gens,
-                                    config.sampling_tolerance, phases))
-    (log_p, se), (elbo, elbo_se) = estimates
+    (log_p, se), (elbo, elbo_se) = (sampled(model, y_test, sampler, config.n_importance, gens, config.sampling_tolerance,
+                                            phases) for sampler in (importance_log_likelihood, monte_carlo_elbo_with_error))
     density = None if y_grid is None else \
         torch.exp(importance_log_likelihood(model, y_grid, config.n_importance, gens)[0]).numpy()
     nan = np.full(len(seeds), math.nan)
@@ -189,6 +185,14 @@ def point_target(tolerance: float, n_points: int) -> float:
 
 SAMPLING_ROUNDS = 4          # doublings of a point's draws at most: up to 16 x eval.n_importance where needed
 ROUND_SEED = 1_000_003       # round j's draws for replica r: its seed + IMPORTANCE_OFFSET + j ROUND_SEED
+
+
+def sampled(model: VAE, y, sampler, n_samples: int, seeds: list[int], tolerance: float,
+            phases=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, se) [R, N] by `sampler` (importance_log_likelihood or monte_carlo_elbo_with_error), every
+    point drawing n_samples, then again where its error needs it (draw_again): evaluation's estimate,
+    which run.log_prob and run.elbo reproduce."""
+    return draw_again(model, y, sampler(model, y, n_samples, seeds), sampler, n_samples, seeds, tolerance, phases)
 
 
 def draw_again(model: VAE, y, estimate: tuple, sampler, n_samples: int, seeds: list[int], tolerance: float,

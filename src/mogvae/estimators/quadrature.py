@@ -264,7 +264,7 @@ def stratum_trapezoid_elbo(model: VAE, y: torch.Tensor, q, parts: dict, nodes: t
             values.append((log_w * pi * w[None, :, None, None]).sum((1, 2)))
             if suffix == "":
                 parts["q_mass"].append(w.sum() * pi.sum((1, 2)))
-                parts.setdefault("elbo_steps", []).append(step_bound(log_w, pi, w, n))
+                parts.setdefault("elbo_steps", []).append(step_bound(log_w, pi, w, n, D))
         parts["elbo" + suffix].append(torch.cat(values, 1))
 
 

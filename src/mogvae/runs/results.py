@@ -286,8 +286,8 @@ class Run:
         """One replica's values per point, [N], by evaluation's choice of estimator: quadrature (log p, or
         the ELBO where `elbo`), or `sampler` (importance_log_likelihood, monte_carlo_elbo_with_error) drawing
         them from that replica's evaluation seed, each point on its own stream, and drawing again where
-        evaluation would (likelihood.draw_again): on the test split, the numbers evaluation wrote."""
-        from ..estimators.likelihood import IMPORTANCE_OFFSET, choose, draw_again
+        evaluation would (likelihood.sampled): on the test split, the numbers evaluation wrote."""
+        from ..estimators.likelihood import IMPORTANCE_OFFSET, choose, sampled
         r = self._replica(replica)
         model, y, ev = self.model(r), self._points(y), self.config.eval
         if len(y) == 0:
@@ -296,8 +296,7 @@ class Run:
             if choose("auto", model.latent_dim, ev.grid_size).exact:     # evaluation's choice
                 return self._quadrature(model, r, y, elbo=elbo)[0].numpy()                     # [N]
             seeds = [self._seed(r) + IMPORTANCE_OFFSET]
-            first = sampler(model, y, ev.n_importance, seeds)
-            return draw_again(model, y, first, sampler, ev.n_importance, seeds, ev.sampling_tolerance)[0][0].numpy()
+            return sampled(model, y, sampler, ev.n_importance, seeds, ev.sampling_tolerance)[0][0].numpy()   # [N]
 
     def _quadrature(self, model, r: int, y: np.ndarray, elbo: bool) -> torch.Tensor:
         """log p (or the ELBO) [1, N] of replica r's model as evaluation computes it: on the nodes evaluation
