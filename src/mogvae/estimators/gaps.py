@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
 from ..model.layers import replica_count
@@ -79,19 +80,21 @@ def hermite_elbo(model: VAE, y: torch.Tensor, q, n_nodes: int) -> torch.Tensor:
 
 
 def best_posterior(model: VAE, y, max_steps: int = MAX_STEPS, tolerance: float = TOLERANCE,
-                   chunk: int = 250, progress=None) -> BestPosterior:
+                   chunk: int = 250, progress=None, starts: int = 0) -> BestPosterior:
     """ELBO*(y): the best q of the posterior's family for each point, from the encoder's
-    output (and the posterior's shape) by L-BFGS on the Gauss-Hermite ELBO, keeping each point's best iterate,
-    then from its neighbours' best where that is better (_from_neighbours). Points are taken `chunk` at a
-    time; `progress(points done)` is called after each chunk."""
+    output (and the posterior's shape, and `starts` perturbations of the encoder's output) by L-BFGS on the
+    Gauss-Hermite ELBO, keeping each point's best iterate, then from its neighbours' best where that is better
+    (_from_neighbours), then searched on (_polished). Points are taken `chunk` at a time; `progress(points
+    done)` is called after each chunk."""
     model = model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     try:
         y = as_batch(y, replica_count(model), next(model.parameters()).device)
         parts = []
+        noise = _start_noise(y.shape[1], starts, y.shape[0], model.posterior.raw(y[:, :1]).shape[-1])
         for s in range(0, y.shape[1], chunk):
-            parts.append(_optimize(model, y[:, s:s + chunk], max_steps, tolerance))
+            parts.append(_optimize(model, y[:, s:s + chunk], max_steps, tolerance, noise[:, :, s:s + chunk]))
             if progress:
                 progress(min(s + chunk, y.shape[1]))
         star, raw, steps = _from_neighbours(model, y, torch.cat([p[0] for p in parts], 1),
@@ -165,14 +168,29 @@ def _polished(model: VAE, y: torch.Tensor, best: torch.Tensor, raw: torch.Tensor
     return best, raw, steps
 
 
-def _optimize(model: VAE, y: torch.Tensor, max_steps: int, tolerance: float):
-    """Each point's best q: L-BFGS from the encoder's q and, for a mixture in 1-D, from the exact
-    posterior's shape (_posterior_start), keeping each point's best by the reporting rule."""
+START_SCALE = 0.3   # eval.gap_starts' perturbations of the encoder's raw q: the scale that found most optima
+START_SEED = 20261206
+
+
+def _start_noise(points: int, starts: int, replicas: int, size: int) -> torch.Tensor:
+    """[starts, R, N, P] standard-normal noise, point i's from its own stream (SeedSequence(START_SEED, i)),
+    so a point's starts do not depend on the other points or the chunks."""
+    if starts == 0:
+        return torch.zeros(0, replicas, points, size, dtype=F64)
+    draws = [np.random.default_rng([START_SEED, i]).standard_normal((starts, replicas, size)) for i in range(points)]
+    return torch.as_tensor(np.stack(draws, 2))
+
+
+def _optimize(model: VAE, y: torch.Tensor, max_steps: int, tolerance: float, noise: torch.Tensor | None = None):
+    """Each point's best q: L-BFGS from the encoder's q, from `noise` [S, R, B, P] x START_SCALE added to it,
+    and, for a mixture in 1-D, from the exact posterior's shape (_posterior_start), keeping each point's best
+    by the reporting rule."""
     _, final = NODES[model.latent_dim]
     posterior = model.posterior
     with torch.no_grad():
         start = posterior.raw(y).to(F64)                  # [R, B, out]: the encoder's q for each point
-    starts = [start, *([s] if (s := _posterior_start(model, y)) is not None else [])]
+    starts = [start, *([s] if (s := _posterior_start(model, y)) is not None else []),
+              *([] if noise is None else [start + START_SCALE * e.to(start.device) for e in noise])]
     best, best_raw, steps, converged = None, None, 0, True
     for x0 in starts:
         value, raw, iters, stopped = _lbfgs(model, y, x0, max_steps, tolerance)
@@ -324,7 +342,7 @@ START_GRID = 2001    # nodes of the grid that places the posterior start
 
 def gap_metrics(model: VAE, y, log_p: torch.Tensor, elbo: torch.Tensor, true_log_p=None,
                 grid_size: int = 2001, grid_span: float = 8.0, max_steps: int = MAX_STEPS,
-                progress=None, tolerance: float | None = None) -> dict[str, torch.Tensor]:
+                progress=None, tolerance: float | None = None, starts: int = 0) -> dict[str, torch.Tensor]:
     """The model's own two terms on points y, per replica [R]: approximation and
     amortization gaps (their sum is log p - ELBO on these points), the means of
     log p, ELBO and (if known) log p* there, and the error bound of ELBO*.
@@ -337,7 +355,7 @@ def gap_metrics(model: VAE, y, log_p: torch.Tensor, elbo: torch.Tensor, true_log
     exact ELBO of a member of the family, a lower bound on the best one, and the
     amortization gap is >= 0 by construction of the same rule. In 1-D, a point whose rule misses
     `tolerance` is refined over q's strata, as the ELBO is (quadrature._refined_elbo)."""
-    best = best_posterior(model, y, max_steps, progress=progress)
+    best = best_posterior(model, y, max_steps, progress=progress, starts=starts)
     grid = latent_grid(model, grid_size, grid_span, y=y, q=best.q)
     on_grid = integrate(model, y, grid, q=best.q)
     star_rule, rule_error = _refined_elbo(model, y, grid, on_grid, tolerance, q=best.q)
