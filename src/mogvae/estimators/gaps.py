@@ -11,9 +11,13 @@ does that: `decomposition`). The last two need only the model: ELBO*(y) is the
 ELBO of the best q of the posterior's family for that one point, found here by
 optimizing q's parameters (the encoder's raw output for that point: a mixture's
 logits, locations and scales, a flow's spline) by a batched per-point L-BFGS, from
-the encoder's output and, for a mixture in 1-D, from the exact posterior's shape,
-on Gauss-Hermite quadrature over the standard-normal draws of each stratum of q
-(its nodes follow q, so a narrowing q cannot slip between them).
+the encoder's output, for a mixture in 1-D from the exact posterior's shape, and from
+eval.gap_starts perturbations of the encoder's output; then from its neighbours' best;
+then once more from its own best with a tighter stop (the polish). All on Gauss-Hermite
+quadrature over the standard-normal draws of each stratum of q (its nodes follow q, so a
+narrowing q cannot slip between them). Against the best of 10 starts on a 10-component
+mixture (benchmarks/experiments/gap_search_many_starts.py) it still falls short by over
+1e-5 nats at a fifth of the points: ELBO* is the best of the starts tried.
 
 The two starts, measured on a 2-D ring CSV (5 replicas, 1-D latent; the best of every
 search and 4 perturbed starts as the reference; benchmarks/experiments/gap_search_starts.py):
