@@ -88,8 +88,9 @@ def best_posterior(model: VAE, y, max_steps: int = MAX_STEPS, tolerance: float =
     """ELBO*(y): the best q of the posterior's family for each point, from the encoder's
     output (and the posterior's shape, and `starts` perturbations of the encoder's output) by L-BFGS on the
     Gauss-Hermite ELBO, keeping each point's best iterate, then from its neighbours' best where that is better
-    (_from_neighbours), then searched on (_polished). Points are taken `chunk` at a time; `progress(points
-    done)` is called after each chunk."""
+    (_from_neighbours), then searched on (_polished). Points are taken `chunk` at a time; `progress(done,
+    total)` is called after each chunk of the first searches and of the polish, in points (total: twice their
+    number: the polish is a point's second search)."""
     model = model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -100,10 +101,10 @@ def best_posterior(model: VAE, y, max_steps: int = MAX_STEPS, tolerance: float =
         for s in range(0, y.shape[1], chunk):
             parts.append(_optimize(model, y[:, s:s + chunk], max_steps, tolerance, noise[:, :, s:s + chunk]))
             if progress:
-                progress(min(s + chunk, y.shape[1]))
+                progress(min(s + chunk, y.shape[1]), 2 * y.shape[1])
         star, raw, steps = _from_neighbours(model, y, torch.cat([p[0] for p in parts], 1),
                                             torch.cat([p[4] for p in parts], 1), max_steps, tolerance, chunk)
-        star, raw, polish_steps = _polished(model, y, star, raw, max_steps, tolerance, chunk)
+        star, raw, polish_steps = _polished(model, y, star, raw, max_steps, tolerance, chunk, progress)
         steps = max(steps, polish_steps)
     finally:
         for p in model.parameters():
@@ -156,7 +157,7 @@ POLISH = 100        # the polishing search's stop: `tolerance` / POLISH over LBF
 
 
 def _polished(model: VAE, y: torch.Tensor, best: torch.Tensor, raw: torch.Tensor, max_steps: int, tolerance: float,
-              chunk: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+              chunk: int, progress=None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Each point's best after one more L-BFGS from it, with fresh curvature pairs and a stop `POLISH` times
     tighter: a search that gains a little per check stops (by `tolerance`) while it still climbs, and its
     last pairs can steer it slowly. Measured on the noise study's sigma = 0.03 mixture-posterior run (20
@@ -169,6 +170,8 @@ def _polished(model: VAE, y: torch.Tensor, best: torch.Tensor, raw: torch.Tensor
         best[:, s:s + chunk] = torch.where(better, value, best[:, s:s + chunk])
         raw[:, s:s + chunk] = torch.where(better[..., None], x, raw[:, s:s + chunk])
         steps = max(steps, iters)
+        if progress:
+            progress(y.shape[1] + min(s + chunk, y.shape[1]), 2 * y.shape[1])
     return best, raw, steps
 
 
