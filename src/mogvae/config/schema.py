@@ -169,8 +169,8 @@ class EvalConfig(Strict):
     gap_starts: int = Field(0, ge=0, le=100, description="extra starts of that search per point: the encoder's q "
                             "moved by Gaussian noise of scale 0.3 in its raw parameters, each point from its own "
                             "random stream. A mixture q has many local optima: on a 10-component mixture at sigma "
-                            "= 0.03 each such start raised ELBO* at up to 8% of points, and each costs about one "
-                            "more search (0: the encoder's, the posterior's and the neighbours' starts only)")
+                            "= 0.03 each such start raised ELBO* at up to 8% of points; 4 of them doubled the "
+                            "search's time (0: the encoder's, the posterior's and the neighbours' starts only)")
 
     tolerance: float = Field(1e-4, gt=0, le=1.0, description="nats per test point: with a 1- or 2-D latent, each "
                              "point whose quadrature error bound (log p, the ELBO, ELBO*) misses it is integrated "
