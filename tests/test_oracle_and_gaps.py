@@ -1,7 +1,6 @@
 """The exact-likelihood oracle (train.objective = "exact") and the gap
 decomposition, against finite differences, closed forms and the quadrature."""
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ from mogvae.estimators.quadrature import latent_grid, log_marginal
 from mogvae.objectives.exact import training_log_marginal
 from mogvae.model.layers import initialize
 from mogvae.training.trainer import fit
-from test_quadrature import SIGMA, Y, linear_vae
+from test_quadrature import SIGMA, Y, linear_vae, random_model
 
 DATA = PaperProcess(0.1).sample(40, seed=9)[1]
 
@@ -169,6 +168,15 @@ def test_a_capped_gap_search_stops_at_its_cap_and_a_longer_one_finds_no_worse_po
     assert float(longer["approximation_gap"][0]) < float(short["approximation_gap"][0])      # 2 iterations are too few here
 
 
+def _frozen(name: str, seed: int):
+    """test_quadrature's steep random model of `name`, in eval mode, its parameters out of autograd (as
+    the gap search holds them)."""
+    model = random_model(name, seed=seed).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
 def _lattice(model, y):
     """Per replica and point [R, N]: the best ELBO of a Gaussian q over every (location, log scale) on a
     241 x 61 lattice, by the search's reporting rule, with its raw q [R, N, 2], and the raw q of the
@@ -206,14 +214,9 @@ def test_the_gap_search_finds_the_best_gaussian_of_a_multimodal_posterior_point_
     encoder alone stays in the trap, the two-start search may not fall short of the lattice's best by more
     than the lattice's own coarseness. And a point searched alone is no better than among others (their
     best q are extra starts for it, never a constraint)."""
-    import sys
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_quadrature import random_model
     from mogvae.estimators import gaps
     from mogvae.estimators.quadrature import as_batch
-    model = random_model("mfg", seed=3).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model = _frozen("mfg", seed=3)
     y = np.array([-1.5, -0.4, 0.2, 0.9, 1.7])
     lattice, _, trap = _lattice(model, y)
     model.posterior.raw = lambda yy: trap[:, :yy.shape[1]] if yy.shape[1] == len(y) else trap[:, 2:3]
@@ -232,13 +235,8 @@ def test_a_point_trapped_by_its_own_starts_escapes_from_its_neighbours_best(monk
     a trap, and the posterior's start is withheld. Alone, the second stays in its trap (over 0.1 nats below
     the lattice's best); searched beside the first, it starts again from the first's best and reaches
     its own lattice best (within the lattice's coarseness), while the first keeps its own."""
-    import sys
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_quadrature import random_model
     from mogvae.estimators import gaps
-    model = random_model("mfg", seed=3).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model = _frozen("mfg", seed=3)
     y = np.array([-1.5, -1.45])                            # bimodal for replica 1 (its modes 5 apart)
     lattice, best_q, trap = _lattice(model, y)
     assert float((best_q[1, 1] - trap[1, 1]).abs().max()) > 1.0                      # a trap apart from the best
@@ -257,14 +255,9 @@ def test_the_gap_search_ends_where_searching_on_gains_less_than_1e_5():
     rule. On this steep 3-component mixture posterior the search without its polishing pass stopped while
     still climbing (5.9e-5 left at one point), so this fails without it. Its progress counts the polish as
     each point's second search, so the ETA does not stand still through it."""
-    import sys
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_quadrature import random_model
     from mogvae.estimators import gaps
     from mogvae.estimators.quadrature import as_batch
-    model = random_model("mog-posterior", seed=0).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model = _frozen("mog-posterior", seed=0)
     y = np.linspace(-1.5, 1.5, 16)
     calls = []
     best = gaps.best_posterior(model, y, progress=lambda done, total: calls.append((done, total)))
@@ -283,12 +276,7 @@ def test_extra_starts_find_optima_the_other_starts_miss_whatever_the_chunks():
     from its own stream: searching 5 points at a time gives the same ELBO*, to the search's tolerance (a
     batch's size changes the float rounding of its sums, and so, at times, the check at which a point stops:
     4e-6 measured)."""
-    import sys
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_quadrature import random_model
-    model = random_model("mog-posterior", seed=3).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model = _frozen("mog-posterior", seed=3)
     y = np.linspace(-1.5, 1.5, 16)
     plain = best_posterior(model, y)
     more = best_posterior(model, y, starts=4)

@@ -165,7 +165,8 @@ class EvalConfig(Strict):
                             "them)")
     gap_steps: int = Field(1000, ge=1, le=100_000, description="at most this many L-BFGS iterations of that search, "
                            "per start (a point stops sooner once its best ELBO gains under 1e-5 nats over 10 "
-                           "iterations, then searches on once from its best with a 100x tighter stop); metrics.csv reports the most a point took as gap_optimizer_steps")
+                           "iterations, then searches on once from its best with a 100x tighter stop); metrics.csv "
+                           "reports the most a point took as gap_optimizer_steps")
     gap_starts: int = Field(0, ge=0, le=100, description="extra starts of that search per point: the encoder's q "
                             "moved by Gaussian noise of scale 0.3 in its raw parameters, each point from its own "
                             "random stream. A mixture q has many local optima: on a 10-component mixture at sigma "

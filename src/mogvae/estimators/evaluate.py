@@ -343,8 +343,7 @@ def _gap_terms(model: VAE, y_test, terms: dict, config: EvalConfig, true_log_p, 
         gaps = gap_metrics(model, y_test[:n], terms["log_p"][:, :n], terms["elbo"][:, :n], truth,
                            config.grid_size, config.grid_span, config.gap_steps,
                            progress=lambda done, total: phases.step(done, total, "point searches"),
-                           tolerance=config.tolerance,
-                           starts=config.gap_starts)
+                           tolerance=config.tolerance, starts=config.gap_starts)
         out.update({k: v.numpy() for k, v in gaps.items()})
     return out
 

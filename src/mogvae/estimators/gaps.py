@@ -96,15 +96,15 @@ def best_posterior(model: VAE, y, max_steps: int = MAX_STEPS, tolerance: float =
         p.requires_grad_(False)
     try:
         y = as_batch(y, replica_count(model), next(model.parameters()).device)
-        parts = []
-        noise = _start_noise(y.shape[1], starts, y.shape[0], model.posterior.raw(y[:, :1]).shape[-1])
-        for s in range(0, y.shape[1], chunk):
-            parts.append(_optimize(model, y[:, s:s + chunk], max_steps, tolerance, noise[:, :, s:s + chunk]))
+        parts, n = [], y.shape[1]
+        for s in range(0, n, chunk):
+            parts.append(_optimize(model, y[:, s:s + chunk], max_steps, tolerance, starts, first=s))
             if progress:
-                progress(min(s + chunk, y.shape[1]), 2 * y.shape[1])
+                progress(min(s + chunk, n), 2 * n)
         star, raw, steps = _from_neighbours(model, y, torch.cat([p[0] for p in parts], 1),
                                             torch.cat([p[4] for p in parts], 1), max_steps, tolerance, chunk)
-        star, raw, polish_steps = _polished(model, y, star, raw, max_steps, tolerance, chunk, progress)
+        star, raw, polish_steps = _polished(model, y, star, raw, max_steps, tolerance, chunk,
+                                            progress and (lambda done: progress(n + done, 2 * n)))
         steps = max(steps, polish_steps)
     finally:
         for p in model.parameters():
@@ -144,13 +144,19 @@ def _from_neighbours(model: VAE, y: torch.Tensor, best: torch.Tensor, raw: torch
                 at = points[s:s + chunk]
                 value, x, iters, _ = _lbfgs(model, y[:, at], start[:, at], max_steps, tolerance)
                 steps = max(steps, iters)
-                better = value > best[:, at]
-                best[:, at] = torch.where(better, value, best[:, at])
-                raw[:, at] = torch.where(better[..., None], x, raw[:, at])
-                gained = gained or bool(better.any())
+                gained = _keep_better(best, raw, at, value, x) or gained
         if not gained:
             break
     return best[:, inverse], raw[:, inverse], steps
+
+
+def _keep_better(best: torch.Tensor, raw: torch.Tensor, at, value: torch.Tensor, x: torch.Tensor) -> bool:
+    """Where a search's `value` [R, n] beats best[:, at], keep it and its q x [R, n, P] in best and raw
+    (in place; `at` a slice or indices of the points); whether any point gained."""
+    better = value > best[:, at]
+    best[:, at] = torch.where(better, value, best[:, at])
+    raw[:, at] = torch.where(better[..., None], x, raw[:, at])
+    return bool(better.any())
 
 
 POLISH = 100        # the polishing search's stop: `tolerance` / POLISH over LBFGS_PATIENCE checks
@@ -162,16 +168,15 @@ def _polished(model: VAE, y: torch.Tensor, best: torch.Tensor, raw: torch.Tensor
     tighter: a search that gains a little per check stops (by `tolerance`) while it still climbs, and its
     last pairs can steer it slowly. Measured on the noise study's sigma = 0.03 mixture-posterior run (20
     points x 10 replicas): searching on from the saved ELBO*'s q raised it by over 1e-5 nats at 47 of 200
-    point-replicas (benchmarks/experiments/gap_search_many_starts.py)."""
+    point-replicas (benchmarks/experiments/gap_search_many_starts.py). `progress(points done)` after each chunk."""
     steps = 0
     for s in range(0, y.shape[1], chunk):
-        value, x, iters, _ = _lbfgs(model, y[:, s:s + chunk], raw[:, s:s + chunk], max_steps, tolerance / POLISH)
-        better = value > best[:, s:s + chunk]
-        best[:, s:s + chunk] = torch.where(better, value, best[:, s:s + chunk])
-        raw[:, s:s + chunk] = torch.where(better[..., None], x, raw[:, s:s + chunk])
+        at = slice(s, s + chunk)
+        value, x, iters, _ = _lbfgs(model, y[:, at], raw[:, at], max_steps, tolerance / POLISH)
+        _keep_better(best, raw, at, value, x)
         steps = max(steps, iters)
         if progress:
-            progress(y.shape[1] + min(s + chunk, y.shape[1]), 2 * y.shape[1])
+            progress(min(s + chunk, y.shape[1]))
     return best, raw, steps
 
 
@@ -179,25 +184,26 @@ START_SCALE = 0.3   # eval.gap_starts' perturbations of the encoder's raw q: the
 START_SEED = 20261206
 
 
-def _start_noise(points: int, starts: int, replicas: int, size: int) -> torch.Tensor:
-    """[starts, R, N, P] standard-normal noise, point i's from its own stream (SeedSequence(START_SEED, i)),
-    so a point's starts do not depend on the other points or the chunks."""
-    if starts == 0:
-        return torch.zeros(0, replicas, points, size, dtype=F64)
-    draws = [np.random.default_rng([START_SEED, i]).standard_normal((starts, replicas, size)) for i in range(points)]
-    return torch.as_tensor(np.stack(draws, 2))
+def _perturbed(start: torch.Tensor, count: int, first: int) -> list[torch.Tensor]:
+    """`count` starts [R, B, P]: `start` plus START_SCALE x standard-normal noise, the noise of the point at
+    index first + i from its own stream (SeedSequence(START_SEED, first + i)), so that a point's starts do
+    not depend on the other points or the chunks."""
+    if count == 0:
+        return []
+    R, B, P = start.shape
+    noise = np.stack([np.random.default_rng([START_SEED, first + i]).standard_normal((count, R, P)) for i in range(B)], 2)
+    return list(start + START_SCALE * torch.as_tensor(noise, dtype=start.dtype, device=start.device))
 
 
-def _optimize(model: VAE, y: torch.Tensor, max_steps: int, tolerance: float, noise: torch.Tensor | None = None):
-    """Each point's best q: L-BFGS from the encoder's q, from `noise` [S, R, B, P] x START_SCALE added to it,
-    and, for a mixture in 1-D, from the exact posterior's shape (_posterior_start), keeping each point's best
-    by the reporting rule."""
+def _optimize(model: VAE, y: torch.Tensor, max_steps: int, tolerance: float, extra: int = 0, first: int = 0):
+    """Each point's best q: L-BFGS from the encoder's q, from `extra` perturbations of it (_perturbed; the
+    points' indices begin at `first`), and, for a mixture in 1-D, from the exact posterior's shape
+    (_posterior_start), keeping each point's best by the reporting rule."""
     _, final = NODES[model.latent_dim]
     posterior = model.posterior
     with torch.no_grad():
         start = posterior.raw(y).to(F64)                  # [R, B, out]: the encoder's q for each point
-    starts = [start, *([s] if (s := _posterior_start(model, y)) is not None else []),
-              *([] if noise is None else [start + START_SCALE * e.to(start.device) for e in noise])]
+    starts = [start, *([s] if (s := _posterior_start(model, y)) is not None else []), *_perturbed(start, extra, first)]
     best, best_raw, steps, converged = None, None, 0, True
     for x0 in starts:
         value, raw, iters, stopped = _lbfgs(model, y, x0, max_steps, tolerance)
