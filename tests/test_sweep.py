@@ -192,8 +192,13 @@ def test_a_killed_driver_resumes_to_the_same_numbers(reference, spec, tmp_path, 
                             env={**os.environ, "MOGVAE_FAULT": fault}, start_new_session=True)
     assert killed.returncode == -9, killed.stderr
     assert not (out / "metrics.csv").exists()
+    # every run finished: each one's figure was drawn by its worker, and the report keeps it
+    drawn = {p: p.stat().st_mtime_ns for p in (out / "figures").glob("preset=*.png")} if fault.startswith("gather") else {}
+    assert len(drawn) == (4 if fault.startswith("gather") else 0)
     assert main(["sweep", str(spec), "--out", str(out), "--workers", "1"]) == 0   # in this process, another executor
     assert rows_but_wall_time(out / "metrics.csv") == rows_but_wall_time(reference / "metrics.csv")
+    assert {p: p.stat().st_mtime_ns for p in drawn} == drawn
+    assert all(f"figures/{p.name}" in (out / "report.md").read_text() for p in drawn)
 
 
 def test_a_dask_cluster_with_a_worker_killed_mid_run_gives_the_same_numbers(reference, spec, tmp_path, monkeypatch):

@@ -198,6 +198,7 @@ def _reproduce_in(sweep, args, config, cells, pending, scheduler) -> int:
     """reproduce's work once its folder is locked and checked."""
     from rich.console import Console
 
+    from .report.sweep import figure_drawers
     from .runs import reproduce as study
     from .runs.progress import SweepProgress
     args.after_interrupt = f"{args.out} keeps every finished epoch: re-run the same command to resume"
@@ -207,7 +208,8 @@ def _reproduce_in(sweep, args, config, cells, pending, scheduler) -> int:
                   soft_wrap=True)
     start = time.perf_counter()
     with SweepProgress(console, {c.name: c.config.train.epochs for c in pending}, len(cells) - len(pending)) as p:
-        study.run(config, sweep, p, scheduler=scheduler, tensorboard=getattr(args, "tensorboard", False))
+        study.run(config, sweep, p, scheduler=scheduler, tensorboard=getattr(args, "tensorboard", False),
+                  after=figure_drawers(args.out, cells))
     report = _reproduce_report(args.out)
     _print_table(console, args.out / "metrics.csv", list(config.models))
     _print_ending(console, report, time.perf_counter() - start)
@@ -311,6 +313,7 @@ def _sweep_in(folder, args, base: dict, grid: dict, cells, title: str, study: st
     """_run_sweep's work once its folder is locked."""
     from rich.console import Console
 
+    from .report.sweep import figure_drawers
     from .runs.progress import SweepProgress
     from .runs.sweep import SpecError, execute, versions
     from .storage.folders import OutputError
@@ -325,7 +328,7 @@ def _sweep_in(folder, args, base: dict, grid: dict, cells, title: str, study: st
     start = time.perf_counter()
     with SweepProgress(console, {c.name: c.config.train.epochs for c in pending}, len(cells) - len(pending)) as p:
         execute(folder, cells, workers=args.workers or 0, scheduler=args.scheduler, progress=p,
-                tensorboard=args.tensorboard)
+                tensorboard=args.tensorboard, after=figure_drawers(args.out, cells))
     report = _sweep_report(args.out)
     _print_table(console, args.out / "metrics.csv", [c.name for c in cells], by="run", first="run")
     _print_ending(console, report, time.perf_counter() - start)

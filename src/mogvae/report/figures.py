@@ -337,12 +337,22 @@ def has_latent_curves(run: Path) -> bool:
     return "decoder" in read_npz(run / "curves.npz")
 
 
+def run_figures(out: Path, name: str, run: Path) -> None:
+    """One run's own figures in out/figures/, `name` naming it: its model figure (1-D latents) and, for
+    data with D > 1, its generated points against the test points. Each is drawn once: a sweep's
+    workers draw them as each run finishes (report.sweep.figure_drawers), and the report keeps those."""
+    if has_latent_curves(run):
+        model_figure(out, name, run)
+    if has_sample_points(run):
+        sample_figure(out, name, run)
+
+
 def sweep_figures(out: Path, runs: dict[str, Path]) -> list[Path]:
-    """A sweep's figures: training curves of every run, each run's model figure (1-D latents), and
-    for data with D > 1 each run's generated points against the test points."""
+    """A sweep's figures: training curves of every run, then each run's own (run_figures): model
+    figures first, then sample figures."""
     training_figure(out, runs)
-    drawn = [name for name, run in runs.items() if has_latent_curves(run)]
-    for name in drawn:
-        model_figure(out, name, runs[name])
-    samples = [sample_figure(out, name, run) for name, run in runs.items() if has_sample_points(run)]
-    return [out / "figures" / "training.png", *(out / "figures" / f"{n}.png" for n in drawn), *samples]
+    for name, run in runs.items():
+        run_figures(out, name, run)
+    return [out / "figures" / "training.png", *(out / "figures" / f"{n}.png" for n, r in runs.items()
+                                                if has_latent_curves(r)),
+            *(out / "figures" / f"{n}-samples.png" for n, r in runs.items() if has_sample_points(r))]

@@ -273,6 +273,21 @@ def report_lead(report: Path) -> list[str]:
     return [line.replace("**", "").replace("\\_", "_") for line in lead]
 
 
+def figure_drawers(out: Path, cells) -> dict[str, Callable[[str], None]]:
+    """For each cell (runs.sweep.Cell) of the sweep at `out`, what its worker does once its run is
+    finished (runs.sweep.execute's `after`): draw the run's own figures, named as this report names
+    them, into out/figures/. So they are drawn beside the other runs, in parallel, and the report
+    only keeps them (figures.already_drawn)."""
+    from functools import partial
+    names = _figure_names([{"name": c.name, "values": c.values} for c in cells])
+    return {c.name: partial(_draw_run_figures, str(out), names[c.name]) for c in cells}
+
+
+def _draw_run_figures(out: str, name: str, run: str) -> None:
+    from .figures import run_figures
+    run_figures(Path(out), name, Path(run))
+
+
 def _figure_names(cells: list[dict]) -> dict[str, str]:
     """Each run's name in the figures: its preset where the grid varies the preset alone (a model's
     name, as in reproduce's contract: figures/mfg.png), else the cell's name (figures/NAME.png)."""

@@ -55,6 +55,18 @@ def train_run(config: dict, out: str, progress=None, tensorboard: bool = False, 
     return str(session.train(on_epoch=progress, tensorboard=tensorboard))
 
 
+def _then(after, out: str) -> None:
+    """What the driver asked to be done where a run has just finished, beside the other runs (a sweep's
+    report has its figures drawn there: `after(out)`). The run is finished and saved whatever happens
+    here; a drawing that fails is only drawn again by the report, which then says why."""
+    if after is None:
+        return
+    try:
+        after(out)
+    except Exception:       # noqa: BLE001 -- not the run's failure; the report meets it again and reports it
+        pass
+
+
 def _die_with_parent(driver: int) -> None:
     """Linux: the kernel kills this process when its parent dies (even by kill -9),
     so no orphan goes on writing into a folder its driver has left. The parent is the
@@ -166,8 +178,8 @@ def _driver_environment() -> dict:
 
 
 def _local_worker(conn, tensorboard: bool, environment: dict) -> None:
-    """Train the (name, config, out) jobs the driver sends over `conn` until it sends
-    None; PyTorch is imported once per driver (WORKER_PRELOAD), not per run. Reports go back
+    """Train the (name, config, out, after) jobs the driver sends over `conn` until it sends
+    None, each followed by `after` (_then); PyTorch is imported once per driver (WORKER_PRELOAD), not per run. Reports go back
     on the same pipe: ("progress", epoch), ("done", None) or ("error", failure)."""
     os.environ.clear()
     os.environ.update(environment)
@@ -177,9 +189,10 @@ def _local_worker(conn, tensorboard: bool, environment: dict) -> None:
     sys.unraisablehook = _stop_where_it_can_raise
     try:
         while (job := conn.recv()) is not None:
-            name, config, out = job
+            name, config, out, after = job
             try:
                 train_run(config, out, progress=lambda epoch: conn.send(("progress", epoch)), tensorboard=tensorboard)
+                _then(after, out)
             except _Stop:
                 raise
             except BaseException as e:
@@ -221,9 +234,9 @@ def _stop(procs, grace: float) -> None:
             proc.join()
 
 
-def run_local(jobs: list[tuple[str, dict, str]], workers: int, on_progress=None, on_done=None,
+def run_local(jobs: list[tuple], workers: int, on_progress=None, on_done=None,
               tensorboard: bool = False, grace: float = 10.0) -> None:
-    """The jobs (name, config, run folder) on `workers` spawned worker processes (a
+    """The jobs (name, config, run folder, what to do after it: _then) on `workers` spawned worker processes (a
     clean interpreter: no inherited thread pools or locks), in the order given: the
     driver hands each idle worker the next job. One pipe per worker and nothing
     else: no multiprocessing.Queue or Lock, whose named semaphores outlive a driver
@@ -282,12 +295,12 @@ def _hand_out(conn, todo: list, busy: dict) -> None:
         conn.send(None)
 
 
-def run_in_process(jobs: list[tuple[str, dict, str]], on_progress=None, on_done=None,
-                   tensorboard: bool = False) -> None:
+def run_in_process(jobs: list[tuple], on_progress=None, on_done=None, tensorboard: bool = False) -> None:
     """One job after another in this process (workers = 1, and the tests)."""
-    for name, config, out in jobs:
+    for name, config, out, after in jobs:
         train_run(config, out, progress=lambda epoch, name=name: on_progress and on_progress(name, epoch),
                   tensorboard=tensorboard)
+        _then(after, out)
         if on_done:
             on_done(name)
 
@@ -354,7 +367,7 @@ def _quiet(*names: str):
             lg.setLevel(level)
 
 
-def run_dask(jobs: list[tuple[str, dict, str]], address: str, on_done=None, retries: int = 2,
+def run_dask(jobs: list[tuple], address: str, on_done=None, retries: int = 2,
              tensorboard: bool = False) -> None:
     """Submit each job to the Dask scheduler at `address`; return when all are done.
     A failed task is retried `retries` times; a task whose worker dies is
@@ -374,11 +387,11 @@ def run_dask(jobs: list[tuple[str, dict, str]], address: str, on_done=None, retr
             raise WorkerFailed(f"--scheduler {shown}: cannot connect ({e})") from None
         with client:
             futures = {}
-            for name, config, out in jobs:
+            for name, config, out, after in jobs:
                 out = str(Path(out).resolve())   # the workers' working folder is not ours
                 # a key unique to this run folder: two sweeps on one scheduler never share a result
                 key = f"mogvae-run-{hashlib.sha256(out.encode()).hexdigest()[:16]}"
-                futures[client.submit(train_run, config, out, tensorboard=tensorboard, wait_for_lock=True,
+                futures[client.submit(_dask_task, config, out, tensorboard, after,
                                       pure=False, retries=retries, key=key)] = name
             for future in as_completed(futures):
                 name = futures[future]
@@ -386,6 +399,13 @@ def run_dask(jobs: list[tuple[str, dict, str]], address: str, on_done=None, retr
                     _raise_failure(future, name, client.status, shown)
                 if on_done:
                     on_done(name)
+
+
+def _dask_task(config: dict, out: str, tensorboard: bool, after) -> str:
+    """A run as a Dask task: train_run, waiting for a folder an earlier driver's task still holds, then _then."""
+    metrics = train_run(config, out, tensorboard=tensorboard, wait_for_lock=True)
+    _then(after, out)
+    return metrics
 
 
 def _raise_failure(future, name: str, client_status: str, address: str) -> None:

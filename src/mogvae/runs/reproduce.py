@@ -57,9 +57,10 @@ def cells_of(config: ReproduceConfig) -> list[Cell]:
 
 
 def run(config: ReproduceConfig, sweep: SweepDir, progress=None, scheduler: str | None = None,
-        tensorboard: bool = False) -> dict[str, Path]:
-    """Train what is not finished, then write the contract's files (but figures and report,
-    which `mogvae report` makes from them); return model -> run folder."""
+        tensorboard: bool = False, after: dict | None = None) -> dict[str, Path]:
+    """Train what is not finished, then write the contract's files (but the report, which `mogvae report`
+    makes from them; `after`: as execute's, where the workers draw each run's figures); return model ->
+    run folder."""
     from ..model.layers import replica_seed
     cells = cells_of(config)
     base, grid = spec(config)
@@ -67,7 +68,8 @@ def run(config: ReproduceConfig, sweep: SweepDir, progress=None, scheduler: str 
     write_json(sweep.path / "config.json", {"study": config.model_dump(mode="json"), "versions": versions(),
                                             "replica_seeds": [replica_seed(config.base_seed, i)
                                                               for i in range(config.seeds)]})
-    execute(sweep, cells, workers=config.workers, scheduler=scheduler, progress=progress, tensorboard=tensorboard)
+    execute(sweep, cells, workers=config.workers, scheduler=scheduler, progress=progress, tensorboard=tensorboard,
+            after=after)
     runs = {c.config.preset: sweep.run_path(c) for c in cells}
     first = next(iter(runs.values()))
     for split in SPLITS:  # every run trained on the same data: the first run's copy is the study's

@@ -326,13 +326,15 @@ def _cost(cell: Cell) -> float:
 
 
 def execute(sweep: SweepDir, cells: list[Cell], workers: int = 0, scheduler: str | None = None,
-            progress=None, tensorboard: bool = False) -> list[dict]:
-    """Train every unfinished cell (resuming partial ones), then rebuild metrics.csv."""
+            progress=None, tensorboard: bool = False, after: dict | None = None) -> list[dict]:
+    """Train every unfinished cell (resuming partial ones), then rebuild metrics.csv. `after`: for a cell's
+    name, what its worker does once the run is finished, given its folder (a picklable callable: the
+    report's figure drawing, executors._then)."""
     import os
 
     from .executors import run_dask, run_in_process, run_local
     pending = sorted(sweep.pending(cells), key=_cost, reverse=True)
-    jobs = [(c.name, c.resolved(), str(sweep.run_path(c))) for c in pending]
+    jobs = [(c.name, c.resolved(), str(sweep.run_path(c)), (after or {}).get(c.name)) for c in pending]
     on_progress = progress.epoch if progress else None
     on_done = progress.finished if progress else None
     if scheduler:
