@@ -195,7 +195,8 @@ def test_a_killed_driver_resumes_to_the_same_numbers(reference, spec, tmp_path, 
     # every run finished: each one's figure was drawn by its worker, and the report keeps it
     drawn = {p: p.stat().st_mtime_ns for p in (out / "figures").glob("preset=*.png")} if fault.startswith("gather") else {}
     assert len(drawn) == (4 if fault.startswith("gather") else 0)
-    assert main(["sweep", str(spec), "--out", str(out), "--workers", "1"]) == 0   # in this process, another executor
+    no_report = [] if drawn else ["--no-report"]      # only metrics.csv is compared, but where the figures are
+    assert main(["sweep", str(spec), "--out", str(out), "--workers", "1", *no_report]) == 0   # in this process
     assert rows_but_wall_time(out / "metrics.csv") == rows_but_wall_time(reference / "metrics.csv")
     assert {p: p.stat().st_mtime_ns for p in drawn} == drawn
     assert all(f"figures/{p.name}" in (out / "report.md").read_text() for p in drawn)
@@ -214,6 +215,20 @@ def test_a_dask_cluster_with_a_worker_killed_mid_run_gives_the_same_numbers(refe
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert once.exists()                                         # a worker really died mid-run
     assert rows_but_wall_time(tmp_path / "out" / "metrics.csv") == rows_but_wall_time(reference / "metrics.csv")
+
+
+def test_no_report_writes_metrics_only_and_removes_the_report_that_no_longer_matches(reference, spec, tmp_path,
+                                                                                      capsys):
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    shutil.rmtree(out / "figures")
+    assert main(["sweep", str(spec), "--out", str(out), "--workers", "1", "--no-report"]) == 0
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "no report (--no-report, the one from before removed)" in last and f"mogvae report {out}" in last
+    assert not (out / "report.md").exists() and not (out / "report.html").exists() and not (out / "figures").exists()
+    assert rows_but_wall_time(out / "metrics.csv") == rows_but_wall_time(reference / "metrics.csv")
+    assert main(["report", str(out)]) == 0
+    assert (out / "report.md").read_text() == (reference / "report.md").read_text()
 
 
 def test_report_regenerates_the_same_report_from_saved_files(reference, capsys, tmp_path):

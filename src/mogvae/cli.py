@@ -58,6 +58,10 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(status)
 
 
+NO_REPORT = ("train and evaluate every run and write metrics.csv, but draw no figure and write no report "
+             "(`mogvae report DIR` writes them later); a report from before, which no longer matches, is removed")
+
+
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
     from .studies import STUDIES
@@ -74,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--quick", action="store_true", help="toy size, well under a minute: a smoke test")
     r.add_argument("--overwrite", action="store_true",
                    help="replace an earlier mogvae reproduce output (only the files it wrote are deleted)")
+    r.add_argument("--no-report", action="store_true", help=NO_REPORT)
     t = sub.add_parser("train", help="train one configuration (R seeds) into a run folder; re-run to resume")
     t.add_argument("config", type=Path, help="TOML file (see examples/run.toml)")
     t.add_argument("--out", type=_folder, required=True, help="run folder (created, or resumed)")
@@ -100,6 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--extend", action="store_true",
                    help="let a re-run add cells to the folder's grid (finished runs are kept; "
                         "a changed or removed cell is still refused)")
+    w.add_argument("--no-report", action="store_true", help=NO_REPORT)
     st = sub.add_parser("study", help="a built-in study: a sweep with its own figures and reading")
     st.add_argument("name", choices=list(STUDIES), help="; ".join(f"{s.name}: {s.summary}" for s in STUDIES.values()))
     st.add_argument("--out", type=_folder, required=True, help="study folder (created, or resumed)")
@@ -113,6 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--extend", action="store_true",
                     help="let a re-run add cells to the folder's grid (finished runs are kept; "
                          "a changed or removed cell is still refused)")
+    st.add_argument("--no-report", action="store_true", help=NO_REPORT)
     rp = sub.add_parser("report", help="write report.md and report.html of a run, sweep, study or reproduce "
                                        "folder, from its saved files")
     rp.add_argument("dir", type=Path, help="a folder written by mogvae train, sweep, study or reproduce")
@@ -209,10 +216,10 @@ def _reproduce_in(sweep, args, config, cells, pending, scheduler) -> int:
     start = time.perf_counter()
     with SweepProgress(console, {c.name: c.config.train.epochs for c in pending}, len(cells) - len(pending)) as p:
         study.run(config, sweep, p, scheduler=scheduler, tensorboard=getattr(args, "tensorboard", False),
-                  after=figure_drawers(args.out, cells))
-    report = _reproduce_report(args.out)
+                  after=None if args.no_report else figure_drawers(args.out, cells))
+    report = None if args.no_report else _reproduce_report(args.out)
     _print_table(console, args.out / "metrics.csv", list(config.models))
-    _print_ending(console, report, time.perf_counter() - start)
+    _print_ending(console, report, time.perf_counter() - start, args.out)
     return 0
 
 
@@ -267,15 +274,31 @@ def train(args) -> int:
     return 0
 
 
-def _print_ending(console, report: Path, seconds: float | None = None) -> None:
+def _print_ending(console, report: Path | None, seconds: float | None = None, out: Path | None = None) -> None:
     """What every command ends with after its table: the report's leading lines (its verdict,
-    or a study's reading) and where the report is."""
+    or a study's reading) and where the report is; with --no-report (no `report`), that the
+    report of `out` is not written, and its stale one removed."""
     from .report.sweep import report_lead
+    if report is None:
+        removed = _remove_report(out)
+        console.print(f"done in {seconds:.1f} s: {out / 'metrics.csv'}; no report (--no-report"
+                      + (", the one from before removed" if removed else "") + f"): mogvae report {out} writes it",
+                      soft_wrap=True, highlight=False, markup=False)
+        return
     for line in report_lead(report):
         console.print(line, soft_wrap=True, highlight=False, markup=False)
     took = f"done in {seconds:.1f} s: " if seconds is not None else "done: "
     console.print(f"{took}{report.with_suffix('.html')} (and {report.name}, metrics.csv, figures/)", soft_wrap=True,
                   highlight=False, markup=False)
+
+
+def _remove_report(out: Path) -> bool:
+    """Remove a sweep's report.md and report.html (names it writes itself), which no longer match its
+    metrics.csv; whether there was one."""
+    there = [p for p in (out / "report.md", out / "report.html") if p.is_file()]
+    for path in there:
+        path.unlink()
+    return bool(there)
 
 
 def sweep(args) -> int:
@@ -328,10 +351,10 @@ def _sweep_in(folder, args, base: dict, grid: dict, cells, title: str, study: st
     start = time.perf_counter()
     with SweepProgress(console, {c.name: c.config.train.epochs for c in pending}, len(cells) - len(pending)) as p:
         execute(folder, cells, workers=args.workers or 0, scheduler=args.scheduler, progress=p,
-                tensorboard=args.tensorboard, after=figure_drawers(args.out, cells))
-    report = _sweep_report(args.out)
+                tensorboard=args.tensorboard, after=None if args.no_report else figure_drawers(args.out, cells))
+    report = None if args.no_report else _sweep_report(args.out)
     _print_table(console, args.out / "metrics.csv", [c.name for c in cells], by="run", first="run")
-    _print_ending(console, report, time.perf_counter() - start)
+    _print_ending(console, report, time.perf_counter() - start, args.out)
     return 0
 
 
