@@ -222,13 +222,32 @@ def test_no_report_writes_metrics_only_and_removes_the_report_that_no_longer_mat
     out = tmp_path / "out"
     shutil.copytree(reference, out)
     shutil.rmtree(out / "figures")
-    assert main(["sweep", str(spec), "--out", str(out), "--workers", "1", "--no-report"]) == 0
+    args = ["sweep", str(spec), "--out", str(out), "--workers", "1", "--no-report"]
+    assert main(args) == 0                                   # nothing to train: the report still matches
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "no report (--no-report)" in last and (out / "report.md").exists()
+    shutil.rmtree(out / "runs" / sorted(p.name for p in (out / "runs").iterdir())[0])   # one run to train again
+    assert main(args) == 0
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "no report (--no-report, the one from before removed)" in last and f"mogvae report {out}" in last
     assert not (out / "report.md").exists() and not (out / "report.html").exists() and not (out / "figures").exists()
     assert rows_but_wall_time(out / "metrics.csv") == rows_but_wall_time(reference / "metrics.csv")
     assert main(["report", str(out)]) == 0
     assert (out / "report.md").read_text() == (reference / "report.md").read_text()
+
+
+def test_the_workers_draw_into_the_sweep_folder_wherever_they_start(spec, tmp_path, monkeypatch):
+    """The figure drawers travel to workers (a Dask worker's working folder is not the driver's): they
+    name the sweep folder absolutely, and each figure as the report names it."""
+    from mogvae.report.sweep import figure_drawers
+    from mogvae.runs.sweep import load_spec
+    monkeypatch.chdir(tmp_path)
+    _, _, cells = load_spec(spec, [])
+    drawers = figure_drawers(Path("relative-out"), cells)
+    assert sorted(drawers) == sorted(c.name for c in cells)
+    for cell in cells:
+        folder, name = drawers[cell.name].args
+        assert folder == str(tmp_path / "relative-out") and name == cell.name
 
 
 def test_report_regenerates_the_same_report_from_saved_files(reference, capsys, tmp_path):

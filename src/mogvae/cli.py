@@ -59,7 +59,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 NO_REPORT = ("train and evaluate every run and write metrics.csv, but draw no figure and write no report "
-             "(`mogvae report DIR` writes them later); a report from before, which no longer matches, is removed")
+             "(`mogvae report DIR` writes them later); where runs are trained, a report from before, which then "
+             "no longer matches, is removed")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -219,7 +220,7 @@ def _reproduce_in(sweep, args, config, cells, pending, scheduler) -> int:
                   after=None if args.no_report else figure_drawers(args.out, cells))
     report = None if args.no_report else _reproduce_report(args.out)
     _print_table(console, args.out / "metrics.csv", list(config.models))
-    _print_ending(console, report, time.perf_counter() - start, args.out)
+    _print_ending(console, report, time.perf_counter() - start, args.out, trained=bool(pending))
     return 0
 
 
@@ -274,13 +275,15 @@ def train(args) -> int:
     return 0
 
 
-def _print_ending(console, report: Path | None, seconds: float | None = None, out: Path | None = None) -> None:
+def _print_ending(console, report: Path | None, seconds: float | None = None, out: Path | None = None,
+                  trained: bool = False) -> None:
     """What every command ends with after its table: the report's leading lines (its verdict,
     or a study's reading) and where the report is; with --no-report (no `report`), that the
-    report of `out` is not written, and its stale one removed."""
+    report of `out` is not written, and, where runs were `trained` now, that the one from before
+    (which no longer matches) was removed."""
     from .report.sweep import report_lead
     if report is None:
-        removed = _remove_report(out)
+        removed = trained and _remove_report(out)
         console.print(f"done in {seconds:.1f} s: {out / 'metrics.csv'}; no report (--no-report"
                       + (", the one from before removed" if removed else "") + f"): mogvae report {out} writes it",
                       soft_wrap=True, highlight=False, markup=False)
@@ -354,7 +357,7 @@ def _sweep_in(folder, args, base: dict, grid: dict, cells, title: str, study: st
                 tensorboard=args.tensorboard, after=None if args.no_report else figure_drawers(args.out, cells))
     report = None if args.no_report else _sweep_report(args.out)
     _print_table(console, args.out / "metrics.csv", [c.name for c in cells], by="run", first="run")
-    _print_ending(console, report, time.perf_counter() - start, args.out)
+    _print_ending(console, report, time.perf_counter() - start, args.out, trained=bool(pending))
     return 0
 
 

@@ -27,6 +27,8 @@ INPUTS_KEY = "mogvae-inputs"   # a PNG text chunk: the digest of what the figure
 
 
 def _save(fig, path: Path, inputs: str | None = None) -> None:
+    """The PNG, with the digest of its inputs. Written after its CSV: a figure stopped between the two
+    (a worker killed mid-sweep) has a stale digest or none, so it is drawn again, never kept half-new."""
     import io
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={INPUTS_KEY: inputs} if inputs else None)
@@ -89,10 +91,10 @@ def truth_figure(out: Path) -> None:
         a.set(xlabel="z", ylabel="density", ylim=(0, 1.08 * p.max()), title=f"true posterior p*(z | y = {yy:g})")
         rows += [{"panel": "posterior", "z": zz, "y": yy, "value": v} for zz, v in zip(z, p)]
     fig.tight_layout()
-    _save(fig, out / "figures" / "truth.png", inputs)
     rows += [{"panel": "joint", "z": z[j], "y": y[i], "value": joint[i, j]}
              for i in range(0, len(y), 10) for j in range(0, len(z), 25)]
     write_csv(out / "figures" / "truth.csv", rows, ["panel", "z", "y", "value"])
+    _save(fig, out / "figures" / "truth.png", inputs)
 
 
 def model_figure(out: Path, model: str, run: Path) -> None:
@@ -145,8 +147,8 @@ def model_figure(out: Path, model: str, run: Path) -> None:
         rows += [{"panel": f"posterior_y={y:g}", "seed": 0, "x": zz, "value": f"{pp};{qq}"}
                  for zz, pp, qq in zip(z[::5], p[::5], q[::5])]
     fig.tight_layout()
-    _save(fig, out / "figures" / f"{model}.png", inputs)
     write_csv(out / "figures" / f"{model}.csv", rows, ["panel", "seed", "x", "value"])
+    _save(fig, out / "figures" / f"{model}.png", inputs)
 
 
 NON_NEGATIVE = {"kl_to_truth", "inference_gap", "w1_to_truth", "w1_samples", "w1_decoder", "std_ratio"}
@@ -226,8 +228,8 @@ def comparison_figure(out: Path, models: list[str], by: str = "model", labels: d
     fig.suptitle("per seed (dots; triangles: outside the axis, value beside) and mean with 95% t interval (black); "
                  "diverged and flagged runs excluded", fontsize=10)
     fig.tight_layout()
-    _save(fig, path, inputs)
     write_csv(out / "figures" / "comparison.csv", csv_rows, ["metric", "model", "seed", "value"])
+    _save(fig, path, inputs)
     return path
 
 
@@ -279,8 +281,8 @@ def training_figure(out: Path, runs: dict[str, Path]) -> None:
     ax[1].set_ylim(low - 0.01, high + 0.01)
     ax[1].set_title("second half of training (plateau check)")
     fig.tight_layout()
-    _save(fig, out / "figures" / "training.png", inputs)
     write_csv(out / "figures" / "training.csv", csv_rows, ["model", "epoch", "mean_val_elbo", "min", "max"])
+    _save(fig, out / "figures" / "training.png", inputs)
 
 
 def sample_figure(out: Path, model: str, run: Path) -> Path:
@@ -317,11 +319,11 @@ def sample_figure(out: Path, model: str, run: Path) -> Path:
     fig.suptitle(f"{model}: {len(gen):,} generated points (seed 0) against {len(test):,} test points"
                  + (f", first {D} of {int(c['data_dim'])} coordinates" if D < int(c["data_dim"]) else ""), fontsize=10)
     fig.tight_layout()
-    _save(fig, path, inputs)
     for which, points in (("generated", gen), ("test", test)):
         rows += [{"points": which, "index": n, **{f"y{k + 1}": v for k, v in enumerate(point)}}
                  for n, point in enumerate(points)]
     write_csv(path.with_suffix(".csv"), rows, ["points", "index", *(f"y{k + 1}" for k in range(D))])
+    _save(fig, path, inputs)
     return path
 
 
@@ -337,22 +339,23 @@ def has_latent_curves(run: Path) -> bool:
     return "decoder" in read_npz(run / "curves.npz")
 
 
-def run_figures(out: Path, name: str, run: Path) -> None:
+def run_figures(out: Path, name: str, run: Path) -> tuple[Path | None, Path | None]:
     """One run's own figures in out/figures/, `name` naming it: its model figure (1-D latents) and, for
-    data with D > 1, its generated points against the test points. Each is drawn once: a sweep's
-    workers draw them as each run finishes (report.sweep.figure_drawers), and the report keeps those."""
+    data with D > 1, its generated points against the test points (None where the run has none). Each
+    is drawn once: a sweep's workers draw them as each run finishes (report.sweep.figure_drawers), and
+    the report keeps those."""
+    model = sample = None
     if has_latent_curves(run):
         model_figure(out, name, run)
+        model = out / "figures" / f"{name}.png"
     if has_sample_points(run):
-        sample_figure(out, name, run)
+        sample = sample_figure(out, name, run)
+    return model, sample
 
 
 def sweep_figures(out: Path, runs: dict[str, Path]) -> list[Path]:
     """A sweep's figures: training curves of every run, then each run's own (run_figures): model
     figures first, then sample figures."""
     training_figure(out, runs)
-    for name, run in runs.items():
-        run_figures(out, name, run)
-    return [out / "figures" / "training.png", *(out / "figures" / f"{n}.png" for n, r in runs.items()
-                                                if has_latent_curves(r)),
-            *(out / "figures" / f"{n}-samples.png" for n, r in runs.items() if has_sample_points(r))]
+    own = [run_figures(out, name, run) for name, run in runs.items()]
+    return [out / "figures" / "training.png", *(m for m, _ in own if m), *(s for _, s in own if s)]

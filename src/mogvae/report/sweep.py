@@ -204,11 +204,11 @@ def write_sweep_report(out: Path, present: Callable[[str, Path], tuple | None] |
     study = study or record.get("study")
     metrics = _finished_metrics(out)
     unfinished = [c["name"] for c in cells if c["name"] not in metrics]
+    names = _figure_names(cells)          # of every cell, finished or not: as the workers name the figures they draw
     cells = [c for c in cells if c["name"] in metrics]     # a sweep stopped before its end: what is finished
     if not cells:
         raise UnreadableFile(f"{out}: no run of this sweep has finished yet; re-run its command to train them")
     own = present(study, out) if present and study and not unfinished else None
-    names = _figure_names(cells)
     return _write(out, str(title), cells, metrics, {names[c["name"]]: out / "runs" / c["name"] for c in cells},
                   own or ([], []), unfinished)
 
@@ -280,7 +280,8 @@ def figure_drawers(out: Path, cells) -> dict[str, Callable[[str], None]]:
     only keeps them (figures.already_drawn)."""
     from functools import partial
     names = _figure_names([{"name": c.name, "values": c.values} for c in cells])
-    return {c.name: partial(_draw_run_figures, str(out), names[c.name]) for c in cells}
+    # absolute: a Dask worker's working folder is not the driver's
+    return {c.name: partial(_draw_run_figures, str(Path(out).resolve()), names[c.name]) for c in cells}
 
 
 def _draw_run_figures(out: str, name: str, run: str) -> None:

@@ -100,7 +100,8 @@ MAX_CELLS = 10_000
 """The most cells a sweep may have (the main grid's product plus every [[grid.also]]): each is
 a run folder; a larger grid is almost surely a mistake, and is refused before anything is written."""
 NAME_MAX = 255                        # bytes in one file name, on every common file system
-MAX_CELL_NAME = NAME_MAX - len(".NAME.png.XXXXXXXX.tmp") + len("NAME")   # a figure's atomic temporary
+MAX_CELL_NAME = NAME_MAX - len(".NAME-samples.png.XXXXXXXX.tmp") + len("NAME")   # a sample figure's atomic temporary
+RECORDED_CELL_NAME = NAME_MAX - len(".NAME.png.XXXXXXXX.tmp") + len("NAME")   # the limit before it counted "-samples"
 
 
 def expand(base: dict, grid: dict, folder: Path | None = None) -> list[Cell]:
@@ -213,7 +214,7 @@ def load_spec(path: Path, overrides: list[str]) -> tuple[dict, dict, list[Cell]]
     return raw, grid, expand(raw, grid, Path(path).parent)
 
 
-CELL_NAME = re.compile(r"[A-Za-z0-9._+=-]{1,%d}" % MAX_CELL_NAME)   # what cell_name makes: safe as a file name
+CELL_NAME = re.compile(r"[A-Za-z0-9._+=-]{1,%d}" % RECORDED_CELL_NAME)   # what cell_name makes: safe as a file name
 
 
 def read_record(out: Path) -> dict:
