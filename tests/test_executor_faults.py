@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from conftest import TINY_TOML
 from mogvae.cli import main
@@ -227,6 +228,26 @@ def test_sigterm_while_a_worker_writes_leaves_no_temporary(spec, tmp_path, refer
     assert said(stopped.stderr) == [f"mogvae: stopped by SIGTERM; {out} keeps every finished epoch: "
                                     "re-run the same command to resume"], stopped.stderr
     resumes_to_the_reference(spec, out, reference)
+
+
+def test_a_worker_killed_inside_a_figures_write_is_one_line_and_the_rerun_draws_it_whole(spec, tmp_path, reference):
+    """Each worker draws its finished run's figures (report.sweep.figure_drawers): kill -9 with a figure's
+    temporary complete and not yet renamed. The run itself is finished; the re-run finds it so, leaves no
+    temporary, and its report draws the figure whole."""
+    out = tmp_path / "out"
+    killed = subprocess.run(sweep_cmd(spec, out, "--workers", "2"), capture_output=True, text=True, timeout=300,
+                            env=env_with("figure:1:KILL"), start_new_session=True)
+    assert killed.returncode == 1, killed.stderr
+    last = killed.stderr.strip().splitlines()[-1]
+    assert "a worker died (killed by SIGKILL)" in last and "re-run" in last and "Traceback" not in killed.stderr, last
+    assert main(["sweep", str(spec), "--out", str(out), "--workers", "1"]) == 0
+    assert rows_but_wall_time(out / "metrics.csv") == reference
+    assert list(out.rglob(".*.tmp")) == []
+    from mogvae.report.figures import already_drawn
+    for png in (out / "figures").glob("preset=*.png"):
+        with Image.open(png) as image:
+            image.load()                                      # whole
+        assert already_drawn(png, Image.open(png).text["mogvae-inputs"])
 
 
 def test_a_sigterm_inside_a_callback_still_stops_the_worker_quietly():

@@ -33,7 +33,7 @@ def _save(fig, path: Path, inputs: str | None = None) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={INPUTS_KEY: inputs} if inputs else None)
     plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue(), fault="figure")
 
 
 def inputs_digest(*parts: bytes | str) -> str:
