@@ -125,7 +125,11 @@ def _from_neighbours(model: VAE, y: torch.Tensor, best: torch.Tensor, raw: torch
     mixture-posterior run (100 points x 10 replicas): one pass from both neighbours, unscreened, raised
     ELBO* by 6.5e-4 nats on average (up to 0.2); one screened pass (searching from 7% of the points) by
     5.4e-4; the screened passes repeated, as here, by 1.5e-3, at no measurable cost. A point's ELBO*
-    then depends on the other gap points (its starts come from them), never on the chunks."""
+    then depends on the other gap points (its starts come from them). The chunks change only the float
+    rounding of a batch's sums, but a search can amplify that: on a steep test model a 1e-16 difference in
+    the first step grew about tenfold per step to 0.13 in mid-search, and ended within 1e-5 there
+    (test_extra_starts_find_optima_the_other_starts_miss_whatever_the_chunks); a smoother objective (the
+    decoder read from a table, docs/speed.md) ended 0.02 apart. Not a guarantee, then, but measured."""
     _, final = NODES[model.latent_dim]
     posterior = model.posterior
     order = torch.argsort(y[0, :, 0])
