@@ -1,5 +1,6 @@
-"""Executors: who runs the runs of a sweep. Only configurations (plain dicts) and
-paths travel to workers, never user objects; a run is `train_run`, the same
+"""Executors: who runs the runs of a sweep. Only configurations (plain dicts), paths
+and mogvae's own callables (what to do once a run is finished: draw its figures)
+travel to workers, never user objects; a run is `train_run`, the same
 function whichever executor calls it, on one intra-op thread, so its numbers
 are bitwise the same everywhere.
 
@@ -179,8 +180,9 @@ def _driver_environment() -> dict:
 
 def _local_worker(conn, tensorboard: bool, environment: dict) -> None:
     """Train the (name, config, out, after) jobs the driver sends over `conn` until it sends
-    None, each followed by `after` (_then); PyTorch is imported once per driver (WORKER_PRELOAD), not per run. Reports go back
-    on the same pipe: ("progress", epoch), ("done", None) or ("error", failure)."""
+    None, each followed by `after` (_then); PyTorch is imported once per driver (WORKER_PRELOAD),
+    not per run. Reports go back on the same pipe: ("progress", epoch), ("done", None) or
+    ("error", failure)."""
     os.environ.clear()
     os.environ.update(environment)
     _die_with_parent(int(environment[faults.DRIVER_PID]))
@@ -236,8 +238,8 @@ def _stop(procs, grace: float) -> None:
 
 def run_local(jobs: list[tuple], workers: int, on_progress=None, on_done=None,
               tensorboard: bool = False, grace: float = 10.0) -> None:
-    """The jobs (name, config, run folder, what to do after it: _then) on `workers` spawned worker processes (a
-    clean interpreter: no inherited thread pools or locks), in the order given: the
+    """The jobs (name, config, run folder, what to do after it: _then) on `workers` spawned
+    worker processes (a clean interpreter: no inherited thread pools or locks), in the order given: the
     driver hands each idle worker the next job. One pipe per worker and nothing
     else: no multiprocessing.Queue or Lock, whose named semaphores outlive a driver
     killed by kill -9 (Python's resource tracker then warns of leaked semaphores).
