@@ -206,7 +206,6 @@ def _reproduce_in(sweep, args, config, cells, pending, scheduler) -> int:
     """reproduce's work once its folder is locked and checked."""
     from rich.console import Console
 
-    from .report.sweep import figure_drawers
     from .runs import reproduce as study
     from .runs.progress import SweepProgress
     args.after_interrupt = f"{args.out} keeps every finished epoch: re-run the same command to resume"
@@ -217,10 +216,10 @@ def _reproduce_in(sweep, args, config, cells, pending, scheduler) -> int:
     start = time.perf_counter()
     with SweepProgress(console, {c.name: c.config.train.epochs for c in pending}, len(cells) - len(pending)) as p:
         study.run(config, sweep, p, scheduler=scheduler, tensorboard=getattr(args, "tensorboard", False),
-                  after=None if args.no_report else figure_drawers(args.out, cells))
-    report = None if args.no_report else _reproduce_report(args.out)
+                  after=_drawers(args, cells))
+    report, removed = _report_unless_told(args, pending, _reproduce_report)
     _print_table(console, args.out / "metrics.csv", list(config.models))
-    _print_ending(console, report, time.perf_counter() - start, args.out, trained=bool(pending))
+    _print_ending(console, report, time.perf_counter() - start, args.out, removed)
     return 0
 
 
@@ -275,15 +274,27 @@ def train(args) -> int:
     return 0
 
 
+def _drawers(args, cells) -> dict | None:
+    """What the workers do as each run finishes (draw its figures), unless --no-report."""
+    from .report.sweep import figure_drawers
+    return None if args.no_report else figure_drawers(args.out, cells)
+
+
+def _report_unless_told(args, pending, write) -> tuple[Path | None, bool]:
+    """The folder's report (`write(out)`), or with --no-report none: then, where runs were trained now
+    (`pending`), the report from before no longer matches and is removed. (report, whether removed)."""
+    if not args.no_report:
+        return write(args.out), False
+    return None, bool(pending) and _remove_report(args.out)
+
+
 def _print_ending(console, report: Path | None, seconds: float | None = None, out: Path | None = None,
-                  trained: bool = False) -> None:
+                  removed: bool = False) -> None:
     """What every command ends with after its table: the report's leading lines (its verdict,
     or a study's reading) and where the report is; with --no-report (no `report`), that the
-    report of `out` is not written, and, where runs were `trained` now, that the one from before
-    (which no longer matches) was removed."""
+    report of `out` is not written, and whether the one from before was `removed`."""
     from .report.sweep import report_lead
     if report is None:
-        removed = trained and _remove_report(out)
         console.print(f"done in {seconds:.1f} s: {out / 'metrics.csv'}; no report (--no-report"
                       + (", the one from before removed" if removed else "") + f"): mogvae report {out} writes it",
                       soft_wrap=True, highlight=False, markup=False)
@@ -339,7 +350,6 @@ def _sweep_in(folder, args, base: dict, grid: dict, cells, title: str, study: st
     """_run_sweep's work once its folder is locked."""
     from rich.console import Console
 
-    from .report.sweep import figure_drawers
     from .runs.progress import SweepProgress
     from .runs.sweep import SpecError, execute, versions
     from .storage.folders import OutputError
@@ -354,10 +364,10 @@ def _sweep_in(folder, args, base: dict, grid: dict, cells, title: str, study: st
     start = time.perf_counter()
     with SweepProgress(console, {c.name: c.config.train.epochs for c in pending}, len(cells) - len(pending)) as p:
         execute(folder, cells, workers=args.workers or 0, scheduler=args.scheduler, progress=p,
-                tensorboard=args.tensorboard, after=None if args.no_report else figure_drawers(args.out, cells))
-    report = None if args.no_report else _sweep_report(args.out)
+                tensorboard=args.tensorboard, after=_drawers(args, cells))
+    report, removed = _report_unless_told(args, pending, _sweep_report)
     _print_table(console, args.out / "metrics.csv", [c.name for c in cells], by="run", first="run")
-    _print_ending(console, report, time.perf_counter() - start, args.out, trained=bool(pending))
+    _print_ending(console, report, time.perf_counter() - start, args.out, removed)
     return 0
 
 

@@ -97,11 +97,12 @@ def truth_figure(out: Path) -> None:
     _save(fig, out / "figures" / "truth.png", inputs)
 
 
-def model_figure(out: Path, model: str, run: Path) -> None:
+def model_figure(out: Path, model: str, run: Path) -> Path:
     """The paper's Figures 2-4 for one model (its run folder `run`): decoder, generated data, posteriors."""
+    path = out / "figures" / f"{model}.png"
     inputs = inputs_digest("model", model, read_bytes(run / "curves.npz"))
-    if already_drawn(out / "figures" / f"{model}.png", inputs):
-        return
+    if already_drawn(path, inputs):
+        return path
     c = read_npz(run / "curves.npz")
     fig, ax = plt.subplots(2, 3, figsize=(15, 8))
     color = COLORS.get(model, "k")
@@ -147,8 +148,9 @@ def model_figure(out: Path, model: str, run: Path) -> None:
         rows += [{"panel": f"posterior_y={y:g}", "seed": 0, "x": zz, "value": f"{pp};{qq}"}
                  for zz, pp, qq in zip(z[::5], p[::5], q[::5])]
     fig.tight_layout()
-    write_csv(out / "figures" / f"{model}.csv", rows, ["panel", "seed", "x", "value"])
-    _save(fig, out / "figures" / f"{model}.png", inputs)
+    write_csv(path.with_suffix(".csv"), rows, ["panel", "seed", "x", "value"])
+    _save(fig, path, inputs)
+    return path
 
 
 NON_NEGATIVE = {"kl_to_truth", "inference_gap", "w1_to_truth", "w1_samples", "w1_decoder", "std_ratio"}
@@ -344,13 +346,8 @@ def run_figures(out: Path, name: str, run: Path) -> tuple[Path | None, Path | No
     data with D > 1, its generated points against the test points (None where the run has none). Each
     is drawn once: a sweep's workers draw them as each run finishes (report.sweep.figure_drawers), and
     the report keeps those."""
-    model = sample = None
-    if has_latent_curves(run):
-        model_figure(out, name, run)
-        model = out / "figures" / f"{name}.png"
-    if has_sample_points(run):
-        sample = sample_figure(out, name, run)
-    return model, sample
+    return (model_figure(out, name, run) if has_latent_curves(run) else None,
+            sample_figure(out, name, run) if has_sample_points(run) else None)
 
 
 def sweep_figures(out: Path, runs: dict[str, Path]) -> list[Path]:
