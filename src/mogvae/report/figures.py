@@ -119,7 +119,8 @@ def model_figure(out: Path, model: str, run: Path) -> Path:
     twin.set_ylabel("prior density p_theta(z), seed 0")
     lo, hi = mass_window(c["z_grid"][0], c["prior_density"][0], level=1e-4)
     ax[0, 0].set(xlim=(lo, hi), xlabel="z (model latent)", ylabel="f_phi(z)",
-                 title=f"{model}: learned decoder (seed 0 bold, other seeds faint)")
+                 title="learned decoder (seed 0 bold, other seeds faint)")
+    fig.suptitle(model, fontsize=11)          # a cell's name can be long: above the panels, not in one's title
     ax[0, 1].plot(c["u_grid"], c["true_f_aligned"], "k--", label="true f(u)")
     ax[0, 1].set(xlabel="u = F_theta(z), prior CDF", ylabel="decoder",
                  title="decoder vs true f, aligned by prior quantile")
