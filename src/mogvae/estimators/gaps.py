@@ -45,7 +45,7 @@ from ..model.layers import replica_count
 from ..model.posteriors import MIN_SCALE, MixturePosterior
 from ..model.vae import VAE
 from ..objectives.bounds import log_weights
-from .quadrature import F64, _refined_elbo, as_batch, hermite_rule, integrate, latent_grid, log_joint, rule_elbo
+from .quadrature import F64, _refined_elbo, as_batch, hermite_rule, integrate, latent_grid, log_joint, node_sum, rule_elbo
 
 TOLERANCE = 1e-5    # nats: a point stops when its best ELBO rose by less over LBFGS_PATIENCE checks
 MAX_STEPS = 1000    # L-BFGS iterations at most (eval.gap_steps)
@@ -80,7 +80,7 @@ def hermite_elbo(model: VAE, y: torch.Tensor, q, n_nodes: int) -> torch.Tensor:
     nodes, weights = nodes.to(y.device), weights.to(y.device)
     eps = nodes[None, :, None, None, :].expand(R, -1, K, B, D)
     log_w, pi = log_weights(model, y, eps, q)                      # [R, J, K, B]
-    return ((log_w * pi).sum(2) * weights[None, :, None]).sum(1)
+    return node_sum((log_w * pi * weights[None, :, None, None]).flatten(1, 2))   # batch-independent (node_sum)
 
 
 def best_posterior(model: VAE, y, max_steps: int = MAX_STEPS, tolerance: float = TOLERANCE,
@@ -125,11 +125,11 @@ def _from_neighbours(model: VAE, y: torch.Tensor, best: torch.Tensor, raw: torch
     mixture-posterior run (100 points x 10 replicas): one pass from both neighbours, unscreened, raised
     ELBO* by 6.5e-4 nats on average (up to 0.2); one screened pass (searching from 7% of the points) by
     5.4e-4; the screened passes repeated, as here, by 1.5e-3, at no measurable cost. A point's ELBO*
-    then depends on the other gap points (its starts come from them). The chunks change only the float
-    rounding of a batch's sums, but a search can amplify that: on a steep test model a 1e-16 difference in
-    the first step grew about tenfold per step to 0.13 in mid-search, and ended within 1e-5 there
-    (test_extra_starts_find_optima_the_other_starts_miss_whatever_the_chunks); a smoother objective (the
-    decoder read from a table, docs/speed.md) ended 0.02 apart. Not a guarantee, then, but measured."""
+    then depends on the other gap points (its starts come from them), but not on how they are chunked: for
+    a smooth q every step of the search is computed per point, bitwise the same in any batch
+    (_value_and_gradient, node_sum, _encoder_start; test_a_points_best_q_is_bitwise_the_same_whatever_its_batch).
+    A flow's rule still rounds by batch, and L-BFGS can amplify that: on a steep test model one point's
+    ELBO* searched alone and among 10 differed by 2.4e-3 nats (before and after that change)."""
     _, final = NODES[model.latent_dim]
     posterior = model.posterior
     order = torch.argsort(y[0, :, 0])
@@ -205,8 +205,7 @@ def _optimize(model: VAE, y: torch.Tensor, max_steps: int, tolerance: float, ext
     (_posterior_start), keeping each point's best by the reporting rule."""
     _, final = NODES[model.latent_dim]
     posterior = model.posterior
-    with torch.no_grad():
-        start = posterior.raw(y).to(F64)                  # [R, B, out]: the encoder's q for each point
+    start = _encoder_start(model, y)                       # [R, B, out]: the encoder's q for each point
     starts = [start, *([s] if (s := _posterior_start(model, y)) is not None else []), *_perturbed(start, extra, first)]
     best, best_raw, steps, converged = None, None, 0, True
     for x0 in starts:
@@ -221,6 +220,15 @@ def _optimize(model: VAE, y: torch.Tensor, max_steps: int, tolerance: float, ext
         encoder = hermite_elbo(model, y, posterior.from_raw(start), final)
     # the encoder's q is the first candidate: ELBO* >= its ELBO by the same rule
     return best, encoder, steps, converged, best_raw
+
+
+@torch.no_grad()
+def _encoder_start(model: VAE, y: torch.Tensor) -> torch.Tensor:
+    """The encoder's raw q at each point of y [R, B, Y], one point at a time: [R, B, P] in float64. MKL's
+    small products take paths that round by their number of rows (up to 1e-6 in a row of a 16 x 2 product
+    measured between 5 and 16 rows), and the search would amplify a start's rounding; a product of fixed shape
+    rounds the same every time (a millisecond per 20 points)."""
+    return torch.cat([model.posterior.raw(y[:, i:i + 1]) for i in range(y.shape[1])], 1).to(F64)
 
 
 MEMORY = 10         # L-BFGS: curvature pairs kept per point
@@ -243,10 +251,7 @@ def _lbfgs(model: VAE, y: torch.Tensor, start: torch.Tensor, max_iters: int, tol
         if not grad:
             with torch.no_grad():
                 return -hermite_elbo(model, yy, posterior.from_raw(x), fast)
-        x = x.detach().requires_grad_(True)
-        f = -hermite_elbo(model, yy, posterior.from_raw(x), fast)
-        g, = torch.autograd.grad(f.sum(), x)
-        return f.detach(), g
+        return _value_and_gradient(model, yy, x, fast)
 
     R, B, P = start.shape
     x = start.clone()
@@ -307,6 +312,32 @@ def _lbfgs(model: VAE, y: torch.Tensor, start: torch.Tensor, max_iters: int, tol
         it += 1
 
 
+def _value_and_gradient(model: VAE, y: torch.Tensor, x: torch.Tensor, n_nodes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The search's objective, -ELBO by hermite_elbo's rule with `n_nodes`, and its gradient in q's raw
+    parameters x [R, B, P]. For a smooth q each point's are bitwise the same in any batch: autograd sums a
+    parameter's gradient over the nodes it was broadcast to by a reduction whose rounding depends on the
+    batch (1e-16 measured), which L-BFGS amplified into ELBO*s 4e-6 apart; here each node holds its own copy
+    of its point's parameters and node_sum adds their gradients. A piecewise-smooth q (a flow), whose nodes
+    follow its parameters, takes autograd's sums: copies did not make its gradient batch-independent (its
+    rule's own arithmetic still rounds by batch) and doubled its cost."""
+    x = x.detach().requires_grad_(True)
+    q = model.posterior.from_raw(x)
+    if q.base_rule(PIECE_NODES[n_nodes >= 32]) is not None:
+        f = -hermite_elbo(model, y, q, n_nodes)
+        return f.detach(), torch.autograd.grad(f.sum(), x)[0]
+    R, B, P = x.shape
+    nodes, weights = hermite_rule(n_nodes, model.latent_dim)
+    J, D = nodes.shape
+    copies = x[:, None].expand(R, J, B, P).reshape(R, J * B, P).detach().requires_grad_(True)
+    q = model.posterior.from_raw(copies)
+    eps = nodes.to(y.device)[:, None].expand(J, B, D).reshape(1, 1, 1, J * B, D).expand(R, 1, q.strata, J * B, D)
+    log_w, pi = log_weights(model, y[:, None].expand(R, J, *y.shape[1:]).reshape(R, J * B, -1), eps, q)
+    terms = (log_w * pi)[:, 0].reshape(R, q.strata, J, B) * weights.to(y.device)[:, None]    # [R, K, J, B]
+    f = -node_sum(terms.flatten(1, 2))
+    g, = torch.autograd.grad(f.sum(), copies)
+    return f.detach(), node_sum(g.reshape(R, J, B, P))
+
+
 def _two_loop(g: torch.Tensor, S: torch.Tensor, Y: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
     """L-BFGS's two-loop recursion per point: H g from the pairs S, Y [R, B, M, P] (newest last; unused
     pairs are zero, with rho 0, and drop out), scaled by the newest pair's s.y / y.y (without one,
@@ -336,19 +367,21 @@ def _posterior_start(model: VAE, y: torch.Tensor) -> torch.Tensor | None:
         return None
     grid = latent_grid(model, START_GRID, 8.0)              # the prior's window: the same for every point
     z, h = grid.axes[0], grid.axes[0][:, 1] - grid.axes[0][:, 0]                  # [R, G], [R]
-    density = torch.softmax(log_joint(model, y[0], grid.nodes), 1) / h[:, None, None]  # [R, G, B]
+    # each point's nodes contiguous, so that its softmax and cumulative sum do not round with the batch
+    log_joints = log_joint(model, y[0], grid.nodes).transpose(1, 2).contiguous()          # [R, B, G]
+    density = torch.softmax(log_joints, -1) / h[:, None, None]
     K = posterior.k
     if K == 1:
-        mode = density.argmax(1)                                                # [R, B]
+        mode = density.argmax(-1)                                               # [R, B]
         loc = torch.gather(z, 1, mode)[..., None]
-        peak = density.amax(1)[..., None]
+        peak = density.amax(-1)[..., None]
     else:
-        cdf = torch.cumsum(density * h[:, None, None], 1)                       # [R, G, B]
+        cdf = torch.cumsum(density * h[:, None, None], -1)                      # [R, B, G]
         levels = (torch.arange(K, dtype=F64, device=y.device) + 0.5) / K
-        index = torch.searchsorted(cdf.transpose(1, 2).contiguous(), levels.expand(*cdf.shape[::2], K).contiguous())
+        index = torch.searchsorted(cdf, levels.expand(*cdf.shape[:2], K).contiguous())
         index = index.clamp(max=z.shape[1] - 1)                                 # [R, B, K]
         loc = torch.gather(z[:, None].expand(-1, y.shape[1], -1), 2, index)
-        peak = torch.gather(density.transpose(1, 2), 2, index) * K              # the density of one 1/K component
+        peak = torch.gather(density, 2, index) * K                              # the density of one 1/K component
     scale = (1.0 / (math.sqrt(2 * math.pi) * peak.clamp_min(1e-300))).clamp(min=2 * MIN_SCALE, max=1e3)
     raw_scale = torch.log(torch.expm1((scale - MIN_SCALE).clamp(max=30.0)))                        # softplus's inverse
     return torch.cat([loc, raw_scale], -1)                                       # [R, B, 2K]: locations, scales

@@ -269,10 +269,23 @@ def stratum_trapezoid_elbo(model: VAE, y: torch.Tensor, q, parts: dict, nodes: t
 
 
 def rule_elbo(model: VAE, y: torch.Tensor, q, rule) -> torch.Tensor:
-    """The ELBO by a rule over each stratum's standard-normal draws, (eps, weights): [R, B]."""
+    """The ELBO by a rule over each stratum's standard-normal draws, (eps, weights): [R, B], each point's
+    bitwise the same in any batch (node_sum)."""
     eps, w = rule
     log_w, pi = log_weights(model, y, eps, q)                              # [R, J, K, B]
-    return (log_w * pi * w).sum((1, 2))
+    return node_sum((log_w * pi * w).flatten(1, 2))
+
+
+def node_sum(terms: torch.Tensor) -> torch.Tensor:
+    """terms [R, J, B] summed over the nodes J, pairwise by element-wise additions: [R, B]. A reduction
+    over J (torch.sum) rounds differently with the number of points B beside it (1e-14 measured); the
+    gap search's L-BFGS amplified that about tenfold per step, so a point's ELBO* depended on its batch.
+    Here each point's additions are the same whatever B, the threads or the other points."""
+    while terms.shape[1] > 1:
+        half = terms.shape[1] // 2
+        paired = terms[:, :half] + terms[:, half:2 * half]
+        terms = torch.cat([paired, terms[:, 2 * half:]], 1) if terms.shape[1] % 2 else paired
+    return terms[:, 0]
 
 
 def _posterior_scale(mass: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
