@@ -1,5 +1,6 @@
 """The exact-likelihood oracle (train.objective = "exact") and the gap
 decomposition, against finite differences, closed forms and the quadrature."""
+import copy
 import math
 
 import numpy as np
@@ -305,3 +306,36 @@ def test_a_points_best_q_is_bitwise_the_same_whatever_its_batch(name, latent_dim
         assert torch.equal(apart.elbo_star, together.elbo_star) and torch.equal(apart.raw, together.raw)
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_searchs_decoder_table_interpolates_to_closed_forms_and_is_the_network_at_its_nodes():
+    """The search's tabulated decoder (estimators/tabulated.py): a table of sin(3z) and its derivative
+    read back within 1e-10 (values) and 1e-7 (derivatives, by autograd through the interpolant) of the
+    closed forms, and beyond its ends as their straight lines; a steep network's table holds the
+    network's own values at its nodes, its slopes are the network's (by finite differences of the
+    network in float64), and it covers the prior's +-12 scales whatever the points."""
+    from mogvae.estimators.tabulated import TABLE_SPAN, TabulatedDecoder, tabulated
+    G, lo, hi = 4001, torch.tensor([-6.0, -4.0], dtype=torch.float64), torch.tensor([6.0, 5.0], dtype=torch.float64)
+    nodes = lo[:, None] + (hi - lo)[:, None] * torch.linspace(0, 1, G, dtype=torch.float64)
+    table = TabulatedDecoder(None, lo, (hi - lo) / (G - 1), torch.sin(3 * nodes)[..., None],
+                             3 * torch.cos(3 * nodes)[..., None])
+    u = torch.rand(2, 500, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    z = (lo[:, None, None, None] + (hi - lo)[:, None, None, None] * u).requires_grad_(True)
+    read = table.mean(z)
+    assert float((read - torch.sin(3 * z)).detach().abs().max()) < 1e-10
+    slope, = torch.autograd.grad(read.sum(), z)
+    assert float((slope - 3 * torch.cos(3 * z)).detach().abs().max()) < 1e-7
+    beyond = (hi + 2.0)[:, None, None, None]
+    assert torch.allclose(table.mean(beyond)[..., 0], (torch.sin(3 * hi) + 6 * torch.cos(3 * hi))[:, None, None])
+    model = _frozen("mog-both", 3)
+    found = tabulated(model).decoder
+    reach = model.prior().to(torch.float64).reach(TABLE_SPAN)
+    assert torch.equal(found.lo, reach[0][:, 0, 0]) and torch.allclose(found.lo + found.h * 32000, reach[1][:, 0, 0])
+    hi = reach[1][:, 0, 0]
+    at = (found.lo[:, None] + (hi - found.lo)[:, None] * torch.linspace(0, 1, 32001, dtype=torch.float64))[:, ::997, None, None]
+    assert torch.equal(found.values[:, ::997], model.decoder.mean(at)[:, :, 0])             # the network's own values
+    torch.testing.assert_close(found.mean(at), model.decoder.mean(at), rtol=0, atol=1e-12)   # read back at its nodes
+    double = copy.deepcopy(model).double()
+    step = 1e-6
+    central = (double.decoder.mean(at + step) - double.decoder.mean(at - step)) / (2 * step)
+    torch.testing.assert_close(found.slopes[:, ::997], central[:, :, 0], rtol=1e-4, atol=1e-4)
