@@ -107,7 +107,10 @@ def best_posterior(model: VAE, y, max_steps: int = MAX_STEPS, tolerance: float =
                 progress(min(s + chunk, n), 2 * n)
         star, raw, steps = _from_neighbours(search, y, torch.cat([p[0] for p in parts], 1),
                                             torch.cat([p[4] for p in parts], 1), max_steps, tolerance, chunk)
-        # the polish on the network itself, whose float32 staircase the smooth table does not have
+        # the polish on the network itself, whose float32 staircase the smooth table does not have; from the
+        # network's own scores, so that it keeps its result wherever the network scores that higher
+        if search is not model:
+            star = _scored(model, y, raw, chunk)
         star, raw, polish_steps = _polished(model, y, star, raw, max_steps, tolerance, chunk,
                                             progress and (lambda done: progress(n + done, 2 * n)))
         steps = max(steps, polish_steps)
@@ -116,6 +119,14 @@ def best_posterior(model: VAE, y, max_steps: int = MAX_STEPS, tolerance: float =
             p.requires_grad_(True)
     return BestPosterior(star, torch.cat([p[1] for p in parts], 1), max(steps, *(p[2] for p in parts)),
                          all(p[3] for p in parts), model.posterior.from_raw(raw), raw)
+
+
+@torch.no_grad()
+def _scored(model: VAE, y: torch.Tensor, raw: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The ELBO of each point's q raw [R, N, P] by the reporting Gauss-Hermite rule: [R, N]."""
+    _, final = NODES[model.latent_dim]
+    return torch.cat([hermite_elbo(model, y[:, s:s + chunk], model.posterior.from_raw(raw[:, s:s + chunk]), final)
+                      for s in range(0, y.shape[1], chunk)], 1)
 
 
 NEIGHBOUR_SWEEPS = 4    # passes at most in which points try their neighbours' best q as a start
@@ -135,8 +146,6 @@ def _from_neighbours(model: VAE, y: torch.Tensor, best: torch.Tensor, raw: torch
     (_value_and_gradient, node_sum, _encoder_start; test_a_points_best_q_is_bitwise_the_same_whatever_its_batch).
     A flow's rule still rounds by batch, and L-BFGS can amplify that: on a steep test model one point's
     ELBO* searched alone and among 10 differed by 2.4e-3 nats (before and after that change)."""
-    _, final = NODES[model.latent_dim]
-    posterior = model.posterior
     order = torch.argsort(y[0, :, 0])
     inverse = torch.argsort(order)
     y, best, raw = y[:, order], best[:, order].clone(), raw[:, order].clone()
@@ -145,9 +154,7 @@ def _from_neighbours(model: VAE, y: torch.Tensor, best: torch.Tensor, raw: torch
         gained = False
         for shift in (1, -1):
             start = torch.roll(raw, shift, 1)
-            with torch.no_grad():
-                there = torch.cat([hermite_elbo(model, y[:, s:s + chunk], posterior.from_raw(start[:, s:s + chunk]), final)
-                                   for s in range(0, y.shape[1], chunk)], 1)
+            there = _scored(model, y, start, chunk)
             points = torch.nonzero((there > best + tolerance).any(0))[:, 0]
             for s in range(0, len(points), chunk):
                 at = points[s:s + chunk]
