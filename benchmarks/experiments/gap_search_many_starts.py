@@ -27,6 +27,13 @@ Measured (2026-12-06, one core, beside other work) on the noise study's sigma = 
       random starts 0 to 38 each (most from the scale-0.3 ones): a 10-component mixture has many optima.
   the same with --gap-starts=4 (eval.gap_starts = 4), the same 10 reference starts:
       73 / 35 / 8 of 500; mean 3.3e-4, max 6.4e-2; a replica's mean ELBO* rose by up to 2.9e-3.
+  main dd228f6 (--search-again: the search batch-independent, reading the decoder from a table until the
+  polish), 50 points, 10 starts, niced beside a study:
+      140 / 59 / 13 of 500; mean 4.3e-4, max 6.4e-2; a replica's mean ELBO* rose by up to 3.4e-3.
+      Searching on from its q: 30 of 500 above it by over 1e-5 (none by 1e-3); the random starts 0 to 39
+      each. Not paired with the line above (its reference starts ran the search of that day); paired,
+      network against table on the same 500 point-replicas, the table's ELBO* was 1.3e-4 higher on
+      average (docs/speed.md).
 """
 import sys
 import time
