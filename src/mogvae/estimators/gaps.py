@@ -16,8 +16,9 @@ eval.gap_starts perturbations of the encoder's output; then from its neighbours'
 then once more from its own best with a tighter stop (the polish). All on Gauss-Hermite
 quadrature over the standard-normal draws of each stratum of q (its nodes follow q, so a
 narrowing q cannot slip between them). With a 1-D latent the searches before the polish read the
-decoder from a table (tabulated.py: 1.3-1.6x less CPU on trained runs, the same mean ELBO* within
-1e-5); the polish runs on the network. Against the best of 10 starts on a 10-component
+decoder from a table (tabulated.py: 1.3-1.8x less CPU on trained runs; per point it can reach other
+local optima, and a run's mean ELBO* moved by -7e-6 to +1.3e-4 nats, docs/speed.md); the polish runs on
+the network. Against the best of 10 starts on a 10-component
 mixture (benchmarks/experiments/gap_search_many_starts.py) it still falls short by over
 1e-5 nats at a fifth of the points: ELBO* is the best of the starts tried.
 
