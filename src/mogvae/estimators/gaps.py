@@ -337,8 +337,9 @@ def _value_and_gradient(model: VAE, y: torch.Tensor, x: torch.Tensor, n_nodes: i
     rule's own arithmetic still rounds by batch) and doubled its cost."""
     x = x.detach().requires_grad_(True)
     q = model.posterior.from_raw(x)
-    if q.base_rule(PIECE_NODES[n_nodes >= 32]) is not None:
-        f = -hermite_elbo(model, y, q, n_nodes)
+    rule = q.base_rule(PIECE_NODES[n_nodes >= 32])
+    if rule is not None:        # hermite_elbo's rule for this q, computed once
+        f = -rule_elbo(model, y, q, rule)
         return f.detach(), torch.autograd.grad(f.sum(), x)[0]
     R, B, P = x.shape
     nodes, weights = hermite_rule(n_nodes, model.latent_dim)
