@@ -108,10 +108,11 @@ def best_posterior(model: VAE, y, max_steps: int = MAX_STEPS, tolerance: float =
                 progress(min(s + chunk, n), 2 * n)
         star, raw, steps = _from_neighbours(search, y, torch.cat([p[0] for p in parts], 1),
                                             torch.cat([p[4] for p in parts], 1), max_steps, tolerance, chunk)
-        # the polish on the network itself, whose float32 staircase the smooth table does not have; from the
-        # network's own scores, so that it keeps its result wherever the network scores that higher
+        # the polish on the network itself, whose float32 staircase the smooth table does not have. Its first
+        # check scores each start on the network, and it never returns less: so after a table's search its
+        # result replaces the table's scores (no second scoring of every point beforehand)
         if search is not model:
-            star = _scored(model, y, raw, chunk)
+            star = torch.full_like(star, -math.inf)
         star, raw, polish_steps = _polished(model, y, star, raw, max_steps, tolerance, chunk,
                                             progress and (lambda done: progress(n + done, 2 * n)))
         steps = max(steps, polish_steps)
