@@ -47,7 +47,8 @@ class DiagMixture(Latent):
         return DiagMixture(self.logits.to(dtype), self.loc.to(dtype), self.scale.to(dtype))
 
     def distribution(self):
-        """The torch distribution: batch shape [R, 1, B], event shape [D]."""
+        """The torch distribution: batch shape [R, 1, B], event shape [D]; the reference that
+        tests/test_densities.py holds `log_prob` to (log_prob itself takes fewer passes)."""
         if self.strata == 1:
             return Independent(Normal(self.loc[..., 0, :], self.scale[..., 0, :], validate_args=False), 1)
         return MixtureSameFamily(
