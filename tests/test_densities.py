@@ -81,6 +81,25 @@ def test_decoder_log_prob_matches_scipy():
     np.testing.assert_allclose(got, ref, rtol=1e-12)
 
 
+def test_a_decoder_with_learned_noise_per_output_matches_scipy():
+    """Several outputs (summed axis by axis) and more than SQUARED_BY_AXIS (summed by torch.sum), each
+    with its own learned noise, in float64 and float32."""
+    from mogvae.model.distributions import SQUARED_BY_AXIS
+    for Y in (3, SQUARED_BY_AXIS + 4):
+        for dtype, rtol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+            model = build_model(preset("mog-posterior", learn_decoder_noise=True), replicas=2, data_dim=Y).to(dtype)
+            initialize(model, [3, 4])
+            with torch.no_grad():
+                model.decoder.log_noise.uniform_(-3, 1)
+            z = torch.randn(2, 4, 3, 1, dtype=dtype)
+            y = torch.randn(2, 3, Y, dtype=dtype)
+            mean = model.decoder.mean(z).detach().double().numpy()
+            sigma = model.decoder.noise().detach().double().numpy()                    # [R, Y]
+            got = model.decoder.log_prob(y, z).detach().double().numpy()
+            ref = stats.norm.logpdf(y[:, None].double().numpy(), mean, sigma[:, None, None]).sum(-1)
+            np.testing.assert_allclose(got, ref, rtol=rtol)
+
+
 def test_stratified_draws_use_each_component_and_weights_are_the_mixture_weights():
     model = build_model(preset("mog-posterior", n_components=3, learn_weights=True), replicas=1).double()
     initialize(model, [0])

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
-from .distributions import Latent
+from .distributions import Latent, squared_distance
 
 
 @dataclass(frozen=True)
@@ -60,14 +60,14 @@ class DiagMixture(Latent):
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """Normalized log density, z [R, S, B, D] -> [R, S, B]: what `distribution().log_prob` gives
         (tests/test_densities.py holds it to that, values and gradients), in fewer passes over the
-        [R, S, B, K] elements: each component's squared standardized distance, axis by axis (_squared),
-        then log-sum-exp over K with each component's constant. Measured on a 2-D evaluation (tabular
-        --quick, mog-both, d_z = 2), where the mixtures' densities took three quarters of the time:
-        18.3 -> 8.2 s."""
+        [R, S, B, K] elements: each component's squared standardized distance, axis by axis
+        (distributions.squared_distance), then log-sum-exp over K with each component's constant.
+        Measured on a 2-D evaluation (tabular --quick, mog-both, d_z = 2), where the mixtures'
+        densities took three quarters of the time: 18.3 -> 8.2 s."""
         log_norm = torch.log(self.scale).sum(-1) + 0.5 * self.dim * math.log(2 * math.pi)     # [R, 1, B, K]
         if self.strata == 1:
-            return -0.5 * _squared(z, self.loc[..., 0, :], self.scale[..., 0, :]) - log_norm[..., 0]
-        squared = _squared(z[..., None, :], self.loc, self.scale)                            # [R, S, B, K]
+            return -0.5 * squared_distance(z, self.loc[..., 0, :], self.scale[..., 0, :]) - log_norm[..., 0]
+        squared = squared_distance(z[..., None, :], self.loc, self.scale)                   # [R, S, B, K]
         return torch.logsumexp(-0.5 * squared + (torch.log_softmax(self.logits, -1) - log_norm), -1)
 
     def density(self, z: torch.Tensor) -> torch.Tensor:
@@ -119,20 +119,3 @@ class DiagMixture(Latent):
             out.append(self.loc[r, 0, 0, k] + self.scale[r, 0, 0, k] * eps)
         return torch.stack(out)
 
-
-SQUARED_BY_AXIS = 8     # latent sizes up to this are summed axis by axis (_squared); larger ones by torch.sum
-
-
-def _squared(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """sum_d ((z_d - loc_d) / scale_d)^2 over the last axis, broadcast. A sum over a short last axis is
-    torch's slow case (a third of a 2-D evaluation's time), so small latents add their axes one by one,
-    in order: element-wise, the same rounding whatever the batch."""
-    D = z.shape[-1]
-    if D > SQUARED_BY_AXIS:
-        r = (z - loc) / scale
-        return (r * r).sum(-1)
-    out = None
-    for d in range(D):
-        r = (z[..., d] - loc[..., d]) / scale[..., d]
-        out = r * r if out is None else out + r * r
-    return out
