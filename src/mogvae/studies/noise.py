@@ -73,7 +73,7 @@ def noise_figure(out: Path) -> Path:
         if key == "std_ratio":     # every model's means and 1 (robust limits had hid mfg's 0.91-0.96 at small sigma)
             ax.axhline(1.0, color="k", lw=1, ls=":")
             shown = np.array([v for v in means + [1.0] if np.isfinite(v)])
-            pad = 0.15 * (shown.max() - shown.min())
+            pad = 0.15 * (shown.max() - shown.min()) or 0.05     # every mean at 1: still an axis, not a point
             ax.set_ylim(shown.min() - pad, shown.max() + pad)
         else:  # the means set the axis; an interval longer than it runs off the edge
             shown = np.array([v for v in means if np.isfinite(v) and v > 0])
