@@ -288,21 +288,40 @@ def test_extra_starts_find_optima_the_other_starts_miss_whatever_the_chunks():
     assert torch.equal(chunked.elbo_star, more.elbo_star) and torch.equal(chunked.raw, more.raw)
 
 
-@pytest.mark.parametrize("name, latent_dim, threads", [("mfg", 1, 1), ("mog-both", 1, 2), ("mog-both", 2, 1)])
+def _flow_model(prior: str, seed: int, latent_dim: int = 1):
+    """A steep random flow-posterior model (as random_model for the presets), with `prior`."""
+    from mogvae.config.schema import ModelConfig
+    from mogvae.model.layers import initialize
+    from mogvae.model.vae import build_model
+    model = build_model(ModelConfig(prior=prior, posterior="flow", hidden=(16, 16), n_components=3,
+                                    latent_dim=latent_dim), replicas=2)
+    initialize(model, [seed, seed + 1])
+    with torch.no_grad():
+        model.decoder.net.net[-1].weight.mul_(8.0)
+    return model
+
+
+@pytest.mark.parametrize("name, latent_dim, threads", [("mfg", 1, 1), ("mog-both", 1, 2), ("mog-both", 2, 1),
+                                                       ("normal+flow", 1, 1), ("vamp+flow", 1, 2)])
 def test_a_points_best_q_is_bitwise_the_same_whatever_its_batch(name, latent_dim, threads):
     """Issue 21: a point's ELBO* and its q do not depend on the points searched beside it, bitwise, in
     chunks of 2 (and 1) or all, with one thread or two: a sum over the nodes that rounded by batch (1e-16),
     MKL's small products that round by their rows (the encoder's start, 1e-8), and the posterior start's
-    softmax over a strided axis were each amplified by L-BFGS into ELBO*s up to 4e-6 apart."""
-    model = random_model(name, seed=3, latent_dim=latent_dim).eval()
+    softmax over a strided axis were each amplified by L-BFGS into ELBO*s up to 4e-6 apart. A flow's gradient,
+    summed by autograd over a lone point's nodes in another order than over several points', put ELBO*s
+    1e-4 apart."""
+    model = (_flow_model(name.split("+")[0], seed=3) if name.endswith("+flow")
+             else random_model(name, seed=3, latent_dim=latent_dim)).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    y = np.linspace(-1.5, 1.5, 5)
+    flow = name.endswith("+flow")
+    y = np.linspace(-1.5, 1.5, 3 if flow else 5)
+    steps = {"max_steps": 60} if flow else {}             # a flow's search is slower: enough steps to show it
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        together = best_posterior(model, y, starts=1)
-        apart = best_posterior(model, y, starts=1, chunk=2)                  # 2, 2 and 1 points
+        together = best_posterior(model, y, starts=1, **steps)
+        apart = best_posterior(model, y, starts=1, chunk=2, **steps)         # 2, 2 and 1 points (a flow's: 2 and 1)
         assert torch.equal(apart.elbo_star, together.elbo_star) and torch.equal(apart.raw, together.raw)
     finally:
         torch.set_num_threads(before)

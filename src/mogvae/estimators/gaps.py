@@ -144,10 +144,8 @@ def _from_neighbours(model: VAE, y: torch.Tensor, best: torch.Tensor, raw: torch
     ELBO* by 6.5e-4 nats on average (up to 0.2); one screened pass (searching from 7% of the points) by
     5.4e-4; the screened passes repeated, as here, by 1.5e-3, at no measurable cost. A point's ELBO*
     then depends on the other gap points (its starts come from them), but not on how they are chunked: for
-    a smooth q every step of the search is computed per point, bitwise the same in any batch
-    (_value_and_gradient, node_sum, _encoder_start; test_a_points_best_q_is_bitwise_the_same_whatever_its_batch).
-    A flow's rule still rounds by batch, and L-BFGS can amplify that: on a steep test model one point's
-    ELBO* searched alone and among 10 differed by 2.4e-3 nats (before and after that change)."""
+    every step of the search is computed per point, bitwise the same in any batch, for mixtures and flows
+    alike (_value_and_gradient, node_sum, _encoder_start; test_a_points_best_q_is_bitwise_the_same_whatever_its_batch)."""
     order = torch.argsort(y[0, :, 0])
     inverse = torch.argsort(order)
     y, best, raw = y[:, order], best[:, order].clone(), raw[:, order].clone()
@@ -334,11 +332,18 @@ def _value_and_gradient(model: VAE, y: torch.Tensor, x: torch.Tensor, n_nodes: i
     parameter's gradient over the nodes it was broadcast to by a reduction whose rounding depends on the
     batch (1e-16 measured), which L-BFGS amplified into ELBO*s 4e-6 apart; here each node holds its own copy
     of its point's parameters and node_sum adds their gradients. A piecewise-smooth q (a flow), whose nodes
-    follow its parameters, takes autograd's sums: copies did not make its gradient batch-independent (its
-    rule's own arithmetic still rounds by batch) and doubled its cost."""
+    follow its parameters, takes autograd's sums, which round the same for any two or more points (its
+    spline is computed per point: model/flows.py's _Knots), and a lone point is searched as two copies."""
     x = x.detach().requires_grad_(True)
     q = model.posterior.from_raw(x)
     rule = q.base_rule(PIECE_NODES[n_nodes >= 32])
+    if rule is not None and x.shape[1] == 1:
+        # autograd adds a flow parameter's gradient over the nodes it was broadcast to; with one point that
+        # sum runs over a contiguous axis, which torch adds up in another order than the strided sum of
+        # two or more points (2e-16 apart, amplified by L-BFGS into ELBO*s 1e-5 apart). A lone point is
+        # searched as two copies of itself, so it rounds as it would among others.
+        f, g = _value_and_gradient(model, y.expand(-1, 2, -1), x.detach().expand(-1, 2, -1), n_nodes)
+        return f[:, :1], g[:, :1]
     if rule is not None:        # hermite_elbo's rule for this q, computed once
         f = -rule_elbo(model, y, q, rule)
         return f.detach(), torch.autograd.grad(f.sum(), x)[0]
