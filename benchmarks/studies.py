@@ -11,8 +11,9 @@ evaluation_seconds per phase) and from the clock:
   report, cold  the same with figures/ deleted: every figure drawn again
 
 Sums over runs exceed the wall time where runs ran side by side. Results go to
-benchmarks/results/studies.json (--quick: studies.quick.json, every command with --quick), and the
-table printed at the end is the one docs/speed.md shows.
+benchmarks/results/studies.json (--quick: studies.quick.json, every command with --quick; with --only,
+the commands timed replace their rows and the others are kept), and the table printed at the end is
+the one docs/speed.md shows.
 
     python benchmarks/studies.py [--quick] [--only reproduce noise ...]
 """
@@ -103,6 +104,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {rows[name]['wall_s']:.0f} s", flush=True)
     import platform
     import os
+    if args.only and results.exists():      # a re-timed command replaces its own row; the others' are kept
+        rows = {**json.loads(results.read_text()).get("rows", {}), **rows}
     saved = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "quick": args.quick, "rows": rows}
     results.parent.mkdir(exist_ok=True)
     results.write_text(json.dumps(saved, indent=1) + "\n")
