@@ -33,6 +33,28 @@ def test_every_plotted_latent_density_integrates_to_one_on_its_grid(quick_run, m
         assert trapezoid(c["model_density"][r], y) == pytest.approx(1, abs=0.01)
 
 
+def test_the_generated_histogram_estimates_the_density_with_what_falls_beyond_the_axis_left_out():
+    """The histogram beside the exact p_theta(y): its area is the share of points inside the axis (numpy's
+    density=True rescaled it to 1, overstating the density, and gave 0 / 0 with none inside), and on each
+    bin it is that bin's probability over its width, here against the normal CDF."""
+    import warnings
+
+    from scipy import stats
+
+    from mogvae.estimators.evaluate import _histograms
+    y = stats.norm.ppf((np.arange(200_000) + 0.5) / 200_000)[None]           # N(0, 1) quantiles
+    grid = np.linspace(-1.0, 1.5, 801)
+    h = _histograms(y, grid)
+    edges, width = h["hist_edges"], np.diff(h["hist_edges"])
+    assert float(np.sum(h["hist_density"] * width)) == pytest.approx(stats.norm.cdf(1.5) - stats.norm.cdf(-1.0), abs=1e-5)
+    expected = np.diff(stats.norm.cdf(edges)) / width
+    np.testing.assert_allclose(h["hist_density"][0], expected, rtol=0, atol=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                          # no 0 / 0
+        far = _histograms(np.full((2, 50), 9.0), grid)["hist_density"]
+    assert far.shape == (2, 80) and not far.any()
+
+
 def test_a_narrow_mixture_component_is_resolved_by_the_plotting_grid():
     """The case that misled: q with a component far narrower than a uniform
     plotting grid's spacing. On the union grid its area is right."""

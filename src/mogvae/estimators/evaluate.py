@@ -421,9 +421,13 @@ def _generate(model: VAE, seeds: list[int], n: int):
 
 
 def _histograms(y_gen: np.ndarray, y_grid: np.ndarray, bins: int = 80) -> dict[str, np.ndarray]:
+    """Each replica's generated points y_gen [R, n] as a density on `bins` bins spanning the y grid: counts
+    over (all n points x the bin width), an estimate of p_theta(y) on the bins like the exact curve drawn
+    beside it, its area the share of points inside. (numpy's density=True divides by the points inside
+    only: where some fell outside, it overstated the density, and with none inside it was 0 / 0.)"""
     edges = np.linspace(y_grid[0], y_grid[-1], bins + 1)
-    counts = np.stack([np.histogram(y, edges, density=True)[0] for y in y_gen])
-    return {"hist_edges": edges, "hist_density": counts}
+    counts = np.stack([np.histogram(y, edges)[0] for y in y_gen])
+    return {"hist_edges": edges, "hist_density": counts / (y_gen.shape[1] * np.diff(edges))}
 
 
 @torch.no_grad()

@@ -126,7 +126,9 @@ def model_figure(out: Path, model: str, run: Path) -> Path:
                  title="decoder vs true f, aligned by prior quantile")
     ax[0, 1].legend()
     edges = c["hist_edges"]
-    ax[0, 2].stairs(c["hist_density"][0], edges, fill=True, color=color, alpha=0.4, label="generated (seed 0)")
+    outside = 1.0 - float(np.sum(c["hist_density"][0] * np.diff(edges)))        # the histogram's area is the share inside
+    beyond = f", {outside:.1%} beyond the axis" if outside >= 0.001 else ""
+    ax[0, 2].stairs(c["hist_density"][0], edges, fill=True, color=color, alpha=0.4, label=f"generated (seed 0{beyond})")
     ax[0, 2].plot(c["y_grid"], c["model_density"][0], color=color, label="p_theta(y), exact")
     ax[0, 2].plot(c["y_grid"], c["true_density"], "k--", label="p*(y), exact")
     ax[0, 2].set(xlabel="y", ylabel="density", title="generated data")
