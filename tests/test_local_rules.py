@@ -222,9 +222,9 @@ def test_a_narrow_components_rule_gives_no_bound_where_the_likelihood_peaks_beyo
     model.prior = prior
     y = a * (0.3 + np.array([0.0, 3.0, 11.5, 13.0]) * s) + b               # likelihood peaks 0 to 13 scales out
     grid, exact = _exact(model, y)
-    assert float(_spacing(grid)[0]) > s                                      # the component is narrower than the grid
+    assert float(_spacing(grid)[0].detach()) > s                                     # the component is narrower than the grid
     log_p, bound = narrow_prior_log_p(model, y, grid, _spacing(grid))
-    s0, s1 = (float(v) for v in model.prior().scale.flatten())
+    s0, s1 = (float(v) for v in model.prior().scale.detach().flatten())
     ref = np.log(0.5 * stats.norm.pdf(y, a * 0.3 + b, math.hypot(a * s0, SIGMA)) +
                  0.5 * stats.norm.pdf(y, a * 5.0 + b, math.hypot(a * s1, SIGMA)))
     err = np.abs(log_p[0].numpy() - ref)
@@ -257,7 +257,7 @@ def test_a_decoder_step_between_the_strata_nodes_enters_the_bound():
     sigma, q = 0.3, _gaussian_q([0.0], 1.0)
     beyond_fine_coarse = []
     for k, c in ((1e4, 0.26), (1e4, 0.54), (1e4, 0.8), (1.0, 0.54)):
-        model = _step_vae(k, c, 1.0, sigma)
+        model = _step_vae(k, c, 1.0, sigma).requires_grad_(False)    # evaluated, not trained
         f = lambda z: (math.tanh(k * (z - c)) + 1) / 2                                  # noqa: E731
         integrand = lambda z: stats.norm.pdf(z) * stats.norm.logpdf(0.0, f(z), sigma)     # noqa: E731 (q = p(z))
         ref = scipy_integrate.quad(integrand, -12, 12, points=[c], limit=500, epsabs=1e-13, epsrel=1e-13)[0]
