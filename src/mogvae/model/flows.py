@@ -18,15 +18,13 @@ stratum: a draw is T of one standard-normal draw.
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
 import torch
-from numpy.polynomial.legendre import leggauss
 from zuko.transforms import MonotonicRQSTransform
 
-from .distributions import Latent
+from .distributions import Latent, gauss_legendre
 
 BOUND = 5.0     # the spline acts on [-5, 5] of the base: all but 6e-7 of N(0, 1)'s mass
 RESOLVE = 16    # quadrature nodes per bin, in units of 4 (see `resolution`)
@@ -83,13 +81,6 @@ class _Knots:
         c = -s * y_
         t = 2 * c / (-b - (b**2 - 4 * a * c).sqrt())                       # u's position within its bin
         return torch.where(inside, x0 + t * (x1 - x0), y), inside * _log_slope(t, s, d0, d1)
-
-
-@functools.lru_cache(maxsize=8)
-def _gauss_legendre(n: int):
-    """numpy's n-node Gauss-Legendre rule on [-1, 1], computed once: the gap search builds a flow's
-    rule on every step (recomputing it was 6% of a VampPrior-of-flows search). Read only."""
-    return leggauss(n)
 
 
 def _log_slope(t: torch.Tensor, s, d0, d1) -> torch.Tensor:
@@ -198,7 +189,7 @@ class SplineFlow(Latent):
             knots = torch.sort(torch.cat([knots, _inside(u, span)], -1), -1).values
         edges = torch.cat([-ends, knots, ends], -1)
         a, b = edges[..., :-1, None], edges[..., 1:, None]           # [R, 1, B, P, 1]
-        x, w = (torch.as_tensor(t, dtype=knots.dtype, device=knots.device) for t in _gauss_legendre(n))
+        x, w = (torch.as_tensor(t, dtype=knots.dtype, device=knots.device) for t in gauss_legendre(n))
         u = (a + b) / 2 + (b - a) / 2 * x                            # [R, 1, B, P, n]
         weights = (b - a) / 2 * w * torch.exp(-0.5 * u * u - LOG_SQRT_2PI)
         R, _, B = knots.shape[:3]
