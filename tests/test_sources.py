@@ -97,6 +97,11 @@ def test_marginal_w1_is_the_mean_of_scipys_per_coordinate_distances():
     a, b = rng.normal(size=(500, 3)), rng.laplace(size=(400, 3))
     expected = np.mean([wasserstein_distance(a[:, k], b[:, k]) for k in range(3)])
     assert _marginal_w1(a, b) == pytest.approx(expected, rel=1e-14)
+    # ties within and across the samples, float32, and a closed form: W1 of two point masses is their distance
+    c, d = np.round(a[:300], 1).astype(np.float32), np.round(b, 1).astype(np.float32)
+    assert _marginal_w1(c, d) == pytest.approx(np.mean([wasserstein_distance(c[:, k], d[:, k]) for k in range(3)]),
+                                               rel=1e-14)
+    assert _marginal_w1(np.zeros((7, 1)), np.full((3, 1), 2.5)) == 2.5
 
 
 def test_a_file_of_three_columns_trains_with_unknown_truth(tmp_path, capsys):
