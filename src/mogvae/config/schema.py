@@ -214,8 +214,8 @@ class ReproduceConfig(Strict):
         return v
 
 
-QUICK = {"seeds": 2, "data.n_train": 1000, "data.n_val": 200, "data.n_test": 500, "train.epochs": 5,
-         "eval.grid_size": 1001, "eval.n_generated": 2000, "eval.gap_points": 25, "eval.gap_steps": 50,
+QUICK = {"seeds": 2, "data.n_train": 1000, "data.n_val": 200, "data.n_test": 250, "train.epochs": 5,
+         "eval.grid_size": 1001, "eval.n_generated": 2000, "eval.gap_points": 10, "eval.gap_steps": 50,
          "model.hidden": (16, 16)}
 """Toy size, for `--quick` (reproduce and the studies): the same pipeline well under a minute."""
 
