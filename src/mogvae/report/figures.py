@@ -31,7 +31,13 @@ def _save(fig, path: Path, inputs: str | None = None) -> None:
     (a worker killed mid-sweep) has a stale digest or none, so it is drawn again, never kept half-new."""
     import io
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={INPUTS_KEY: inputs} if inputs else None)
+    # The saved area is the figure's tight box (a long title reaches beyond its panel; tight_layout, which
+    # every figure ran, counts only titles' heights). savefig(bbox_inches="tight") draws the whole figure
+    # once just to find that box, and tight_layout leaves a layout engine that asks for the same extra
+    # draw: the box is measured here instead, without drawing, and the figure is drawn once.
+    fig.set_layout_engine(None)
+    box = fig.get_tightbbox(fig.canvas.get_renderer()).padded(plt.rcParams["savefig.pad_inches"])
+    fig.savefig(buf, format="png", dpi=110, bbox_inches=box, metadata={INPUTS_KEY: inputs} if inputs else None)
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue(), fault="figure")
 
