@@ -7,8 +7,11 @@ block in the page's order, in a fresh folder per page, by one Python process per
 - ```python blocks run in one namespace (one per page), as in a notebook;
 - ```sh, ```bash and ```console blocks hold `mogvae ...` commands, one per line (a `$ ` prompt,
   `#` comments and `\\` continuations allowed; $VARIABLES come from the page's environment), each
-  run with this environment's `mogvae` and required to exit 0; any other command in such a block
-  is an error, so nothing shown as runnable goes unrun;
+  run through the entry point the `mogvae` script calls (mogvae.cli:main), in the page's process, and
+  required to exit 0; any other command in such a block is an error, so nothing shown as runnable goes
+  unrun. (In-process: a command's own process cost 2-6 s of imports and a fork server's start, most of
+  a page's time; the script itself is run by test_the_mogvae_script_runs, and kills and exit codes of
+  real processes by the fault tests);
 - a block with a title (```toml title="spec.toml") is a file the page goes on to use: it is
   written into the folder under that name;
 - a line `--8<-- "path"` in a block is the file at that path (pymdownx.snippets), as on the site;
@@ -110,10 +113,12 @@ def executable_steps(page: Path) -> list[dict]:
 
 
 RUNNER = r'''
-import json, os, shlex, subprocess, sys, traceback
+import contextlib, io, json, os, shlex, sys, traceback
 from pathlib import Path
 
-def main(steps_file, mogvae):
+from mogvae.cli import main as mogvae_main
+
+def main(steps_file):
     namespace = {"__name__": "__main__"}
     for step in json.loads(Path(steps_file).read_text()):
         where = step["where"]
@@ -130,17 +135,19 @@ def main(steps_file, mogvae):
                 return 1
         else:
             argv = shlex.split(os.path.expandvars(step["command"]), comments=True)
-            proc = subprocess.run([mogvae, *argv[1:]], capture_output=True, text=True, timeout=300)
-            print(proc.stdout[-2000:], flush=True)
-            if proc.returncode != 0:
-                print(proc.stderr[-4000:], file=sys.stderr)
-                print(f"FAILED: `{step['command']}` at {where} exited {proc.returncode}", file=sys.stderr)
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = mogvae_main(argv[1:])
+            print(out.getvalue()[-2000:], flush=True)
+            if code != 0:
+                print(err.getvalue()[-4000:], file=sys.stderr)
+                print(f"FAILED: `{step['command']}` at {where} exited {code}", file=sys.stderr)
                 return 1
     sys.stdout.flush()
     return 0
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2]))
+    sys.exit(main(sys.argv[1]))
 '''
 
 
@@ -153,9 +160,16 @@ def test_the_code_on_the_page_runs_as_written(page, tmp_path):
     work.mkdir()
     (tmp_path / "steps.json").write_text(json.dumps(steps))
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "MPLBACKEND": "Agg"}
-    proc = subprocess.run([sys.executable, "-c", RUNNER, str(tmp_path / "steps.json"), str(BIN / "mogvae")],
+    proc = subprocess.run([sys.executable, "-c", RUNNER, str(tmp_path / "steps.json")],
                           cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+
+
+def test_the_mogvae_script_runs(tmp_path):
+    """The installed `mogvae` script (the pages' commands run through the function it calls)."""
+    proc = subprocess.run([str(BIN / "mogvae"), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: mogvae") and "reproduce" in proc.stdout
 
 
 def test_the_site_builds_in_strict_mode(tmp_path):
