@@ -7,6 +7,21 @@ import torch
 torch.set_num_threads(1)
 
 
+# The two test workers take whole files (--dist loadfile), in collection order (--no-loadscope-reorder:
+# xdist's own order is by number of tests, which put the one-test study files, among the longest, last,
+# and one worker ran them alone at the end). Longest first, so that the workers finish together: the
+# files' seconds as a suite run measured them (largest first), the rest after them as collected.
+LONGEST_FIRST = ("test_sweep.py", "test_faults.py", "test_docs.py", "test_executor_faults.py",
+                 "test_oracle_and_gaps.py", "test_hostile_input.py", "test_families.py", "test_studies.py",
+                 "test_study_tabular.py", "test_folded.py", "test_cli_usability.py", "test_flows.py",
+                 "test_study_dimension.py", "test_bounded_memory.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))     # stable: a file's own order kept
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
