@@ -29,9 +29,10 @@ def test_1d_latent_truth_matches_scipy_adaptive_quadrature(data_dim, breaking):
 
 @pytest.mark.parametrize("breaking", [0, 1])
 def test_2d_latent_truth_matches_an_extrapolated_trapezoid_grid(breaking):
-    """Trapezoid rules on 2001^2 and 4001^2 nodes (0.5, the kink, is a grid line of both: the
+    """Trapezoid rules on 1001^2 and 2001^2 nodes (0.5, the kink, is a grid line of both: the
     integrand is smooth between), Richardson-extrapolated: an O(h^4) reference independent of
-    the process's own Gauss-Legendre rule."""
+    the process's own Gauss-Legendre rule (within 2e-10 of the truth here; 2001^2 and 4001^2,
+    four times the cost, agree with it within 1.2e-11)."""
     process = FoldedProcess(3, 2, breaking, 0.1)
     _, y = process.sample(3, 5)
 
@@ -42,8 +43,8 @@ def test_2d_latent_truth_matches_an_extrapolated_trapezoid_grid(breaking):
         grid = np.stack(np.meshgrid(z, z, indexing="ij"), -1)
         return w @ np.exp(process.log_likelihood(point, grid)) @ w
     for point, log_p in zip(y, process.log_prob(y)):
-        coarse, fine = trapezoid(point, 2001), trapezoid(point, 4001)
-        assert abs(np.log((4 * fine - coarse) / 3) - log_p) < 1e-8
+        coarse, fine = trapezoid(point, 1001), trapezoid(point, 2001)
+        assert abs(np.log((4 * fine - coarse) / 3) - log_p) < 1e-9
 
 
 @pytest.mark.parametrize("latent_dim, breaking", [(1, 0), (1, 3), (2, 0), (2, 2)])
