@@ -131,14 +131,15 @@ def flow_model(prior="normal", seeds=(1, 2), hidden=(16, 16)) -> VAE:
 @pytest.mark.parametrize("prior", ["normal", "vamp"])
 def test_the_elbo_of_a_flow_matches_a_fine_trapezoid_reference(prior):
     """Evaluation's piecewise Gauss-Legendre ELBO against E_q[log p(y, z) - log q(z)] by the
-    trapezoid rule on 400,001 nodes over z (h^2 convergence on the C1 density, made small)."""
+    trapezoid rule on 100,001 nodes over z (h^2 convergence on the C1 density: within 1.5e-8 of
+    400,001 nodes, against the 2e-6 asked here)."""
     model = flow_model(prior)
     y = PAPER_Y[:12]
     got = integrate(model, y, latent_grid(model, 2001, 8.0, y=y))
     with torch.no_grad():
         q = model.posterior(torch.as_tensor(y).reshape(1, -1, 1).expand(2, -1, -1)).to(F64)
         lo, hi = (q.reach(9.0)[0].amin().item(), q.reach(9.0)[1].amax().item())
-        z = torch.linspace(lo, hi, 400_001, dtype=F64)
+        z = torch.linspace(lo, hi, 100_001, dtype=F64)
         nodes = z[None, :, None].expand(2, -1, 1)
         joint = log_joint(model, y, nodes)                                      # [R, G, N]
         log_q = q.log_prob(nodes[:, :, None, :].expand(-1, -1, len(y), -1))     # [R, G, N]
