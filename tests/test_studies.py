@@ -4,15 +4,20 @@ import math
 
 import numpy as np
 import pytest
-from scipy import integrate, stats
+from scipy import integrate
 
 from mogvae.cli import main
 from mogvae.studies.noise import best_gaussian_kl
 
 
+def _normal_pdf(x: float, mean: float, sd: float) -> float:
+    """The normal density written out: stats.norm.pdf per scalar call made this nested quad 10x slower."""
+    return math.exp(-0.5 * ((x - mean) / sd) ** 2) / (sd * math.sqrt(2 * math.pi))
+
+
 def _density(y: float, sigma: float) -> float:
     f = lambda z: (2 * z - 0.5) ** 2 if z < 0.5 else (2 * z - 1.5) ** 2  # noqa: E731
-    return integrate.quad(lambda z: stats.norm.pdf(y, f(z), sigma), 0, 1, points=[0.5], epsabs=1e-13)[0]
+    return integrate.quad(lambda z: _normal_pdf(y, f(z), sigma), 0, 1, points=[0.5], epsabs=1e-13)[0]
 
 
 @pytest.mark.parametrize("sigma", [0.1, 0.05])
@@ -21,7 +26,7 @@ def test_best_gaussian_kl_against_nested_adaptive_quadrature(sigma):
     moment = lambda g: integrate.quad(lambda y: g(y) * _density(y, sigma), lo, hi, limit=200)[0]  # noqa: E731
     m = moment(lambda y: y)
     v = moment(lambda y: (y - m) ** 2)
-    kl = moment(lambda y: math.log(_density(y, sigma)) - stats.norm.logpdf(y, m, math.sqrt(v)))
+    kl = moment(lambda y: math.log(_density(y, sigma)) - math.log(_normal_pdf(y, m, math.sqrt(v))))
     assert best_gaussian_kl(sigma) == pytest.approx(kl, abs=1e-7)
 
 
