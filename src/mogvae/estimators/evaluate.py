@@ -303,12 +303,14 @@ def _marginal_w1(a: np.ndarray, b: np.ndarray) -> float:
 def _w1(u: np.ndarray, v: np.ndarray) -> float:
     """W1 of two 1-D samples, the integral of |F_u - F_v| between their pooled values: the algorithm
     (and order of operations) of scipy.stats.wasserstein_distance, written here because importing
-    scipy.stats cost 0.45-1.0 s in every process that evaluates (a test holds the two to 1e-14)."""
+    scipy.stats cost 0.45-1.0 s in every process that evaluates (a test holds the two to 1e-14; with
+    NumPy 2's vecdot, as SciPy sums, they came out bitwise equal on 300 random pairs, ties included)."""
     u, v = np.sort(np.asarray(u, dtype=float)), np.sort(np.asarray(v, dtype=float))   # float64, as scipy's
     pooled = np.sort(np.concatenate((u, v)), kind="mergesort")
     cdf_u = np.searchsorted(u, pooled[:-1], side="right") / u.size
     cdf_v = np.searchsorted(v, pooled[:-1], side="right") / v.size
-    return float(np.sum(np.multiply(np.abs(cdf_u - cdf_v), np.diff(pooled))))
+    gaps, deltas = np.abs(cdf_u - cdf_v), np.diff(pooled)
+    return float(np.vecdot(gaps, deltas) if hasattr(np, "vecdot") else np.sum(gaps * deltas))   # as scipy sums
 
 
 def _true_means(process, n: int) -> np.ndarray | None:
