@@ -7,11 +7,12 @@ block in the page's order, in a fresh folder per page, by one Python process per
 - ```python blocks run in one namespace (one per page), as in a notebook;
 - ```sh, ```bash and ```console blocks hold `mogvae ...` commands, one per line (a `$ ` prompt,
   `#` comments and `\\` continuations allowed; $VARIABLES come from the page's environment), each
-  run through the entry point the `mogvae` script calls (mogvae.cli:main), in the page's process, and
-  required to exit 0; any other command in such a block is an error, so nothing shown as runnable goes
-  unrun. (In-process: a command's own process cost 2-6 s of imports and a fork server's start, most of
-  a page's time; the script itself is run by test_the_mogvae_script_runs, and kills and exit codes of
-  real processes by the fault tests);
+  run through the entry point the `mogvae` script calls (mogvae.cli:main), each in a process of its own
+  forked from a server that imported mogvae.cli once per page and never runs the page's Python (so a
+  command sees none of the page's Python state, as in a shell), and required to exit 0; any other
+  command in such a block is an error, so nothing shown as runnable goes unrun. (A fresh interpreter
+  per command spent 2-6 s importing, most of a page's time; the script itself is run by
+  test_the_mogvae_script_runs);
 - a block with a title (```toml title="spec.toml") is a file the page goes on to use: it is
   written into the folder under that name;
 - a line `--8<-- "path"` in a block is the file at that path (pymdownx.snippets), as on the site;
@@ -113,12 +114,17 @@ def executable_steps(page: Path) -> list[dict]:
 
 
 RUNNER = r'''
-import contextlib, io, json, os, shlex, sys, traceback
+import json, multiprocessing, os, shlex, sys, traceback
 from pathlib import Path
 
-from mogvae.cli import main as mogvae_main
-
 def main(steps_file):
+    # A page's commands fork, one process each, from a server that imported mogvae.cli (and PyTorch) once
+    # and never runs a python block: each command starts as a fresh `mogvae` would, with none of the
+    # page's Python state (a family registered in a python block is unknown to it, as to a user's shell).
+    sys.path.insert(0, str(Path(steps_file).parent))
+    commands = multiprocessing.get_context("forkserver")
+    commands.set_forkserver_preload(["mogvae.cli", "page_command"])
+    import page_command
     namespace = {"__name__": "__main__"}
     for step in json.loads(Path(steps_file).read_text()):
         where = step["where"]
@@ -135,19 +141,32 @@ def main(steps_file):
                 return 1
         else:
             argv = shlex.split(os.path.expandvars(step["command"]), comments=True)
-            out, err = io.StringIO(), io.StringIO()
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-                code = mogvae_main(argv[1:])
-            print(out.getvalue()[-2000:], flush=True)
-            if code != 0:
-                print(err.getvalue()[-4000:], file=sys.stderr)
-                print(f"FAILED: `{step['command']}` at {where} exited {code}", file=sys.stderr)
+            proc = commands.Process(target=page_command.run, args=(argv[1:], dict(os.environ), os.getcwd()))
+            proc.start()
+            proc.join(300)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+            if proc.exitcode != 0:
+                print(f"FAILED: `{step['command']}` at {where} exited {proc.exitcode}", file=sys.stderr)
                 return 1
     sys.stdout.flush()
     return 0
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1]))
+'''
+
+PAGE_COMMAND = '''
+import os, sys
+
+def run(argv, environment, cwd):
+    """One `mogvae ...` line of a page, in a process of its own: the page's environment and folder."""
+    os.environ.clear()
+    os.environ.update(environment)
+    os.chdir(cwd)
+    from mogvae.cli import main
+    sys.exit(main(argv))          # multiprocessing makes it the exit code, after its own clean-up
 '''
 
 
@@ -159,6 +178,7 @@ def test_the_code_on_the_page_runs_as_written(page, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     (tmp_path / "steps.json").write_text(json.dumps(steps))
+    (tmp_path / "page_command.py").write_text(PAGE_COMMAND)
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "MPLBACKEND": "Agg"}
     proc = subprocess.run([sys.executable, "-c", RUNNER, str(tmp_path / "steps.json")],
                           cwd=work, env=env, capture_output=True, text=True, timeout=600)

@@ -41,8 +41,9 @@ def train_cmd(config, out):
     return [sys.executable, "-m", "mogvae.cli", "train", str(config), "--out", str(out)]
 
 
-def _train_with_fault(argv: list[str], fault: str) -> None:
-    os.environ["MOGVAE_FAULT"] = fault
+def _train_with_fault(argv: list[str], environment: dict, fault: str) -> None:
+    os.environ.clear()                    # the test's environment now, not the fork server's when it started
+    os.environ.update(environment, MOGVAE_FAULT=fault)
     sys.exit(main(argv))
 
 
@@ -52,9 +53,12 @@ def train_killed(config, out, fault: str) -> int:
     fresh `python -m mogvae.cli` spent 3-4 s on, most of a trial. Its exit status (-9: killed)."""
     from mogvae.runs.executors import _worker_context
     proc = _worker_context().Process(target=_train_with_fault,
-                                     args=(["train", str(config), "--out", str(out)], fault))
+                                     args=(["train", str(config), "--out", str(out)], dict(os.environ), fault))
     proc.start()
     proc.join(300)
+    if proc.is_alive():                   # never reached its fault: no process is left behind
+        proc.kill()
+        proc.join()
     return proc.exitcode
 
 

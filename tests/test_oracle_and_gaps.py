@@ -315,13 +315,13 @@ def test_a_points_best_q_is_bitwise_the_same_whatever_its_batch(name, latent_dim
     for p in model.parameters():
         p.requires_grad_(False)
     flow = name.endswith("+flow")
-    y = np.linspace(-1.5, 1.5, 3 if flow or threads > 1 else 5)   # 3: chunks of 2 and 1 (two threads: 5x slower)
+    y = np.linspace(-1.5, 1.5, 3 if flow else 4 if threads > 1 else 5)   # two threads, 5x slower: chunks 2 + 2
     steps = {"max_steps": 60} if flow else {}             # a flow's search is slower: enough steps to show it
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         together = best_posterior(model, y, starts=1, **steps)
-        apart = best_posterior(model, y, starts=1, chunk=2, **steps)         # 2, 2 and 1 points (a flow's: 2 and 1)
+        apart = best_posterior(model, y, starts=1, chunk=2, **steps)         # 2, 2 (and 1) points; a flow's 2 and 1
         assert torch.equal(apart.elbo_star, together.elbo_star) and torch.equal(apart.raw, together.raw)
     finally:
         torch.set_num_threads(before)
