@@ -8,7 +8,7 @@ block in the page's order, in a fresh folder per page, by one Python process per
 - ```sh, ```bash and ```console blocks hold `mogvae ...` commands, one per line (a `$ ` prompt,
   `#` comments and `\\` continuations allowed; $VARIABLES come from the page's environment), each
   run through the entry point the `mogvae` script calls (mogvae.cli:main), each in a process of its own
-  forked from a server that imported mogvae.cli once per page and never runs the page's Python (so a
+  forked from one that imported mogvae once per page, before any of the page's Python ran (so a
   command sees none of the page's Python state, as in a shell), and required to exit 0; any other
   command in such a block is an error, so nothing shown as runnable goes unrun. (A fresh interpreter
   per command spent 2-6 s importing, most of a page's time; the script itself is run by
@@ -114,19 +114,59 @@ def executable_steps(page: Path) -> list[dict]:
 
 
 RUNNER = r'''
-import json, multiprocessing, os, shlex, sys, traceback
+import atexit, json, os, shlex, sys, traceback
 from pathlib import Path
 
+# What a command imports, once per page, in the process its commands fork from (they spent 2-6 s each on it).
+PRELOAD = ("mogvae.cli", "mogvae.runs.run", "mogvae.estimators.evaluate", "mogvae.report.figures", "torch._dynamo")
+
+
+def command_server(requests: int, replies: int) -> None:
+    """Forked before any of the page's Python runs: each command runs in a process of its own forked from
+    here, so it sees none of the page's Python state (a family registered in a python block is unknown to
+    it, as to a user's shell), and replies with its exit status."""
+    import mogvae.cli
+    with os.fdopen(requests) as inbox, os.fdopen(replies, "w") as outbox:
+        for line in inbox:
+            argv, environment, cwd = json.loads(line)
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    os.environ.clear()
+                    os.environ.update(environment)
+                    os.chdir(cwd)
+                    code = mogvae.cli.main(argv)
+                    atexit._run_exitfuncs()           # multiprocessing's clean-up, as at a normal exit
+                finally:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(code)
+            outbox.write(f"{os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])}\n")
+            outbox.flush()
+    os._exit(0)
+
+
+def start_command_server():
+    for name in PRELOAD:
+        __import__(name)
+    requests, to_server = os.pipe()
+    from_server, replies = os.pipe()
+    if os.fork() == 0:
+        os.close(to_server)
+        os.close(from_server)
+        command_server(requests, replies)
+    os.close(requests)
+    os.close(replies)
+    return os.fdopen(to_server, "w"), os.fdopen(from_server)
+
+
 def main(steps_file):
-    # A page's commands fork, one process each, from a server that imported mogvae.cli (and PyTorch) once
-    # and never runs a python block: each command starts as a fresh `mogvae` would, with none of the
-    # page's Python state (a family registered in a python block is unknown to it, as to a user's shell).
-    sys.path.insert(0, str(Path(steps_file).parent))
-    commands = multiprocessing.get_context("forkserver")
-    commands.set_forkserver_preload(["mogvae.cli", "page_command"])
-    import page_command
+    steps = json.loads(Path(steps_file).read_text())
+    if any(step["kind"] == "mogvae" for step in steps):
+        send, receive = start_command_server()
     namespace = {"__name__": "__main__"}
-    for step in json.loads(Path(steps_file).read_text()):
+    for step in steps:
         where = step["where"]
         print(f"--- {where} ({step['kind']})", flush=True)
         if step["kind"] == "file":
@@ -141,32 +181,18 @@ def main(steps_file):
                 return 1
         else:
             argv = shlex.split(os.path.expandvars(step["command"]), comments=True)
-            proc = commands.Process(target=page_command.run, args=(argv[1:], dict(os.environ), os.getcwd()))
-            proc.start()
-            proc.join(300)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-            if proc.exitcode != 0:
-                print(f"FAILED: `{step['command']}` at {where} exited {proc.exitcode}", file=sys.stderr)
+            sys.stdout.flush()
+            send.write(json.dumps([argv[1:], dict(os.environ), os.getcwd()]) + "\n")
+            send.flush()
+            code = int(receive.readline())
+            if code != 0:
+                print(f"FAILED: `{step['command']}` at {where} exited {code}", file=sys.stderr)
                 return 1
     sys.stdout.flush()
     return 0
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1]))
-'''
-
-PAGE_COMMAND = '''
-import os, sys
-
-def run(argv, environment, cwd):
-    """One `mogvae ...` line of a page, in a process of its own: the page's environment and folder."""
-    os.environ.clear()
-    os.environ.update(environment)
-    os.chdir(cwd)
-    from mogvae.cli import main
-    sys.exit(main(argv))          # multiprocessing makes it the exit code, after its own clean-up
 '''
 
 
@@ -178,7 +204,6 @@ def test_the_code_on_the_page_runs_as_written(page, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     (tmp_path / "steps.json").write_text(json.dumps(steps))
-    (tmp_path / "page_command.py").write_text(PAGE_COMMAND)
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "MPLBACKEND": "Agg"}
     proc = subprocess.run([sys.executable, "-c", RUNNER, str(tmp_path / "steps.json")],
                           cwd=work, env=env, capture_output=True, text=True, timeout=600)
