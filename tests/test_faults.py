@@ -37,10 +37,6 @@ gap_steps = 50
 """
 
 
-def train_cmd(config, out):
-    return [sys.executable, "-m", "mogvae.cli", "train", str(config), "--out", str(out)]
-
-
 def _train_with_fault(argv: list[str], environment: dict, fault: str) -> None:
     os.environ.clear()                    # the test's environment now, not the fork server's when it started
     os.environ.update(environment, MOGVAE_FAULT=fault)
@@ -184,20 +180,19 @@ def test_workers_die_with_a_killed_reproduce_driver(tmp_path):
     assert not (out / "metrics.csv").exists()        # and wrote no results into the abandoned folder
 
 
-def quick_reproduce(out: Path, fault: str | None = None) -> subprocess.CompletedProcess:
+def stopped_quick_reproduce(out: Path, fault: str) -> subprocess.CompletedProcess:
     """reproduce --quick on the two fast models (a run is the same alone or beside others), without
-    the report (only metrics.csv is compared)."""
-    env = {**os.environ, **({"MOGVAE_FAULT": fault} if fault else {})}
+    the report (only metrics.csv is compared), stopped by `fault` in a process of its own."""
     return subprocess.run([sys.executable, "-m", "mogvae.cli", "reproduce", "--quick", "--models", "mfg", "mog-prior",
-                           "--out", str(out), "--no-report"], capture_output=True, text=True, env=env, timeout=300,
-                          start_new_session=True)
+                           "--out", str(out), "--no-report"], capture_output=True, text=True,
+                          env={**os.environ, "MOGVAE_FAULT": fault}, timeout=300, start_new_session=True)
 
 
 @pytest.mark.parametrize("fault,status", [("progress:3:TERM", 143), ("progress:7:KILL", -9)])
 def test_reproduce_stopped_midway_resumes_to_the_same_numbers(quick_run, tmp_path, fault, status, capsys):
     """The stop needs a process of its own; the resume runs in this one (its fork server is already warm)."""
     out = tmp_path / "out"
-    stopped = quick_reproduce(out, fault)
+    stopped = stopped_quick_reproduce(out, fault)
     assert stopped.returncode == status, stopped.stderr
     if status == 143:
         last = stopped.stderr.strip().splitlines()[-1]

@@ -195,11 +195,13 @@ def test_a_vampprior_of_flows_puts_its_knots_into_the_flows_rule_and_meets_the_t
     from mogvae.estimators.adaptive import refine_elbo
     from test_flows import PAPER_Y, flow_model
     from zuko.transforms import MonotonicRQSTransform
+
+    from mogvae.model.flows import BOUND
     model = flow_model("vamp").double()
     y = PAPER_Y[:10]
     with torch.no_grad():                       # a flow's knots in z are its draws at the base's knots
         q = model.posterior(torch.as_tensor(y).reshape(1, -1, 1).expand(2, -1, -1)).to(F64)
-        spline = MonotonicRQSTransform(q.widths, q.heights, q.derivatives, bound=5.0)    # zuko's, as a reference
+        spline = MonotonicRQSTransform(q.widths, q.heights, q.derivatives, bound=BOUND)  # zuko's, as a reference
         base = spline.horizontal[:, 0, :, 0, :]                                        # [R, B, bins + 1]
         drawn = q.stratified_rsample(base.permute(0, 2, 1)[:, :, None, :, None])      # [R, bins + 1, 1, B, 1]
         assert torch.allclose(q.knots(), drawn[:, :, 0, :, 0].permute(0, 2, 1), atol=1e-12)
