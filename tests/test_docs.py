@@ -118,7 +118,7 @@ import atexit, json, os, shlex, sys, traceback
 from pathlib import Path
 
 # What a command imports, once per page, in the process its commands fork from (they spent 2-6 s each on it).
-PRELOAD = ("mogvae.cli", "mogvae.runs.run", "mogvae.estimators.evaluate", "mogvae.report.figures", "torch._dynamo")
+PRELOAD = ("mogvae.cli", "mogvae.runs.run", "mogvae.estimators.evaluate", "mogvae.report.figures")
 
 
 def command_server(requests: int, replies: int) -> None:

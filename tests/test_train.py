@@ -162,3 +162,58 @@ def test_multidimensional_observations_train_through_the_same_loop(name):
     first, last = np.array(history.val_elbo[0]), np.array(history.val_elbo[-1])
     assert (last > first + 0.5).all(), (first, last)
     assert not any(history.diverged)
+
+
+def test_adam_and_its_schedule_are_bitwise_torchs_classes_and_share_their_checkpoints():
+    """training/adam.py holds torch's fused Adam without torch.optim.Adam (whose constructor imports the
+    compiler): against torch.optim.Adam(fused=True) with CosineAnnealingLR, the same gradients for 12
+    epochs of 3 steps give bitwise the same parameters, moments, step counts and learning rates, and each
+    side resumes from the other's state (half way, as a checkpoint does) to the same end."""
+    from mogvae.training.adam import Adam, CosineSchedule
+
+    def gradients(epoch, step, shapes):
+        g = torch.Generator().manual_seed(100 * epoch + step)
+        return [torch.randn(s, generator=g) * 10.0 ** (epoch % 3 - 1) for s in shapes]
+
+    shapes = [(3, 4, 5), (3, 5), (3, 1)]
+    start = [torch.randn(s) for s in shapes]
+
+    def train(use_torch, epochs, state=None):
+        params = [p.clone().requires_grad_(True) for p in (state["params"] if state else start)]
+        if use_torch:
+            opt = torch.optim.Adam(params, lr=3e-3, fused=True)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=12, eta_min=3e-5)
+        else:
+            opt = Adam(params, lr=3e-3)
+            sched = CosineSchedule(opt, T_max=12, eta_min=3e-5)
+        if state:
+            for p, s in zip(params, state["moments"]):
+                opt.state[p] = {k: v.clone() for k, v in s.items()}
+            if use_torch:
+                opt.param_groups[0]["lr"] = state["lr"]
+            else:
+                opt.lr = state["lr"]
+            sched.load_state_dict(state["schedule"])
+        lrs = []
+        for epoch in range(sched.last_epoch, epochs):
+            for step in range(3):
+                for p, g in zip(params, gradients(epoch, step, shapes)):
+                    p.grad = g
+                opt.step()
+            sched.step()
+            lrs.append(opt.param_groups[0]["lr"] if use_torch else opt.lr)
+        return {"params": [p.detach() for p in params], "moments": [opt.state[p] for p in params], "lrs": lrs,
+                "lr": lrs[-1], "schedule": sched.state_dict()}
+
+    def same(a, b):
+        assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"]))
+        assert all(torch.equal(x[k], y[k]) for x, y in zip(a["moments"], b["moments"]) for k in x)
+        assert a["lrs"] == b["lrs"] and a["schedule"] == b["schedule"]
+
+    theirs, ours = train(True, 12), train(False, 12)
+    same(theirs, ours)
+    assert ours["lr"] == 3e-5 and ours["lrs"][0] < 3e-3 and not torch.equal(ours["params"][0], start[0])
+    for first, then in ((True, False), (False, True)):
+        resumed = train(then, 12, train(first, 6))
+        assert resumed["lrs"] == ours["lrs"][6:]
+        same(resumed | {"lrs": ours["lrs"]}, ours)

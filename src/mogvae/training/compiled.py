@@ -49,6 +49,7 @@ class CompiledLoss:
         # architecture or batch size in a process adds one. Past dynamo's limit (8) it would run
         # eagerly without a word, so numbers would depend on what the process trained before:
         # allow many, and make hitting the limit an error that the fallback below reports.
+        import torch._dynamo     # here, not at the top: a process that does not compile never loads the compiler
         dynamo = torch._dynamo.config
         dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
         dynamo.fail_on_recompile_limit_hit = True

@@ -18,6 +18,7 @@ from ..model.layers import make_generators
 from ..model.vae import VAE
 from ..objectives import OBJECTIVES
 from ..objectives.bounds import draw_noise, elbo
+from .adam import Adam, CosineSchedule
 from .compiled import CompiledLoss, latent_points_per_step, should_compile
 
 VAL_NOISE_OFFSET = 7919  # val noise generators: seed + offset, reset each epoch
@@ -110,7 +111,7 @@ class Trainer:
         # y is [N] (one observed dimension, the paper's) or [N, D]
         self.data = _float32(y_train, self.device).reshape(len(y_train), -1)
         self.val = _float32(y_val, self.device).reshape(1, len(y_val), -1)
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)
+        self.optimizer = Adam(model.parameters(), lr=config.lr)    # torch's fused Adam (training/adam.py)
         # On a CPU a step runs its batch in chunks of about CHUNK_ROWS decoded points per replica,
         # forward and backward, so that its activations stay in cache (R drops out: a replica alone
         # or among others computes the same chunks). A GPU wants the whole batch at once.
@@ -137,7 +138,7 @@ class Trainer:
         for begin in range(0, n, cfg.batch_size):
             y = self.data[order[:, begin:begin + cfg.batch_size]]                                     # [R, B, 1]
             eps = draw_noise(self.model, self.generators, y.shape[1], cfg.n_samples).to(self.device)
-            self.optimizer.zero_grad(set_to_none=False)
+            self.optimizer.zero_grad()
             loss = self._backward(y, eps)                                                             # [R]
             ok = torch.isfinite(loss) & _per_replica_finite_grads(self.model)
             bad = self.active & ~ok
@@ -258,7 +259,7 @@ class Trainer:
             tensors[f"rng.{r}"] = g.get_state()
         tensors.update({"active": self.active.to(torch.uint8), "lr_factor": self.lr_factor, "retries": self.retries})
         meta = {"epoch": self.epoch, "step": self.step, "history": self.history.to_json(),
-                "lr": [g["lr"] for g in self.optimizer.param_groups],
+                "lr": [self.optimizer.lr],
                 "schedule": self.schedule.state_dict() if self.schedule is not None else None}
         return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, meta
 
@@ -272,8 +273,7 @@ class Trainer:
             g.set_state(tensors[f"rng.{r}"])
         self.active = tensors["active"].to(torch.bool).to(self.device)
         self.lr_factor, self.retries = tensors["lr_factor"].clone(), tensors["retries"].clone()
-        for g, lr in zip(self.optimizer.param_groups, meta["lr"]):
-            g["lr"] = lr
+        self.optimizer.lr, = meta["lr"]
         if self.schedule is not None:
             self.schedule.load_state_dict(meta["schedule"])
         self.epoch, self.step = meta["epoch"], meta["step"]
@@ -294,8 +294,7 @@ def fit(model: VAE, y_train: np.ndarray, y_val: np.ndarray, config: TrainConfig,
 def _schedule(optimizer, config: TrainConfig):
     if config.lr_schedule == "constant":
         return None
-    return torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=config.epochs, eta_min=config.lr * config.final_lr_factor)
+    return CosineSchedule(optimizer, T_max=config.epochs, eta_min=config.lr * config.final_lr_factor)
 
 
 def _float32(y, device) -> torch.Tensor:
