@@ -272,18 +272,20 @@ def test_the_gap_search_ends_where_searching_on_gains_less_than_1e_5():
     assert float((searched_on - best.elbo_star).max()) < 1e-5
 
 
-def test_extra_starts_find_optima_the_other_starts_miss_whatever_the_chunks():
+def test_extra_starts_find_no_better_optimum_and_a_points_starts_do_not_depend_on_the_chunks():
     """eval.gap_starts: perturbations of the encoder's q as extra starts. On a steep 3-component mixture
-    posterior they find a better optimum than the encoder's, the posterior's and the neighbours' starts at
-    some point (by over 0.01 nats), lose nothing beyond the polish's rounding, and a point's starts come
-    from its own stream: searching 5 points at a time gives bitwise the same ELBO* and q (before each node
-    held its own copy of q, the batch's rounding, amplified by L-BFGS, moved ELBO* by 4e-6)."""
+    posterior, four more starts change no point's ELBO* by more than the search's stop (1e-5 nats): the
+    search from the encoder's, the posterior's and the neighbours' starts already reaches the best of them.
+    (When it climbed a 12-node Gauss-Hermite rule, which a wide component's nodes let a narrow one hide
+    from, the extra starts found optima over 0.01 nats better here.) And a point's starts come from its
+    own stream: searching 5 points at a time gives bitwise the same ELBO* and q (before each node held
+    its own copy of q, the batch's rounding, amplified by L-BFGS, moved ELBO* by 4e-6)."""
     model = _frozen("mog-posterior", seed=3)
     y = np.linspace(-1.5, 1.5, 16)
     plain = best_posterior(model, y)
     more = best_posterior(model, y, starts=4)
     gain = more.elbo_star - plain.elbo_star
-    assert float(gain.max()) > 0.01 and float(gain.min()) > -1e-5
+    assert float(gain.abs().max()) < 1e-5
     chunked = best_posterior(model, y, starts=4, chunk=5)
     assert torch.equal(chunked.elbo_star, more.elbo_star) and torch.equal(chunked.raw, more.raw)
 
@@ -358,3 +360,51 @@ def test_the_searchs_decoder_table_interpolates_to_closed_forms_and_is_the_netwo
     step = 1e-6
     central = (double.decoder.mean(at + step) - double.decoder.mean(at - step)) / (2 * step)
     torch.testing.assert_close(found.slopes[:, ::997], central[:, :, 0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore::scipy.integrate.IntegrationWarning")   # quad meets the float32 decoder's steps
+def test_a_mixtures_elbo_on_panels_matches_scipy_where_gauss_hermite_misses_a_narrow_component():
+    """The gap search takes a 1-D mixture's ELBO on panels cut at every component's own scale
+    (gaps.panel_elbo): against scipy's adaptive quad of q(z) (log p(y, z) - log q(z)), with a component of
+    scale 0.004 inside one of scale 1.5, the reporting rule is within 1e-5 (measured 1.9e-6; finer panels
+    converge on quad's value to 2e-8) and the searching one within 1e-3 (1.3e-4; on trained mixtures they
+    were 2e-7 and 6e-6 from evaluation's grid rule), where a 64-node Gauss-Hermite rule per component, the
+    search's before, is 1e-2 off: the wide component's nodes step over the narrow one's bump in log q."""
+    from scipy import integrate
+
+    from mogvae.estimators import gaps
+    from mogvae.estimators.quadrature import F64
+    model = _frozen("mog-posterior", seed=1)
+    model.decoder.net.net[-1].weight.div_(8.0)       # the decoder a trained one's steepness, not the steep model's
+    K = model.posterior.k
+    loc = torch.tensor([-0.4, 0.1, 0.9] + [0.5 * k for k in range(K - 3)], dtype=F64)[:K]
+    scale = torch.tensor([1.5, 0.004, 0.2] + [0.3] * (K - 3), dtype=F64)[:K]
+    raw = torch.cat([loc, torch.log(torch.expm1(scale - 1e-4))]).expand(2, 1, -1)           # [R, 1, 2K]
+    q = model.posterior.from_raw(raw)
+    y = torch.tensor([0.3], dtype=F64).expand(2, 1, 1)
+    with torch.no_grad():
+        panels = [gaps.panel_elbo(model, y, q, rule)[:, 0] for rule in gaps.PANELS]
+        hermite = _hermite_per_component(model, y, q, 64)
+    for r in range(2):
+        def integrand(z, r=r):
+            zz = torch.tensor([[[[z]]]], dtype=F64).expand(2, 1, 1, 1)
+            with torch.no_grad():
+                log_q = q.log_prob(zz)[r, 0, 0]
+                log_p = (model.decoder.log_prob(y, zz) + model.prior().to(F64).log_prob(zz))[r, 0, 0]
+            return float(torch.exp(log_q) * (log_p - log_q))
+        truth, _ = integrate.quad(integrand, -12, 12, points=[-0.4, 0.1, 0.9], limit=400, epsabs=1e-10, epsrel=1e-10)
+        assert abs(float(panels[1][r]) - truth) < 1e-5
+        assert abs(float(panels[0][r]) - truth) < 1e-3
+        assert abs(float(hermite[r]) - truth) > 5e-3
+
+
+def _hermite_per_component(model, y, q, n):
+    """The ELBO of q by an n-node Gauss-Hermite rule on each component's standard-normal draws (the
+    search's rule before panels): [R]."""
+    from mogvae.estimators.quadrature import hermite_rule, node_sum
+    from mogvae.objectives.bounds import log_weights
+    nodes, weights = hermite_rule(n, 1)
+    R, K = y.shape[0], q.strata
+    eps = nodes[None, :, None, None, :].expand(R, -1, K, 1, 1)
+    log_w, pi = log_weights(model, y, eps, q)
+    return node_sum((log_w * pi * weights[None, :, None, None]).flatten(1, 2))[:, 0]

@@ -13,14 +13,30 @@ optimizing q's parameters (the encoder's raw output for that point: a mixture's
 logits, locations and scales, a flow's spline) by a batched per-point L-BFGS, from
 the encoder's output, for a mixture in 1-D from the exact posterior's shape, and from
 eval.gap_starts perturbations of the encoder's output; then from its neighbours' best;
-then once more from its own best with a tighter stop (the polish). All on Gauss-Hermite
-quadrature over the standard-normal draws of each stratum of q (its nodes follow q, so a
-narrowing q cannot slip between them). With a 1-D latent the searches before the polish read the
-decoder from a table (tabulated.py: 1.3-1.8x less CPU on trained runs; per point it can reach other
-local optima, and a run's mean ELBO* moved by -7e-6 to +1.3e-4 nats, docs/speed.md); the polish runs on
-the network. Against the best of 10 starts on a 10-component
-mixture (benchmarks/experiments/gap_search_many_starts.py) it still falls short by over
-1e-5 nats at a fifth of the points: ELBO* is the best of the starts tried.
+then once more from its own best with a tighter stop (the polish). The search climbs the ELBO of q by a
+rule that resolves q: for a mixture in 1-D, Gauss-Legendre on panels cut at every component's own scale
+(panel_elbo; within 2e-7 nats of evaluation's grid rule on trained mixtures); otherwise Gauss-Hermite over
+the standard-normal draws of each stratum of q (its nodes follow q, so a narrowing q cannot slip between
+them), or a flow's own rule on its spline's pieces. With a 1-D latent the searches before the polish
+read the decoder from a table (tabulated.py: 1.3-1.8x less CPU on trained runs); the polish runs on the
+network.
+
+A mixture's search climbed Gauss-Hermite (12 nodes a component) until 2026-12-07. Its log q(z) has bumps as
+narrow as its narrowest component wherever that sits, which a wide component's nodes step over: the search
+climbed a rule that is not the ELBO, and every start reached optima of that rule. Measured on a noise-study
+sigma = 0.03 mixture-posterior run (10 components, 20 points x 10 replicas, benchmarks/experiments/
+gap_search_rule.py and gap_search_many_starts.py, scored by the grid rule): the better of that search's ELBO* and
+the best of 10 more starts on its rule was 2.7e-3 nats below this one's on average (up to 7.5e-2; the 10
+starts had added 9e-5); against 12 starts searched on panels to a 100x tighter stop,
+this search falls short by over 1e-5 at 11 of 200 point-replicas (3 by over 1e-4, 1 by 5.6e-3), a
+replica's mean ELBO* by at most 3.3e-4 (the old search, against its own rule's starts: over 1e-5 at about
+a quarter, a replica's mean by up to 3.0e-3). It costs 3.5x the old search's time there (24 s against 7 s).
+On reproduce's trained mixture-posterior run (500 points x 5 replicas, one thread): ELBO* 3.0e-4 nats
+higher on average (up to 2.3e-2; nowhere lower by over 2.2e-6), a replica's mean up to 6.8e-4, for 329 s
+of search against 80 s. (Cheaper variants measured there: the polish on the table, 1.8x the old time, or
+with 5 breakpoints a component, 1.2x, met the network polish within 1e-5; on the tests' steep random
+models they did not: a search on from their result on the network gained 2e-4.)
+ELBO* is the best q the search found, not yet provably the family's best to 1e-5.
 
 The two starts, measured on a 2-D ring CSV (5 replicas, 1-D latent; the best of every
 search and 4 perturbed starts as the reference; benchmarks/experiments/gap_search_starts.py):
@@ -44,7 +60,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from ..model.distributions import gauss_legendre
 from ..model.layers import replica_count
+from ..model.mixtures import DiagMixture
 from ..model.posteriors import MIN_SCALE, MixturePosterior
 from ..model.vae import VAE
 from ..objectives.bounds import log_weights
@@ -55,6 +73,11 @@ TOLERANCE = 1e-5    # nats: a point stops when its best ELBO rose by less over L
 MAX_STEPS = 1000    # L-BFGS iterations at most (eval.gap_steps)
 NODES = {1: (12, 64), 2: (8, 24)}   # Gauss-Hermite nodes per axis: (while optimizing, reported)
 PIECE_NODES = (8, 16)   # for a piecewise-smooth q, Gauss-Legendre nodes per piece (while optimizing, reported)
+# a mixture in 1-D: breakpoints per component over +-PANEL_SPAN scales, Gauss-Legendre nodes per panel between
+# them (while optimizing, reported): within 6e-6 and 2e-7 nats of the grid rule on trained mixtures (mixture_panels)
+PANELS = ((7, 4), (11, 4))
+PANEL_SPAN = 6.0
+LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
 @dataclass(frozen=True)
@@ -73,10 +96,13 @@ class BestPosterior:
 def hermite_elbo(model: VAE, y: torch.Tensor, q, n_nodes: int) -> torch.Tensor:
     """ELBO(q) = sum_k pi_k E_{q_k}[log p(y, z) - log q(z)] by an n-node Gauss-Hermite
     rule per axis on the standard-normal draws of each stratum (for a piecewise-smooth
-    q, its own Gauss-Legendre rule with n / 8 nodes per piece): y [R, B, Y] -> [R, B],
+    q, its own Gauss-Legendre rule with n / 8 nodes per piece; for a mixture in 1-D, panel_elbo's
+    rule, the searching one for n < 32 and the reporting one beyond): y [R, B, Y] -> [R, B],
     differentiable in q."""
     R, B = y.shape[:2]
     K, D = q.strata, q.dim
+    if _by_panels(q):
+        return panel_elbo(model, y, q, PANELS[n_nodes >= 32])
     rule = q.base_rule(PIECE_NODES[n_nodes >= 32])   # a piecewise-smooth q (a flow): Gauss-Legendre on its pieces
     if rule is not None:
         return rule_elbo(model, y, q, rule)
@@ -85,6 +111,47 @@ def hermite_elbo(model: VAE, y: torch.Tensor, q, n_nodes: int) -> torch.Tensor:
     eps = nodes[None, :, None, None, :].expand(R, -1, K, B, D)
     log_w, pi = log_weights(model, y, eps, q)                      # [R, J, K, B]
     return node_sum((log_w * pi * weights[None, :, None, None]).flatten(1, 2))   # batch-independent (node_sum)
+
+
+def _by_panels(q) -> bool:
+    """Whether q's ELBO is taken on panels (mixture_panels) rather than by Gauss-Hermite per component: a
+    mixture of two or more components in 1-D. Its log q(z) has features as narrow as its narrowest
+    component wherever that sits, and a wide component's Gauss-Hermite nodes step over them: the search
+    climbed a rule that is not the ELBO (measured on a sigma = 0.03 mixture-posterior run, 200
+    point-replicas: its ELBO* 1.3e-3 nats below the family's best on average, up to 3.4e-2;
+    benchmarks/experiments/gap_search_rule.py). A single Gaussian's integrand is smooth on its own scale."""
+    return isinstance(q, DiagMixture) and q.dim == 1 and q.strata > 1
+
+
+def mixture_panels(q: DiagMixture, rule: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nodes z and weights [R, B, S] for the integral over z of a function that is smooth between the
+    breakpoints loc_k + scale_k * t, t in `rule[0]` points over +-PANEL_SPAN, of every component k of a 1-D
+    mixture q (batch [R, 1, B]): Gauss-Legendre with `rule[1]` nodes on each panel between consecutive
+    breakpoints, sorted per point. Each component's neighbourhood is cut into panels of at most its own
+    spacing, so every feature of q and log q is resolved wherever it lies; beyond the breakpoints q's mass
+    is below 2e-9 of a component's."""
+    breaks, per_panel = rule
+    t = torch.linspace(-PANEL_SPAN, PANEL_SPAN, breaks, dtype=q.loc.dtype, device=q.loc.device)
+    loc, scale = q.loc[:, 0, :, :, 0], q.scale[:, 0, :, :, 0]                        # [R, B, K]
+    edges = torch.sort((loc[..., None] + scale[..., None] * t).flatten(2), -1).values  # [R, B, K * breaks]
+    x, w = (torch.as_tensor(a, dtype=loc.dtype, device=loc.device) for a in gauss_legendre(per_panel))
+    a, h = edges[..., :-1, None], (edges[..., 1:] - edges[..., :-1])[..., None]       # [R, B, P, 1]
+    return (a + h * (x + 1) / 2).flatten(2), (h * w / 2).flatten(2)                   # [R, B, P * n] each
+
+
+def panel_elbo(model: VAE, y: torch.Tensor, q: DiagMixture, rule: tuple[int, int]) -> torch.Tensor:
+    """The ELBO of a 1-D mixture q, sum_z W_z q(z) (log p(y, z) - log q(z)) on mixture_panels' nodes:
+    y [R, B, Y] -> [R, B], differentiable in q. Each point's value and gradient are bitwise the same in
+    any batch: its nodes lie on the last axis, so that every sum autograd takes over them (a component's
+    parameters broadcast to the nodes) runs within the point's own row, and node_sum adds the terms."""
+    z, weights = mixture_panels(q, rule)                                              # [R, B, S]
+    loc, scale = q.loc[:, 0, :, :, :1], q.scale[:, 0, :, :, :1]                       # [R, B, K, 1]
+    log_components = (torch.log_softmax(q.logits[:, 0], -1)[..., None] - torch.log(scale) - LOG_SQRT_2PI
+                      - 0.5 * ((z[:, :, None] - loc) / scale) ** 2)                     # [R, B, K, S]
+    log_q = torch.logsumexp(log_components, 2)                                         # [R, B, S]
+    nodes = z.transpose(1, 2)[..., None]                                               # [R, S, B, 1]
+    log_p = (model.decoder.log_prob(y, nodes) + model.prior().to(z.dtype).log_prob(nodes)).transpose(1, 2)
+    return node_sum((weights * torch.exp(log_q) * (log_p - log_q)).transpose(1, 2))
 
 
 def best_posterior(model: VAE, y, max_steps: int = MAX_STEPS, tolerance: float = TOLERANCE,
@@ -336,16 +403,17 @@ def _value_and_gradient(model: VAE, y: torch.Tensor, x: torch.Tensor, n_nodes: i
     spline is computed per point: model/flows.py's _Knots), and a lone point is searched as two copies."""
     x = x.detach().requires_grad_(True)
     q = model.posterior.from_raw(x)
-    rule = q.base_rule(PIECE_NODES[n_nodes >= 32])
-    if rule is not None and x.shape[1] == 1:
+    panels = _by_panels(q)
+    rule = None if panels else q.base_rule(PIECE_NODES[n_nodes >= 32])
+    if (panels or rule is not None) and x.shape[1] == 1:
         # autograd adds a flow parameter's gradient over the nodes it was broadcast to; with one point that
         # sum runs over a contiguous axis, which torch adds up in another order than the strided sum of
         # two or more points (2e-16 apart, amplified by L-BFGS into ELBO*s 1e-5 apart). A lone point is
         # searched as two copies of itself, so it rounds as it would among others.
         f, g = _value_and_gradient(model, y.expand(-1, 2, -1), x.detach().expand(-1, 2, -1), n_nodes)
         return f[:, :1], g[:, :1]
-    if rule is not None:        # hermite_elbo's rule for this q, computed once
-        f = -rule_elbo(model, y, q, rule)
+    if panels or rule is not None:        # hermite_elbo's rule for this q, computed once
+        f = -(panel_elbo(model, y, q, PANELS[n_nodes >= 32]) if panels else rule_elbo(model, y, q, rule))
         return f.detach(), torch.autograd.grad(f.sum(), x)[0]
     R, B, P = x.shape
     nodes, weights = hermite_rule(n_nodes, model.latent_dim)
