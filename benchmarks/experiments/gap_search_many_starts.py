@@ -34,6 +34,13 @@ Measured (2026-12-06, one core, beside other work) on the noise study's sigma = 
       each. Not paired with the line above (its reference starts ran the search of that day); paired,
       network against table on the same 500 point-replicas, the table's ELBO* was 1.3e-4 higher on
       average (docs/speed.md).
+  main c3e1dca (--search-again: a mixture's search climbs panels that resolve q, gaps.panel_elbo, and so
+  does every reference start), on a sigma = 0.03 mixture-posterior run trained for it (10 replicas), 20
+  points, 10 starts, one core, idle:
+      11 / 3 / 1 of 200; mean 3.4e-5, max 5.6e-3; a replica's mean ELBO* rose by up to 3.3e-4.
+      Searching on from its q: 0 of 200 above it by over 1e-5; the random starts 0 to 4 each. (Scored by
+      the grid rule, the old search's ELBO* there was 2.7e-3 nats below this one's on average:
+      benchmarks/experiments/gap_search_rule.py.)
 """
 import sys
 import time
