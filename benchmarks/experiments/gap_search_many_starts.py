@@ -34,7 +34,7 @@ Measured (2026-12-06, one core, beside other work) on the noise study's sigma = 
       each. Not paired with the line above (its reference starts ran the search of that day); paired,
       network against table on the same 500 point-replicas, the table's ELBO* was 1.3e-4 higher on
       average (docs/speed.md).
-  main c3e1dca (--search-again: a mixture's search climbs panels that resolve q, gaps.panel_elbo, and so
+  c3e1dca's rule, in a first layout of its sums (--search-again: a mixture's search climbs panels that resolve q, and so
   does every reference start), on a sigma = 0.03 mixture-posterior run trained for it (10 replicas), 20
   points, 10 starts, one core, idle:
       11 / 3 / 1 of 200; mean 3.4e-5, max 5.6e-3; a replica's mean ELBO* rose by up to 3.3e-4.
