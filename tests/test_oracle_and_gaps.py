@@ -274,8 +274,9 @@ def test_the_gap_search_ends_where_searching_on_gains_less_than_1e_5():
 
 def test_extra_starts_find_no_better_optimum_and_a_points_starts_do_not_depend_on_the_chunks():
     """eval.gap_starts: perturbations of the encoder's q as extra starts. On a steep 3-component mixture
-    posterior, four more starts change no point's ELBO* by more than the search's stop (1e-5 nats): the
-    search from the encoder's, the posterior's and the neighbours' starts already reaches the best of them.
+    posterior, four more starts change no point's ELBO* by more than two searches' stops (2e-5 nats;
+    measured up to 1.2e-5): the search from the encoder's, the posterior's and the neighbours' starts already
+    reaches the best of them.
     (When it climbed a 12-node Gauss-Hermite rule, which a wide component's nodes let a narrow one hide
     from, the extra starts found optima over 0.01 nats better here.) And a point's starts come from its
     own stream: searching 5 points at a time gives bitwise the same ELBO* and q (before each node held
@@ -285,7 +286,7 @@ def test_extra_starts_find_no_better_optimum_and_a_points_starts_do_not_depend_o
     plain = best_posterior(model, y)
     more = best_posterior(model, y, starts=4)
     gain = more.elbo_star - plain.elbo_star
-    assert float(gain.abs().max()) < 1e-5
+    assert float(gain.abs().max()) < 2 * TOLERANCE       # two searches that each stop within their 1e-5
     chunked = best_posterior(model, y, starts=4, chunk=5)
     assert torch.equal(chunked.elbo_star, more.elbo_star) and torch.equal(chunked.raw, more.raw)
 
@@ -318,7 +319,9 @@ def test_a_points_best_q_is_bitwise_the_same_whatever_its_batch(name, latent_dim
         p.requires_grad_(False)
     flow = name.endswith("+flow")
     y = np.linspace(-1.5, 1.5, 3 if flow else 4 if threads > 1 else 5)   # two threads, 5x slower: chunks 2 + 2
-    steps = {"max_steps": 60} if flow else {}             # a flow's search is slower: enough steps to show it
+    # a flow's search, and a 1-D mixture's on panels, are slower: 60 steps are enough to show a difference
+    # (any rounding of the first gradient moves the next iterate; torch.equal below sees it)
+    steps = {"max_steps": 60} if flow or (name == "mog-both" and latent_dim == 1) else {}
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -32,10 +32,9 @@ this search falls short by over 1e-5 at 11 of 200 point-replicas (3 by over 1e-4
 replica's mean ELBO* by at most 3.3e-4 (the old search, against its own rule's starts: over 1e-5 at about
 a quarter, a replica's mean by up to 3.0e-3). It costs 3.5x the old search's time there (24 s against 7 s).
 On reproduce's trained mixture-posterior run (500 points x 5 replicas, one thread): ELBO* 3.0e-4 nats
-higher on average (up to 2.3e-2; nowhere lower by over 2.2e-6), a replica's mean up to 6.8e-4, for 329 s
-of search against 80 s. (Cheaper variants measured there: the polish on the table, 1.8x the old time, or
-with 5 breakpoints a component, 1.2x, met the network polish within 1e-5; on the tests' steep random
-models they did not: a search on from their result on the network gained 2e-4.)
+higher on average (up to 2.3e-2; nowhere lower by over 2.1e-6), a replica's mean up to 6.8e-4, for 203 s
+of search against 80 s (its tight polish on the decoder's table, then the network's at the search's own
+stop: _on_panels; 329 s with the tight polish on the network alone).
 ELBO* is the best q the search found, not yet provably the family's best to 1e-5.
 
 The two starts, measured on a 2-D ring CSV (5 replicas, 1-D latent; the best of every
@@ -175,12 +174,16 @@ def best_posterior(model: VAE, y, max_steps: int = MAX_STEPS, tolerance: float =
                 progress(min(s + chunk, n), 2 * n)
         star, raw, steps = _from_neighbours(search, y, torch.cat([p[0] for p in parts], 1),
                                             torch.cat([p[4] for p in parts], 1), max_steps, tolerance, chunk)
+        stop = tolerance / POLISH
+        if search is not model and _on_panels(model):     # the tight polish on the table first (_on_panels)
+            star, raw, polish_steps = _polished(search, y, star, raw, max_steps, stop, chunk)
+            steps, stop = max(steps, polish_steps), tolerance
         # the polish on the network itself, whose float32 staircase the smooth table does not have. Its first
         # check scores each start on the network, and it never returns less: so after a table's search its
         # result replaces the table's scores (no second scoring of every point beforehand)
         if search is not model:
             star = torch.full_like(star, -math.inf)
-        star, raw, polish_steps = _polished(model, y, star, raw, max_steps, tolerance, chunk,
+        star, raw, polish_steps = _polished(model, y, star, raw, max_steps, stop, chunk,
                                             progress and (lambda done: progress(n + done, 2 * n)))
         steps = max(steps, polish_steps)
     finally:
@@ -245,17 +248,29 @@ def _keep_better(best: torch.Tensor, raw: torch.Tensor, at, value: torch.Tensor,
 POLISH = 100        # the polishing search's stop: `tolerance` / POLISH over LBFGS_PATIENCE checks
 
 
-def _polished(model: VAE, y: torch.Tensor, best: torch.Tensor, raw: torch.Tensor, max_steps: int, tolerance: float,
+def _on_panels(model: VAE) -> bool:
+    """Whether a model's posterior is searched on panels (a mixture in 1-D: _by_panels). Its tight polish
+    then runs on the decoder's table, and the network's polish after it stops at the search's own
+    tolerance: the network costs every one of the panel rule's nodes. Measured on reproduce's trained
+    mixture-posterior run (one thread): a tight polish on the network alone took 57 s of search on 100 points
+    x 5 replicas and 329 s on 500, the two stages 36.7 s and 203 s, their ELBO* within 7.9e-6 of it at every
+    point-replica (2,500). On the tests' steep random models the polish on the table alone was not enough (a
+    search on from its result on the network gained 2e-4); with the network's stage after it, nothing does."""
+    posterior = model.posterior
+    return isinstance(posterior, MixturePosterior) and posterior.k > 1 and model.latent_dim == 1
+
+
+def _polished(model: VAE, y: torch.Tensor, best: torch.Tensor, raw: torch.Tensor, max_steps: int, stop: float,
               chunk: int, progress=None) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Each point's best after one more L-BFGS from it, with fresh curvature pairs and a stop `POLISH` times
-    tighter: a search that gains a little per check stops (by `tolerance`) while it still climbs, and its
-    last pairs can steer it slowly. Measured on the noise study's sigma = 0.03 mixture-posterior run (20
+    """Each point's best after one more L-BFGS from it, with fresh curvature pairs and a tighter `stop`
+    (tolerance / POLISH): a search that gains a little per check stops (by its tolerance) while it still
+    climbs, and its last pairs can steer it slowly. Measured on the noise study's sigma = 0.03 mixture-posterior run (20
     points x 10 replicas): searching on from the saved ELBO*'s q raised it by over 1e-5 nats at 47 of 200
     point-replicas (benchmarks/experiments/gap_search_many_starts.py). `progress(points done)` after each chunk."""
     steps = 0
     for s in range(0, y.shape[1], chunk):
         at = slice(s, s + chunk)
-        value, x, iters, _ = _lbfgs(model, y[:, at], raw[:, at], max_steps, tolerance / POLISH)
+        value, x, iters, _ = _lbfgs(model, y[:, at], raw[:, at], max_steps, stop)
         _keep_better(best, raw, at, value, x)
         steps = max(steps, iters)
         if progress:
