@@ -194,6 +194,8 @@ def test_adam_and_its_schedule_are_bitwise_torchs_classes_and_share_their_checkp
             else:
                 opt.lr = state["lr"]
             sched.load_state_dict(state["schedule"])
+        if not state:
+            assert not opt.state            # no moments before the first step, as a first epoch's snapshot sees
         lrs = []
         for epoch in range(sched.last_epoch, epochs):
             for step in range(3):

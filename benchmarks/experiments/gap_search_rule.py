@@ -16,6 +16,11 @@ are not the ELBO's. This script, on a finished run folder's first N test points 
 
     .venv/bin/python benchmarks/experiments/gap_search_rule.py RUN_FOLDER [N] [STARTS]
 
+It measured the search as it was at main 9c7f004. Since c3e1dca the shipped search climbs panels itself
+(gaps.panel_elbo, 11 breakpoints to keep the best), and so do the reference starts here (gaps.hermite_elbo
+and gaps._lbfgs dispatch a mixture in 1-D to panels): run at a later commit, rows 1 and 2 compare the panel
+search with itself.
+
 Measured (2026-12-07, one core, idle) on a noise-study sigma = 0.03 mixture-posterior run trained for
 this (10 replicas, 200 epochs, 10,000 points, eval.gap_points = 50), N = 20 (200 point-replicas), by the
 grid rule: the 10-start reference beat the shipped ELBO* by 9.0e-5 nats on average (up to 6.7e-3). The

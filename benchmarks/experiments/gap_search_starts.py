@@ -4,6 +4,10 @@ against the best of all of them and four perturbed L-BFGS starts, on a trained r
 
     .venv/bin/python benchmarks/experiments/gap_search_starts.py RUN_FOLDER N
 
+Its Adam search climbs gaps.hermite_elbo, which since c3e1dca takes a 1-D mixture's ELBO on panels
+(gaps.panel_elbo), not by Gauss-Hermite as when it was measured below: a re-run at a later commit
+measures Adam on the panel rule.
+
 Measured (2026-11-30, one core) on a 7,500-row 2-D ring CSV (examples/own-data.toml), 5 replicas, 1-D latent,
 shortfall from the best of all searches, mean / max over point-replicas:
   mfg, 200 points:            Adam 3.2 s, 5.9e-2 / 15.5;  encoder start 1.1 s, 2.1e-2 / 14.4;

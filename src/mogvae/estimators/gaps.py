@@ -157,10 +157,11 @@ def best_posterior(model: VAE, y, max_steps: int = MAX_STEPS, tolerance: float =
                    chunk: int = 250, progress=None, starts: int = 0) -> BestPosterior:
     """ELBO*(y): the best q of the posterior's family for each point, from the encoder's
     output (and the posterior's shape, and `starts` perturbations of the encoder's output) by L-BFGS on the
-    Gauss-Hermite ELBO, keeping each point's best iterate, then from its neighbours' best where that is better
-    (_from_neighbours), then searched on (_polished). Points are taken `chunk` at a time; `progress(done,
-    total)` is called after each chunk of the first searches and of the polish, in points (total: twice their
-    number: the polish is a point's second search)."""
+    ELBO by hermite_elbo's rule, keeping each point's best iterate, then from its neighbours' best where that
+    is better (_from_neighbours), then searched on (_polished). Points are taken `chunk` at a time;
+    `progress(done, total)` is called after each chunk of the first searches and of each polish, in points
+    (total: twice their number, the polish being a point's second search; three times for a 1-D mixture
+    on a table, polished on the table and then on the network: _on_panels)."""
     model = model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -171,20 +172,21 @@ def best_posterior(model: VAE, y, max_steps: int = MAX_STEPS, tolerance: float =
         for s in range(0, n, chunk):
             parts.append(_optimize(search, y[:, s:s + chunk], max_steps, tolerance, starts, first=s))
             if progress:
-                progress(min(s + chunk, n), 2 * n)
+                progress(min(s + chunk, n), (3 if search is not model and _on_panels(model) else 2) * n)
         star, raw, steps = _from_neighbours(search, y, torch.cat([p[0] for p in parts], 1),
                                             torch.cat([p[4] for p in parts], 1), max_steps, tolerance, chunk)
-        stop = tolerance / POLISH
+        stop, done = tolerance / POLISH, n
         if search is not model and _on_panels(model):     # the tight polish on the table first (_on_panels)
-            star, raw, polish_steps = _polished(search, y, star, raw, max_steps, stop, chunk)
-            steps, stop = max(steps, polish_steps), tolerance
+            star, raw, polish_steps = _polished(search, y, star, raw, max_steps, stop, chunk,
+                                                progress and (lambda at: progress(n + at, 3 * n)))
+            steps, stop, done = max(steps, polish_steps), tolerance, 2 * n
         # the polish on the network itself, whose float32 staircase the smooth table does not have. Its first
         # check scores each start on the network, and it never returns less: so after a table's search its
         # result replaces the table's scores (no second scoring of every point beforehand)
         if search is not model:
             star = torch.full_like(star, -math.inf)
         star, raw, polish_steps = _polished(model, y, star, raw, max_steps, stop, chunk,
-                                            progress and (lambda done: progress(n + done, 2 * n)))
+                                            progress and (lambda at: progress(done + at, done + n)))
         steps = max(steps, polish_steps)
     finally:
         for p in model.parameters():
@@ -262,9 +264,9 @@ def _on_panels(model: VAE) -> bool:
 
 def _polished(model: VAE, y: torch.Tensor, best: torch.Tensor, raw: torch.Tensor, max_steps: int, stop: float,
               chunk: int, progress=None) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Each point's best after one more L-BFGS from it, with fresh curvature pairs and a tighter `stop`
-    (tolerance / POLISH): a search that gains a little per check stops (by its tolerance) while it still
-    climbs, and its last pairs can steer it slowly. Measured on the noise study's sigma = 0.03 mixture-posterior run (20
+    """Each point's best after one more L-BFGS from it, with fresh curvature pairs and the stop `stop`
+    (tolerance / POLISH, but for the network's stage after a table's tight polish: _on_panels): a search that
+    gains a little per check stops (by its tolerance) while it still climbs, and its last pairs can steer it slowly. Measured on the noise study's sigma = 0.03 mixture-posterior run (20
     points x 10 replicas): searching on from the saved ELBO*'s q raised it by over 1e-5 nats at 47 of 200
     point-replicas (benchmarks/experiments/gap_search_many_starts.py). `progress(points done)` after each chunk."""
     steps = 0

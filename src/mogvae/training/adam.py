@@ -21,14 +21,15 @@ from torch.optim.adam import adam
 class Adam:
     """Adam with torch's defaults (betas 0.9 and 0.999, eps 1e-8, no weight decay) and its fused kernel
     over `params`, at learning rate `lr`. `state[p]` holds step, exp_avg and exp_avg_sq, as
-    torch.optim.Adam's state does."""
+    torch.optim.Adam's state does, and as there from a parameter's first step on: before it a snapshot
+    holds no moments (a rollback in the first epoch then restores parameters only, as it did)."""
 
     BETAS, EPS = (0.9, 0.999), 1e-8
 
     def __init__(self, params, lr: float):
         self.params = list(params)
         self.lr = lr
-        self.state = {p: self._fresh(p) for p in self.params}
+        self.state: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
 
     @staticmethod
     def _fresh(p: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -45,7 +46,7 @@ class Adam:
     @torch.no_grad()
     def step(self) -> None:
         live = [p for p in self.params if p.grad is not None]
-        states = [self.state[p] for p in live]
+        states = [self.state.setdefault(p, self._fresh(p)) for p in live]
         adam(live, [p.grad for p in live], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
              [s["step"] for s in states], foreach=None, capturable=False, differentiable=False, fused=True,
              grad_scale=None, found_inf=None, has_complex=False, decoupled_weight_decay=False, amsgrad=False,
