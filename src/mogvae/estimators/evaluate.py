@@ -303,8 +303,8 @@ def _marginal_w1(a: np.ndarray, b: np.ndarray) -> float:
 def _w1(u: np.ndarray, v: np.ndarray) -> float:
     """W1 of two 1-D samples, the integral of |F_u - F_v| between their pooled values: the algorithm
     (and order of operations) of scipy.stats.wasserstein_distance, written here because importing
-    scipy.stats cost 0.45-1.0 s in every process that evaluates (a test holds the two to 1e-14; with
-    NumPy 2's vecdot, as SciPy sums, they came out bitwise equal on 300 random pairs, ties included)."""
+    scipy.stats cost 0.45-1.0 s in every process that evaluates (with NumPy 2's vecdot, as SciPy sums,
+    bitwise equal on 300 random pairs, ties included; tests/test_sources.py holds them equal under NumPy 2)."""
     u, v = np.sort(np.asarray(u, dtype=float)), np.sort(np.asarray(v, dtype=float))   # float64, as scipy's
     pooled = np.sort(np.concatenate((u, v)), kind="mergesort")
     cdf_u = np.searchsorted(u, pooled[:-1], side="right") / u.size

@@ -34,7 +34,7 @@ a quarter, a replica's mean by up to 3.0e-3). It costs 3.5x the old search's tim
 On reproduce's trained mixture-posterior run (500 points x 5 replicas, one thread): ELBO* 3.0e-4 nats
 higher on average (up to 2.3e-2; nowhere lower by over 2.1e-6), a replica's mean up to 6.8e-4, for 203 s
 of search against 80 s (its tight polish on the decoder's table, then the network's at the search's own
-stop: _on_panels; 329 s with the tight polish on the network alone).
+stop: _table_first; 329 s with the tight polish on the network alone).
 ELBO* is the best q the search found, not yet provably the family's best to 1e-5.
 
 The two starts, measured on a 2-D ring CSV (5 replicas, 1-D latent; the best of every
@@ -161,22 +161,23 @@ def best_posterior(model: VAE, y, max_steps: int = MAX_STEPS, tolerance: float =
     is better (_from_neighbours), then searched on (_polished). Points are taken `chunk` at a time;
     `progress(done, total)` is called after each chunk of the first searches and of each polish, in points
     (total: twice their number, the polish being a point's second search; three times for a 1-D mixture
-    on a table, polished on the table and then on the network: _on_panels)."""
+    on a table, polished on the table and then on the network: _table_first)."""
     model = model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     try:
         y = as_batch(y, replica_count(model), next(model.parameters()).device)
         search = tabulated(model)     # with a 1-D latent, the decoder read from a table (tabulated.py)
+        table_first = _table_first(model, search, y)
         parts, n = [], y.shape[1]
         for s in range(0, n, chunk):
             parts.append(_optimize(search, y[:, s:s + chunk], max_steps, tolerance, starts, first=s))
             if progress:
-                progress(min(s + chunk, n), (3 if search is not model and _on_panels(model) else 2) * n)
+                progress(min(s + chunk, n), (3 if table_first else 2) * n)
         star, raw, steps = _from_neighbours(search, y, torch.cat([p[0] for p in parts], 1),
                                             torch.cat([p[4] for p in parts], 1), max_steps, tolerance, chunk)
         stop, done = tolerance / POLISH, n
-        if search is not model and _on_panels(model):     # the tight polish on the table first (_on_panels)
+        if table_first:                                    # the tight polish on the table first
             star, raw, polish_steps = _polished(search, y, star, raw, max_steps, stop, chunk,
                                                 progress and (lambda at: progress(n + at, 3 * n)))
             steps, stop, done = max(steps, polish_steps), tolerance, 2 * n
@@ -250,22 +251,23 @@ def _keep_better(best: torch.Tensor, raw: torch.Tensor, at, value: torch.Tensor,
 POLISH = 100        # the polishing search's stop: `tolerance` / POLISH over LBFGS_PATIENCE checks
 
 
-def _on_panels(model: VAE) -> bool:
-    """Whether a model's posterior is searched on panels (a mixture in 1-D: _by_panels). Its tight polish
-    then runs on the decoder's table, and the network's polish after it stops at the search's own
-    tolerance: the network costs every one of the panel rule's nodes. Measured on reproduce's trained
+@torch.no_grad()
+def _table_first(model: VAE, search, y: torch.Tensor) -> bool:
+    """Whether the search polishes on the decoder's table (`search`, where it is one) before the network:
+    where q is taken on panels (_by_panels: judged from the encoder's q at the first point). The tight
+    polish then runs on the table, and the network's after it stops at the search's own tolerance: the
+    network costs every one of the panel rule's nodes. Measured on reproduce's trained
     mixture-posterior run (one thread): a tight polish on the network alone took 57 s of search on 100 points
     x 5 replicas and 329 s on 500, the two stages 36.7 s and 203 s, their ELBO* within 7.9e-6 of it at every
     point-replica (2,500). On the tests' steep random models the polish on the table alone was not enough (a
     search on from its result on the network gained 2e-4); with the network's stage after it, nothing does."""
-    posterior = model.posterior
-    return isinstance(posterior, MixturePosterior) and posterior.k > 1 and model.latent_dim == 1
+    return search is not model and _by_panels(model.posterior(y[:, :1]))
 
 
 def _polished(model: VAE, y: torch.Tensor, best: torch.Tensor, raw: torch.Tensor, max_steps: int, stop: float,
               chunk: int, progress=None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Each point's best after one more L-BFGS from it, with fresh curvature pairs and the stop `stop`
-    (tolerance / POLISH, but for the network's stage after a table's tight polish: _on_panels): a search that
+    (tolerance / POLISH, but for the network's stage after a table's tight polish: _table_first): a search that
     gains a little per check stops (by its tolerance) while it still climbs, and its last pairs can steer it slowly. Measured on the noise study's sigma = 0.03 mixture-posterior run (20
     points x 10 replicas): searching on from the saved ELBO*'s q raised it by over 1e-5 nats at 47 of 200
     point-replicas (benchmarks/experiments/gap_search_many_starts.py). `progress(points done)` after each chunk."""

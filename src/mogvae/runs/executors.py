@@ -131,8 +131,8 @@ def _failure(e: BaseException) -> dict:
 
 # What a worker imports, once per driver process rather than once per worker: the fork server
 # imports it, then forks each worker from itself (measured: a spawned worker spent 4-5 s importing
-# PyTorch, its compiler (torch.optim's constructor imports it) and SciPy before its first epoch).
-# Not torch._dynamo (1.2 s): training no longer needs it (training/adam.py); a worker that compiles imports it
+# PyTorch, its compiler and SciPy before its first epoch; since, training imports neither: training/adam.py,
+# estimators/evaluate.py's _w1). A worker that compiles imports the compiler itself (training/compiled.py).
 WORKER_PRELOAD = ["mogvae.runs.executors", "mogvae.runs.run", "mogvae.estimators.evaluate"]
 SERVER_FOLDER = "MOGVAE_FORKSERVER_FOLDER"   # the driver's multiprocessing folder, which holds the server's socket
 # A Unix socket's path holds at most 107 bytes: TMPDIR/pymp-XXXXXXXX/listener-XXXXXXXX must fit, or the fork server
