@@ -378,7 +378,7 @@ def _lbfgs(model: VAE, y: torch.Tensor, start: torch.Tensor, max_iters: int, tol
         on = active[:, moving]
         xm, fm, gm, ym = x[:, moving], f[:, moving], g[:, moving], y[:, moving]
         Sm, Ym, rm = S[:, moving], Y[:, moving], rho[:, moving]
-        d = -_two_loop(gm, Sm, Ym, rm)
+        d = -_two_loop(gm, Sm, Ym, rm, _metric(posterior, xm))
         slope = (gm * d).sum(-1)
         uphill = ~(slope < 0)                  # not a descent direction: steepest descent instead
         d = torch.where(uphill[..., None], -gm / gm.norm(dim=-1, keepdim=True).clamp_min(1.0), d)
@@ -459,18 +459,39 @@ def _value_and_gradient(model: VAE, y: torch.Tensor, x: torch.Tensor, n_nodes: i
     return f.detach(), node_sum(g.reshape(R, J, B, P))
 
 
-def _two_loop(g: torch.Tensor, S: torch.Tensor, Y: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
+def _metric(posterior, x: torch.Tensor) -> torch.Tensor:
+    """A diagonal guess D [R, B, P] at the inverse curvature of -ELBO in q's raw parameters x, up to a common
+    factor, where L-BFGS's recursion starts (_two_loop): for a mixture, its components' squared scales s^2 for
+    their locations and (s / sigmoid(h))^2 / 2 for their raw scales h (s = softplus(h) + MIN_SCALE); 1 for
+    logits and for other families. For a Gaussian q of a Gaussian posterior these are the exact inverse
+    curvatures at the optimum (1 / s^2 in the location, 2 in log s). A mixture's components can differ in
+    scale by 1e3, so their locations' curvatures by 1e6, which the recursion's one scalar cannot meet. On reproduce's
+    trained runs (100 points x 5 replicas, one thread, scored by the grid rule): mog-posterior's search 28.1
+    -> 20.2 s, its ELBO* 1.4e-7 higher on average and within 1.1e-5 of the one without at every point;
+    mog-both's 32.1 -> 30.8 s, 6.5e-7 higher on average, within 2.8e-5 (one point 2.2e-5 lower)."""
+    D = torch.ones_like(x)
+    if not isinstance(posterior, MixturePosterior):
+        return D
+    kd = posterior.k * posterior.d
+    h = x[..., kd:2 * kd]
+    s = torch.nn.functional.softplus(h) + MIN_SCALE
+    D[..., :kd] = s ** 2
+    D[..., kd:2 * kd] = (s / torch.sigmoid(h)) ** 2 / 2
+    return D
+
+
+def _two_loop(g: torch.Tensor, S: torch.Tensor, Y: torch.Tensor, rho: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
     """L-BFGS's two-loop recursion per point: H g from the pairs S, Y [R, B, M, P] (newest last; unused
-    pairs are zero, with rho 0, and drop out), scaled by the newest pair's s.y / y.y (without one,
-    1 / |g|: a first step of length at most 1 in q's raw parameters)."""
+    pairs are zero, with rho 0, and drop out), starting from the diagonal D (_metric) scaled by the newest
+    pair's s.y / y.D.y (without one, by 1 / |D^1/2 g|: a first step of length at most 1 in D's metric)."""
     q, alphas = g.clone(), []
     for i in reversed(range(S.shape[2])):
         a = rho[..., i] * (S[..., i, :] * q).sum(-1)
         q = q - a[..., None] * Y[..., i, :]
         alphas.append(a)
-    sy, yy = (S[..., -1, :] * Y[..., -1, :]).sum(-1), (Y[..., -1, :] ** 2).sum(-1)
-    gamma = torch.where(sy > 0, sy / yy.clamp_min(1e-300), 1.0 / g.norm(dim=-1).clamp_min(1.0))
-    r = q * gamma[..., None]
+    sy, yy = (S[..., -1, :] * Y[..., -1, :]).sum(-1), (D * Y[..., -1, :] ** 2).sum(-1)
+    gamma = torch.where(sy > 0, sy / yy.clamp_min(1e-300), 1.0 / (D.sqrt() * g).norm(dim=-1).clamp_min(1.0))
+    r = q * gamma[..., None] * D
     for i in range(S.shape[2]):
         b = rho[..., i] * (Y[..., i, :] * r).sum(-1)
         r = r + (alphas[-1 - i] - b)[..., None] * S[..., i, :]
