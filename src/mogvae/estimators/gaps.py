@@ -157,11 +157,12 @@ def panel_elbo(model: VAE, y: torch.Tensor, q: DiagMixture, rule: tuple[int, int
 
 
 def best_posterior(model: VAE, y, max_steps: int = MAX_STEPS, tolerance: float = TOLERANCE,
-                   chunk: int = 250, progress=None, starts: int = 0) -> BestPosterior:
+                   chunk: int | None = None, progress=None, starts: int = 0) -> BestPosterior:
     """ELBO*(y): the best q of the posterior's family for each point, from the encoder's
     output (and the posterior's shape, and `starts` perturbations of the encoder's output) by L-BFGS on the
     ELBO by hermite_elbo's rule, keeping each point's best iterate, then from its neighbours' best where that
-    is better (_from_neighbours), then searched on (_polished). Points are taken `chunk` at a time;
+    is better (_from_neighbours), then searched on (_polished). Points are taken `chunk` at a time (by default as many as
+    _points_per_chunk finds fast);
     `progress(done, total)` is called after each chunk of the first searches and of each polish, in points
     (total: twice their number, the polish being a point's second search; three times for a 1-D mixture
     on a table, polished on the table and then on the network: _table_first)."""
@@ -172,6 +173,7 @@ def best_posterior(model: VAE, y, max_steps: int = MAX_STEPS, tolerance: float =
         y = as_batch(y, replica_count(model), next(model.parameters()).device)
         search = tabulated(model)     # with a 1-D latent, the decoder read from a table (tabulated.py)
         table_first = _table_first(model, search, y)
+        chunk = chunk or _points_per_chunk(model, y)
         parts, n = [], y.shape[1]
         for s in range(0, n, chunk):
             parts.append(_optimize(search, y[:, s:s + chunk], max_steps, tolerance, starts, first=s))
@@ -249,6 +251,26 @@ def _keep_better(best: torch.Tensor, raw: torch.Tensor, at, value: torch.Tensor,
     best[:, at] = torch.where(better, value, best[:, at])
     raw[:, at] = torch.where(better[..., None], x, raw[:, at])
     return bool(better.any())
+
+
+CHUNK = 250                 # points searched together at most
+SEARCH_TERMS = 1_000_000    # a mixture's [R, B, K, S] panel terms in a chunk, at most
+
+
+@torch.no_grad()
+def _points_per_chunk(model: VAE, y: torch.Tensor) -> int:
+    """Points to search together: CHUNK, or for a q on panels (_by_panels, judged from the encoder's q at the
+    first point) as many as keep its search's panel terms within SEARCH_TERMS. Larger tensors leave the
+    caches: on reproduce's trained mixture runs (one thread, 200 points x 5 replicas, the same search bitwise
+    in any chunks) the search took 38.1 s in chunks of 250, 27.5 s of 50 and 27.6 s of 100 (mog-posterior),
+    58.6 / 45.3 / 44.2 s (mog-both); on a 10-replica run (100 points), 48.2 s in one chunk, 38.4 s in chunks
+    of 50 and 39.9 s of 25. At K = 10 this is 72 points of 5 replicas, 36 of 10."""
+    q = model.posterior(y[:, :1])
+    if not _by_panels(q):
+        return CHUNK
+    breaks, per_panel = PANELS[0]
+    terms = y.shape[0] * q.strata * (breaks * q.strata - 1) * per_panel       # per point: R x K x S
+    return max(1, min(CHUNK, SEARCH_TERMS // terms))
 
 
 POLISH = 100        # the polishing search's stop: `tolerance` / POLISH over LBFGS_PATIENCE checks
