@@ -38,6 +38,9 @@ Measured (2026-12-06, one core, beside other work) on the noise study's sigma = 
   does every reference start), on a sigma = 0.03 mixture-posterior run trained for it (10 replicas), 20
   points, 10 starts, one core, idle:
       11 / 3 / 1 of 200; mean 3.4e-5, max 5.6e-3; a replica's mean ELBO* rose by up to 3.3e-4.
+  main 2026-12-07 (0c59865..: its L-BFGS preconditioned by _metric, the line search and chunks re-cut; the
+  reference starts' L-BFGS preconditioned too), the same run and points, 10 starts, one core, idle (193 s):
+      4 / 2 / 0 of 200; mean 6.1e-6, max 6.9e-4; a replica's mean ELBO* rose by up to 5.2e-5.
       Searching on from its q: 0 of 200 above it by over 1e-5; the random starts 0 to 4 each. (Scored by
       the grid rule, the old search's ELBO* there was 2.7e-3 nats below this one's on average:
       benchmarks/experiments/gap_search_rule.py.)

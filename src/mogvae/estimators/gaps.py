@@ -28,13 +28,17 @@ sigma = 0.03 mixture-posterior run (10 components, 20 points x 10 replicas, benc
 gap_search_rule.py and gap_search_many_starts.py, scored by the grid rule): the better of that search's ELBO* and
 the best of 10 more starts on its rule was 2.7e-3 nats below this one's on average (up to 7.5e-2; the 10
 starts had added 9e-5); against 12 starts searched on panels to a 100x tighter stop,
-this search falls short by over 1e-5 at 11 of 200 point-replicas (3 by over 1e-4, 1 by 5.6e-3), a
-replica's mean ELBO* by at most 3.3e-4 (the old search, against its own rule's starts: over 1e-5 at about
+this search fell short by over 1e-5 at 11 of 200 point-replicas (3 by over 1e-4, 1 by 5.6e-3), a
+replica's mean ELBO* by at most 3.3e-4; with the preconditioned L-BFGS (_metric) at 4 of 200 (2 by over
+1e-4, none by 1e-3), a replica's mean by at most 5.2e-5 (the old search, against its own rule's starts: over 1e-5 at about
 a quarter, a replica's mean by up to 3.0e-3). It costs 3.5x the old search's time there (24 s against 7 s).
 On reproduce's trained mixture-posterior run (500 points x 5 replicas, one thread): ELBO* 3.0e-4 nats
 higher on average (up to 2.3e-2; nowhere lower by over 2.1e-6), a replica's mean up to 6.8e-4, for 203 s
 of search against 80 s (its tight polish on the decoder's table, then the network's at the search's own
-stop: _table_first; 329 s with the tight polish on the network alone).
+stop: _table_first; 329 s with the tight polish on the network alone). Then the L-BFGS preconditioned
+(_metric), its line search computing only what it uses, the panel terms by one multiply-add and chunks
+that stay in the caches (_points_per_chunk): `mogvae reproduce`'s gap search 471 -> 189 s summed over its
+runs (docs/speed.md).
 ELBO* is the best q the search found, not yet provably the family's best to 1e-5.
 
 The two starts, measured on a 2-D ring CSV (5 replicas, 1-D latent; the best of every
