@@ -15,7 +15,10 @@ benchmarks/results/studies.json (--quick: studies.quick.json, every command with
 the commands timed replace their rows and the others are kept), and the table printed at the end is
 the one docs/speed.md shows.
 
-    python benchmarks/studies.py [--quick] [--only reproduce noise ...]
+    python benchmarks/studies.py [--quick] [--only reproduce noise ...] [--keep DIR]
+
+--keep DIR leaves each command's output folder in DIR/NAME (for its report and readings) instead of a
+temporary folder.
 """
 from __future__ import annotations
 
@@ -94,13 +97,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="every command with --quick (a smoke run, ~3 min)")
     parser.add_argument("--only", nargs="+", choices=list(COMMANDS), help="these commands alone")
+    parser.add_argument("--keep", type=Path, help="leave each output folder in KEEP/NAME")
     args = parser.parse_args(argv)
     results = QUICK_RESULTS if args.quick else RESULTS
     rows = {}
     with tempfile.TemporaryDirectory(prefix="mogvae-studies-") as tmp:
+        work = args.keep or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         for name in args.only or list(COMMANDS):
             print(f"timing {name}{' --quick' if args.quick else ''} ...", flush=True)
-            rows[name] = measure(name, args.quick, Path(tmp))
+            rows[name] = measure(name, args.quick, work)
             print(f"  {rows[name]['wall_s']:.0f} s", flush=True)
     import platform
     import os
