@@ -154,6 +154,27 @@ def test_the_reported_gaps_use_the_evaluations_grid_rule_and_match_the_closed_fo
     assert float(gaps["gap_rule_error"][0]) < 1e-8
 
 
+def test_the_searchs_metric_is_the_exact_inverse_curvature_of_a_gaussian_q_at_a_gaussian_posterior():
+    """gaps._metric, where L-BFGS's recursion starts: for a Gaussian q of a Gaussian posterior, at the optimum,
+    the inverse of the diagonal of -ELBO's Hessian in q's raw parameters (autograd's, of the search's own
+    rule), which is diagonal there; finite where a scale sits at its floor."""
+    from mogvae.estimators import gaps
+    from mogvae.model.posteriors import MIN_SCALE
+    a, b, y0 = 1.7, 0.3, 0.9
+    model = linear_vae([a], b)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    y = torch.tensor([[[y0]]], dtype=torch.float64)
+    variance, mean = SIGMA**2 / (a**2 + SIGMA**2), a * (y0 - b) / (a**2 + SIGMA**2)
+    x = torch.tensor([[[mean, math.log(math.expm1(math.sqrt(variance) - MIN_SCALE))]]], dtype=torch.float64)
+    H = torch.autograd.functional.hessian(
+        lambda x: -gaps.hermite_elbo(model, y, model.posterior.from_raw(x), 12).sum(), x).reshape(2, 2)
+    torch.testing.assert_close(gaps._metric(model.posterior, x).reshape(2), 1 / torch.diagonal(H), rtol=1e-9, atol=0)
+    assert abs(float(H[0, 1])) < 1e-9 * float(H[0, 0])
+    floor = gaps._metric(model.posterior, torch.tensor([[[0.0, -1000.0]]], dtype=torch.float64))
+    assert float(floor[0, 0, 1]) == 1e8 and float(floor[0, 0, 0]) == pytest.approx(MIN_SCALE**2)
+
+
 def test_a_capped_gap_search_stops_at_its_cap_and_a_longer_one_finds_no_worse_posterior():
     """eval.gap_steps caps the per-point search (--quick uses 50): the steps taken are reported,
     ELBO* never falls below the encoder's ELBO, and a longer search keeps a best q at least as good."""

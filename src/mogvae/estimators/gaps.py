@@ -505,7 +505,10 @@ def _metric(posterior, x: torch.Tensor) -> torch.Tensor:
     h = x[..., kd:2 * kd]
     s = torch.nn.functional.softplus(h) + MIN_SCALE
     D[..., :kd] = s ** 2
-    D[..., kd:2 * kd] = (s / torch.sigmoid(h)) ** 2 / 2
+    # a scale at its floor (s near MIN_SCALE) hardly moves with h, so its inverse curvature grows without end
+    # (and sigmoid(h) underflows below h = -745): capped at 1e8, reached near h = -19, where the floor is all
+    # but the whole scale
+    D[..., kd:2 * kd] = ((s / torch.sigmoid(h)) ** 2 / 2).clamp(max=1e8)
     return D
 
 
