@@ -168,7 +168,7 @@ def test_the_searchs_metric_is_the_exact_inverse_curvature_of_a_gaussian_q_at_a_
     variance, mean = SIGMA**2 / (a**2 + SIGMA**2), a * (y0 - b) / (a**2 + SIGMA**2)
     x = torch.tensor([[[mean, math.log(math.expm1(math.sqrt(variance) - MIN_SCALE))]]], dtype=torch.float64)
     H = torch.autograd.functional.hessian(
-        lambda x: -gaps.hermite_elbo(model, y, model.posterior.from_raw(x), 12).sum(), x).reshape(2, 2)
+        lambda x: -gaps.search_elbo(model, y, model.posterior.from_raw(x), 12).sum(), x).reshape(2, 2)
     torch.testing.assert_close(gaps._metric(model.posterior, x).reshape(2), 1 / torch.diagonal(H), rtol=1e-9, atol=0)
     assert abs(float(H[0, 1])) < 1e-9 * float(H[0, 0])
     floor = gaps._metric(model.posterior, torch.tensor([[[0.0, -1000.0]]], dtype=torch.float64))
@@ -214,7 +214,7 @@ def _lattice(model, y):
     lattice, best, trap = [], [], []
     for yi in y:
         q = model.posterior.from_raw(candidates[None].expand(2, -1, -1).contiguous())
-        value = gaps.hermite_elbo(model, as_batch(np.full(len(candidates), yi), 2, torch.device("cpu")), q,
+        value = gaps.search_elbo(model, as_batch(np.full(len(candidates), yi), 2, torch.device("cpu")), q,
                                   gaps.NODES[1][1]).reshape(2, len(locs), len(log_scales))
         profile, which = value.max(2)                                                # best scale per location [R, L]
         peaks = [(profile[r, 1:-1] > profile[r, :-2]) & (profile[r, 1:-1] >= profile[r, 2:]) for r in range(2)]
@@ -292,7 +292,7 @@ def test_the_gap_search_ends_where_searching_on_gains_less_than_1e_5():
     yb = as_batch(y, 2, torch.device("cpu"))
     _, again, _, _ = gaps._lbfgs(model, yb, best.raw.clone(), 1000, 1e-9)
     with torch.no_grad():
-        searched_on = gaps.hermite_elbo(model, yb, model.posterior.from_raw(again), gaps.NODES[1][1])
+        searched_on = gaps.search_elbo(model, yb, model.posterior.from_raw(again), gaps.NODES[1][1])
     assert float((searched_on - best.elbo_star).max()) < 1e-5
 
 

@@ -94,13 +94,13 @@ def main(run: str, n: int, starts: int, search_again: bool, gap_starts: int = 0)
                                                                                      dtype=F64)) for i in range(starts)]
     _, final = gaps.NODES[model.latent_dim]
     with torch.no_grad():
-        saved_rule = gaps.hermite_elbo(model, y, model.posterior.from_raw(saved_raw), final)
+        saved_rule = gaps.search_elbo(model, y, model.posterior.from_raw(saved_raw), final)
     best, best_raw = None, None
     t0 = time.perf_counter()
     for name, start in candidates:
         _, raw, iters, _ = gaps._lbfgs(model, y, start, 2000, STOP)
         with torch.no_grad():
-            value = gaps.hermite_elbo(model, y, model.posterior.from_raw(raw), final)
+            value = gaps.search_elbo(model, y, model.posterior.from_raw(raw), final)
         if best is None:
             best, best_raw = value, raw
         else:

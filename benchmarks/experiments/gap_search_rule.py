@@ -17,7 +17,7 @@ are not the ELBO's. This script, on a finished run folder's first N test points 
     .venv/bin/python benchmarks/experiments/gap_search_rule.py RUN_FOLDER [N] [STARTS]
 
 It measured the search as it was at main 9c7f004. Since c3e1dca the shipped search climbs panels itself
-(gaps.panel_elbo, 11 breakpoints to keep the best), and so do the reference starts here (gaps.hermite_elbo
+(gaps.panel_elbo, 11 breakpoints to keep the best), and so do the reference starts here (gaps.search_elbo
 and gaps._lbfgs dispatch a mixture in 1-D to panels): run at a later commit, rows 1 and 2 compare the panel
 search with itself.
 
@@ -89,7 +89,7 @@ def main(run: str, n: int, starts: int) -> None:
     points = np.load(f"{run}/data/test.npy")[:n]
     y = as_batch(points, len(seeds), torch.device("cpu"))
     _, final = gaps.NODES[1]
-    hermite = lambda raw: gaps.hermite_elbo(model, y, model.posterior.from_raw(raw), final)   # noqa: E731
+    hermite = lambda raw: gaps.search_elbo(model, y, model.posterior.from_raw(raw), final)   # noqa: E731
     t = time.perf_counter()
     shipped = gaps.best_posterior(model, points).raw
     print(f"shipped search: {time.perf_counter() - t:.1f} s", flush=True)
@@ -112,15 +112,15 @@ def main(run: str, n: int, starts: int) -> None:
             return f.detach(), torch.autograd.grad(f.sum(), x)[0]
         with torch.no_grad():
             off = float((union_elbo(model, y, model.posterior.from_raw(shipped), J) - ship).abs().max())
-        saved = gaps.hermite_elbo, gaps._value_and_gradient
-        gaps.hermite_elbo = lambda m, yy, q, _nodes, J=J: union_elbo(m, yy, q, J)
+        saved = gaps.search_elbo, gaps._value_and_gradient
+        gaps.search_elbo = lambda m, yy, q, _nodes, J=J: union_elbo(m, yy, q, J)
         gaps._value_and_gradient = value_and_gradient
         try:
             t = time.perf_counter()
             _, raw, iters, _ = gaps._lbfgs(tabulated(model), y, shipped, 1000, 1e-7)
             seconds = time.perf_counter() - t
         finally:
-            gaps.hermite_elbo, gaps._value_and_gradient = saved
+            gaps.search_elbo, gaps._value_and_gradient = saved
         gain = grid_elbo(model, config, points, raw) - both
         print(f"J = {J}: rule vs grid at the shipped q {off:.1e}; {iters} iterations, {seconds:.0f} s; gain over the "
               f"better of shipped and reference: mean {float(gain.mean()):+.2e}, min {float(gain.min()):+.1e}, max "

@@ -4,7 +4,7 @@ against the best of all of them and four perturbed L-BFGS starts, on a trained r
 
     .venv/bin/python benchmarks/experiments/gap_search_starts.py RUN_FOLDER N
 
-Its Adam search climbs gaps.hermite_elbo, which since c3e1dca takes a 1-D mixture's ELBO on panels
+Its Adam search climbs gaps.search_elbo, which since c3e1dca takes a 1-D mixture's ELBO on panels
 (gaps.panel_elbo), not by Gauss-Hermite as when it was measured below: a re-run at a later commit
 measures Adam on the panel rule.
 
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from mogvae.estimators import gaps
-from mogvae.estimators.gaps import NODES, hermite_elbo
+from mogvae.estimators.gaps import NODES, search_elbo
 from mogvae.estimators.quadrature import F64, as_batch
 from mogvae.runs.run import trained_model
 
@@ -57,7 +57,7 @@ def adam(model, y: torch.Tensor, max_steps: int, tolerance: float):
             # by q's components (measured: 12 nodes rose while 64 fell), the reporting rule is not
             moving = torch.nonzero(active.any(0))[:, 0]
             with torch.no_grad():
-                value = hermite_elbo(model, y[:, moving], posterior.from_raw(raw[:, moving]), final)
+                value = search_elbo(model, y[:, moving], posterior.from_raw(raw[:, moving]), final)
                 better = (value > best[:, moving]) & active[:, moving]
                 best[:, moving] = torch.where(better, value, best[:, moving])
                 best_raw[:, moving] = torch.where(better[..., None], raw[:, moving], best_raw[:, moving])
@@ -68,7 +68,7 @@ def adam(model, y: torch.Tensor, max_steps: int, tolerance: float):
                 break
         moving = torch.nonzero(active.any(0))[:, 0]
         x = raw[:, moving].requires_grad_(True)
-        grad, = torch.autograd.grad(-hermite_elbo(model, y[:, moving], posterior.from_raw(x), fast).sum(), x)
+        grad, = torch.autograd.grad(-search_elbo(model, y[:, moving], posterior.from_raw(x), fast).sum(), x)
         steps += 1
         on = active[:, moving, None]
         m[:, moving] = torch.where(on, BETAS[0] * m[:, moving] + (1 - BETAS[0]) * grad, m[:, moving])
@@ -77,7 +77,7 @@ def adam(model, y: torch.Tensor, max_steps: int, tolerance: float):
             torch.sqrt(v[:, moving] / (1 - BETAS[1] ** steps)) + EPS)
         raw[:, moving] = torch.where(on, raw[:, moving] - step, raw[:, moving])
     with torch.no_grad():
-        encoder = hermite_elbo(model, y, posterior.from_raw(start), final)
+        encoder = search_elbo(model, y, posterior.from_raw(start), final)
     # the encoder's q is the first candidate: ELBO* >= its ELBO by the same rule
     return best, encoder, steps, not bool(active.any()), best_raw
 

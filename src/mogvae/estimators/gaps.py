@@ -53,7 +53,7 @@ The decomposition telescopes: the four terms sum to log p* - ELBO exactly, on
 the same points. log p_theta and ELBO come from the evaluation's grid rule;
 ELBO* from the same grid rule applied to the optimized q, whose error bound is
 reported as `gap_rule_error` (the accuracy of the split between the last two
-terms; their sum does not depend on it). Gauss-Hermite only steers the search.
+terms; their sum does not depend on it). The search's rules (search_elbo) only steer the search.
 """
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 @dataclass(frozen=True)
 class BestPosterior:
     """Per replica and point, [R, N]: the ELBO of the optimized q and of the
-    encoder's q (both by Gauss-Hermite with the reporting nodes), the steps taken,
+    encoder's q (both by search_elbo's reporting rule), the steps taken,
     and the optimized q itself (a distribution with batch [R, 1, N])."""
     elbo_star: torch.Tensor
     elbo_encoder: torch.Tensor
@@ -96,12 +96,13 @@ class BestPosterior:
     raw: torch.Tensor        # [R, N, P]: the optimized q's parameters, the input of posterior.from_raw
 
 
-def hermite_elbo(model: VAE, y: torch.Tensor, q, n_nodes: int) -> torch.Tensor:
-    """ELBO(q) = sum_k pi_k E_{q_k}[log p(y, z) - log q(z)] by an n-node Gauss-Hermite
-    rule per axis on the standard-normal draws of each stratum (for a piecewise-smooth
-    q, its own Gauss-Legendre rule with n / 8 nodes per piece; for a mixture in 1-D, panel_elbo's
-    rule, the searching one for n < 32 and the reporting one beyond): y [R, B, Y] -> [R, B],
-    differentiable in q."""
+def search_elbo(model: VAE, y: torch.Tensor, q, n_nodes: int) -> torch.Tensor:
+    """ELBO(q) by the rule the gap search climbs and keeps its best by, for q's family: for a mixture in
+    1-D, panel_elbo's (the searching rule for n_nodes < 32, the reporting one beyond); for a piecewise-smooth
+    q (a flow), its own Gauss-Legendre rule with n_nodes / 8 nodes per piece; otherwise
+    sum_k pi_k E_{q_k}[log p(y, z) - log q(z)] by an n_nodes Gauss-Hermite rule per axis on the
+    standard-normal draws of each stratum. y [R, B, Y] -> [R, B], differentiable in q. (Named hermite_elbo
+    until the other rules came.)"""
     R, B = y.shape[:2]
     K, D = q.strata, q.dim
     if _by_panels(q):
@@ -164,7 +165,7 @@ def best_posterior(model: VAE, y, max_steps: int = MAX_STEPS, tolerance: float =
                    chunk: int | None = None, progress=None, starts: int = 0) -> BestPosterior:
     """ELBO*(y): the best q of the posterior's family for each point, from the encoder's
     output (and the posterior's shape, and `starts` perturbations of the encoder's output) by L-BFGS on the
-    ELBO by hermite_elbo's rule, keeping each point's best iterate, then from its neighbours' best where that
+    ELBO by search_elbo's rule, keeping each point's best iterate, then from its neighbours' best where that
     is better (_from_neighbours), then searched on (_polished). Points are taken `chunk` at a time (by default as many as
     _points_per_chunk finds fast);
     `progress(done, total)` is called after each chunk of the first searches and of each polish, in points
@@ -207,9 +208,9 @@ def best_posterior(model: VAE, y, max_steps: int = MAX_STEPS, tolerance: float =
 
 @torch.no_grad()
 def _scored(model: VAE, y: torch.Tensor, raw: torch.Tensor, chunk: int) -> torch.Tensor:
-    """The ELBO of each point's q raw [R, N, P] by the reporting Gauss-Hermite rule: [R, N]."""
+    """The ELBO of each point's q raw [R, N, P] by search_elbo's reporting rule: [R, N]."""
     _, final = NODES[model.latent_dim]
-    return torch.cat([hermite_elbo(model, y[:, s:s + chunk], model.posterior.from_raw(raw[:, s:s + chunk]), final)
+    return torch.cat([search_elbo(model, y[:, s:s + chunk], model.posterior.from_raw(raw[:, s:s + chunk]), final)
                       for s in range(0, y.shape[1], chunk)], 1)
 
 
@@ -345,7 +346,7 @@ def _optimize(model: VAE, y: torch.Tensor, max_steps: int, tolerance: float, ext
             best, best_raw = torch.where(better, value, best), torch.where(better[..., None], raw, best_raw)
         steps, converged = max(steps, iters), converged and stopped
     with torch.no_grad():
-        encoder = hermite_elbo(model, y, posterior.from_raw(start), final)
+        encoder = search_elbo(model, y, posterior.from_raw(start), final)
     # the encoder's q is the first candidate: ELBO* >= its ELBO by the same rule
     return best, encoder, steps, converged, best_raw
 
@@ -379,7 +380,7 @@ def _lbfgs(model: VAE, y: torch.Tensor, start: torch.Tensor, max_iters: int, tol
     def objective(x, yy, grad: bool):
         if not grad:
             with torch.no_grad():
-                return -hermite_elbo(model, yy, posterior.from_raw(x), fast)
+                return -search_elbo(model, yy, posterior.from_raw(x), fast)
         return _value_and_gradient(model, yy, x, fast)
 
     R, B, P = start.shape
@@ -394,7 +395,7 @@ def _lbfgs(model: VAE, y: torch.Tensor, start: torch.Tensor, max_iters: int, tol
         if it % LBFGS_CHECK == 0 or it == max_iters:
             moving = torch.nonzero(active.any(0))[:, 0]
             with torch.no_grad():
-                value = hermite_elbo(model, y[:, moving], posterior.from_raw(x[:, moving]), final)
+                value = search_elbo(model, y[:, moving], posterior.from_raw(x[:, moving]), final)
             better = (value > best[:, moving]) & active[:, moving]
             best[:, moving] = torch.where(better, value, best[:, moving])
             best_x[:, moving] = torch.where(better[..., None], x[:, moving], best_x[:, moving])
@@ -454,7 +455,7 @@ def _lbfgs(model: VAE, y: torch.Tensor, start: torch.Tensor, max_iters: int, tol
 
 
 def _value_and_gradient(model: VAE, y: torch.Tensor, x: torch.Tensor, n_nodes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The search's objective, -ELBO by hermite_elbo's rule with `n_nodes`, and its gradient in q's raw
+    """The search's objective, -ELBO by search_elbo's rule with `n_nodes`, and its gradient in q's raw
     parameters x [R, B, P]. For a smooth q each point's are bitwise the same in any batch: autograd sums a
     parameter's gradient over the nodes it was broadcast to by a reduction whose rounding depends on the
     batch (1e-16 measured), which L-BFGS amplified into ELBO*s 4e-6 apart; here each node holds its own copy
@@ -472,7 +473,7 @@ def _value_and_gradient(model: VAE, y: torch.Tensor, x: torch.Tensor, n_nodes: i
         # searched as two copies of itself, so it rounds as it would among others.
         f, g = _value_and_gradient(model, y.expand(-1, 2, -1), x.detach().expand(-1, 2, -1), n_nodes)
         return f[:, :1], g[:, :1]
-    if panels or rule is not None:        # hermite_elbo's rule for this q, computed once
+    if panels or rule is not None:        # search_elbo's rule for this q, computed once
         f = -(panel_elbo(model, y, q, PANELS[n_nodes >= 32]) if panels else rule_elbo(model, y, q, rule))
         return f.detach(), torch.autograd.grad(f.sum(), x)[0]
     R, B, P = x.shape
@@ -573,7 +574,7 @@ def gap_metrics(model: VAE, y, log_p: torch.Tensor, elbo: torch.Tensor, true_log
 
     ELBO* is the ELBO of the best q the search found, computed by the evaluation's
     own grid rule (as `elbo` is), or the encoder's where that is higher: the
-    Gauss-Hermite rule that steers the search is not accurate enough to report
+    rule that steers the search (search_elbo) is not accurate enough to report
     (measured: up to 0.09 nats off the grid on narrow mixture components at
     sigma = 0.03, which made amortization gaps negative). So ELBO* is always the
     exact ELBO of a member of the family, a lower bound on the best one, and the
