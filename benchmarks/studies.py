@@ -66,6 +66,8 @@ def _saved_seconds(out: Path) -> dict:
 
 def measure(name: str, quick: bool, work: Path) -> dict:
     out = work / name
+    if out.exists():       # mogvae would resume a finished or half-done folder, and the timing would lie
+        raise SystemExit(f"{out} exists: --keep needs a folder without {name}/ in it")
     wall = _mogvae(*COMMANDS[name], *(["--quick"] if quick else []), "--out", str(out))
     row = {"command": "mogvae " + " ".join(COMMANDS[name]) + (" --quick" if quick else ""), "wall_s": wall,
            **_saved_seconds(out)}

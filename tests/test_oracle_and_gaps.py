@@ -177,19 +177,20 @@ def test_the_searchs_metric_is_the_exact_inverse_curvature_of_a_gaussian_q_at_a_
 
 def test_a_capped_gap_search_stops_at_its_cap_and_a_longer_one_finds_no_worse_posterior():
     """eval.gap_steps caps the per-point search (--quick uses 50): the steps taken are reported,
-    ELBO* never falls below the encoder's ELBO, and a longer search keeps a best q at least as good."""
+    ELBO* never falls below the encoder's ELBO, and a longer search keeps a clearly better q. On a steep
+    random model: a Gaussian q of a linear-Gaussian model is exact after two preconditioned iterations
+    (gaps._metric), where one capped search against another would compare rounding."""
     from mogvae.estimators.gaps import gap_metrics
     from mogvae.estimators.quadrature import integrate
-    model = linear_vae([1.7], 0.3)
+    from test_quadrature import random_model
+    model = random_model("mfg", seed=1)
     exact = integrate(model, Y, latent_grid(model, 2001, 8.0, y=Y))
-    # one iteration: its step is the preconditioned gradient's, of length at most 1 (gaps._two_loop); from
-    # the second on, a Gaussian q of this Gaussian posterior is searched in its exact curvature (gaps._metric)
     short, longer = (gap_metrics(model, Y, exact.log_p, exact.elbo, max_steps=n) for n in (1, 100))
     assert float(short["gap_optimizer_steps"][0]) == 1 and float(longer["gap_optimizer_steps"][0]) <= 100
     for gaps in (short, longer):
         assert float(gaps["amortization_gap"][0]) >= 0
-    assert float(longer["approximation_gap"][0]) <= float(short["approximation_gap"][0]) + 1e-12
-    assert float(longer["approximation_gap"][0]) < float(short["approximation_gap"][0])      # 1 iteration is too few here
+    # measured: 0.0574 nats after one iteration, 0.0432 after 30
+    assert float(longer["approximation_gap"][0]) < float(short["approximation_gap"][0]) - 1e-3
 
 
 def _frozen(name: str, seed: int):

@@ -227,8 +227,9 @@ def _from_neighbours(model: VAE, y: torch.Tensor, best: torch.Tensor, raw: torch
     ELBO* by 6.5e-4 nats on average (up to 0.2); one screened pass (searching from 7% of the points) by
     5.4e-4; the screened passes repeated, as here, by 1.5e-3, at no measurable cost. A point's ELBO*
     then depends on the other gap points (its starts come from them), but not on how they are chunked: for
-    every step of the search is computed per point, bitwise the same in any batch, for mixtures and flows
-    alike (_value_and_gradient, node_sum, _encoder_start; test_a_points_best_q_is_bitwise_the_same_whatever_its_batch)."""
+    every step of the search is computed per point, bitwise the same in any batch (_value_and_gradient,
+    node_sum, _encoder_start; test_a_points_best_q_is_bitwise_the_same_whatever_its_batch). Not yet for a
+    flow: its gradient rounds with the number of points beside it (_batch_exact)."""
     order = torch.argsort(y[0, :, 0])
     inverse = torch.argsort(order)
     y, best, raw = y[:, order], best[:, order].clone(), raw[:, order].clone()
@@ -373,7 +374,7 @@ def _lbfgs(model: VAE, y: torch.Tensor, start: torch.Tensor, max_iters: int, tol
     its own curvature pairs, line search and stopping, and only points still moving are computed, so
     no point's search depends on the others'. Keeps each point's best by the reporting rule; a point
     stops once that rose by less than `tolerance` over LBFGS_PATIENCE checks. Returns (best [R, B], its raw
-    q [R, B, P], iterations)."""
+    q [R, B, P], iterations, whether every point stopped by the tolerance before max_iters)."""
     fast, final = NODES[model.latent_dim]
     posterior = model.posterior
 
@@ -385,6 +386,7 @@ def _lbfgs(model: VAE, y: torch.Tensor, start: torch.Tensor, max_iters: int, tol
 
     R, B, P = start.shape
     x = start.clone()
+    exact = _batch_exact(posterior.from_raw(start[:, :1]))
     f, g = objective(x, y, True)
     S, Y = torch.zeros(R, B, MEMORY, P, dtype=F64, device=y.device), torch.zeros(R, B, MEMORY, P, dtype=F64, device=y.device)
     rho = torch.zeros(R, B, MEMORY, dtype=F64, device=y.device)
@@ -412,19 +414,21 @@ def _lbfgs(model: VAE, y: torch.Tensor, start: torch.Tensor, max_iters: int, tol
         slope = (gm * d).sum(-1)
         uphill = ~(slope < 0)                  # not a descent direction: steepest descent instead
         d = torch.where(uphill[..., None], -gm / gm.norm(dim=-1, keepdim=True).clamp_min(1.0), d)
+        d = torch.where(on[..., None], d, 0.0)     # a stopped point in a moving column stays, its f and g with it
         slope = (gm * d).sum(-1)
         t, lowest_t, lowest = torch.ones_like(fm), torch.zeros_like(fm), fm.clone()
         accepted = ~on
         rounding = getattr(model, "rounding", NETWORK_ROUNDING) * fm.abs().clamp_min(1.0)
         # the full step with its gradient, which most points take (9 in 10 on a trained mixture); a trial step
-        # after it is computed only for the points still backtracking. A point's value does not depend on the
-        # points computed beside it, so both leave every iterate bitwise as it was, for 16% less time.
-        full_f, full_g = objective(xm + d, ym, True)
+        # after it is computed only for the points still backtracking. Where a point's value and gradient do not
+        # depend on the points computed beside it (_batch_exact), both leave every iterate bitwise as it was,
+        # for 16% less time; a flow's search takes every step for every moving point, as before.
+        full_f, full_g = objective(xm + d, ym, True) if exact else (None, None)
         for b in range(BACKTRACKS):
-            if b == 0:
+            if b == 0 and exact:
                 trial = full_f
             else:
-                back = torch.nonzero((~accepted).any(0))[:, 0]
+                back = torch.nonzero((~accepted).any(0))[:, 0] if exact else slice(None)
                 trial = torch.full_like(fm, math.inf)
                 trial[:, back] = objective(xm[:, back] + t[:, back, None] * d[:, back], ym[:, back], False)
             lower = (trial < lowest) & ~accepted
@@ -436,10 +440,13 @@ def _lbfgs(model: VAE, y: torch.Tensor, start: torch.Tensor, max_iters: int, tol
         stalled = on & ~(accepted & (t > 0))
         t = torch.where(on, torch.where(stalled, lowest_t, t), torch.zeros_like(t))   # stalled: its lowest (0: stay)
         x_new = xm + t[..., None] * d
-        f_new, g_new = full_f, full_g
-        shorter = torch.nonzero((on & (t != 1)).any(0))[:, 0]      # the points that did not take the full step
-        if len(shorter):
-            f_new[:, shorter], g_new[:, shorter] = objective(x_new[:, shorter], ym[:, shorter], True)
+        if exact:
+            f_new, g_new = full_f, full_g
+            shorter = torch.nonzero((on & (t != 1)).any(0))[:, 0]      # the points that did not take the full step
+            if len(shorter):
+                f_new[:, shorter], g_new[:, shorter] = objective(x_new[:, shorter], ym[:, shorter], True)
+        else:
+            f_new, g_new = objective(x_new, ym, True)
         s_, y_ = x_new - xm, g_new - gm
         sy = (s_ * y_).sum(-1)
         keep = (on & ~stalled & (sy > 1e-12))[..., None, None]
@@ -460,8 +467,10 @@ def _value_and_gradient(model: VAE, y: torch.Tensor, x: torch.Tensor, n_nodes: i
     parameter's gradient over the nodes it was broadcast to by a reduction whose rounding depends on the
     batch (1e-16 measured), which L-BFGS amplified into ELBO*s 4e-6 apart; here each node holds its own copy
     of its point's parameters and node_sum adds their gradients. A piecewise-smooth q (a flow), whose nodes
-    follow its parameters, takes autograd's sums, which round the same for any two or more points (its
-    spline is computed per point: model/flows.py's _Knots), and a lone point is searched as two copies."""
+    follow its parameters, takes autograd's sums; a lone point is searched as two copies (its spline is
+    computed per point: model/flows.py's _Knots). Those sums were meant to round the same for any two or
+    more points, but a review measured otherwise beyond a few (_batch_exact): a flow's search is not yet
+    bitwise independent of its batch."""
     x = x.detach().requires_grad_(True)
     q = model.posterior.from_raw(x)
     panels = _by_panels(q)
@@ -484,9 +493,18 @@ def _value_and_gradient(model: VAE, y: torch.Tensor, x: torch.Tensor, n_nodes: i
     eps = nodes.to(y.device)[:, None].expand(J, B, D).reshape(1, 1, 1, J * B, D).expand(R, 1, q.strata, J * B, D)
     log_w, pi = log_weights(model, y[:, None].expand(R, J, *y.shape[1:]).reshape(R, J * B, -1), eps, q)
     terms = (log_w * pi)[:, 0].reshape(R, q.strata, J, B) * weights.to(y.device)[:, None]    # [R, K, J, B]
-    f = -node_sum(terms.flatten(1, 2))
+    f = -node_sum(terms.transpose(1, 2).flatten(1, 2))     # added in search_elbo's order, to its bits
     g, = torch.autograd.grad(f.sum(), copies)
     return f.detach(), node_sum(g.reshape(R, J, B, P))
+
+
+def _batch_exact(q) -> bool:
+    """Whether each point's value and gradient of the search's objective are bitwise the same in any batch:
+    for Gauss-Hermite (per-node copies, node_sum) and panels (each point's nodes on its own row), not for a
+    piecewise-smooth q (a flow), whose gradient autograd sums over its knots in an order that depends on the
+    number of points (a review measured 65 of 80 point-replicas' gradients different in batches of 1 to 40
+    points from those in a batch of 120)."""
+    return _by_panels(q) or q.base_rule(PIECE_NODES[0]) is None
 
 
 def _metric(posterior, x: torch.Tensor) -> torch.Tensor:

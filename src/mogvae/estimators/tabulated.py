@@ -1,6 +1,6 @@
 """The model as the gap search sees it with a 1-D latent: the decoder's mean f(z) read from a table.
 
-The search evaluates log p(y, z) at 12 Gauss-Hermite nodes per component of q, per point, per step, and
+The search evaluates log p(y, z) at its rule's nodes (gaps.search_elbo), per point, per step, and
 most of its cost was the decoder's network (about 60% of the search, measured on a trained mixture-both
 run). With a 1-D latent f is one function of z for every point: it is computed once per replica, with
 its derivative (by autograd, the network's own), on TABLE_NODES uniform nodes over the prior's
@@ -14,7 +14,7 @@ The interpolant is smooth where the float32 network is a staircase in z (its inp
 up to 7.6e-6 apart in f on a steep test model, whatever the table's size), which a narrow q can feel: on
 that model a search on the table alone ended up to 2.6e-4 nats below one on the network. So the search's
 last pass (the polish) runs on the network itself, and ELBO* is scored with it by evaluation's grid rule
-(gaps.gap_metrics): the table only steers the search, as the Gauss-Hermite rule does.
+(gaps.gap_metrics): the table only steers the search, as the search's rules do.
 """
 from __future__ import annotations
 
