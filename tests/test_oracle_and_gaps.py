@@ -376,6 +376,9 @@ def test_the_searchs_decoder_table_interpolates_to_closed_forms_and_is_the_netwo
     assert float((slope - 3 * torch.cos(3 * z)).detach().abs().max()) < 1e-7
     beyond = (hi + 2.0)[:, None, None, None]
     assert torch.allclose(table.mean(beyond)[..., 0], (torch.sin(3 * hi) + 6 * torch.cos(3 * hi))[:, None, None])
+    lost = torch.tensor([0.5, math.nan], dtype=torch.float64).reshape(2, 1, 1, 1)   # a search's NaN step: NaN, no error
+    read_lost = table.mean(lost)
+    assert torch.isnan(read_lost[1]).all() and float((read_lost[0] - math.sin(1.5)).abs().max()) < 1e-10
     model = _frozen("mog-both", 3)
     found = tabulated(model).decoder
     reach = model.prior().to(torch.float64).reach(TABLE_SPAN)

@@ -51,7 +51,9 @@ class TabulatedDecoder:
         R, S, B, _ = z.shape
         G, Y = self.values.shape[1:]
         u = (z.reshape(R, S * B) - self.lo[:, None]) / self.h[:, None]
-        i = u.detach().floor().clamp(0, G - 2).long()
+        # a NaN z (a search's step gone wrong) reads node 0 and stays NaN in value, which the line search
+        # rejects; as an index it would be -2^63 and stop the whole evaluation (it did, in a noise study)
+        i = torch.nan_to_num(u.detach(), nan=0.0).floor().clamp(0, G - 2).long()
         t = (u - i)[..., None]                                                  # in [0, 1] inside the table
         at = i[..., None].expand(-1, -1, Y)
         h = self.h[:, None, None]
