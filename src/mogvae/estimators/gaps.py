@@ -166,8 +166,8 @@ def best_posterior(model: VAE, y, max_steps: int = MAX_STEPS, tolerance: float =
     """ELBO*(y): the best q of the posterior's family for each point, from the encoder's
     output (and the posterior's shape, and `starts` perturbations of the encoder's output) by L-BFGS on the
     ELBO by search_elbo's rule, keeping each point's best iterate, then from its neighbours' best where that
-    is better (_from_neighbours), then searched on (_polished). Points are taken `chunk` at a time (by default as many as
-    _points_per_chunk finds fast);
+    is better (_from_neighbours), then searched on (_polished). Points are taken `chunk` at a time (by
+    default as many as _points_per_chunk finds fast);
     `progress(done, total)` is called after each chunk of the first searches and of each polish, in points
     (total: twice their number, the polish being a point's second search; three times for a 1-D mixture
     on a table, polished on the table and then on the network: _table_first)."""
@@ -177,8 +177,10 @@ def best_posterior(model: VAE, y, max_steps: int = MAX_STEPS, tolerance: float =
     try:
         y = as_batch(y, replica_count(model), next(model.parameters()).device)
         search = tabulated(model)     # with a 1-D latent, the decoder read from a table (tabulated.py)
-        table_first = _table_first(model, search, y)
-        chunk = chunk or _points_per_chunk(model, y)
+        with torch.no_grad():
+            first = model.posterior(y[:, :1])     # the encoder's q at the first point: its rule is the search's
+        table_first = _table_first(model, search, _by_panels(first))
+        chunk = chunk or _points_per_chunk(first.strata if _by_panels(first) else 0, y.shape[0])
         parts, n = [], y.shape[1]
         for s in range(0, n, chunk):
             parts.append(_optimize(search, y[:, s:s + chunk], max_steps, tolerance, starts, first=s))
@@ -263,36 +265,33 @@ CHUNK = 250                 # points searched together at most
 SEARCH_TERMS = 1_000_000    # a mixture's [R, B, K, S] panel terms in a chunk, at most
 
 
-@torch.no_grad()
-def _points_per_chunk(model: VAE, y: torch.Tensor) -> int:
-    """Points to search together: CHUNK, or for a q on panels (_by_panels, judged from the encoder's q at the
-    first point) as many as keep its search's panel terms within SEARCH_TERMS. Larger tensors leave the
+def _points_per_chunk(components: int, replicas: int) -> int:
+    """Points to search together: CHUNK, or for a q of `components` on panels (_by_panels; 0 for another
+    rule) as many as keep its search's panel terms within SEARCH_TERMS. Larger tensors leave the
     caches: on reproduce's trained mixture runs (one thread, 200 points x 5 replicas, the same search bitwise
     in any chunks) the search took 38.1 s in chunks of 250, 27.5 s of 50 and 27.6 s of 100 (mog-posterior),
     58.6 / 45.3 / 44.2 s (mog-both); on a 10-replica run (100 points), 48.2 s in one chunk, 38.4 s in chunks
     of 50 and 39.9 s of 25. At K = 10 this is 72 points of 5 replicas, 36 of 10."""
-    q = model.posterior(y[:, :1])
-    if not _by_panels(q):
+    if not components:
         return CHUNK
     breaks, per_panel = PANELS[0]
-    terms = y.shape[0] * q.strata * (breaks * q.strata - 1) * per_panel       # per point: R x K x S
+    terms = replicas * components * (breaks * components - 1) * per_panel       # per point: R x K x S
     return max(1, min(CHUNK, SEARCH_TERMS // terms))
 
 
 POLISH = 100        # the polishing search's stop: `tolerance` / POLISH over LBFGS_PATIENCE checks
 
 
-@torch.no_grad()
-def _table_first(model: VAE, search, y: torch.Tensor) -> bool:
+def _table_first(model: VAE, search, panels: bool) -> bool:
     """Whether the search polishes on the decoder's table (`search`, where it is one) before the network:
-    where q is taken on panels (_by_panels: judged from the encoder's q at the first point). The tight
-    polish then runs on the table, and the network's after it stops at the search's own tolerance: the
-    network costs every one of the panel rule's nodes. Measured on reproduce's trained
-    mixture-posterior run (one thread): a tight polish on the network alone took 57 s of search on 100 points
-    x 5 replicas and 329 s on 500, the two stages 36.7 s and 203 s, their ELBO* within 7.9e-6 of it at every
-    point-replica (2,500). On the tests' steep random models the polish on the table alone was not enough (a
-    search on from its result on the network gained 2e-4); with the network's stage after it, nothing does."""
-    return search is not model and _by_panels(model.posterior(y[:, :1]))
+    where q is taken on panels (`panels`: _by_panels, judged from the encoder's q at the first point). The
+    tight polish then runs on the table, and the network's after it stops at the search's own tolerance: the
+    network costs every one of the panel rule's nodes. Measured on reproduce's trained mixture-posterior run
+    (one thread): a tight polish on the network alone took 57 s of search on 100 points x 5 replicas and 329 s
+    on 500, the two stages 36.7 s and 203 s, their ELBO* within 7.9e-6 of it at every point-replica (2,500).
+    On the tests' steep random models the polish on the table alone was not enough (a search on from its
+    result on the network gained 2e-4); with the network's stage after it, nothing does."""
+    return search is not model and panels
 
 
 def _polished(model: VAE, y: torch.Tensor, best: torch.Tensor, raw: torch.Tensor, max_steps: int, stop: float,
