@@ -173,6 +173,17 @@ def test_the_searchs_metric_is_the_exact_inverse_curvature_of_a_gaussian_q_at_a_
     assert abs(float(H[0, 1])) < 1e-9 * float(H[0, 0])
     floor = gaps._metric(model.posterior, torch.tensor([[[0.0, -1000.0]]], dtype=torch.float64))
     assert float(floor[0, 0, 1]) == 1e8 and float(floor[0, 0, 0]) == pytest.approx(MIN_SCALE**2)
+    # the layout of a mixture of K = 3 in 2-D with learned weights: each location's entry is its component's
+    # scale squared, each raw scale's (scale / d scale / d h)^2 / 2 (autograd's derivative), each logit's 1
+    from mogvae.model.posteriors import MixturePosterior
+    posterior = MixturePosterior(1, 2, 1, (), n_components=3, learn_weights=True).double()
+    x = torch.randn(1, 4, 3 * 2 * 2 + 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    x.requires_grad_(True)
+    q = posterior.from_raw(x)
+    scale = q.scale.reshape(1, 4, 6)
+    slope, = torch.autograd.grad(scale.sum(), x)
+    expected = torch.cat([scale ** 2, (scale / slope[..., 6:12]) ** 2 / 2, torch.ones(1, 4, 3, dtype=torch.float64)], -1)
+    torch.testing.assert_close(gaps._metric(posterior, x.detach()), expected.detach(), rtol=1e-12, atol=0)
 
 
 def test_a_capped_gap_search_stops_at_its_cap_and_a_longer_one_finds_no_worse_posterior():
