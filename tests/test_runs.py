@@ -167,6 +167,18 @@ def test_a_session_that_fails_after_taking_the_lock_gives_it_back(tmp_path, monk
     assert held.value is not None and session.trainer.epoch == 0
 
 
+def test_a_preset_and_a_model_family_that_contradicts_it_are_refused_in_one_line(tmp_path, capsys):
+    """preset = "mog-both" with model.posterior = "flow" trained a mixture posterior while config.json said
+    flow: now refused before anything is written, naming both; the preset's own value beside it is fine."""
+    out = tmp_path / "out"
+    config = str(write_config(tmp_path, epochs=1))
+    assert main(["train", config, "--out", str(out), "--set", "model.posterior=flow"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model.posterior = 'flow'" in err and "'mog-both'" in err, err
+    assert not out.exists()
+    assert main(["train", config, "--out", str(out), "--set", "model.posterior=mog"]) == 0
+
+
 def test_config_json_says_which_model_a_preset_trained(tmp_path):
     """config.json keeps the configuration as given (preset plus its [model] defaults, what a resume
     compares) and says beside it what ran: the preset's resolved prior, posterior and sizes (issue 22)."""

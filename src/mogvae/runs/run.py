@@ -98,6 +98,13 @@ class RunConfig(Strict):
     def _known_preset(self):
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose from {list(PRESETS)}")
+        for key, value in PRESETS.get(self.preset, {}).items():
+            # a preset sets these; one set to something else beside it (not its default) was silently
+            # overruled: config.json said model.posterior = "flow" while a Gaussian posterior trained
+            given = getattr(self.model, key)
+            if given != value and given != ModelConfig.model_fields[key].default:
+                raise ValueError(f"model.{key} = {given!r} contradicts preset = {self.preset!r}, which sets "
+                                 f"model.{key} = {value!r}: give one of them")
         return self
 
     @model_validator(mode="after")
