@@ -179,8 +179,9 @@ def best_posterior(model: VAE, y, max_steps: int = MAX_STEPS, tolerance: float =
         search = tabulated(model)     # with a 1-D latent, the decoder read from a table (tabulated.py)
         with torch.no_grad():
             first = model.posterior(y[:, :1])     # the encoder's q at the first point: its rule is the search's
-        table_first = _table_first(model, search, _by_panels(first))
-        chunk = chunk or _points_per_chunk(first.strata if _by_panels(first) else 0, y.shape[0])
+        panels = _by_panels(first)
+        table_first = _table_first(model, search, panels)
+        chunk = chunk or _points_per_chunk(first.strata if panels else 0, y.shape[0])
         parts, n = [], y.shape[1]
         for s in range(0, n, chunk):
             parts.append(_optimize(search, y[:, s:s + chunk], max_steps, tolerance, starts, first=s))

@@ -46,7 +46,10 @@ class Adam:
     @torch.no_grad()
     def step(self) -> None:
         live = [p for p in self.params if p.grad is not None]
-        states = [self.state.setdefault(p, self._fresh(p)) for p in live]
+        for p in live:
+            if p not in self.state:          # a parameter's first step: its moments begin here, as torch's do
+                self.state[p] = self._fresh(p)
+        states = [self.state[p] for p in live]
         adam(live, [p.grad for p in live], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
              [s["step"] for s in states], foreach=None, capturable=False, differentiable=False, fused=True,
              grad_scale=None, found_inf=None, has_complex=False, decoupled_weight_decay=False, amsgrad=False,
