@@ -242,3 +242,32 @@ def test_refusals_name_the_row_past_comments_and_block_boundaries(tmp_path, monk
     with pytest.raises(DataError) as refused:
         load_data_file(path)
     assert str(refused.value) == f"{path}: {needle}"
+
+
+FREE_A_BLOCK = """
+import os, sys, torch
+from mogvae.runs.allocator import keep_freed_memory
+kept = keep_freed_memory() if sys.argv[1] == "kept" else False
+def resident():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+block = torch.ones(5 << 20)          # 20 MiB, touched
+held = resident()
+del block
+print(kept, (held - resident()) / 2**20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or __import__("platform").libc_ver()[0] != "glibc",
+                    reason="glibc's allocator only")
+def test_a_process_that_keeps_freed_memory_does_not_hand_a_freed_tensor_back_to_the_kernel():
+    """runs/allocator.py: glibc, by default, unmaps a freed 20 MiB block (the next one is faulted in
+    again, page by page); once told to keep freed memory it keeps it. Each case in a fresh process,
+    as malloc's thresholds are per process and move as it frees."""
+    def returned(mode):
+        out = subprocess.run([sys.executable, "-c", FREE_A_BLOCK, mode], capture_output=True, text=True, check=True)
+        kept, mib = out.stdout.split()
+        return kept == "True", float(mib)
+
+    assert returned("default") == (False, pytest.approx(20, abs=1))
+    kept, mib = returned("kept")
+    assert kept and mib < 0.5

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from .runs.allocator import keep_freed_memory
+
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
 EXIT_SIGTERM = 128 + signal.SIGTERM
@@ -498,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 0
+        keep_freed_memory()      # this process's evaluation and training: runs/allocator.py
         return COMMANDS[args.command](args)
     except SystemExit as e:  # --help, --version
         return e.code if isinstance(e.code, int) else 0

@@ -50,8 +50,10 @@ def train_run(config: dict, out: str, progress=None, tensorboard: bool = False, 
     `wait_for_lock`: wait for whoever holds the run folder instead of refusing."""
     import torch
 
+    from .allocator import keep_freed_memory
     from .run import RunConfig, RunSession
     torch.set_num_threads(1)
+    keep_freed_memory()
     session = RunSession(RunConfig(**config), Path(out), log=lambda message: None, wait_for_lock=wait_for_lock)
     return str(session.train(on_epoch=progress, tensorboard=tensorboard))
 
