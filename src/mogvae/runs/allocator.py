@@ -8,7 +8,11 @@ allocates and frees tensors of megabytes thousands of times a second (the gap se
 one thread: 1.7-2.3 million minor page faults and 3-4.5 s of system time in an 18-19 s search; with
 the threshold at glibc's ceiling (32 MiB) and no trimming, 0.16 million and 15.0 s. The cost: a process
 keeps its peak heap until it exits (its peak itself was unchanged, about 500 MB either way). The
-numbers computed are the same: only where memory comes from changes.
+numbers computed are the same: only where memory comes from changes. What it buys depends on what the
+process did before: a worker that has just trained had already raised glibc's threshold by its own frees,
+and `mogvae reproduce` on defaults measured 314 -> 308 s (its gap search 181 -> 177 s summed), within
+the machine's drift; an evaluation on its own (a run resumed after its training, `mogvae evaluate`) is
+where the 22% above is paid.
 """
 from __future__ import annotations
 
