@@ -231,8 +231,7 @@ def _from_neighbours(model: VAE, y: torch.Tensor, best: torch.Tensor, raw: torch
     5.4e-4; the screened passes repeated, as here, by 1.5e-3, at no measurable cost. A point's ELBO*
     then depends on the other gap points (its starts come from them), but not on how they are chunked: for
     every step of the search is computed per point, bitwise the same in any batch (_value_and_gradient,
-    node_sum, _encoder_start; test_a_points_best_q_is_bitwise_the_same_whatever_its_batch). Not yet for a
-    flow: its gradient rounds with the number of points beside it (_batch_exact)."""
+    node_sum, _encoder_start; test_a_points_best_q_is_bitwise_the_same_whatever_its_batch)."""
     order = torch.argsort(y[0, :, 0])
     inverse = torch.argsort(order)
     y, best, raw = y[:, order], best[:, order].clone(), raw[:, order].clone()
@@ -386,7 +385,6 @@ def _lbfgs(model: VAE, y: torch.Tensor, start: torch.Tensor, max_iters: int, tol
 
     R, B, P = start.shape
     x = start.clone()
-    exact = _batch_exact(posterior.from_raw(start[:, :1]))
     f, g = objective(x, y, True)
     S, Y = torch.zeros(R, B, MEMORY, P, dtype=F64, device=y.device), torch.zeros(R, B, MEMORY, P, dtype=F64, device=y.device)
     rho = torch.zeros(R, B, MEMORY, dtype=F64, device=y.device)
@@ -420,15 +418,15 @@ def _lbfgs(model: VAE, y: torch.Tensor, start: torch.Tensor, max_iters: int, tol
         accepted = ~on
         rounding = getattr(model, "rounding", NETWORK_ROUNDING) * fm.abs().clamp_min(1.0)
         # the full step with its gradient, which most points take (9 in 10 on a trained mixture); a trial step
-        # after it is computed only for the points still backtracking. Where a point's value and gradient do not
-        # depend on the points computed beside it (_batch_exact), both leave every iterate bitwise as it was,
-        # for 16% less time; a flow's search takes every step for every moving point, as before.
-        full_f, full_g = objective(xm + d, ym, True) if exact else (None, None)
+        # after it is computed only for the points still backtracking. As a point's value and gradient do not
+        # depend on the points computed beside it (_value_and_gradient), both leave every iterate bitwise as
+        # it was, for 16% less time.
+        full_f, full_g = objective(xm + d, ym, True)
         for b in range(BACKTRACKS):
-            if b == 0 and exact:
+            if b == 0:
                 trial = full_f
             else:
-                back = torch.nonzero((~accepted).any(0))[:, 0] if exact else slice(None)
+                back = torch.nonzero((~accepted).any(0))[:, 0]
                 trial = torch.full_like(fm, math.inf)
                 trial[:, back] = objective(xm[:, back] + t[:, back, None] * d[:, back], ym[:, back], False)
             lower = (trial < lowest) & ~accepted
@@ -440,13 +438,10 @@ def _lbfgs(model: VAE, y: torch.Tensor, start: torch.Tensor, max_iters: int, tol
         stalled = on & ~(accepted & (t > 0))
         t = torch.where(on, torch.where(stalled, lowest_t, t), torch.zeros_like(t))   # stalled: its lowest (0: stay)
         x_new = xm + t[..., None] * d
-        if exact:
-            f_new, g_new = full_f, full_g
-            shorter = torch.nonzero((on & (t != 1)).any(0))[:, 0]      # the points that did not take the full step
-            if len(shorter):
-                f_new[:, shorter], g_new[:, shorter] = objective(x_new[:, shorter], ym[:, shorter], True)
-        else:
-            f_new, g_new = objective(x_new, ym, True)
+        f_new, g_new = full_f, full_g
+        shorter = torch.nonzero((on & (t != 1)).any(0))[:, 0]      # the points that did not take the full step
+        if len(shorter):
+            f_new[:, shorter], g_new[:, shorter] = objective(x_new[:, shorter], ym[:, shorter], True)
         s_, y_ = x_new - xm, g_new - gm
         sy = (s_ * y_).sum(-1)
         keep = (on & ~stalled & (sy > 1e-12))[..., None, None]
@@ -463,28 +458,26 @@ def _lbfgs(model: VAE, y: torch.Tensor, start: torch.Tensor, max_iters: int, tol
 
 def _value_and_gradient(model: VAE, y: torch.Tensor, x: torch.Tensor, n_nodes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The search's objective, -ELBO by search_elbo's rule with `n_nodes`, and its gradient in q's raw
-    parameters x [R, B, P]. For a smooth q each point's are bitwise the same in any batch: autograd sums a
-    parameter's gradient over the nodes it was broadcast to by a reduction whose rounding depends on the
-    batch (1e-16 measured), which L-BFGS amplified into ELBO*s 4e-6 apart; here each node holds its own copy
-    of its point's parameters and node_sum adds their gradients. A piecewise-smooth q (a flow), whose nodes
-    follow its parameters, takes autograd's sums; a lone point is searched as two copies (its spline is
-    computed per point: model/flows.py's _Knots). Those sums were meant to round the same for any two or
-    more points, but a review measured otherwise beyond a few (_batch_exact): a flow's search is not yet
-    bitwise independent of its batch."""
+    parameters x [R, B, P], each point's bitwise the same in any batch. Autograd sums a parameter's
+    gradient over the nodes it was broadcast to by a reduction whose rounding depends on the batch (1e-16
+    measured), which L-BFGS amplified into ELBO*s 4e-6 apart: for Gauss-Hermite and for a flow's rule each
+    node holds its own copy of its point's parameters and node_sum adds their gradients; the panel rule
+    keeps each point's nodes on its own row."""
     x = x.detach().requires_grad_(True)
     q = model.posterior.from_raw(x)
-    panels = _by_panels(q)
-    rule = None if panels else q.base_rule(PIECE_NODES[n_nodes >= 32])
-    if (panels or rule is not None) and x.shape[1] == 1:
-        # autograd adds a flow parameter's gradient over the nodes it was broadcast to; with one point that
-        # sum runs over a contiguous axis, which torch adds up in another order than the strided sum of
-        # two or more points (2e-16 apart, amplified by L-BFGS into ELBO*s 1e-5 apart). A lone point is
-        # searched as two copies of itself, so it rounds as it would among others.
-        f, g = _value_and_gradient(model, y.expand(-1, 2, -1), x.detach().expand(-1, 2, -1), n_nodes)
+    panels, pieces = _by_panels(q), PIECE_NODES[n_nodes >= 32]
+    flow = not panels and q.base_rule(pieces) is not None
+    if (panels or flow) and x.shape[1] == 1:
+        # with one point, torch runs some of these sums over a contiguous axis, which it adds up in another
+        # order than for two or more points (2e-16 apart, amplified by L-BFGS into ELBO*s 1e-5 apart). A lone
+        # point is searched as two copies of itself, so it rounds as it would among others.
+        f, g = _value_and_gradient(model, y.expand(-1, 2, -1).contiguous(), x.detach().expand(-1, 2, -1).contiguous(), n_nodes)
         return f[:, :1], g[:, :1]
-    if panels or rule is not None:        # search_elbo's rule for this q, computed once
-        f = -(panel_elbo(model, y, q, PANELS[n_nodes >= 32]) if panels else rule_elbo(model, y, q, rule))
+    if panels:
+        f = -panel_elbo(model, y, q, PANELS[n_nodes >= 32])
         return f.detach(), torch.autograd.grad(f.sum(), x)[0]
+    if flow:
+        return _flow_value_and_gradient(model, y, x.detach(), pieces)
     R, B, P = x.shape
     nodes, weights = hermite_rule(n_nodes, model.latent_dim)
     J, D = nodes.shape
@@ -498,13 +491,32 @@ def _value_and_gradient(model: VAE, y: torch.Tensor, x: torch.Tensor, n_nodes: i
     return f.detach(), node_sum(g.reshape(R, J, B, P))
 
 
-def _batch_exact(q) -> bool:
-    """Whether each point's value and gradient of the search's objective are bitwise the same in any batch:
-    for Gauss-Hermite (per-node copies, node_sum) and panels (each point's nodes on its own row), not for a
-    piecewise-smooth q (a flow), whose gradient autograd sums over its knots in an order that depends on the
-    number of points (a review measured 65 of 80 point-replicas' gradients different in batches of 1 to 40
-    points from those in a batch of 120)."""
-    return _by_panels(q) or q.base_rule(PIECE_NODES[0]) is None
+def _flow_value_and_gradient(model: VAE, y: torch.Tensor, x: torch.Tensor, pieces: int):
+    """_value_and_gradient for a piecewise-smooth q (a flow) by its own rule, whose nodes follow its
+    parameters (they lie on its spline's pieces), in two stages. Per point, from its raw parameters x: its
+    location, scale, knots and rule. Per node: each of a point's J nodes computes its term from its own copy
+    of those (SplineFlow.per_node), so that autograd sums nothing over nodes; node_sum adds the copies'
+    gradients, and they flow back to x through the first stage (whose sums run over a piece's few
+    Gauss-Legendre nodes, on a row of their own). A point's value and gradient are then bitwise the same in
+    any batch (they were not when its parameters were broadcast over its nodes: 757 of 1,440
+    point-replicas' gradients differed across batches of 1 to 40 points on the tests' flows), and its value
+    is rule_elbo's: the same terms, added in the same order."""
+    R, B, P = x.shape
+    x = x.requires_grad_(True)
+    q = model.posterior.from_raw(x)
+    eps, weights = q.base_rule(pieces)                     # [R, J, 1, B, 1], [R, J, 1, B]
+    J = eps.shape[1]
+    nodes, sources, leaves = q.per_node(J)                 # copy j B + b: node j of point b
+    e = eps.detach().reshape(R, 1, 1, J * B, 1).requires_grad_(True)
+    w = weights.detach().reshape(R, J, B).requires_grad_(True)
+    log_w, pi = log_weights(model, y[:, None].expand(R, J, *y.shape[1:]).reshape(R, J * B, -1), e, nodes)
+    f = -node_sum((log_w * pi).reshape(R, J, B) * w)
+    *copied, g_e, g_w = torch.autograd.grad(f.sum(), [*leaves, e, w])
+    # location and scale [R, 1, B, D] were copied on their point axis 2, the knots [R, B, D, K + 1] on axis 1
+    per_point = [node_sum(g.reshape(R, J, *t.shape[2 if i < 2 else 1:])).reshape(t.shape)
+                 for i, (g, t) in enumerate(zip(copied, sources))]
+    g, = torch.autograd.grad([*sources, eps, weights], x, [*per_point, g_e.reshape(eps.shape), g_w.reshape(weights.shape)])
+    return f.detach(), g
 
 
 def _metric(posterior, x: torch.Tensor) -> torch.Tensor:

@@ -55,8 +55,18 @@ class _Knots:
     formulas are zuko's (Durkan et al. 2019), in its order of operations."""
 
     def __init__(self, spline: MonotonicRQSTransform):
-        self.x, self.y, self.d = (t[:, 0] for t in (spline.horizontal, spline.vertical, spline.derivatives))
+        self._set(*(t[:, 0] for t in (spline.horizontal, spline.vertical, spline.derivatives)))
+
+    def _set(self, x: torch.Tensor, y: torch.Tensor, d: torch.Tensor) -> None:
+        self.x, self.y, self.d = x, y, d
         self.bins = self.x.shape[-1] - 1
+
+    @classmethod
+    def of(cls, x: torch.Tensor, y: torch.Tensor, d: torch.Tensor) -> "_Knots":
+        """Knots given as tensors [R, B, D, K + 1] (SplineFlow.per_node's copies)."""
+        knots = cls.__new__(cls)
+        knots._set(x, y, d)
+        return knots
 
     def _bin(self, knots: torch.Tensor, values: torch.Tensor):
         k = torch.searchsorted(knots.contiguous(), values.contiguous()) - 1      # [R, B, D, S]
@@ -202,6 +212,26 @@ class SplineFlow(Latent):
         if self.dim != 1:
             return None
         return (self.loc[:, 0, ..., None] + self.scale[:, 0, ..., None] * self._knots.y)[..., 0, :]   # D = 1
+
+    def per_node(self, copies: int) -> tuple["SplineFlow", list[torch.Tensor], list[torch.Tensor]]:
+        """Each of the B points repeated `copies` (J) times, copy j B + b being point b, for a sum over J
+        nodes per point whose gradient is summed by the caller, in its own order (estimators/gaps.py's
+        _flow_value_and_gradient): (the flow of the J B copies; the tensors it copies, this flow's location,
+        scale and knots x, y, d; the copies, leaves that autograd can give a gradient). The knots are built
+        once per point and copied, not built J times (their softmax was most of a step's time that way)."""
+        knots = self._knots
+        sources = [self.loc, self.scale, knots.x, knots.y, knots.d]
+
+        def copied(t, axis):                 # the J copies on the point axis, as a leaf of their own
+            shape = list(t.shape)
+            repeated = t.detach().unsqueeze(axis).expand(*shape[:axis], copies, *shape[axis:])
+            return repeated.reshape(*shape[:axis], copies * shape[axis], *shape[axis + 1:]).requires_grad_(True)
+
+        leaves = [copied(t, 2) for t in sources[:2]] + [copied(t, 1) for t in sources[2:]]
+        raw = [copied(t, 2).detach() for t in (self.widths, self.heights, self.derivatives)]
+        flow = SplineFlow(*leaves[:2], *raw)
+        flow.__dict__["_kept_knots"] = _Knots.of(*leaves[2:])   # as _knots keeps one (frozen dataclass)
+        return flow, sources, leaves
 
     def select(self, index) -> "SplineFlow":
         return SplineFlow(*(t[:, :, index] for t in self._tensors()))
