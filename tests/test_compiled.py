@@ -58,6 +58,31 @@ def test_a_compiled_run_resumes_bitwise(compiled_two_epochs):
     assert resumed.history.val_elbo == history.val_elbo
 
 
+def test_a_resumed_run_keeps_what_auto_chose_when_it_began(monkeypatch):
+    """A checkpoint records what train.compile = auto chose; a version whose rule would choose otherwise
+    (here: auto's cold compile made 1e9 s dear, then free) resumes the run as it began, bitwise."""
+    monkeypatch.setattr(compiled, "COMPILE_COST", 1e9)
+    eager = trainer("auto")
+    assert eager.compiled is False
+    eager.run_epoch()
+    tensors, meta = eager.state()
+    tensors = {k: v.clone() for k, v in tensors.items()}
+    assert meta["compiled"] is False
+    eager.run_epoch()
+    monkeypatch.setattr(compiled, "COMPILE_COST", 0.0)
+    resumed = trainer("auto")
+    assert resumed.compiled is True          # this rule would compile a new run
+    resumed.load_state(tensors, meta)
+    assert resumed.compiled is False and not isinstance(resumed.loss, compiled.CompiledLoss)
+    resumed.run_epoch()
+    for a, b in zip(parameters(eager), parameters(resumed)):
+        assert torch.equal(a, b)
+    older = {k: v for k, v in meta.items() if k != "compiled"}    # a checkpoint from before it was recorded
+    fresh = trainer("auto")
+    fresh.load_state(tensors, older)
+    assert fresh.compiled is True
+
+
 def test_a_failing_compile_says_so_once_and_trains_eagerly(monkeypatch, capsys):
     def broken(fn, **_):
         def call(*args):
@@ -77,7 +102,8 @@ def test_a_failing_compile_says_so_once_and_trains_eagerly(monkeypatch, capsys):
     ("off", "cpu", "elbo", 10**9, 10**6, False),
     ("on", "cpu", "elbo", 1, 1, True),
     ("on", "cpu", "exact", 10**9, 10**6, False),               # the oracle's quadrature is never compiled
-    ("auto", "cpu", "elbo", 8000, 5 * 10 * 256, False),         # reproduce's mixture posterior: 31 s to save
+    ("auto", "cpu", "elbo", 8000, 5 * 10 * 256, True),          # reproduce's mixture posterior: 31 s to save
+    ("auto", "cpu", "elbo", 8000, 5 * 1 * 256, False),          # its Gaussian posteriors: 3 s
     ("auto", "cpu", "elbo", 8000, 10 * 10 * 256, True),         # the noise study's, R = 10: 61 s
     ("auto", "cuda", "elbo", 10**9, 10**6, False),
     ("auto", "cpu", "iwae", 10**9, 10**6, True),

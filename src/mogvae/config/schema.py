@@ -120,8 +120,8 @@ class TrainConfig(Strict):
     device: str = Field("cpu", description="cpu, or cuda where a GPU build of PyTorch is installed")
     compile: Literal["auto", "on", "off"] = Field(
         "auto", description="torch.compile the training loss: 1.2-1.3x faster steps for a 5-30 s compile per "
-        "process; auto compiles CPU jobs long enough to repay it twice (see mogvae.training.compiled). Compiled kernels round "
-        "differently (about 1e-7), so a run keeps its choice")
+        "process; auto compiles CPU jobs long enough to repay a cold compile (see mogvae.training.compiled). Compiled "
+        "kernels round differently (about 1e-7), so a run keeps its choice, recorded in its checkpoints")
 
     _odd_grid = field_validator("exact_grid")(lambda cls, v, info: _odd(v, info))
 

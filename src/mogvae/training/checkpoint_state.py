@@ -47,6 +47,7 @@ class _Meta(_Exact):
     step: int = Field(ge=1)
     history: _History
     lr: list[float] = Field(min_length=1, max_length=1)
+    compiled: bool | None = None     # what train.compile = auto chose (absent before it was recorded)
     schedule: dict | None
     config_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     versions: dict[str, str]

@@ -117,7 +117,8 @@ class Trainer:
         # or among others computes the same chunks). A GPU wants the whole batch at once.
         self.chunk = (max(1, CHUNK_ROWS // (model.posterior.k * config.n_samples)) if self.device.type == "cpu"
                       else config.batch_size)
-        self.loss = self._compiled_loss(R)
+        self.compiled = self._should_compile(R)
+        self.loss = self._loss(self.compiled)
         self.schedule = _schedule(self.optimizer, config)
         self.active = torch.ones(R, dtype=torch.bool, device=self.device)
         self.lr_factor = torch.ones(R, dtype=torch.float64)
@@ -182,13 +183,16 @@ class Trainer:
         """The negative training bound per replica, [R]."""
         return -OBJECTIVES[self.config.objective].per_point(self.model, y, eps).mean(1)
 
-    def _compiled_loss(self, replicas: int):
-        """The loss, compiled where `train.compile` says so (mogvae.training.compiled)."""
+    def _should_compile(self, replicas: int) -> bool:
+        """Whether `train.compile` compiles this job's loss (mogvae.training.compiled)."""
         cfg, n = self.config, len(self.data)
         steps = cfg.epochs * -(-n // cfg.batch_size)
         points = latent_points_per_step(replicas, self.model.posterior.k, min(cfg.batch_size, n), cfg.n_samples)
-        if should_compile(cfg.compile, self.device.type, cfg.objective, steps, points):
-            return CompiledLoss(self._sampled_loss, min(cfg.batch_size, n, self.chunk))   # compiled per chunk
+        return should_compile(cfg.compile, self.device.type, cfg.objective, steps, points)
+
+    def _loss(self, compile: bool):
+        if compile:
+            return CompiledLoss(self._sampled_loss, min(self.config.batch_size, len(self.data), self.chunk))   # per chunk
         return self._sampled_loss
 
     def _on_divergence(self, bad: torch.Tensor, loss: torch.Tensor, snapshot) -> None:
@@ -259,7 +263,7 @@ class Trainer:
             tensors[f"rng.{r}"] = g.get_state()
         tensors.update({"active": self.active.to(torch.uint8), "lr_factor": self.lr_factor, "retries": self.retries})
         meta = {"epoch": self.epoch, "step": self.step, "history": self.history.to_json(),
-                "lr": [self.optimizer.lr],
+                "lr": [self.optimizer.lr], "compiled": self.compiled,
                 "schedule": self.schedule.state_dict() if self.schedule is not None else None}
         return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, meta
 
@@ -278,6 +282,12 @@ class Trainer:
             self.schedule.load_state_dict(meta["schedule"])
         self.epoch, self.step = meta["epoch"], meta["step"]
         self.history = History.from_json(meta["history"])
+        chosen = meta.get("compiled")        # absent in checkpoints from before it was recorded
+        if self.config.compile == "auto" and OBJECTIVES[self.config.objective].sampled and chosen is not None \
+                and chosen != self.compiled:
+            # what `auto` chose when the run began, though this version's rule would choose otherwise:
+            # compiled and eager kernels round differently, and a resumed run must be the same run
+            self.compiled, self.loss = chosen, self._loss(chosen)
 
 
 def fit(model: VAE, y_train: np.ndarray, y_val: np.ndarray, config: TrainConfig,
