@@ -44,6 +44,11 @@ Measured (2026-12-06, one core, beside other work) on the noise study's sigma = 
       Searching on from its q: 0 of 200 above it by over 1e-5; the random starts 0 to 4 each. (Scored by
       the grid rule, the old search's ELBO* there was 2.7e-3 nats below this one's on average:
       benchmarks/experiments/gap_search_rule.py.)
+  main eccbe51 with --gap-starts=2 (two perturbed starts more per point), the same run, points and 10
+  reference starts, one core, idle: the search 17.1 s;
+      8 / 3 / 0 of 200; mean 8.0e-6, max 6.9e-4; a replica's mean ELBO* rose by up to 6.8e-5.
+      No better than without them (4 / 2 / 0): the misses are other optima, which a few more starts
+      near the encoder's q do not reach; eval.gap_starts stays 0.
 """
 import sys
 import time
