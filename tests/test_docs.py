@@ -7,7 +7,7 @@ block in the page's order, in a fresh folder per page, by one Python process per
 - ```python blocks run in one namespace (one per page), as in a notebook;
 - ```sh, ```bash and ```console blocks hold `mogvae ...` commands, one per line (a `$ ` prompt,
   `#` comments and `\\` continuations allowed; $VARIABLES come from the page's environment), each
-  run through the entry point the `mogvae` script calls (mogvae.cli:main), each in a process of its own
+  run through mogvae.cli:main (which the `mogvae` script calls, through cli.command), each in a process of its own
   forked from one that imported mogvae once per page, before any of the page's Python ran (so a
   command sees none of the page's Python state, as in a shell), and required to exit 0; any other
   command in such a block is an error, so nothing shown as runnable goes unrun. (A fresh interpreter

@@ -500,7 +500,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 0
-        keep_freed_memory()      # this process's evaluation and training: runs/allocator.py
         return COMMANDS[args.command](args)
     except SystemExit as e:  # --help, --version
         return e.code if isinstance(e.code, int) else 0
@@ -539,5 +538,13 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
+def command() -> int:
+    """The `mogvae` command (and `python -m mogvae.cli`): main in a process of its own, which keeps the
+    memory it frees (runs/allocator.py). main itself changes nothing process-wide for that, so a Python
+    caller can run it in its own process."""
+    keep_freed_memory()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command())

@@ -29,6 +29,7 @@ from multiprocessing.connection import wait
 from pathlib import Path
 
 from ..storage import faults
+from .allocator import keep_freed_memory
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -50,10 +51,8 @@ def train_run(config: dict, out: str, progress=None, tensorboard: bool = False, 
     `wait_for_lock`: wait for whoever holds the run folder instead of refusing."""
     import torch
 
-    from .allocator import keep_freed_memory
     from .run import RunConfig, RunSession
     torch.set_num_threads(1)
-    keep_freed_memory()
     session = RunSession(RunConfig(**config), Path(out), log=lambda message: None, wait_for_lock=wait_for_lock)
     return str(session.train(on_epoch=progress, tensorboard=tensorboard))
 
@@ -192,6 +191,7 @@ def _local_worker(conn, tensorboard: bool, environment: dict) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver decides; Ctrl-C reaches the whole group
     signal.signal(signal.SIGTERM, _on_sigterm)
     sys.unraisablehook = _stop_where_it_can_raise
+    keep_freed_memory()      # a process of mogvae's own (not a Dask worker's, nor a caller's): runs/allocator.py
     try:
         while (job := conn.recv()) is not None:
             name, config, out, after = job

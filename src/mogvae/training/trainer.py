@@ -19,7 +19,7 @@ from ..model.vae import VAE
 from ..objectives import OBJECTIVES
 from ..objectives.bounds import draw_noise, elbo
 from .adam import Adam, CosineSchedule
-from .compiled import CompiledLoss, latent_points_per_step, should_compile
+from .compiled import LEGACY_THRESHOLD, CompiledLoss, latent_points_per_step, should_compile
 
 VAL_NOISE_OFFSET = 7919  # val noise generators: seed + offset, reset each epoch
 VAL_CHUNK = 512          # validation points per pass (see validation_elbo)
@@ -183,12 +183,13 @@ class Trainer:
         """The negative training bound per replica, [R]."""
         return -OBJECTIVES[self.config.objective].per_point(self.model, y, eps).mean(1)
 
-    def _should_compile(self, replicas: int) -> bool:
-        """Whether `train.compile` compiles this job's loss (mogvae.training.compiled)."""
+    def _should_compile(self, replicas: int, threshold: float | None = None) -> bool:
+        """Whether `train.compile` compiles this job's loss (mogvae.training.compiled; `threshold`: auto's
+        saving to require, if not today's)."""
         cfg, n = self.config, len(self.data)
         steps = cfg.epochs * -(-n // cfg.batch_size)
         points = latent_points_per_step(replicas, self.model.posterior.k, min(cfg.batch_size, n), cfg.n_samples)
-        return should_compile(cfg.compile, self.device.type, cfg.objective, steps, points)
+        return should_compile(cfg.compile, self.device.type, cfg.objective, steps, points, threshold)
 
     def _loss(self, compile: bool):
         if compile:
@@ -282,9 +283,10 @@ class Trainer:
             self.schedule.load_state_dict(meta["schedule"])
         self.epoch, self.step = meta["epoch"], meta["step"]
         self.history = History.from_json(meta["history"])
-        chosen = meta.get("compiled")        # absent in checkpoints from before it was recorded
-        if self.config.compile == "auto" and OBJECTIVES[self.config.objective].sampled and chosen is not None \
-                and chosen != self.compiled:
+        chosen = meta.get("compiled")
+        if chosen is None:      # a checkpoint from before the choice was recorded: the rule of those versions
+            chosen = self._should_compile(len(self.seeds), LEGACY_THRESHOLD)
+        if self.config.compile == "auto" and OBJECTIVES[self.config.objective].sampled and chosen != self.compiled:
             # what `auto` chose when the run began, though this version's rule would choose otherwise:
             # compiled and eager kernels round differently, and a resumed run must be the same run
             self.compiled, self.loss = chosen, self._loss(chosen)
