@@ -465,9 +465,9 @@ def _value_and_gradient(model: VAE, y: torch.Tensor, x: torch.Tensor, n_nodes: i
     keeps each point's nodes on its own row."""
     x = x.detach().requires_grad_(True)
     q = model.posterior.from_raw(x)
-    panels, pieces = _by_panels(q), PIECE_NODES[n_nodes >= 32]
-    flow = not panels and q.base_rule(pieces) is not None
-    if (panels or flow) and x.shape[1] == 1:
+    panels = _by_panels(q)
+    rule = None if panels else q.base_rule(PIECE_NODES[n_nodes >= 32])   # a flow's own rule, from x
+    if (panels or rule is not None) and x.shape[1] == 1:
         # with one point, torch runs some of these sums over a contiguous axis, which it adds up in another
         # order than for two or more points (2e-16 apart, amplified by L-BFGS into ELBO*s 1e-5 apart). A lone
         # point is searched as two copies of itself, so it rounds as it would among others.
@@ -476,8 +476,8 @@ def _value_and_gradient(model: VAE, y: torch.Tensor, x: torch.Tensor, n_nodes: i
     if panels:
         f = -panel_elbo(model, y, q, PANELS[n_nodes >= 32])
         return f.detach(), torch.autograd.grad(f.sum(), x)[0]
-    if flow:
-        return _flow_value_and_gradient(model, y, x.detach(), pieces)
+    if rule is not None:
+        return _flow_value_and_gradient(model, y, x, q, rule)
     R, B, P = x.shape
     nodes, weights = hermite_rule(n_nodes, model.latent_dim)
     J, D = nodes.shape
@@ -491,7 +491,7 @@ def _value_and_gradient(model: VAE, y: torch.Tensor, x: torch.Tensor, n_nodes: i
     return f.detach(), node_sum(g.reshape(R, J, B, P))
 
 
-def _flow_value_and_gradient(model: VAE, y: torch.Tensor, x: torch.Tensor, pieces: int):
+def _flow_value_and_gradient(model: VAE, y: torch.Tensor, x: torch.Tensor, q, rule) -> tuple[torch.Tensor, torch.Tensor]:
     """_value_and_gradient for a piecewise-smooth q (a flow) by its own rule, whose nodes follow its
     parameters (they lie on its spline's pieces), in two stages. Per point, from its raw parameters x: its
     location, scale, knots and rule. Per node: each of a point's J nodes computes its term from its own copy
@@ -500,11 +500,10 @@ def _flow_value_and_gradient(model: VAE, y: torch.Tensor, x: torch.Tensor, piece
     Gauss-Legendre nodes, on a row of their own). A point's value and gradient are then bitwise the same in
     any batch (they were not when its parameters were broadcast over its nodes: 757 of 1,440
     point-replicas' gradients differed across batches of 1 to 40 points on the tests' flows), and its value
-    is rule_elbo's: the same terms, added in the same order."""
+    is rule_elbo's: the same terms, added in the same order. x [R, B, P] requires its gradient; q is the
+    flow of x and `rule` its base_rule, (eps [R, J, 1, B, 1], weights [R, J, 1, B])."""
     R, B, P = x.shape
-    x = x.requires_grad_(True)
-    q = model.posterior.from_raw(x)
-    eps, weights = q.base_rule(pieces)                     # [R, J, 1, B, 1], [R, J, 1, B]
+    eps, weights = rule
     J = eps.shape[1]
     nodes, sources, leaves = q.per_node(J)                 # copy j B + b: node j of point b
     e = eps.detach().reshape(R, 1, 1, J * B, 1).requires_grad_(True)
