@@ -1,4 +1,5 @@
-"""The model as the gap search sees it with a 1-D latent: the decoder's mean f(z) read from a table.
+"""The model as the gap search sees it with a 1-D latent: the decoder's mean f(z) read from a table, and
+a prior of several components too (TabulatedPrior).
 
 The search evaluates log p(y, z) at its rule's nodes (gaps.search_elbo), per point, per step, and
 most of its cost was the decoder's network (about 60% of the search, measured on a trained mixture-both
