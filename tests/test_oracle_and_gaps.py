@@ -429,6 +429,7 @@ def test_the_searchs_prior_table_follows_a_mixture_prior_and_is_made_only_where_
     slope, = torch.autograd.grad(read.sum(), z)
     true_slope, = torch.autograd.grad(exact.sum(), z)
     assert float((slope - true_slope).abs().max()) < 1e-4 * float(true_slope.abs().max())
+    assert torch.equal(copy.deepcopy(table).log_prob(z.detach()), read.detach())     # it copies (and pickles)
     assert not isinstance(tabulated(with_scales(-3)).prior(), TabulatedPrior)
     assert not isinstance(tabulated(random_model("mfg", seed=1)).prior(), TabulatedPrior)
 

@@ -111,6 +111,10 @@ class TabulatedPrior:
         return _hermite(self.lo, self.h, self.values, self.slopes, z.to(self.values.dtype))[..., 0]
 
     def __getattr__(self, name: str):
+        # only for names the table does not hold; while copy or pickle builds one, it holds no prior yet,
+        # and the answer must be an AttributeError (a KeyError made copy.copy, deepcopy and pickle fail)
+        if "prior" not in self.__dict__:
+            raise AttributeError(name)
         return getattr(self.__dict__["prior"], name)
 
 
