@@ -5,7 +5,7 @@ import pytest
 from scipy import integrate
 
 from mogvae.data.paper import PaperProcess
-from mogvae.data.folded import FoldedProcess, mirror_images
+from mogvae.data.folded import TRUTH_TOLERANCE, FoldedProcess, mirror_images
 
 
 def test_one_latent_one_observed_dimension_is_the_papers_process():
@@ -45,6 +45,37 @@ def test_2d_latent_truth_matches_an_extrapolated_trapezoid_grid(breaking):
     for point, log_p in zip(y, process.log_prob(y)):
         coarse, fine = trapezoid(point, 1001), trapezoid(point, 2001)
         assert abs(np.log((4 * fine - coarse) / 3) - log_p) < 1e-9
+
+
+@pytest.mark.parametrize("data_dim, breaking, start", [(6, 0, None), (200, 3, None), (200, 3, 8.0)])
+def test_each_point_refines_until_its_estimate_meets_the_tolerance_and_the_estimate_bounds_its_error(
+        data_dim, breaking, start):
+    """Against the same sum on panels 4 times finer from the start (at D = 6 and 200: where the
+    posterior is wide, and narrowed by 200 coordinates; `start` 8: a first rule 4 times coarser
+    than the default at D = 200, which must refine further to the same value)."""
+    process = FoldedProcess(data_dim, 2, breaking, 0.1,
+                            panel_fraction=None if start is None else start * (50 / data_dim) ** 0.5)
+    default = 2 * min(1.0, (50 / data_dim) ** 0.5)
+    finer = FoldedProcess(data_dim, 2, breaking, 0.1, panel_fraction=0.25 * default)
+    _, y = process.sample(3, 4)
+    log_p, error = process.log_prob_and_error(y)
+    reference = finer.log_prob(y)
+    assert np.all(error <= TRUTH_TOLERANCE)
+    assert np.all(np.abs(log_p - reference) <= np.maximum(error, 1e-12))     # the estimate bounds the error
+    assert np.abs(log_p - reference).max() < 1e-9                           # and the kept rule is far closer
+    if start is not None:                       # the test can tell: the first refinement alone is off
+        first = process._log_sum(process._point_terms(y, 10**6)[0], 1, 10**6) + process._point_terms(y, 10**6)[1]
+        assert np.abs(first - reference).max() > 1e-6
+
+
+def test_a_points_truth_does_not_depend_on_the_points_beside_it():
+    process = FoldedProcess(20, 2, 3, 0.05)
+    _, y = process.sample(7, 9)
+    together, error = process.log_prob_and_error(y, budget=50_000)
+    for i in range(len(y)):
+        alone, alone_error = process.log_prob_and_error(y[i:i + 1], budget=50_000)
+        np.testing.assert_allclose(alone, together[i:i + 1], rtol=0, atol=1e-13)
+        np.testing.assert_allclose(alone_error, error[i:i + 1], rtol=0, atol=1e-13)
 
 
 @pytest.mark.parametrize("latent_dim, breaking", [(1, 0), (1, 3), (2, 0), (2, 2)])

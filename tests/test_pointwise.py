@@ -62,6 +62,17 @@ def test_a_points_log_p_is_scipys_quad_within_its_saved_bound(run):
             assert abs(math.log(value) - pw["log_p"][r, i]) <= pw["log_p_error"][r, i] + 2e-6, (r, i)  # quad: 1e-6
 
 
+def test_the_saved_truth_is_scipys_quad_within_its_saved_estimate(run):
+    pw, y = run.pointwise, run.data("test")
+    sigma = run.config.data.sigma
+    assert pw["true_log_p_error"].shape == (150,) and np.all(pw["true_log_p_error"] <= 1e-4)
+    f = lambda z: np.where(z < 0.5, (2 * z - 0.5) ** 2, (2 * z - 1.5) ** 2)   # the paper's decoder
+    for i in (0, 7, 33, 149):
+        value = integrate.quad(lambda z: stats.norm.pdf(y[i], f(z), sigma), 0, 1, points=[0.5], epsabs=0,
+                               epsrel=1e-12, limit=500)[0]
+        assert abs(math.log(value) - pw["true_log_p"][i]) <= pw["true_log_p_error"][i] + 1e-11, i
+
+
 def test_the_saved_best_q_has_the_saved_elbo_by_monte_carlo(run):
     """The q of q_star_raw, rebuilt with the posterior family's own map, has ELBO elbo_star: a
     stratified Monte Carlo ELBO of 20,000 draws per component agrees within 5 standard errors."""

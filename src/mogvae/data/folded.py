@@ -14,10 +14,13 @@ each breaking coordinate tells the mirrored points apart, and the posterior beco
 breaking coordinates accumulate evidence. L = 1, D = 1 is the paper's process exactly.
 
 log p*(y) = log of the integral of N(y; m(z), sigma^2 I) over [0, 1]^L, by composite Gauss-Legendre
-on panels that have the kink z_l = 1/2 as an edge and are narrower than sigma over the largest slope
-of m, float64 throughout (as paper.PaperProcess). Its memory is bounded at any D and sigma: nodes
-and points go in chunks, and m enters through a few features of z (see FoldedProcess._basis), so a
-point costs G (node_count) terms whatever D is.
+on panels that have the kink z_l = 1/2 as an edge, float64 throughout (as paper.PaperProcess), adaptively
+per point: each point is summed on a rule and on the rule with its panels halved, and refined (panels
+halved again, that point alone) until the two differ by at most TRUTH_TOLERANCE. The difference is the
+point's error estimate (log_prob_and_error); it estimates the coarser rule's error, and the finer rule,
+whose value is kept, converges 2^(2 n) times faster per halving (n nodes a panel). Its memory is bounded
+at any D and sigma: nodes and points go in chunks, and m enters through a few features of z (see
+FoldedProcess._basis), so a point costs its rules' nodes whatever D is.
 """
 from __future__ import annotations
 
@@ -35,7 +38,9 @@ MAX_TRUTH_TERMS = 5e10       # the truth: test points x quadrature nodes, ~4-20 
 
 AMPLITUDE = 1 / 8
 GOLDEN = (math.sqrt(5) - 1) / 2
-NODES_PER_PANEL = 16
+NODES_PER_PANEL = 8          # Gauss-Legendre nodes per panel and axis (measured choice: FoldedProcess._rule)
+TRUTH_TOLERANCE = 1e-4       # nats per point, eval.tolerance's default, on the coarser rule: the kept one is far closer
+MAX_REFINEMENTS = 3          # halvings past the first pair of rules: a point's nodes grow 4^L-fold at most
 
 
 class FoldedProcess:
@@ -58,14 +63,16 @@ class FoldedProcess:
         k = np.arange(data_dim)
         self.freq = 1 + (k[:, None] + np.arange(latent_dim)[None]) % 3          # [D, L]
         self.phase = 2 * math.pi * ((k * GOLDEN) % 1.0)                          # [D]
-        # Panels 1/8 of p(y|z)'s scale in 1-D (as paper.PaperProcess); in 2-D, where nodes square,
-        # the full scale, which 16 Gauss-Legendre nodes per panel still resolve to 1e-12 (tested) up
-        # to D = 200. Beyond, the coordinates' evidence narrows the posterior as 1 / sqrt(D), and the
-        # panels with it: measured (sigma-free: both scale with sigma), the full scale was off by
-        # 3e-11 at D = 400 and 2e-5 at D = 1000; sqrt(200 / D) of it is within 1e-13 of panels half
-        # as wide at D = 300 ... 1000.
-        default = 1 / 8 if latent_dim == 1 else min(1.0, math.sqrt(200 / data_dim))
-        self._axis, self._axis_log_w = self._rule(panel_fraction or default)
+        # The first rule's panels: 1/4 of p(y|z)'s scale sigma / slope in 1-D, where nodes are cheap; in
+        # 2-D twice that scale, narrowed as sqrt(50 / D) beyond D = 50, where the coordinates' evidence
+        # narrows the posterior as 1 / sqrt(D). Each point then refines from there (log_prob_and_error).
+        # Measured against rules of 16 nodes on panels half as wide (tests/test_folded.py): with 8
+        # nodes, the first refinement is within 1e-15 at D = 6, 4e-12 at D = 20, 3e-10 at D = 200 and
+        # 3e-12 at D = 1000.
+        default = 1 / 4 if latent_dim == 1 else 2 * min(1.0, math.sqrt(50 / data_dim))
+        width = (panel_fraction or default) * self.sigma / self.max_slope()
+        self._half_panels = max(2, math.ceil(0.5 / width))      # of the first rule, on each side of the kink
+        self._rules: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._centre = np.where(k < latent_dim, 1 / 8, 0.0)                     # the middle of m's range
         self._w, self._freqs = self._basis()                                     # m - centre = F @ W
         self._gram = self._w @ self._w.T                                         # [P, P]
@@ -110,25 +117,26 @@ class FoldedProcess:
         return -0.5 * (r * r).sum(-1) - self.data_dim * (math.log(self.sigma) + 0.5 * math.log(2 * math.pi))
 
     # -- the truth --------------------------------------------------------------------------------
-    def _rule(self, panel_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-        """Composite Gauss-Legendre on [0, 1] (nodes, log weights), the rule on each axis of the
-        tensor product over [0, 1]^L. In z, p(y|z) varies on the scale sigma / slope; panels a
-        `panel_fraction` of that wide (both halves [0, 1/2] and [1/2, 1] get the same count, so the
-        kink is an edge)."""
-        width = panel_fraction * self.sigma / self.max_slope()
-        nodes, weights = kinked_rule(max(16, math.ceil(0.5 / width)), NODES_PER_PANEL)
-        return nodes, np.log(weights)
+    def _rule(self, level: int) -> tuple[np.ndarray, np.ndarray]:
+        """Composite Gauss-Legendre on [0, 1] (nodes, log weights), the rule on each axis of the tensor
+        product over [0, 1]^L, with the first rule's panels halved `level` times (both halves [0, 1/2]
+        and [1/2, 1] get the same count, so the kink is an edge)."""
+        if level not in self._rules:
+            nodes, weights = kinked_rule(self._half_panels * 2 ** level, NODES_PER_PANEL)
+            self._rules[level] = nodes, np.log(weights)
+        return self._rules[level]
 
     @property
     def node_count(self) -> int:
-        """G, the tensor product's nodes ((nodes per axis)^L), never held whole (log_prob makes them
-        a chunk at a time: at L = 2 and sigma = 0.001 they are 5.7e9). The truth costs G terms a point."""
-        return len(self._axis) ** self.latent_dim
+        """The nodes every point costs at least: the first rule's and its first refinement's, each
+        (nodes per axis)^L, never held whole (at L = 2 and sigma = 0.001 they are 1.8e9)."""
+        return sum(len(self._rule(level)[0]) ** self.latent_dim for level in (0, 1))
 
-    def _node_chunk(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        """The tensor product's nodes start .. stop-1 in row-major order: z [g, L], log weights [g]."""
-        idx = np.unravel_index(np.arange(start, min(stop, self.node_count)), (len(self._axis),) * self.latent_dim)
-        return np.stack([self._axis[i] for i in idx], -1), sum(self._axis_log_w[i] for i in idx)
+    def _node_chunk(self, level: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """The nodes start .. stop-1 of the rule at `level`, row-major: z [g, L], log weights [g]."""
+        axis, log_w = self._rule(level)
+        idx = np.unravel_index(np.arange(start, min(stop, len(axis) ** self.latent_dim)), (len(axis),) * self.latent_dim)
+        return np.stack([axis[i] for i in idx], -1), sum(log_w[i] for i in idx)
 
     # m(z) is linear in a few features of z: m(z) - centre = F(z) @ W, F [..., P] with P <= L + 12
     # (the first L coordinates, and the cos and sin of 2 pi j.u and of pi j.z for each distinct
@@ -178,18 +186,40 @@ class FoldedProcess:
         return f, -0.5 * ((f @ self._gram) * f).sum(1) / self.sigma ** 2
 
     def log_prob(self, y, budget: int = 4_000_000) -> np.ndarray:
-        """Exact log p*(y), y [n, D] (or [n] when D = 1) -> [n]. No array exceeds `budget` elements
-        at any D (bar [n, P] and [n]): the nodes go in chunks, the points in chunks under each, and
-        each point's sum over the nodes is accumulated as a running (peak, sum) of exponentials."""
+        """Exact log p*(y), y [n, D] (or [n] when D = 1) -> [n] (log_prob_and_error)."""
+        return self.log_prob_and_error(y, budget)[0]
+
+    def log_prob_and_error(self, y, budget: int = 4_000_000) -> tuple[np.ndarray, np.ndarray]:
+        """(log p*(y) [n], each point's error estimate [n]): each point is summed on the first rule and
+        its refinement, and refined alone until the last two agree within TRUTH_TOLERANCE (or
+        MAX_REFINEMENTS more halvings are spent; its estimate then says by how much it missed). No
+        array exceeds `budget` elements at any D (bar [n, P] and [n])."""
         y = self._rows(y)
         along, at_centre = self._point_terms(y, budget)
-        n, G = len(y), self.node_count
+        value, error = np.empty(len(y)), np.full(len(y), np.inf)
+        todo, coarse = np.arange(len(y)), self._log_sum(along, 0, budget)
+        for level in range(1, 2 + MAX_REFINEMENTS):
+            fine = self._log_sum(along[todo], level, budget)
+            with np.errstate(invalid="ignore"):          # -inf - -inf: no node reaches the point in either
+                diff = np.where(fine == coarse, 0.0, np.abs(fine - coarse))
+            value[todo], error[todo] = fine, diff
+            met = diff <= TRUTH_TOLERANCE
+            todo, coarse = todo[~met], fine[~met]
+            if not len(todo):
+                break
+        return at_centre + value, error
+
+    def _log_sum(self, along: np.ndarray, level: int, budget: int) -> np.ndarray:
+        """log of the sum over the rule at `level` of w exp(b . F(z) + node term), per point: the nodes
+        go in chunks, the points in chunks under each, and each point's sum is accumulated as a running
+        (peak, sum) of exponentials."""
+        n, G = len(along), len(self._rule(level)[0]) ** self.latent_dim
         g = max(1, min(G, budget // 16))                  # nodes [g, L], features [g, P <= 14]
         c = max(1, budget // g)                           # terms [c, g]
         peak, total = np.full(n, -np.inf), np.zeros(n)
         with np.errstate(divide="ignore", invalid="ignore"):
             for k in range(0, G, g):
-                z, log_w = self._node_chunk(k, k + g)
+                z, log_w = self._node_chunk(level, k, k + g)
                 f, node = self._node_terms(z)
                 node += log_w
                 for s in range(0, n, c):
@@ -200,7 +230,7 @@ class FoldedProcess:
                     t -= shift[:, None]
                     total[s:s + c] = total[s:s + c] * np.exp(peak[s:s + c] - shift) + np.exp(t, out=t).sum(1)
                     peak[s:s + c] = new
-            return at_centre + peak + np.log(total)
+            return peak + np.log(total)
 
     def posterior(self, y, z_grid, budget: int = 4_000_000) -> np.ndarray:
         """Exact density p*(z | y) at z_grid [G, L] (or [G] when L = 1); rows are points y. Only the

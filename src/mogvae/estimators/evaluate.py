@@ -145,7 +145,7 @@ def evaluate(model: VAE, process: PaperProcess, y_test: np.ndarray, config: Eval
     one_d = np.ndim(y_test) == 1          # the y-density metrics and figures are 1-D (ONE_D_METRICS)
     y_grid = _y_grid(y_test) if one_d else None
     phases.start("the truth", f"log p*(y) of {len(y_test):,} test points")
-    true_log_p = process.log_prob(y_test)
+    true_log_p, true_error = truth_and_error(process, y_test)
     estimator = choose("auto", model.latent_dim, config.grid_size)
     phases.start("likelihoods", f"log p(y) and the ELBO by {estimator.name}, {len(y_test):,} test points x {R} "
                                 f"replicas")
@@ -153,7 +153,7 @@ def evaluate(model: VAE, process: PaperProcess, y_test: np.ndarray, config: Eval
     if estimator.exact:      # the gap search and the training grid's check compare exact ELBOs
         terms.update(_gap_terms(model, y_test, terms, config, true_log_p, training_grid, phases))
     log_p, elbo, model_density = terms.pop("log_p"), terms.pop("elbo"), terms.pop("model_density")
-    pointwise = _pointwise(terms, log_p, elbo, true_log_p, estimator.exact, diverged)
+    pointwise = _pointwise(terms, log_p, elbo, (true_log_p, true_error), estimator.exact, diverged)
     true_density = np.exp(process.log_prob(y_grid)) if one_d else None
     phases.start("samples", f"{config.n_generated:,} generated points x {R} replicas, figures' curves")
     z_gen, y_gen, f_gen = _generate(model, seeds, config.n_generated)
@@ -193,6 +193,16 @@ def evaluate(model: VAE, process: PaperProcess, y_test: np.ndarray, config: Eval
     return Evaluation(metrics, flagged, curves, pointwise, {**phases.seconds, "total": phases.total()})
 
 
+def truth_and_error(process, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(log p*(y), its error estimate per point) where the truth gives one (log_prob_and_error: the
+    paper's and the folded process), else (log_prob(y), NaN): a plug-in truth need only have log_prob."""
+    with_error = getattr(process, "log_prob_and_error", None)
+    if with_error is not None:
+        return with_error(y)
+    true_log_p = np.asarray(process.log_prob(y), np.float64)
+    return true_log_p, np.full(true_log_p.shape, np.nan)
+
+
 def held_to(config: EvalConfig, exact: bool) -> float:
     """The tolerance a replica's error_bound is held to: eval.tolerance for exact rules, per point;
     eval.sampling_tolerance for importance sampling, on the means."""
@@ -215,6 +225,8 @@ POINTWISE = {
     "elbo_error": "[R, N] its quadrature bound (inf where neither the grid nor the adaptive rule resolved q), or, "
                   "for the Monte Carlo ELBO beyond latent_dim 2, its standard error",
     "true_log_p": "[N] log p*(y), NaN without a known truth",
+    "true_log_p_error": "[N] its quadrature's error estimate (the difference to a coarser rule, each point refined "
+                        "until it is at most data.folded.TRUTH_TOLERANCE), NaN where the truth gives none",
     "elbo_star": "[R, n] on the first n = eval.gap_points test points: ELBO*, the ELBO of the best q found",
     "q_star_raw": "[R, n, P] that q's parameters, the input of model.posterior.from_raw",
 }
@@ -223,17 +235,18 @@ metrics.csv (test_log_likelihood = log_p.mean(1), approximation_gap = (log_p[:, 
 .mean(1), ...). A diverged replica's rows are NaN, as its metrics are."""
 
 
-def _pointwise(terms: dict, log_p, elbo, true_log_p, exact: bool, diverged: list[bool]) -> dict[str, np.ndarray]:
-    """POINTWISE's arrays (the gap search's where it ran), popped from the estimator's terms."""
+def _pointwise(terms: dict, log_p, elbo, truth: tuple, exact: bool, diverged: list[bool]) -> dict[str, np.ndarray]:
+    """POINTWISE's arrays (the gap search's where it ran), popped from the estimator's terms; `truth`
+    is (true_log_p, true_log_p_error), the same for every replica."""
     def copy(v) -> np.ndarray:            # a copy: the NaN rows below change nothing else
         v = v.detach().cpu().double().numpy() if isinstance(v, torch.Tensor) else v
         return np.array(v, dtype=np.float64)
     out = {"log_p": copy(log_p), "log_p_error": copy(terms.pop("log_p_error")), "elbo": copy(elbo),
-           "elbo_error": copy(terms.pop("elbo_error")), "true_log_p": copy(true_log_p),
+           "elbo_error": copy(terms.pop("elbo_error")),
            **{k: copy(terms.pop(k)) for k in ("elbo_star", "q_star_raw") if k in terms}}
-    for key, value in out.items():
-        if key != "true_log_p":
-            value[np.asarray(diverged, dtype=bool)] = np.nan
+    for value in out.values():
+        value[np.asarray(diverged, dtype=bool)] = np.nan
+    out["true_log_p"], out["true_log_p_error"] = map(copy, truth)
     return {**out, "log_p_error_is": np.array("bound" if exact else "stderr")}
 
 

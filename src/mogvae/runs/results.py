@@ -183,7 +183,7 @@ class Run:
     def pointwise(self) -> dict[str, np.ndarray]:
         """pointwise.npz: evaluation's per-point values behind metrics.csv's means, with their
         bounds (estimators/evaluate.py's POINTWISE: log_p, log_p_error, elbo, elbo_error,
-        true_log_p, and on the gap points elbo_star and q_star_raw). Runs evaluated before it
+        true_log_p and true_log_p_error, and on the gap points elbo_star and q_star_raw). Runs evaluated before it
         existed have none (LoadError).
 
             pw = run.pointwise
