@@ -302,7 +302,8 @@ class FoldedSource(SplitsSection):
 
 def check_truth(data) -> None:
     """Refuse a folded truth that would take hours after training: its memory is bounded (data/folded.py),
-    but each test point costs node_count terms, which grow as 1 / sigma^L."""
+    but each test point costs at least node_count terms (its first rule and first refinement), which
+    grow as 1 / sigma^L."""
     def terms(sigma: float) -> int:
         return data.n_test * FoldedProcess(data.data_dim, data.latent_dim, data.breaking_count, sigma).node_count
     if terms(data.sigma) <= MAX_TRUTH_TERMS:
@@ -315,7 +316,7 @@ def check_truth(data) -> None:
         digits = 10.0 ** (math.floor(math.log10(sigma)) - 1)
         fix += f" or data.sigma >= {math.ceil(sigma / digits) * digits:.2g}"    # rounded up: it still fits
     raise ValueError(f"data.latent_dim = {data.latent_dim} with data.sigma = {data.sigma:g}: the truth's quadrature "
-                     f"has {nodes:,} nodes, and data.n_test = {data.n_test:,} points make {terms(data.sigma):.1e} "
+                     f"takes at least {nodes:,} nodes a point, and data.n_test = {data.n_test:,} points make {terms(data.sigma):.1e} "
                      f"terms, more than it computes in reasonable time ({MAX_TRUTH_TERMS:.0e}): {fix}")
 
 
