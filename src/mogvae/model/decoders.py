@@ -40,21 +40,27 @@ class GaussianDecoder(nn.Module):
 
     def mean(self, z: torch.Tensor) -> torch.Tensor:
         """f_phi(z): z [R, S, B, D] -> [R, S, B, Y] (flattened through the MLP as a view)."""
+        return self._network_mean(z).to(z.dtype)  # precision follows the data: float64 z gives float64 densities
+
+    def _network_mean(self, z: torch.Tensor) -> torch.Tensor:
+        """f_phi(z) in the network's dtype."""
         R, S, B, D = z.shape
         net_dtype = self.net.net[0].weight.dtype
-        out = self.net(z.reshape(R, S * B, D).to(net_dtype)).reshape(R, S, B, -1)
-        return out.to(z.dtype)  # precision follows the data: float64 z gives float64 densities
+        return self.net(z.reshape(R, S * B, D).to(net_dtype)).reshape(R, S, B, -1)
 
-    def log_prob_from_mean(self, y: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-        """log N(y; mean, sigma^2) summed over data dims: y [R, B, Y], mean [R, S, B, Y] -> [R, S, B]. Written
-        out (as DiagMixture.log_prob) rather than torch.distributions' Normal, whose log_prob takes five
-        passes over [R, S, B, Y] and a sum over Y; tests/test_densities.py holds it to SciPy."""
-        log_noise = self.log_noise_as(mean.dtype)                                  # [R, 1, 1, Y]
+    def log_prob_from_mean(self, y: torch.Tensor, mean: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """log N(y; mean, sigma^2) summed over data dims: y [R, B, Y], mean [R, S, B, Y] -> [R, S, B], in
+        `dtype` (mean's by default). Written out (as DiagMixture.log_prob) rather than torch.distributions'
+        Normal, whose log_prob takes five passes over [R, S, B, Y] and a sum over Y; tests/test_densities.py
+        holds it to SciPy."""
+        log_noise = self.log_noise_as(dtype or mean.dtype)                         # [R, 1, 1, Y]
         log_norm = log_noise.sum(-1) + 0.5 * self.data_dim * math.log(2 * math.pi)   # [R, 1, 1]
         return -0.5 * squared_distance(y[:, None], mean, torch.exp(log_noise)) - log_norm
 
     def log_prob(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return self.log_prob_from_mean(y, self.mean(z))
+        # the network's float32 mean enters y - mean as it is: promoted exactly to y's float64 there, without
+        # a float64 copy of [R, S, B, Y] first (bitwise the same)
+        return self.log_prob_from_mean(y.to(z.dtype), self._network_mean(z), dtype=z.dtype)
 
     def noise(self) -> torch.Tensor:
         return torch.exp(self.log_noise_as(self.net.net[0].weight.dtype)[:, 0, 0])  # [R, Y]

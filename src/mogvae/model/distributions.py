@@ -223,7 +223,11 @@ def squared_distance(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) ->
     element-wise, the same rounding whatever the batch."""
     D = z.shape[-1]
     if D > SQUARED_BY_AXIS:
-        r = (z - loc) / scale
+        r = z - loc
+        graph = torch.is_grad_enabled() and (r.requires_grad or scale.requires_grad)
+        if not graph and r.dtype == torch.promote_types(r.dtype, scale.dtype):
+            return r.div_(scale).square_().sum(-1)    # no graph to keep: in place, two [..., D] arrays fewer
+        r = r / scale
         return (r * r).sum(-1)
     out = None
     for d in range(D):
