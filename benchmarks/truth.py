@@ -17,16 +17,25 @@ import time
 import numpy as np
 import threadpoolctl
 
-from mogvae.data import folded
 from mogvae.data.folded import FoldedProcess
+from mogvae.data.paper import kinked_rule
 
 CASES = [(2, 0, 0.1), (6, 0, 0.1), (6, 2, 0.05), (20, 3, 0.1), (200, 3, 0.1)]    # (D, breaking, sigma), L = 2
 TARGET_MS = 2.0                                                                   # at D = 6, sigma = 0.1
 
 
+def with_fixed_rule(process: FoldedProcess) -> FoldedProcess:
+    """`process` whose rule at level 1 is the one before the adaptive rule, exactly: 16 Gauss-Legendre
+    nodes a panel, panels min(1, sqrt(200 / D)) of sigma over the largest slope wide, at least 16 on
+    each side of the kink."""
+    width = min(1.0, math.sqrt(200 / process.data_dim)) * process.sigma / process.max_slope()
+    nodes, weights = kinked_rule(max(16, math.ceil(0.5 / width)), 16)
+    process._rules[1] = nodes, np.log(weights)
+    return process
+
+
 def fixed_rule(process: FoldedProcess, y: np.ndarray) -> np.ndarray:
-    """The rule before: 16 Gauss-Legendre nodes a panel, panels min(1, sqrt(200 / D)) of sigma over the
-    largest slope wide (`fixed` is built so that its first refinement has them)."""
+    """log p*(y) by the fixed rule alone (with_fixed_rule), no estimate."""
     along, at_centre = process._point_terms(y, 4_000_000)
     return at_centre + process._log_sum(along, 1, 4_000_000)
 
@@ -44,10 +53,7 @@ def main():
     with threadpoolctl.threadpool_limits(1):
         for data_dim, breaking, sigma in cases:
             adaptive = FoldedProcess(data_dim, 2, breaking, sigma)
-            folded.NODES_PER_PANEL = 16                       # the fixed rule's, built now and kept
-            fixed = FoldedProcess(data_dim, 2, breaking, sigma, panel_fraction=2 * min(1.0, math.sqrt(200 / data_dim)))
-            fixed._rule(1)
-            folded.NODES_PER_PANEL = 8
+            fixed = with_fixed_rule(FoldedProcess(data_dim, 2, breaking, sigma))
             _, y = adaptive.sample(points, 1)
             times = {"adaptive": [], "fixed": []}
             for _ in range(rounds):

@@ -69,7 +69,9 @@ def test_each_point_refines_until_its_estimate_meets_the_tolerance_and_the_estim
 
 
 def test_a_points_truth_does_not_depend_on_the_points_beside_it():
-    process = FoldedProcess(20, 2, 3, 0.05)
+    """A coarse first rule (panel_fraction 4), on which 2 of the 7 points refine once more than the others:
+    each point's value and estimate are its own, alone or beside points that stopped sooner."""
+    process = FoldedProcess(20, 2, 3, 0.05, panel_fraction=4.0)
     _, y = process.sample(7, 9)
     together, error = process.log_prob_and_error(y, budget=50_000)
     for i in range(len(y)):

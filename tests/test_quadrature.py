@@ -8,6 +8,7 @@ from scipy import stats
 
 from mogvae.config.schema import EvalConfig, preset
 from mogvae.model.decoders import GaussianDecoder
+from mogvae.model.mixtures import DiagMixture
 from mogvae.model.vae import VAE, build_model
 from mogvae.objectives.bounds import draw_noise, elbo, iwae_bound, log_weights
 from mogvae.model.posteriors import GaussianPosterior
@@ -315,9 +316,28 @@ def test_a_points_elbo_does_not_depend_on_the_points_beside_it(name):
     together = integrate(model, y, grid, q=q)
     for idx in ([200], [201, 202], list(range(0, 200, 7)), list(range(150, 203))):
         alone = integrate(model, y[idx], grid, q=q.select(torch.as_tensor(idx)))
-        for field in ("elbo", "elbo_coarse", "q_mass"):
+        for field in ("elbo", "elbo_coarse", "q_mass", "elbo_steps"):
             torch.testing.assert_close(getattr(alone, field), getattr(together, field)[:, idx], rtol=1e-14, atol=1e-13,
                                        msg=f"{field} at {idx}")
+
+
+def test_a_window_cut_by_the_grids_edge_reads_no_step_from_its_padding():
+    """Each point's ELBO is summed over its own window, padded to the longest of the points evaluated
+    with it. A window cut by the grid's edge ends where its q still has mass; the padding past it (its
+    last node repeated) must not read as a decoder step there (issue 21: a point's bound would depend on
+    its neighbours)."""
+    model = random_model("mfg", latent_dim=1)
+    grid = latent_grid(model, 201, 8.0)                                   # nodes on [-8, 8]
+    loc = torch.tensor([7.0, 0.0], dtype=torch.float64).reshape(1, 1, 2, 1, 1).expand(2, 1, 2, 1, 1)
+    scale = torch.tensor([0.5, 3.0], dtype=torch.float64).reshape(1, 1, 2, 1, 1).expand(2, 1, 2, 1, 1)
+    q = DiagMixture(torch.zeros(2, 1, 2, 1, dtype=torch.float64), loc, scale)   # the first cut at z = 8
+    y = np.array([0.4, -0.2])
+    together = integrate(model, y, grid, q=q)
+    alone = integrate(model, y[:1], grid, q=q.select(torch.tensor([0])))
+    assert float(alone.q_mass.min()) < 0.99                               # the edge cuts the first q's mass
+    for field in ("elbo", "elbo_coarse", "q_mass", "elbo_steps"):
+        torch.testing.assert_close(getattr(alone, field), getattr(together, field)[:, :1], rtol=1e-14, atol=1e-15,
+                                   msg=field)
 
 
 def test_a_posterior_beyond_the_priors_window_is_followed_and_its_bound_bounds():

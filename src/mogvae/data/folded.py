@@ -40,7 +40,8 @@ AMPLITUDE = 1 / 8
 GOLDEN = (math.sqrt(5) - 1) / 2
 NODES_PER_PANEL = 8          # Gauss-Legendre nodes per panel and axis (measured choice: FoldedProcess._rule)
 TRUTH_TOLERANCE = 1e-4       # nats per point, eval.tolerance's default, on the coarser rule: the kept one is far closer
-MAX_REFINEMENTS = 3          # halvings past the first pair of rules: a point's nodes grow 4^L-fold at most
+MAX_REFINEMENTS = 3          # halvings past the first pair of rules: a point's last rule has at most
+                             # 2^(3L) times the first refinement's nodes (check_truth counts the first two)
 
 
 class FoldedProcess:

@@ -53,7 +53,7 @@ class PaperProcess:
         panels = max(32, math.ceil(KINK / (self.sigma / 8)))
         self._z_nodes, weights = kinked_rule(panels, nodes_per_panel)
         self._log_w = np.log(weights)
-        # The rule with panels twice as wide: log_prob_and_error's estimate
+        # The rule with half as many panels: log_prob_and_error's estimate
         self._coarse_nodes, coarse_weights = kinked_rule(math.ceil(panels / 2), nodes_per_panel)
         self._coarse_log_w = np.log(coarse_weights)
 
@@ -84,9 +84,9 @@ class PaperProcess:
         return self._log_sum(y, self._z_nodes, self._log_w, budget)
 
     def log_prob_and_error(self, y, budget: int = 4_000_000) -> tuple[np.ndarray, np.ndarray]:
-        """(log p*(y), each point's error estimate): its difference to the rule with panels twice as
-        wide, which estimates that coarser rule's error (the kept one converges 2^32 times faster
-        per halving, 16 nodes a panel)."""
+        """(log p*(y), each point's error estimate): its difference to the rule with half as many
+        panels, which estimates that coarser rule's error (the kept one's is far smaller: Gauss-Legendre
+        of n nodes a panel converges about 2^(2n) times faster per halving)."""
         value = self.log_prob(y, budget)
         coarse = self._log_sum(y, self._coarse_nodes, self._coarse_log_w, budget)
         with np.errstate(invalid="ignore"):            # -inf - -inf: no node reaches the point in either

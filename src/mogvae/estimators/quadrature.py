@@ -84,7 +84,7 @@ def integrate(model: VAE, y, grid: Grid, elbo: bool = True, budget: int = 4_000_
     mean, inv_sigma, offset = _grid_terms(model, grid.nodes)
     R, G = grid.log_w.shape
     y = as_batch(y, R, grid.nodes.device)
-    order = torch.argsort(y[0, :, 0])          # sorted y: neighbours share a narrow window of q's mass
+    order = torch.argsort(y[0, :, 0])          # sorted y: a chunk's points have like posteriors (strides)
     y = y[:, order]
     if q is not None:
         q = q.select(order).to(F64)
@@ -98,7 +98,7 @@ def integrate(model: VAE, y, grid: Grid, elbo: bool = True, budget: int = 4_000_
         parts["log_p"].append(log_p)
         parts["log_p_coarse"].append(torch.logsumexp(terms[:, grid.coarse] + grid.log_w_coarse[:, :, None], 1))
         parts["edge_mass"].append(torch.exp(torch.logsumexp(terms[:, outer] + grid.log_w[:, outer, None], 1) - log_p))
-        # ELBO in sub-chunks of sorted points that share q's window and stride (128: measured best, 0.4-0.6 s per model)
+        # ELBO in sub-chunks of 128 sorted points (measured best, 0.4-0.6 s per model; each point has its own window)
         for e in range(0, yc.shape[1] if elbo else 0, elbo_chunk):
             sub = slice(e, e + elbo_chunk)
             q_sub = None if q is None else q.select(slice(s + e, s + min(e + elbo_chunk, yc.shape[1])))
@@ -121,9 +121,9 @@ def _elbo_chunk(model: VAE, y: torch.Tensor, grid: Grid, terms: torch.Tensor, lo
     posterior (the trapezoid rule's error on a Gaussian of scale s with spacing
     h is ~2 exp(-2 pi^2 s^2 / h^2): 1e-137 at 4 nodes per scale). The coarse
     rule doubles the stride; |fine - coarse| is the reported error. Points are
-    taken a few at a time so that the [R, nodes, points, K] terms stay within
-    `budget` elements, however wide the window (memory is bounded; the result
-    does not depend on the split: every point's sum is its own). In 2-D the nodes
+    taken a few at a time, one replica at a time, so that the [nodes, points, K]
+    terms stay within `budget` elements, however wide the window (memory is bounded;
+    the result does not depend on the split: every point's sum is its own). In 2-D the nodes
     follow each stratum of q instead (stratum_trapezoid_elbo)."""
     q = model.posterior(y).to(F64) if q is None else q
     if q.base_rule(1) is not None:
@@ -171,26 +171,32 @@ def _elbo_at_stride(grid: Grid, q, terms: torch.Tensor, stride: int, span: float
         for sub in _by_window_length((stop[r] - first[r] + stride - 1) // stride, q.strata, budget):
             qs = q_r.select(sub)
             for suffix, spacing in (("", stride), ("_coarse", 2 * stride)):
-                z, t, w = _gathered_window(axis[r], terms[r, :, sub], first[r, sub], stop[r, sub], spacing)  # [L, m]
+                z, t, inside = _gathered_window(axis[r], terms[r, :, sub], first[r, sub], stop[r, sub], spacing)
+                w = (axis[r, 1] - axis[r, 0]) * spacing
                 q_dens = qs.density(z[None, ..., None])[0]                  # [L, m]
                 positive = q_dens > 0
                 log_q = torch.log(torch.where(positive, q_dens, torch.ones_like(q_dens)))
-                integrand = torch.where(positive, q_dens * (t - log_q), torch.zeros_like(q_dens))
+                integrand = torch.where(positive & inside, q_dens * (t - log_q), torch.zeros_like(q_dens))
                 _put(out["elbo" + suffix], (integrand * w).sum(0), r, sub)
                 if suffix == "":
-                    _put(out["q_mass"], (q_dens * w).sum(0), r, sub)
-                    # a decoder step between two nodes (local_rules.step_bound)
-                    _put(out["elbo_steps"], step_cost(t - log_q, q_dens * w, 0).sum(0), r, sub)
+                    mass = torch.where(inside, q_dens * w, torch.zeros_like(q_dens))
+                    _put(out["q_mass"], mass.sum(0), r, sub)
+                    # a decoder step between two nodes (local_rules.step_bound), on the four nodes i .. i + 3 of
+                    # a point's own window only: its padding repeats its last node, which would read as a step
+                    steps = step_cost(t - log_q, mass, 0)                   # [L - 3, m]
+                    _put(out["elbo_steps"], torch.where(inside[3:], steps, torch.zeros_like(steps)).sum(0), r, sub)
 
 
 def _own_windows(axis: torch.Tensor, q, stride: int, span: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Each point's window per replica on the 1-D grid `axis` [R, G], [R, n] each: its first node, a
     multiple of 2 `stride` (so that the coarse rule's nodes are every other one of the fine rule's),
     and the node past its last, which lies within +- `span` scales of every component of its q."""
-    h = (axis[:, 1] - axis[:, 0])[:, None]
+    h, G = (axis[:, 1] - axis[:, 0])[:, None], axis.shape[1]
     lo, hi = (edge[..., 0] for edge in q.reach(span))                   # [R, n]
-    first = ((lo - axis[:, :1]) / h).floor().clamp(min=0).long() // (2 * stride) * (2 * stride)
-    stop = (((hi - axis[:, :1]) / h).ceil().long() + 1).clamp(max=axis.shape[1])
+    # in floating point until clamped to the grid: a q with a non-finite reach (a diverged replica's)
+    # gets the whole grid, so that its ELBO is what its density makes it (NaN), not an empty window's 0
+    first = ((lo - axis[:, :1]) / h).floor().nan_to_num(nan=0.0).clamp(0, G - 1).long() // (2 * stride) * (2 * stride)
+    stop = (((hi - axis[:, :1]) / h).ceil() + 1).nan_to_num(nan=float(G)).clamp(0, G).long()
     return first, torch.maximum(stop, first)
 
 
@@ -211,15 +217,13 @@ def _by_window_length(length: torch.Tensor, per_node: int, budget: int):
 def _gathered_window(axis: torch.Tensor, terms: torch.Tensor, first: torch.Tensor, stop: torch.Tensor,
                      spacing: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One replica's nodes first, first + spacing, ... before stop of each point's window (axis [G],
-    terms [G, m], first and stop [m]), gathered: z, terms and the rule's weights, [L, m] each, L the
-    most nodes of the m windows; past a point's window its weight is 0 and its z and term repeat its
-    last node's (finite, so that nothing there reaches a sum)."""
+    terms [G, m], first and stop [m]), gathered: z, terms and whether the node is the point's, [L, m]
+    each, L the most nodes of the m windows. Past a point's window (padding, which no sum may read) z
+    and the term repeat its last node's."""
     last = (stop - first - 1).clamp(min=0) // spacing                   # [m]: the last node's offset
-    j = torch.arange(int(last.max()) + 1)[:, None]                      # [L, 1]
+    j = torch.arange(int(last.max()) + 1, device=axis.device)[:, None]  # [L, 1]
     index = first + spacing * torch.minimum(j, last)                     # [L, m]
-    inside = (j <= last) & (stop > first)
-    w = torch.where(inside, (axis[1] - axis[0]) * spacing, torch.zeros((), dtype=axis.dtype))
-    return axis[index], torch.gather(terms, 0, index), w
+    return axis[index], torch.gather(terms, 0, index), (j <= last) & (stop > first)
 
 
 def _put(target: tuple, values: torch.Tensor, replica: int, sub: torch.Tensor) -> None:

@@ -60,7 +60,8 @@ class GaussianDecoder(nn.Module):
     def log_prob(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         # the network's float32 mean enters y - mean as it is: promoted exactly to y's float64 there, without
         # a float64 copy of [R, S, B, Y] first (bitwise the same)
-        return self.log_prob_from_mean(y.to(z.dtype), self._network_mean(z), dtype=z.dtype)
+        dtype = torch.promote_types(y.dtype, z.dtype)          # as y - mean.to(z.dtype) promoted before
+        return self.log_prob_from_mean(y.to(dtype), self._network_mean(z), dtype=dtype)
 
     def noise(self) -> torch.Tensor:
         return torch.exp(self.log_noise_as(self.net.net[0].weight.dtype)[:, 0, 0])  # [R, Y]

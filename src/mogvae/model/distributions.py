@@ -225,7 +225,8 @@ def squared_distance(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) ->
     if D > SQUARED_BY_AXIS:
         r = z - loc
         graph = torch.is_grad_enabled() and (r.requires_grad or scale.requires_grad)
-        if not graph and r.dtype == torch.promote_types(r.dtype, scale.dtype):
+        if (not graph and r.dtype == torch.promote_types(r.dtype, scale.dtype)
+                and r.shape == torch.broadcast_shapes(r.shape, scale.shape)):
             return r.div_(scale).square_().sum(-1)    # no graph to keep: in place, two [..., D] arrays fewer
         r = r / scale
         return (r * r).sum(-1)
