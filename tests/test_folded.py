@@ -47,12 +47,12 @@ def test_2d_latent_truth_matches_an_extrapolated_trapezoid_grid(breaking):
         assert abs(np.log((4 * fine - coarse) / 3) - log_p) < 1e-9
 
 
-@pytest.mark.parametrize("data_dim, breaking, start", [(6, 0, None), (200, 3, None), (200, 3, 8.0)])
+@pytest.mark.parametrize("data_dim, breaking, start", [(6, 0, None), (200, 3, 8.0)])
 def test_each_point_refines_until_its_estimate_meets_the_tolerance_and_the_estimate_bounds_its_error(
         data_dim, breaking, start):
-    """Against the same sum on panels 4 times finer from the start (at D = 6 and 200: where the
-    posterior is wide, and narrowed by 200 coordinates; `start` 8: a first rule 4 times coarser
-    than the default at D = 200, which must refine further to the same value)."""
+    """Against the same sum on panels 4 times finer from the start: at D = 6, where the posterior is
+    wide, and at D = 200, where 200 coordinates narrow it, from a first rule 4 times coarser than the
+    default (`start` 8), which must refine further to the same value."""
     process = FoldedProcess(data_dim, 2, breaking, 0.1,
                             panel_fraction=None if start is None else start * (50 / data_dim) ** 0.5)
     default = 2 * min(1.0, (50 / data_dim) ** 0.5)
