@@ -40,6 +40,12 @@ def kinked_rule(half_panels: int, nodes_per_panel: int) -> tuple[np.ndarray, np.
     return ((b - a) / 2 * x + (a + b) / 2).ravel(), ((b - a) / 2 * w).ravel()
 
 
+def rule_difference(fine: np.ndarray, coarse: np.ndarray) -> np.ndarray:
+    """|fine - coarse| per point, two rules' log p: 0 where both are -inf (no node reaches the point)."""
+    with np.errstate(invalid="ignore"):
+        return np.where(fine == coarse, 0.0, np.abs(fine - coarse))
+
+
 class PaperProcess:
     """The 1-D process of the paper with its exact marginal and posterior."""
 
@@ -88,9 +94,7 @@ class PaperProcess:
         panels, which estimates that coarser rule's error (the kept one's is far smaller: Gauss-Legendre
         of n nodes a panel converges about 2^(2n) times faster per halving)."""
         value = self.log_prob(y, budget)
-        coarse = self._log_sum(y, self._coarse_nodes, self._coarse_log_w, budget)
-        with np.errstate(invalid="ignore"):            # -inf - -inf: no node reaches the point in either
-            return value, np.where(value == coarse, 0.0, np.abs(value - coarse))
+        return value, rule_difference(value, self._log_sum(y, self._coarse_nodes, self._coarse_log_w, budget))
 
     def _log_sum(self, y, nodes: np.ndarray, log_w: np.ndarray, budget: int) -> np.ndarray:
         y = np.atleast_1d(np.asarray(y, dtype=np.float64))

@@ -266,34 +266,32 @@ def _window_rule(model: VAE, y: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
     coarse = torch.logsumexp(terms[..., ::2] - edge[::2] + torch.log(2 * h), -1)
     # the likelihood's own width: where it holds mass, f / sigma may change by at most 1 per coarse step
     held = terms >= terms.amax(-1, keepdim=True) - ZOOM_SUPPORT
-    aa, bb, ab = _segments(r, squared, 2)                                              # per fine step
-    change = (aa + bb - 2 * ab).clamp_min(0.0).sqrt()
+    aa, ad, dd = _segments(r, squared, 2)                                              # per fine step
     best = squared.amin(-1, keepdim=True)
-    near = held[..., 1:] | held[..., :-1] | _passes_near(aa, bb, ab, best, ZOOM_SUPPORT)
-    steep = ((change > 0.5) & near).any(-1)
+    near = held[..., 1:] | held[..., :-1] | _passes_near(aa, ad, dd, best, ZOOM_SUPPORT)
+    steep = ((dd.sqrt() > 0.5) & near).any(-1)
     bound = torch.where(steep, torch.full_like(fine, math.inf), (fine - coarse).abs())
     return fine, bound, nodes, terms
 
 
 def _segments(r: torch.Tensor, squared: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The segments between neighbouring nodes along `axis` of r = (f - y) / sigma [..., Y] (Y last;
-    `squared` its squared norms, r's shape without Y): |a|^2 and |b|^2 at their two ends and a . b, each
-    one shorter along `axis`.
-    Every length the steepness guard needs follows from these (|b - a|^2 = |a|^2 + |b|^2 - 2 a . b), in
-    one pass over Y: on digits at d_z = 2 (Y = 61) the guard's passes over [..., Y] took a third of
-    the evaluation."""
+    """The segments from a to b, neighbouring nodes along `axis` of r = (f - y) / sigma [..., Y] (Y last;
+    `squared` its squared norms, r's shape without Y): |a|^2, a . d and |d|^2 with d = b - a, each one
+    shorter along `axis`. They follow from |a|^2, |b|^2 and a . b (|d|^2 = |a|^2 + |b|^2 - 2 a . b), in
+    one pass over Y: on digits at d_z = 2 (Y = 61) the steepness guard's passes over [..., Y] took a
+    third of the evaluation."""
     n = r.shape[axis]
-    dot = (r.narrow(axis, 0, n - 1) * r.narrow(axis, 1, n - 1)).sum(-1)
-    return squared.narrow(axis, 0, n - 1), squared.narrow(axis, 1, n - 1), dot
+    aa, bb = squared.narrow(axis, 0, n - 1), squared.narrow(axis, 1, n - 1)
+    ab = (r.narrow(axis, 0, n - 1) * r.narrow(axis, 1, n - 1)).sum(-1)
+    return aa, ab - aa, (aa + bb - 2 * ab).clamp_min(0.0)
 
 
-def _passes_near(aa: torch.Tensor, bb: torch.Tensor, ab: torch.Tensor, best: torch.Tensor, nats: float) -> torch.Tensor:
-    """Whether the segment from a to b (r = (f - y) / sigma at two neighbouring nodes, given by |a|^2, |b|^2
-    and a . b: _segments) passes where the likelihood is within `nats` of its best node (`best`: r's
+def _passes_near(aa: torch.Tensor, ad: torch.Tensor, dd: torch.Tensor, best: torch.Tensor, nats: float) -> torch.Tensor:
+    """Whether the segment from a to b (r = (f - y) / sigma at two neighbouring nodes, given by |a|^2,
+    a . d and |d|^2: _segments) passes where the likelihood is within `nats` of its best node (`best`: r's
     smallest squared norm over the point's nodes, broadcast against them): f can cross y between two nodes
     that both see almost nothing, which is where an aliased spike hides. r is taken as linear along the
-    segment: its closest point to 0 is a + t d, d = b - a, t = -a . d / |d|^2 within [0, 1]."""
-    ad, dd = ab - aa, (aa + bb - 2 * ab).clamp_min(0.0)
+    segment: its closest point to 0 is a + t d, t = -a . d / |d|^2 within [0, 1]."""
     t = (-ad / dd.clamp_min(1e-300)).clamp(0, 1)
     closest = aa + t * (2 * ad + t * dd)
     return 0.5 * (closest - best) <= nats
@@ -402,10 +400,9 @@ def _box_rule(model: VAE, y: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, J
     steep = torch.zeros_like(fine, dtype=torch.bool)
     best = squared.flatten(2).amin(-1)[..., None, None]
     for axis in (2, 3):
-        aa, bb, ab = _segments(r, squared, axis)
-        change = (aa + bb - 2 * ab).clamp_min(0.0).sqrt()
-        near = held.narrow(axis, 1, J - 1) | held.narrow(axis, 0, J - 1) | _passes_near(aa, bb, ab, best, STEEP_2D)
-        steep |= ((change > 0.5) & near).flatten(2).any(-1)
+        aa, ad, dd = _segments(r, squared, axis)
+        near = held.narrow(axis, 1, J - 1) | held.narrow(axis, 0, J - 1) | _passes_near(aa, ad, dd, best, STEEP_2D)
+        steep |= ((dd.sqrt() > 0.5) & near).flatten(2).any(-1)
     bound = torch.where(steep, torch.full_like(fine, math.inf), (fine - coarse).abs())
     return fine, bound, nodes, terms, step
 
