@@ -48,8 +48,9 @@ def _time_one(model: str, replicas: int, compile: str, epochs: int, queue) -> No
 
 
 def measure(model: str, replicas: int, compile: str, epochs: int) -> float:
-    queue = mp.get_context("spawn").Queue()
-    proc = mp.get_context("spawn").Process(target=_time_one, args=(model, replicas, compile, epochs, queue))
+    spawn = mp.get_context("spawn")          # a fresh interpreter per measurement: nothing cached from the last
+    queue = spawn.Queue()
+    proc = spawn.Process(target=_time_one, args=(model, replicas, compile, epochs, queue))
     proc.start()
     seconds = queue.get()
     proc.join()
