@@ -137,6 +137,8 @@ def brute_force(path: str, replica: int, points: int) -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
+    if len(sys.argv) < 3 or sys.argv[1] not in ("disagreement", "brute", "fixed-grid"):
+        sys.exit(__doc__)
     if sys.argv[1] == "disagreement":
         for run in sys.argv[2:]:
             disagreement(run)
