@@ -1,4 +1,4 @@
-"""Does the gap search's Gauss-Hermite rule judge a Gaussian q correctly in 1-D? Two checks on a
+"""Does the gap search's Gauss-Hermite rule judge a Gaussian q correctly in 1-D? Three modes on a
 finished run folder (a Gaussian posterior, 1-D latent):
 
   disagreement  the search again (estimators.gaps.best_posterior) on the first 500 gap points, and each
