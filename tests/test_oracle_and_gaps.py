@@ -280,7 +280,7 @@ def test_a_point_trapped_by_its_own_starts_escapes_from_its_neighbours_best(monk
     given = torch.stack([best_q[:, 0], trap[:, 1]], 1)
     second = torch.as_tensor(y[1], dtype=torch.float64)
     model.posterior.raw = lambda yy: given[:, (yy[0, :, 0] == second).long()]      # the encoder, point by point
-    monkeypatch.setattr(gaps, "_posterior_start", lambda model, y: None)
+    monkeypatch.setattr(gaps, "_posterior_starts", lambda model, y: [])
     alone = gaps.best_posterior(model, y[1:])
     assert float(lattice[1, 1] - alone.elbo_star[1, 0]) > 0.1
     together = gaps.best_posterior(model, y)

@@ -99,7 +99,7 @@ for name, v, tt in (("adam", adam[0], ta), ("lbfgs encoder start", enc[0], te), 
     short = (ref - v)
     print(f"  {name:26s} {tt:6.1f} s  mean ELBO* {float(v.mean()):.6f}  short of best-of-all: mean {float(short.mean()):.2e}, "
           f"max {float(short.max()):.2e}, points > 1e-5: {int((short > 1e-5).sum())}/{short.numel()}")
-t = time.perf_counter(); post = gaps._lbfgs(model, y, gaps._posterior_start(model, y), 1000, 1e-5); tp = time.perf_counter() - t
+t = time.perf_counter(); post = gaps._lbfgs(model, y, gaps._posterior_starts(model, y)[0], 1000, 1e-5); tp = time.perf_counter() - t
 short = ref - post[0]
 print(f"  {'lbfgs posterior start':26s} {tp:6.1f} s  mean ELBO* {float(post[0].mean()):.6f}  short of best-of-all: mean {float(short.mean()):.2e}, "
       f"max {float(short.max()):.2e}, points > 1e-5: {int((short > 1e-5).sum())}/{short.numel()}; iterations {post[2]}")

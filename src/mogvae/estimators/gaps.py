@@ -15,9 +15,12 @@ the encoder's output, for a mixture in 1-D from the exact posterior's shape, and
 eval.gap_starts perturbations of the encoder's output; then from its neighbours' best;
 then once more from its own best with a tighter stop (the polish). The search climbs the ELBO of q by a
 rule that resolves q: for a mixture in 1-D, Gauss-Legendre on panels cut at every component's own scale
-(panel_elbo; within 2e-7 nats of evaluation's grid rule on trained mixtures); otherwise Gauss-Hermite over
-the standard-normal draws of each stratum of q (its nodes follow q, so a narrowing q cannot slip between
-them; 16 an axis for a mixture in 2-D, MIXTURE_NODES_2D), or a flow's own rule on its spline's pieces. With a 1-D latent the searches before the polish
+(panel_elbo; within 2e-7 nats of evaluation's grid rule on trained mixtures); for one Gaussian in 1-D,
+Gauss-Hermite on q's scale blended into the trapezoid on a grid that resolves the decoder as q widens
+(gaussian_rule.py; from there, for a Gaussian, also two starts from a lattice of Gaussians); otherwise
+Gauss-Hermite over the standard-normal draws of each stratum of q (its nodes follow q, so a narrowing q
+cannot slip between them; 16 an axis for a mixture in 2-D, MIXTURE_NODES_2D), or a flow's own rule on its
+spline's pieces. With a 1-D latent the searches before the polish
 read the decoder from a table (tabulated.py: 1.3-1.8x less CPU on trained runs); the polish runs on the
 network.
 
@@ -70,6 +73,7 @@ from ..model.posteriors import MIN_SCALE, MixturePosterior
 from ..model.vae import VAE
 from ..objectives.bounds import log_weights
 from .quadrature import F64, _refined_elbo, as_batch, hermite_rule, integrate, latent_grid, log_joint, node_sum, rule_elbo
+from .gaussian_rule import gaussian_elbo, gaussian_value_and_gradient, is_gaussian_1d, lattice_starts
 from .tabulated import tabulated
 
 TOLERANCE = 1e-5    # nats: a point stops when its best ELBO rose by less over LBFGS_PATIENCE checks
@@ -105,7 +109,8 @@ class BestPosterior:
 
 
 def search_elbo(model: VAE, y: torch.Tensor, q, n_nodes: int) -> torch.Tensor:
-    """ELBO(q) by the rule the gap search climbs and keeps its best by, for q's family: for a mixture in
+    """ELBO(q) by the rule the gap search climbs and keeps its best by, for q's family: for one Gaussian in
+    1-D, gaussian_rule's (whatever n_nodes); for a mixture in
     1-D, panel_elbo's (the searching rule for n_nodes < 32, the reporting one beyond); for a piecewise-smooth
     q (a flow), its own Gauss-Legendre rule with n_nodes / 8 nodes per piece; otherwise
     sum_k pi_k E_{q_k}[log p(y, z) - log q(z)] by an n_nodes Gauss-Hermite rule per axis on the
@@ -113,6 +118,8 @@ def search_elbo(model: VAE, y: torch.Tensor, q, n_nodes: int) -> torch.Tensor:
     until the other rules came.)"""
     R, B = y.shape[:2]
     K, D = q.strata, q.dim
+    if is_gaussian_1d(q):
+        return gaussian_elbo(model, y, q)
     if _by_panels(q):
         return panel_elbo(model, y, q, PANELS[n_nodes >= 32])
     rule = q.base_rule(PIECE_NODES[n_nodes >= 32])   # a piecewise-smooth q (a flow): Gauss-Legendre on its pieces
@@ -338,12 +345,11 @@ def _perturbed(start: torch.Tensor, count: int, first: int) -> list[torch.Tensor
 def _optimize(model: VAE, y: torch.Tensor, max_steps: int, tolerance: float, extra: int = 0, first: int = 0):
     """Each point's best q: L-BFGS from the encoder's q, from `extra` perturbations of it (_perturbed; the
     points' indices begin at `first`), and, for a mixture in 1-D, from the exact posterior's shape
-    (_posterior_start), keeping each point's best by the reporting rule."""
+    (_posterior_starts), keeping each point's best by the reporting rule."""
     _, final = NODES[model.latent_dim]
     posterior = model.posterior
     start = _encoder_start(model, y)                       # [R, B, out]: the encoder's q for each point
-    network = getattr(model, "network", model)            # the VAE itself, where `model` is its SearchModel
-    starts = [start, *([s] if (s := _posterior_start(network, y)) is not None else []), *_perturbed(start, extra, first)]
+    starts = [start, *_posterior_starts(model, y), *_perturbed(start, extra, first)]
     best, best_raw, steps, converged = None, None, 0, True
     for x0 in starts:
         value, raw, iters, stopped = _lbfgs(model, y, x0, max_steps, tolerance)
@@ -482,6 +488,8 @@ def _value_and_gradient(model: VAE, y: torch.Tensor, x: torch.Tensor, n_nodes: i
     keeps each point's nodes on its own row."""
     x = x.detach().requires_grad_(True)
     q = model.posterior.from_raw(x)
+    if is_gaussian_1d(q):
+        return gaussian_value_and_gradient(model, y, x)
     panels = _by_panels(q)
     rule = None if panels else q.base_rule(PIECE_NODES[n_nodes >= 32])   # a flow's own rule, from x
     if (panels or rule is not None) and x.shape[1] == 1:
@@ -577,35 +585,41 @@ def _two_loop(g: torch.Tensor, S: torch.Tensor, Y: torch.Tensor, rho: torch.Tens
     return r
 
 
-def _posterior_start(model: VAE, y: torch.Tensor) -> torch.Tensor | None:
-    """A second start for a mixture q in 1-D, from the exact posterior on a grid: for one component,
-    the posterior's highest mode; for K equal-weight components, the K quantiles (k + 1/2) / K; each
-    with the scale of a Gaussian of its weight and the posterior's density there. The encoder's q can
-    sit in the lesser mode of a bimodal posterior, from which no local search leaves (measured on the
-    2-D ring: up to 15.5 nats between local optima). None for other families and latents."""
+def _posterior_starts(model: VAE, y: torch.Tensor) -> list[torch.Tensor]:
+    """More starts for a mixture q in 1-D, from the exact posterior on a grid (of the network, where
+    `model` is its SearchModel): for K equal-weight components, the K quantiles (k + 1/2) / K, each with
+    the scale of a Gaussian of its weight and the posterior's density there; for one component, the
+    posterior's highest mode (so), and the best by the search's rule of a lattice of Gaussians
+    (gaussian_rule.lattice_starts). The encoder's q can sit in the lesser mode of a bimodal posterior, from
+    which no local search leaves (measured on the 2-D ring: up to 15.5 nats between local optima). None
+    for other families and latents."""
     posterior = model.posterior
     if not isinstance(posterior, MixturePosterior) or posterior.learn_weights or model.latent_dim != 1:
-        return None
-    grid = latent_grid(model, START_GRID, 8.0)              # the prior's window: the same for every point
+        return []
+    network = getattr(model, "network", model)
+    grid = latent_grid(network, START_GRID, 8.0)            # the prior's window: the same for every point
     z, h = grid.axes[0], grid.axes[0][:, 1] - grid.axes[0][:, 0]                  # [R, G], [R]
     # each point's nodes contiguous, so that its softmax and cumulative sum do not round with the batch
-    log_joints = log_joint(model, y[0], grid.nodes).transpose(1, 2).contiguous()          # [R, B, G]
-    density = torch.softmax(log_joints, -1) / h[:, None, None]
+    log_joints = log_joint(network, y[0], grid.nodes).transpose(1, 2).contiguous()
+    density = torch.softmax(log_joints, -1) / h[:, None, None]                  # [R, B, G]
+    cdf = torch.cumsum(density * h[:, None, None], -1)
     K = posterior.k
     if K == 1:
         mode = density.argmax(-1)                                               # [R, B]
-        loc = torch.gather(z, 1, mode)[..., None]
-        peak = density.amax(-1)[..., None]
-    else:
-        cdf = torch.cumsum(density * h[:, None, None], -1)                      # [R, B, G]
-        levels = (torch.arange(K, dtype=F64, device=y.device) + 0.5) / K
-        index = torch.searchsorted(cdf, levels.expand(*cdf.shape[:2], K).contiguous())
-        index = index.clamp(max=z.shape[1] - 1)                                 # [R, B, K]
-        loc = torch.gather(z[:, None].expand(-1, y.shape[1], -1), 2, index)
-        peak = torch.gather(density, 2, index) * K                              # the density of one 1/K component
+        loc, peak = torch.gather(z, 1, mode)[..., None], density.amax(-1)[..., None]
+        return [_raw_start(loc, peak), *lattice_starts(model, y, z, density * h[:, None, None])]
+    levels = (torch.arange(K, dtype=F64, device=y.device) + 0.5) / K
+    index = torch.searchsorted(cdf, levels.expand(*cdf.shape[:2], K).contiguous())
+    index = index.clamp(max=z.shape[1] - 1)                                     # [R, B, K]
+    loc = torch.gather(z[:, None].expand(-1, y.shape[1], -1), 2, index)
+    return [_raw_start(loc, torch.gather(density, 2, index) * K)]              # the density of one 1/K component
+
+
+def _raw_start(loc: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
+    """Raw parameters [R, B, 2K] of components at `loc` [R, B, K], each with the scale of a Gaussian of
+    peak density `peak` [R, B, K] (softplus's inverse, past MIN_SCALE)."""
     scale = (1.0 / (math.sqrt(2 * math.pi) * peak.clamp_min(1e-300))).clamp(min=2 * MIN_SCALE, max=1e3)
-    raw_scale = torch.log(torch.expm1((scale - MIN_SCALE).clamp(max=30.0)))                        # softplus's inverse
-    return torch.cat([loc, raw_scale], -1)                                       # [R, B, 2K]: locations, scales
+    return torch.cat([loc, torch.log(torch.expm1((scale - MIN_SCALE).clamp(max=30.0)))], -1)
 
 
 START_GRID = 2001    # nodes of the grid that places the posterior start
