@@ -65,7 +65,8 @@ def _rule(model, y: float, loc: float, scale: float) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", ["mfg", "mog-prior"])
 def test_the_rule_matches_scipys_quad_for_narrow_blended_and_wide_q(name):
-    """Within 1e-6 nats (and 1e-10 of the value, where it is -4e5) of SciPy's quad for q's from far narrower than the grid's spacing (Gauss-Hermite),
+    """Within 1e-6 nats (and 1e-10 of the value, where it is -4e5) of SciPy's quad for q's from far
+    narrower than the grid's spacing (Gauss-Hermite),
     through the blend, to wide ones over the steep decoder, on the network and on its table; the wide ones
     are where the old 64-node Gauss-Hermite rule was off by over 1e-3 (so this fails with it)."""
     model = _model(name, noise=0.02, sharpness=10.0)
@@ -106,7 +107,8 @@ def test_the_gradient_is_the_derivative_of_the_value_and_a_points_are_bitwise_it
     y = as_batch(np.linspace(-1.5, 1.5, 7), 2, torch.device("cpu"))
     h = float(gaussian_rule.grid_axes(model)[0].h)
     for scale in (0.5 * h, 2.0 * h, 2.5 * h, 0.3, 2.0):
-        raw = torch.stack([torch.linspace(-1, 1, 7, dtype=F64), torch.full((7,), math.log(math.expm1(scale)), dtype=F64)], -1)
+        raw_scale = torch.full((7,), math.log(math.expm1(scale)), dtype=F64)
+        raw = torch.stack([torch.linspace(-1, 1, 7, dtype=F64), raw_scale], -1)
         raw = raw.expand(2, -1, -1).contiguous()
         f, g = gaussian_rule.gaussian_value_and_gradient(model, y, raw)
         assert torch.equal(-f, gaussian_rule.gaussian_elbo(model, y, model.posterior.from_raw(raw)))

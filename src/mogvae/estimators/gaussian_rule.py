@@ -30,11 +30,13 @@ the edge's log p less TAIL_PENALTY nats, where the true log p falls on with the 
 too high, but still far below any q within the prior's reach that a search would compare it with. ELBO* is
 scored afterwards by evaluation's own rule (gaps.gap_metrics), as for every family.
 
-Measured on the noise study (main 19e6290, the first 40 points x 10 replicas of each Gaussian-posterior
-run): the search on this rule, with the lattice's starts, raised ELBO* by 6.8e-3 to 7.8e-2 nats on average at
-sigma <= 0.03 (up to 4.4 nats at a point), by 2e-3 at 0.05 and by up to 4.9e-5 at 0.1, nowhere lowered it
-by over 1e-5, and agreed with evaluation's grid rule within 9.4e-6 at every found q (the 64-node rule:
-up to 6.8 nats off); against the brute force on three replicas, within 1.6e-6 everywhere.
+Re-evaluating the noise study's ten Gaussian-posterior runs with it (500 points x 10 replicas each; main
+e8d58e2) moved no number but their approximation/amortization split: the approximation gap fell by up to
+0.124 nats on a run's mean (mog-prior at sigma = 0.01: 0.162 -> 0.038; a replica by up to 1.2), by at most
+2.3e-4 at sigma = 0.1 (docs/findings.md). Its value agreed with evaluation's grid rule within 1.2e-5 at
+every q it found (the first 40 points of each run; inside that rule's own bound), and its ELBO* with an
+independent brute force within 2.7e-6 on three replicas checked (40 points each). It costs 3-8x the old
+search's time (docs/speed.md).
 """
 from __future__ import annotations
 
@@ -87,8 +89,8 @@ def _blended(model, y: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, gra
              coarse: bool = False) -> torch.Tensor:
     """(1 - lambda) Gauss-Hermite + lambda grid, per point [R, B], from loc and scale [R, B]; with `grads` a
     list, appends d/d loc and d/d scale; `coarse`, on a quarter of the grid's nodes. Each part is computed
-    only for the points (columns) that use it in some replica; a point's value is the same whether its column was computed or not (the unused part is
-    multiplied by an exact 0)."""
+    only for the points (columns) that use it in some replica; a point's value is the same whether its
+    column was computed or not (the unused part is multiplied by an exact 0)."""
     grid = _CACHE.axes(model, coarse)
     h = torch.stack([axis.h for axis in grid])                                       # [R]
     ratio = math.log(BLEND[1] / BLEND[0])
@@ -228,7 +230,7 @@ class _Cache:
 
     def __init__(self):
         self.grids = {}          # (id(model), coarse) -> (model, axes)
-        self.values = {}         # (id(model), grid sizes) -> (model, {a point's y as bytes: its column}, joints)
+        self.values = {}         # (id(model), grid sizes) -> (model, the points y [R, N, Y], their joints)
 
     def axes(self, model, coarse: bool) -> list[Axis]:
         entry = self.grids.get((id(model), coarse))
@@ -240,17 +242,28 @@ class _Cache:
         return entry[1]
 
     def joints(self, model, y: torch.Tensor, axes: list[Axis]) -> list[torch.Tensor]:
-        keys = [row.tobytes() for row in y.detach().transpose(0, 1).reshape(y.shape[1], -1).cpu().numpy()]
         key = (id(model), tuple(axis.size for axis in axes))
         entry = self.values.get(key)
-        if entry is not None and entry[0] is model and all(k in entry[1] for k in keys):
-            columns = torch.as_tensor([entry[1][k] for k in keys], device=y.device)
-            return [joint[:, columns] for joint in entry[2]]
+        if entry is not None and entry[0] is model:
+            columns = _columns_in(entry[1], y)
+            if columns is not None:
+                return [joint[:, columns] for joint in entry[2]]
         joints = _grid_log_joints(model, y, axes)
         if len(self.values) >= 4:
             self.values.clear()
-        self.values[key] = (model, {k: b for b, k in enumerate(keys)}, joints)
+        self.values[key] = (model, y.detach().clone(), joints)
         return joints
+
+
+def _columns_in(cached: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+    """Where each point of y [R, B, Y] is among the points `cached` [R, N, Y] (found by its first
+    coordinate in the first replica, then checked whole), or None if any is not there."""
+    if cached.shape[0] != y.shape[0] or cached.shape[2] != y.shape[2]:
+        return None
+    order = torch.argsort(cached[0, :, 0])
+    at = torch.searchsorted(cached[0, order, 0].contiguous(), y[0, :, 0].contiguous())
+    found = order[at.clamp(max=len(order) - 1)]
+    return found if torch.equal(cached[:, found], y) else None
 
 
 _CACHE = _Cache()
