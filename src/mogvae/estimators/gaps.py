@@ -69,7 +69,7 @@ import torch
 from ..model.distributions import gauss_legendre
 from ..model.layers import replica_count
 from ..model.mixtures import DiagMixture
-from ..model.posteriors import MIN_SCALE, MixturePosterior
+from ..model.posteriors import MIN_SCALE, MixturePosterior, raw_scale
 from ..model.vae import VAE
 from ..objectives.bounds import log_weights
 from .quadrature import F64, _refined_elbo, as_batch, hermite_rule, integrate, latent_grid, log_joint, node_sum, rule_elbo
@@ -589,10 +589,10 @@ def _posterior_starts(model: VAE, y: torch.Tensor) -> list[torch.Tensor]:
     """More starts for a mixture q in 1-D, from the exact posterior on a grid (of the network, where
     `model` is its SearchModel): for K equal-weight components, the K quantiles (k + 1/2) / K, each with
     the scale of a Gaussian of its weight and the posterior's density there; for one component, the
-    posterior's highest mode (so), and the best by the search's rule of a lattice of Gaussians
+    posterior's highest mode, and the best by the search's rule of a lattice of Gaussians
     (gaussian_rule.lattice_starts). The encoder's q can sit in the lesser mode of a bimodal posterior, from
     which no local search leaves (measured on the 2-D ring: up to 15.5 nats between local optima). None
-    for other families and latents."""
+    ([]) for other families and latents."""
     posterior = model.posterior
     if not isinstance(posterior, MixturePosterior) or posterior.learn_weights or model.latent_dim != 1:
         return []
@@ -602,14 +602,14 @@ def _posterior_starts(model: VAE, y: torch.Tensor) -> list[torch.Tensor]:
     # each point's nodes contiguous, so that its softmax and cumulative sum do not round with the batch
     log_joints = log_joint(network, y[0], grid.nodes).transpose(1, 2).contiguous()
     density = torch.softmax(log_joints, -1) / h[:, None, None]                  # [R, B, G]
-    cdf = torch.cumsum(density * h[:, None, None], -1)
+    mass = density * h[:, None, None]
     K = posterior.k
     if K == 1:
         mode = density.argmax(-1)                                               # [R, B]
         loc, peak = torch.gather(z, 1, mode)[..., None], density.amax(-1)[..., None]
-        return [_raw_start(loc, peak), *lattice_starts(model, y, z, density * h[:, None, None])]
+        return [_raw_start(loc, peak), *lattice_starts(model, y, z, mass)]
     levels = (torch.arange(K, dtype=F64, device=y.device) + 0.5) / K
-    index = torch.searchsorted(cdf, levels.expand(*cdf.shape[:2], K).contiguous())
+    index = torch.searchsorted(torch.cumsum(mass, -1), levels.expand(*mass.shape[:2], K).contiguous())
     index = index.clamp(max=z.shape[1] - 1)                                     # [R, B, K]
     loc = torch.gather(z[:, None].expand(-1, y.shape[1], -1), 2, index)
     return [_raw_start(loc, torch.gather(density, 2, index) * K)]              # the density of one 1/K component
@@ -617,9 +617,9 @@ def _posterior_starts(model: VAE, y: torch.Tensor) -> list[torch.Tensor]:
 
 def _raw_start(loc: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
     """Raw parameters [R, B, 2K] of components at `loc` [R, B, K], each with the scale of a Gaussian of
-    peak density `peak` [R, B, K] (softplus's inverse, past MIN_SCALE)."""
+    peak density `peak` [R, B, K]."""
     scale = (1.0 / (math.sqrt(2 * math.pi) * peak.clamp_min(1e-300))).clamp(min=2 * MIN_SCALE, max=1e3)
-    return torch.cat([loc, torch.log(torch.expm1((scale - MIN_SCALE).clamp(max=30.0)))], -1)
+    return torch.cat([loc, raw_scale(scale)], -1)
 
 
 START_GRID = 2001    # nodes of the grid that places the posterior start

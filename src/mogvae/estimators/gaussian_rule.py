@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model.mixtures import DiagMixture
-from ..model.posteriors import MIN_SCALE
+from ..model.posteriors import MIN_SCALE, raw_scale
 from ..model.grid import trapezoid_log_weights
 from .quadrature import F64, _grid_terms, hermite_rule, latent_grid, node_sum
 
@@ -315,6 +315,5 @@ def lattice_starts(model, y: torch.Tensor, z: torch.Tensor, mass: torch.Tensor) 
                 better = value > best
                 best = torch.where(better, value, best)
                 best_loc, best_scale = torch.where(better, loc, best_loc), torch.where(better, scale, best_scale)
-        raw_scale = torch.log(torch.expm1((best_scale - MIN_SCALE).clamp(min=MIN_SCALE, max=30.0)))
-        starts.append(torch.stack([best_loc, raw_scale], -1))
+        starts.append(torch.stack([best_loc, raw_scale(best_scale)], -1))
     return starts

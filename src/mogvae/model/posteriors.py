@@ -19,6 +19,12 @@ from .mixtures import DiagMixture
 MIN_SCALE = 1e-4
 
 
+def raw_scale(scale: torch.Tensor) -> torch.Tensor:
+    """The raw parameter whose scale is `scale` (softplus's inverse, past MIN_SCALE; scales below
+    2 MIN_SCALE or above 30 are taken as those)."""
+    return torch.log(torch.expm1((scale - MIN_SCALE).clamp(min=MIN_SCALE, max=30.0)))
+
+
 class _Amortized(nn.Module):
     """An encoder y [R, B, Y] -> raw [R, B, out] in the encoder's precision."""
 
