@@ -65,9 +65,8 @@ def _rule(model, y: float, loc: float, scale: float) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", ["mfg", "mog-prior"])
 def test_the_rule_matches_scipys_quad_for_narrow_blended_and_wide_q(name):
-    """Within 1e-6 nats (and 1e-10 of the value, where it is -4e5) of SciPy's quad for q's from far
-    narrower than the grid's spacing (Gauss-Hermite),
-    through the blend, to wide ones over the steep decoder, on the network and on its table; the wide ones
+    """Within 1e-6 nats (and 1e-10 of the value, where it is -4e5) of SciPy's quad for q's from 0.3 of the
+    grid's spacing (Gauss-Hermite), through the blend, to wide ones over the steep decoder, on the network and on its table; the wide ones
     are where the old 64-node Gauss-Hermite rule was off by over 1e-3 (so this fails with it)."""
     model = _model(name, noise=0.02, sharpness=10.0)
     table = tabulated(model)
@@ -102,7 +101,7 @@ def test_a_narrow_prior_component_makes_its_replicas_grid_finer_and_the_rule_sta
 def test_the_gradient_is_the_derivative_of_the_value_and_a_points_are_bitwise_its_own():
     """The closed-form gradient (the grid part) and autograd's (Gauss-Hermite's) within 1e-6 (relative) of
     central differences, in and around the blend; the value bitwise gaussian_elbo's; and a point's value and
-    gradient bitwise the same alone as among others."""
+    gradient bitwise the same alone as among others, or beside points whose q is not finite."""
     model = tabulated(_model("mfg"))
     y = as_batch(np.linspace(-1.5, 1.5, 7), 2, torch.device("cpu"))
     h = float(gaussian_rule.grid_axes(model)[0].h)
@@ -114,6 +113,10 @@ def test_the_gradient_is_the_derivative_of_the_value_and_a_points_are_bitwise_it
         assert torch.equal(-f, gaussian_rule.gaussian_elbo(model, y, model.posterior.from_raw(raw)))
         alone = gaussian_rule.gaussian_value_and_gradient(model, y[:, 3:4], raw[:, 3:4])
         assert torch.equal(alone[0][:, 0], f[:, 3]) and torch.equal(alone[1][:, 0], g[:, 3])
+        wild = raw.clone()
+        wild[:, 0, 0], wild[:, 1, 0] = math.nan, math.inf          # a search's wild steps: no error, no effect
+        f_wild, g_wild = gaussian_rule.gaussian_value_and_gradient(model, y, wild)
+        assert torch.equal(f_wild[:, 2:], f[:, 2:]) and torch.equal(g_wild[:, 2:], g[:, 2:])
         for k in range(2):
             step = torch.zeros_like(raw)
             step[..., k] = 1e-6
@@ -127,8 +130,9 @@ def test_the_search_reaches_a_brute_force_best_gaussian_on_multimodal_posteriors
     that shares nothing with the search: every (location, scale) of a lattice, then three finer lattices
     around the best, each scored by the trapezoid on 40,001 nodes of the network's log p(y, z) (the first
     on every tenth). The search
-    is never below it by over 1e-6 (before the rule and its lattice start, by up to 0.6 nats on a trained
-    run's replica)."""
+    is never below it by over 1e-6 (on trained noise-study runs the search before the rule and its lattice
+    starts fell up to 0.6 nats below such a brute force at points of one replica; on these random models it
+    did not, so this test guards the search rather than shows that fix: the rule's test above does)."""
     model = _model("mfg")
     y = np.array([-1.5, -0.7, 0.4])
     found = best_posterior(model, y).elbo_star

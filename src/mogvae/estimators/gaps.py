@@ -73,7 +73,8 @@ from ..model.posteriors import MIN_SCALE, MixturePosterior, raw_scale
 from ..model.vae import VAE
 from ..objectives.bounds import log_weights
 from .quadrature import F64, _refined_elbo, as_batch, hermite_rule, integrate, latent_grid, log_joint, node_sum, rule_elbo
-from .gaussian_rule import gaussian_elbo, gaussian_value_and_gradient, is_gaussian_1d, lattice_starts
+from .gaussian_rule import (forget_cache, gaussian_elbo, gaussian_value_and_gradient, is_gaussian_1d,
+                            lattice_starts)
 from .tabulated import tabulated
 
 TOLERANCE = 1e-5    # nats: a point stops when its best ELBO rose by less over LBFGS_PATIENCE checks
@@ -189,6 +190,7 @@ def best_posterior(model: VAE, y, max_steps: int = MAX_STEPS, tolerance: float =
     model = model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    forget_cache()                  # the Gaussian rule's grids and log p, of models that may have changed since
     try:
         y = as_batch(y, replica_count(model), next(model.parameters()).device)
         search = tabulated(model)     # with a 1-D latent, the decoder read from a table (tabulated.py)
@@ -218,6 +220,7 @@ def best_posterior(model: VAE, y, max_steps: int = MAX_STEPS, tolerance: float =
                                             progress and (lambda at: progress(done + at, done + n)))
         steps = max(steps, polish_steps)
     finally:
+        forget_cache()
         for p in model.parameters():
             p.requires_grad_(True)
     return BestPosterior(star, torch.cat([p[1] for p in parts], 1), max(steps, *(p[2] for p in parts)),

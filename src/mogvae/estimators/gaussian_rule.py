@@ -4,8 +4,9 @@ trapezoid on a fixed grid that resolves the decoder where q is wide, and a smoot
 Gauss-Hermite's nodes follow q, so they resolve a narrow q wherever it sits; but over a wide q they are
 spread at about a third of q's scale, and a steep decoder's log p(y, z) has features far narrower than that.
 The search climbed that rule's errors: on the noise study (main 19e6290) the search's 64-node rule and
-evaluation's grid rule disagreed by over 1e-2 nats at 57-513 of 5,000 point-replicas of every run at
-sigma <= 0.05 (up to 6.8 nats, a q of scale 4 scored 0.589 where it is -2.437), and the 12-node rule the
+evaluation's grid rule disagreed by over 1e-2 nats at 57-513 of 5,000 point-replicas of each run at sigma =
+0.05, 0.03 and 0.02, and of mog-prior's at 0.01 (up to 6.8 nats, a q of scale 4 scored 0.589 where it is
+-2.437), and the 12-node rule the
 search climbed was off by 1e-3 to 5e-3 at the best q's of sigma = 0.03 (scale about 0.4), so the saved
 ELBO* fell short of a brute-force search by 1.6e-4 nats on average (benchmarks/experiments/
 gap_search_gaussian_rule.py).
@@ -19,23 +20,25 @@ the replica's grid,
 
 with H(q) = log s + (1 + log 2 pi) / 2 exact. Each replica's grid spans the prior's reach (+-GRID_SPAN of
 its components' scales) with GRID_SIZE nodes, or more where its prior or its likelihood has narrower
-features (grid_axes); it is the same for every point, so a point's value does not depend on the others,
-and log p(y, z) on it is computed once per search (_Cache). Below BLEND[0] spacings the trapezoid of q
-itself is off by up to 1e-19 of q's mass; above BLEND[1] Gauss-Hermite spreads its nodes wider than a
-spacing; both are accurate between (within 1e-6 nats of SciPy's quad, tests/test_gaussian_rule.py). The
-gradient is closed-form on the grid and autograd's through Gauss-Hermite's nodes.
+features (grid_axes); it is the same for every point, so a point's value does not depend on the others, and
+log p(y, z) on it is computed once per chunk of points (_Cache, emptied by every gaps.best_posterior). From
+BLEND[0] spacings up the trapezoid of q itself is off by at most 1e-19 of q's mass (2 exp(-2 pi^2 (s /
+h)^2)); up to BLEND[1] Gauss-Hermite's nodes lie closer than a spacing; both are accurate between (within
+1e-6 nats of SciPy's quad, tests/test_gaussian_rule.py). The gradient is closed-form on the grid and
+autograd's through Gauss-Hermite's nodes.
 
 For a q with mass beyond the grid (beyond the prior's 8 scales) this is not its ELBO: that mass is charged
-the edge's log p less TAIL_PENALTY nats, where the true log p falls on with the prior, so such a q is scored
-too high, but still far below any q within the prior's reach that a search would compare it with. ELBO* is
-scored afterwards by evaluation's own rule (gaps.gap_metrics), as for every family.
+the edge's log p less TAIL_PENALTY nats, where the true log p falls on with the prior (so such a q is
+scored too high; too low where the likelihood rises beyond the edge), and for a scale beyond about 1e3 the
+score grows again like log s. Such q's score far below any q within the prior's reach, and no start is near
+them. ELBO* is scored afterwards by evaluation's own rule (gaps.gap_metrics), as for every family.
 
 Re-evaluating the noise study's ten Gaussian-posterior runs with it (500 points x 10 replicas each; main
 e8d58e2) moved no number but their approximation/amortization split: the approximation gap fell by up to
-0.124 nats on a run's mean (mog-prior at sigma = 0.01: 0.162 -> 0.038; a replica by up to 1.2), by at most
-2.3e-4 at sigma = 0.1 (docs/findings.md). Its value agreed with evaluation's grid rule within 1.2e-5 at
+0.124 nats on a run's mean (mog-prior at sigma = 0.01: 0.162 -> 0.038; a replica by up to 1.2), a replica
+by at most 2.3e-4 at sigma = 0.1 (docs/findings.md). Its value agreed with evaluation's grid rule within 1.2e-5 at
 every q it found (the first 40 points of each run; inside that rule's own bound), and its ELBO* with an
-independent brute force within 2.7e-6 on three replicas checked (40 points each). It costs 3-8x the old
+independent brute force within 2.7e-6 on three replicas checked (40 points each). It costs 3.8-8.4x the old
 search's time (docs/speed.md).
 """
 from __future__ import annotations
@@ -147,8 +150,10 @@ def _grid_part(model, y: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, a
 
 def _replica_grid_part(axis, joint: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, grad: bool):
     """_grid_part for one replica: its grid `axis`, log p(y, z) on it [G, B], loc and scale [B]."""
-    reach = ((loc - CUT * scale - axis.lo) / axis.h, (loc + CUT * scale - axis.lo) / axis.h)
-    first = max(0, min(axis.size, int(reach[0].amin().floor())) // BLOCK * BLOCK)
+    # in grid indices; a point whose q is not finite (a search's wild step) widens the hull, not raises
+    reach = torch.stack([(loc - CUT * scale - axis.lo) / axis.h, (loc + CUT * scale - axis.lo) / axis.h])
+    reach = torch.nan_to_num(reach, nan=0.0, posinf=float(axis.size), neginf=0.0).clamp(0, axis.size)
+    first = int(reach[0].amin().floor()) // BLOCK * BLOCK
     stop = max(first, min(axis.size, int(reach[1].amax().ceil()) + 1))
     u = (axis.nodes[first:stop, None] - loc) / scale                                  # [n, B]
     terms = torch.where(u.abs() <= CUT, torch.exp(axis.log_w[first:stop, None] - 0.5 * u * u - torch.log(scale)
@@ -194,20 +199,22 @@ class Axis:
 
 
 def grid_axes(model, coarse: bool = False) -> list[Axis]:
-    """Each replica's grid over the prior's reach (+-GRID_SPAN of its components' scales): GRID_SIZE nodes,
-    or more where the replica's features are narrower than that spacing can follow: the prior's narrowest
+    """Each replica's grid over the prior's reach (+-GRID_SPAN of its components' scales): GRID_SIZE nodes, or
+    more where the replica's features are narrower than that spacing can follow: the prior's narrowest
     scale must span PRIOR_SPACINGS of them (a mixture prior's log density bends over far less than its
-    component's scale, where the component gives way to the others), and the likelihood's narrowest width,
-    sigma / |f'(z)| at its steepest, LIKELIHOOD_SPACINGS; at most MAX_GRID. Measured on the noise study's
-    sigma = 0.01 mixture-prior run, whose replica 9 has a component of scale 0.038 and a likelihood width of
-    0.018: the rule on 2,001 nodes (spacing 0.008) was up to 2.3e-4 nats off that on 16,001, on 4,001 3.3e-6,
-    on 8,001 1.2e-7; every other replica of the study within 2.4e-6 on 2,001. `coarse`: a quarter of the
-    nodes (the lattice's starts)."""
+    component's scale, where the component gives way to the others), and the likelihood's narrowest
+    width, 1 / |f'(z) / sigma| at its steepest (the norm over the observed coordinates),
+    LIKELIHOOD_SPACINGS; at most MAX_GRID. Measured on the noise study's sigma = 0.01 mixture-prior run,
+    whose replica 9 has a component of scale 0.038 and a likelihood width of 0.018: the rule on 2,001
+    nodes (spacing 0.008) was up to 2.3e-4 nats off that on 16,001, on 4,001 3.3e-6, on 8,001 1.2e-7;
+    every other replica of the study within 2.4e-6 on 2,001. `coarse`: a quarter of the nodes (the
+    lattice's starts)."""
     base = latent_grid(model, GRID_SIZE, GRID_SPAN)
     axis = base.axes[0]                                                              # [R, G]
     h, width = axis[:, 1] - axis[:, 0], axis[:, -1] - axis[:, 0]                     # [R]
     mean, inv_sigma, _ = _grid_terms(model, base.nodes)                             # [R, G, Y], [R, 1, Y]
-    steepest = ((mean[:, 1:] - mean[:, :-1]).abs().amax(1) * inv_sigma[:, 0] / h[:, None]).amax(-1)   # [R]
+    slope = (mean[:, 1:] - mean[:, :-1]) * inv_sigma / h[:, None, None]             # [R, G - 1, Y]
+    steepest = slope.square().sum(-1).sqrt().amax(1)        # the log likelihood's curvature is the sum's: [R]
     prior = model.prior().to(F64).resolution().amin(-1)                             # [R]
     spacing = torch.minimum(prior / PRIOR_SPACINGS, 1 / (LIKELIHOOD_SPACINGS * steepest.clamp_min(1e-300)))
     axes = []
@@ -226,11 +233,15 @@ class _Cache:
     points of the last search: the search asks for the same points' values at every step, in changing
     subsets (the points still moving), and they do not depend on q. A subset of a cached batch is gathered
     from it; any other batch is computed (element by element, _grid_log_joints, so that a point's values do
-    not depend on the points beside it) and replaces the model's entry."""
+    not depend on the points beside it) and replaces the model's entry. It assumes that a model does not
+    change while cached: gaps.best_posterior empties it before and after each search (forget_cache)."""
 
     def __init__(self):
         self.grids = {}          # (id(model), coarse) -> (model, axes)
         self.values = {}         # (id(model), grid sizes) -> (model, the points y [R, N, Y], their joints)
+
+    def forget(self) -> None:
+        self.grids, self.values = {}, {}
 
     def axes(self, model, coarse: bool) -> list[Axis]:
         entry = self.grids.get((id(model), coarse))
@@ -267,6 +278,11 @@ def _columns_in(cached: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
 
 
 _CACHE = _Cache()
+
+
+def forget_cache() -> None:
+    """Drop every cached grid and log p (gaps.best_posterior, before and after a search)."""
+    _CACHE.forget()
 
 
 def _grid_log_joints(model, y: torch.Tensor, axes: list[Axis]) -> list[torch.Tensor]:
@@ -310,7 +326,7 @@ def lattice_starts(model, y: torch.Tensor, z: torch.Tensor, mass: torch.Tensor) 
         best_loc, best_scale = locs[..., half[0]].clone(), sd.clone()
         for i in half:
             for factor in LATTICE_SCALES:
-                loc, scale = locs[..., i], sd * factor
+                loc, scale = locs[..., i], (sd * factor).clamp_min(2 * MIN_SCALE)   # a scale the family has
                 value = _blended(model, y, loc, scale, None, coarse=True)
                 better = value > best
                 best = torch.where(better, value, best)
