@@ -66,8 +66,9 @@ def _rule(model, y: float, loc: float, scale: float) -> torch.Tensor:
 @pytest.mark.parametrize("name", ["mfg", "mog-prior"])
 def test_the_rule_matches_scipys_quad_for_narrow_blended_and_wide_q(name):
     """Within 1e-6 nats (and 1e-10 of the value, where it is -4e5) of SciPy's quad for q's from 0.3 of the
-    grid's spacing (Gauss-Hermite), through the blend, to wide ones over the steep decoder, on the network and on its table; the wide ones
-    are where the old 64-node Gauss-Hermite rule was off by over 1e-3 (so this fails with it)."""
+    grid's spacing (Gauss-Hermite), through the blend, to wide ones over the steep decoder, on the network
+    and on its table; the wide ones are where the old 64-node Gauss-Hermite rule was off by over 1e-3 (so
+    this fails with it)."""
     model = _model(name, noise=0.02, sharpness=10.0)
     table = tabulated(model)
     h = float(gaussian_rule.grid_axes(model)[1].h)

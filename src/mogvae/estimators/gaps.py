@@ -67,6 +67,7 @@ import numpy as np
 import torch
 
 from ..model.distributions import gauss_legendre
+from ..model.flows import LOG_SQRT_2PI
 from ..model.layers import replica_count
 from ..model.mixtures import DiagMixture
 from ..model.posteriors import MIN_SCALE, MixturePosterior, raw_scale
@@ -93,7 +94,6 @@ PIECE_NODES = (8, 16)   # for a piecewise-smooth q, Gauss-Legendre nodes per pie
 # them (while optimizing, reported): within 6e-6 and 2e-7 nats of the grid rule on trained mixtures (mixture_panels)
 PANELS = ((7, 4), (11, 4))
 PANEL_SPAN = 6.0
-LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
 @dataclass(frozen=True)

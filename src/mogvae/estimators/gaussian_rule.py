@@ -49,6 +49,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..model.flows import LOG_SQRT_2PI
 from ..model.mixtures import DiagMixture
 from ..model.posteriors import MIN_SCALE, raw_scale
 from ..model.grid import trapezoid_log_weights
@@ -62,7 +63,6 @@ PRIOR_SPACINGS, LIKELIHOOD_SPACINGS = 10, 5   # grid_axes
 MAX_GRID = 8001
 CUT = 12.0       # q's scales beyond which a node's term is taken as 0
 BLOCK = 64       # nodes per block of the grid's sum (_blocked_sum)
-HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 def is_gaussian_1d(q) -> bool:
@@ -129,7 +129,7 @@ def _hermite_part(model, y: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor
     with torch.set_grad_enabled(grad):
         z = (m + s * t)[..., None]                                                   # [R, n, B, 1]
         log_p = model.decoder.log_prob(y, z) + model.prior().to(z.dtype).log_prob(z)
-        value = node_sum(w * (log_p + 0.5 * t * t + torch.log(s) + HALF_LOG_2PI))
+        value = node_sum(w * (log_p + 0.5 * t * t + torch.log(s) + LOG_SQRT_2PI))
     if not grad:
         return (value,)
     d_loc, d_scale = torch.autograd.grad(value.sum(), [m, s])
@@ -157,12 +157,12 @@ def _replica_grid_part(axis, joint: torch.Tensor, loc: torch.Tensor, scale: torc
     stop = max(first, min(axis.size, int(reach[1].amax().ceil()) + 1))
     u = (axis.nodes[first:stop, None] - loc) / scale                                  # [n, B]
     terms = torch.where(u.abs() <= CUT, torch.exp(axis.log_w[first:stop, None] - 0.5 * u * u - torch.log(scale)
-                                                  - HALF_LOG_2PI), 0.0) * joint[first:stop]
+                                                  - LOG_SQRT_2PI), 0.0) * joint[first:stop]
     blocks = -(-axis.size // BLOCK)
     below, above = (axis.nodes[0] - loc) / scale, (loc - axis.nodes[-1]) / scale      # [B]
     edge_lo, edge_hi = joint[0] - TAIL_PENALTY, joint[-1] - TAIL_PENALTY
     value = (_blocked_sum(terms, first, blocks) + torch.special.ndtr(below) * edge_lo
-             + torch.special.ndtr(above) * edge_hi + torch.log(scale) + 0.5 + HALF_LOG_2PI)
+             + torch.special.ndtr(above) * edge_hi + torch.log(scale) + 0.5 + LOG_SQRT_2PI)
     if not grad:
         return (value,)
     density_lo, density_hi = (torch.exp(-0.5 * a * a) / math.sqrt(2 * math.pi) for a in (below, above))
