@@ -12,10 +12,10 @@ torch.set_num_threads(1)
 # and one worker ran them alone at the end). Longest first, so that the workers finish together: the
 # files' seconds as a suite run measured them (largest first), the rest after them as collected.
 # test_compiled is placed by its cost on a fresh machine (inductor's cache cold: about 25 s; 2 s warm).
-LONGEST_FIRST = ("test_sweep.py", "test_docs.py", "test_faults.py", "test_executor_faults.py",
-                 "test_hostile_input.py", "test_oracle_and_gaps.py", "test_families.py", "test_cli_usability.py",
-                 "test_compiled.py", "test_studies.py", "test_study_tabular.py", "test_study_dimension.py",
-                 "test_bounded_memory.py", "test_tolerance.py", "test_folded.py")
+LONGEST_FIRST = ("test_oracle_and_gaps.py", "test_docs.py", "test_sweep.py", "test_faults.py",
+                 "test_hostile_input.py", "test_families.py", "test_cli_usability.py", "test_executor_faults.py",
+                 "test_studies.py", "test_bounded_memory.py", "test_study_tabular.py", "test_compiled.py",
+                 "test_folded.py", "test_study_dimension.py", "test_tolerance.py", "test_runs.py")
 
 
 def pytest_collection_modifyitems(items):
@@ -70,7 +70,7 @@ epochs = 3
 [eval]
 grid_size = 401
 n_generated = 200
-gap_points = 20
+gap_points = 5
 gap_steps = 50
 """
 

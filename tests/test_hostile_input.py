@@ -19,7 +19,7 @@ from conftest import TINY_TOML
 from mogvae.cli import main
 from mogvae.data.paper import PaperProcess
 
-TINY = TINY_TOML.replace("epochs = 3", "epochs = 2").replace("gap_points = 20", "gap_points = 5")
+TINY = TINY_TOML.replace("epochs = 3", "epochs = 2")
 # Payloads for every string that reaches a report: a spec's file name (no "/" in a file name),
 # a grid value (a data file's path: its folders carry the slashes), and what a saved file says.
 NAME_PAYLOAD = "<img src=x onerror=document.title='pwned1'><svg onload=document.title='pwned2'>"
