@@ -120,38 +120,67 @@ gap_points = 0
 """
 
 
-def test_the_importance_check_is_computed_once_and_recomputed_only_when_its_source_changes(tmp_path, monkeypatch):
-    """figures/importance.json saves the rows with what they came from: a second report reads them; other K,
-    a retrained run (its metrics.csv changes) or a damaged file make it compute again, the same numbers."""
+def test_the_importance_check_is_computed_once_per_run_and_recomputed_only_when_its_source_changes(tmp_path,
+                                                                                                   monkeypatch):
+    """figures/importance/<run>.json saves a run's rows with what they came from: a second report reads them;
+    other K, a retrained run (its metrics.csv changes) or a damaged file make that run's compute again, the
+    same numbers, and no other run's."""
     from mogvae.estimators import likelihood
     from mogvae.studies import importance
     spec, out = tmp_path / "spec.toml", tmp_path / "sweep"
     spec.write_text(SMALL_SWEEP)
     assert main(["sweep", str(spec), "--out", str(out), "--workers", "1"]) == 0
+    assert not (out / "figures" / importance.SAVED).exists()          # a plain sweep's workers compute none
     calls = []
     real = likelihood.log_likelihood
     monkeypatch.setattr(likelihood, "log_likelihood", lambda *a, **k: calls.append(1) or real(*a, **k))
     first = importance.importance_rows(out, (1, 10), 20)
     assert len(first) == 2 * 2 and len(calls) == 2 * (1 + 2)            # per run: quadrature, then each K
-    direct = importance._compute(importance._sampled_runs(out), (1, 10), 20)
+    runs = importance._sampled_runs(out)
+    direct = [row for name, run in runs.items() for row in importance._compute(name, run, (1, 10), 20)]
     assert first == json.loads(json.dumps(direct))                      # what was saved is what is computed
     calls.clear()
     assert importance.importance_rows(out, (1, 10), 20) == first and calls == []      # read, not sampled
     assert len(importance.importance_rows(out, (1, 10, 100), 20)) == 2 * 3 and calls  # other K: computed
     calls.clear()
     assert importance.importance_rows(out, (1, 10), 20) == first and calls           # computed again, same rows
-    calls.clear()
-    (out / "figures" / importance.SAVED).write_text('{"ks": [1, 10], "points": 20, "rows": "damaged"')
-    assert importance.importance_rows(out, (1, 10), 20) == first and calls
-    saved = json.loads((out / "figures" / importance.SAVED).read_text())
-    for rows in ([], [{**first[0], "run": "elsewhere"}, *first[1:]], [*first, first[0]]):   # the source matches,
-        (out / "figures" / importance.SAVED).write_text(json.dumps({**saved, "rows": rows}))  # the rows do not
-        calls.clear()
-        assert importance.importance_rows(out, (1, 10), 20) == first and calls
+    saved_path = out / "figures" / importance.SAVED / "model.posterior=mog.json"
+    saved = json.loads(saved_path.read_text())
+    mine = [r for r in first if r["run"] == "model.posterior=mog"]
+    for text in ('{"ks": [1, 10], "points": 20, "rows": "damaged"', *(json.dumps({**saved, "rows": rows}) for rows in
+                 ([{**mine[0], "run": "elsewhere"}, *mine[1:]], [*mine, mine[0]], mine[:1]))):
+        saved_path.write_text(text)                                     # damaged, or the source matches and
+        calls.clear()                                                   # the rows do not
+        assert importance.importance_rows(out, (1, 10), 20) == first and len(calls) == 1 + 2   # that run alone
     calls.clear()
     metrics = out / "runs" / "model.posterior=mog" / "metrics.csv"
     metrics.write_text(metrics.read_text() + "\n")                      # a rewritten run: another digest
-    assert importance.importance_rows(out, (1, 10), 20) == first and len(calls) == 2 * (1 + 2)
+    assert importance.importance_rows(out, (1, 10), 20) == first and len(calls) == 1 + 2
+
+
+def test_the_studys_workers_compute_each_runs_importance_rows_and_its_report_samples_nothing(tmp_path,
+                                                                                             monkeypatch):
+    """Issue 20, evaluate once: the families study's workers compute each VAE run's importance rows as it
+    finishes (Study.after_run, beside the other runs); its report reads them, drawing no sample, and
+    they are what the report would compute."""
+    from mogvae.cli import _drawers
+    from mogvae.runs.sweep import load_spec
+    from mogvae.studies import importance
+    spec, out = tmp_path / "spec.toml", tmp_path / "sweep"
+    spec.write_text(SMALL_SWEEP)
+    assert main(["sweep", str(spec), "--out", str(out), "--workers", "1"]) == 0
+    cells = load_spec(spec, [])[2]
+    args = type("Args", (), {"out": out, "no_report": False, "quick": True})()
+    after = _drawers(args, cells, "families")
+    for name, run in importance._sampled_runs(out).items():
+        after[name](str(run))                                         # what a worker does as the run finishes
+    ks, points = importance.sizes(True)
+    saved = sorted((out / "figures" / importance.SAVED).glob("*.json"))
+    assert [p.stem for p in saved] == ["model.posterior=gaussian", "model.posterior=mog"]
+    from mogvae.estimators import likelihood
+    monkeypatch.setattr(likelihood, "log_likelihood", lambda *a, **k: pytest.fail("the report sampled again"))
+    rows = importance.importance_rows(out, ks, points)
+    assert len(rows) == 2 * len(ks) and {r["k"] for r in rows} == set(ks)
 
 
 def test_an_importance_estimate_that_fails_its_own_check_is_marked_where_it_is_read():

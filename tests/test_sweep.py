@@ -251,8 +251,8 @@ def test_the_workers_draw_into_the_sweep_folder_wherever_they_start(spec, tmp_pa
     drawers = figure_drawers(Path("relative-out"), cells)
     assert sorted(drawers) == sorted(c.name for c in cells)
     for cell in cells:
-        folder, name = drawers[cell.name].args
-        assert folder == str(tmp_path / "relative-out") and name == cell.name
+        folder, name, also = drawers[cell.name].args
+        assert folder == str(tmp_path / "relative-out") and name == cell.name and also is None
 
 
 def test_report_regenerates_the_same_report_from_saved_files(reference, capsys, tmp_path):

@@ -276,10 +276,14 @@ def train(args) -> int:
     return 0
 
 
-def _drawers(args, cells) -> dict | None:
-    """What the workers do as each run finishes (draw its figures), unless --no-report."""
+def _drawers(args, cells, study: str | None = None) -> dict | None:
+    """What the workers do as each run finishes, unless --no-report: draw its figures, and a study's own
+    per-run work (Study.after_run)."""
     from .report.sweep import figure_drawers
-    return None if args.no_report else figure_drawers(args.out, cells)
+    from .studies import STUDIES
+    if args.no_report:
+        return None
+    return figure_drawers(args.out, cells, STUDIES[study].after_run(args.out, args.quick) if study else None)
 
 
 def _report_unless_told(args, pending, write) -> tuple[Path | None, bool]:
@@ -366,7 +370,7 @@ def _sweep_in(folder, args, base: dict, grid: dict, cells, title: str, study: st
     start = time.perf_counter()
     with SweepProgress(console, {c.name: c.config.train.epochs for c in pending}, len(cells) - len(pending)) as p:
         execute(folder, cells, workers=args.workers or 0, scheduler=args.scheduler, progress=p,
-                tensorboard=args.tensorboard, after=_drawers(args, cells))
+                tensorboard=args.tensorboard, after=_drawers(args, cells, study))
     report, removed = _report_unless_told(args, pending, _sweep_report)
     _print_table(console, args.out / "metrics.csv", [c.name for c in cells], by="run", first="run")
     _print_ending(console, report, time.perf_counter() - start, args.out, removed)

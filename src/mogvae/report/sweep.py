@@ -273,20 +273,24 @@ def report_lead(report: Path) -> list[str]:
     return [line.replace("**", "").replace("\\_", "_") for line in lead]
 
 
-def figure_drawers(out: Path, cells) -> dict[str, Callable[[str], None]]:
+def figure_drawers(out: Path, cells, also=None) -> dict[str, Callable[[str], None]]:
     """For each cell (runs.sweep.Cell) of the sweep at `out`, what its worker does once its run is
     finished (runs.sweep.execute's `after`): draw the run's own figures, named as this report names
-    them, into out/figures/. So they are drawn beside the other runs, in parallel, and the report
-    only keeps them (figures.already_drawn)."""
+    them, into out/figures/, then `also(run)` where given (a study's per-run work: Study.after_run). So
+    they are done beside the other runs, in parallel, and the report only keeps them (figures.already_drawn)."""
     from functools import partial
     names = _figure_names([{"name": c.name, "values": c.values} for c in cells])
     # absolute: a Dask worker's working folder is not the driver's
-    return {c.name: partial(_draw_run_figures, str(Path(out).resolve()), names[c.name]) for c in cells}
+    return {c.name: partial(_draw_run_figures, str(Path(out).resolve()), names[c.name], also) for c in cells}
 
 
-def _draw_run_figures(out: str, name: str, run: str) -> None:
+def _draw_run_figures(out: str, name: str, also, run: str) -> None:
     from .figures import run_figures
-    run_figures(Path(out), name, Path(run))
+    try:
+        run_figures(Path(out), name, Path(run))
+    finally:            # a figure that failed is drawn again by the report; the study's work is done regardless
+        if also is not None:
+            also(run)
 
 
 def _figure_names(cells: list[dict]) -> dict[str, str]:

@@ -1,6 +1,7 @@
 """Built-in studies: each a plan of runs with the figures and reading that answer its
 question, in the STUDIES registry. The top floor below cli: may import every other subpackage.
-Adding one: a module with `present(out)` and `SPEC` (or a <name>.toml here), and its line below."""
+Adding one: a module with `present(out)` and `SPEC` (or a <name>.toml here), optionally `after_run(out,
+quick, run)` (per-run work done by the workers), and its line below."""
 from __future__ import annotations
 
 import importlib
@@ -25,6 +26,14 @@ class Study:
 
     def present(self, out: Path) -> tuple[list[str], list]:
         return importlib.import_module(self.module).present(out)
+
+    def after_run(self, out: Path, quick: bool):
+        """What a worker does as each run of the study at `out` finishes, beside the other runs (the module's
+        `after_run(out, quick, run)`, where it has one: work its report would otherwise do one run after
+        another), as `after(run)`; None where the study has none."""
+        from functools import partial
+        work = getattr(importlib.import_module(self.module), "after_run", None)
+        return None if work is None else partial(work, str(Path(out).resolve()), quick)
 
     def raw_spec(self) -> dict:
         own = getattr(importlib.import_module(self.module), "SPEC", None)

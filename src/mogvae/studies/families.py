@@ -177,6 +177,12 @@ def _fmt(iv: Interval) -> str:
     return f"{iv.mean:+.5f} [{iv.low:+.5f}, {iv.high:+.5f}]" + (" **" if iv.excludes_zero() else "")
 
 
+def after_run(out: str, quick: bool, run: str) -> None:
+    """What a worker does as one of the study's runs finishes, beside the others: its importance-sampling rows."""
+    from . import importance
+    importance.after_run(out, quick, run)
+
+
 def present(out) -> tuple[list[str], list]:
     """The study's reading and figures (the decomposition, then importance sampling against
     quadrature, at toy size under --quick), first in its report."""
@@ -184,6 +190,6 @@ def present(out) -> tuple[list[str], list]:
     from . import importance
     figure = families_figure(out)
     quick = read_record(out).get("title", "").endswith("(quick)")
-    sampled, rows = importance.importance_figure(out, *(((1, 10, 100, 1000), 50) if quick else ()))
+    sampled, rows = importance.importance_figure(out, *importance.sizes(quick))
     return (["## Where each family's shortfall comes from", "", *reading(out), "",
              "## Importance sampling against quadrature", "", *importance.reading(rows), ""], [figure, sampled])

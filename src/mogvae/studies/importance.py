@@ -3,10 +3,12 @@ trained model of a study: its bias (quadrature minus the estimate, averaged
 over points and replicas) against the number of samples K, and how often the
 estimate lies beyond three of its own standard errors from the exact value.
 
-Computed once: the rows are saved in figures/importance.json with what they were computed from
-(K, the points, and each run's metrics.csv digest, which changes whenever a run is retrained or
-re-evaluated), so a later report of the same runs reads them instead of sampling again (about
-17 min for the families study on defaults)."""
+Computed once per run, where the run finishes: the study's workers compute a run's rows beside the other
+runs (`after_run`, as they draw its figures) and save them in figures/importance/<run>.json with what they
+were computed from (K, the points, the run's metrics.csv digest, which changes whenever it is retrained or
+re-evaluated). The report reads them, and computes only a run's that are missing or stale (a folder from
+before, or a worker that died between its run and its rows). At the end of the study, one process, it had
+taken about 17 min of the families study on defaults."""
 from __future__ import annotations
 
 import hashlib
@@ -18,34 +20,44 @@ from ..storage.files import UnreadableFile, read_bytes, read_json, read_npy, wri
 
 K_VALUES = (1, 10, 100, 1000, 5000)
 POINTS = 200
-SAVED = "importance.json"     # in figures/: the rows and what they were computed from
+QUICK = ((1, 10, 100, 1000), 50)     # --quick: K and points at toy size
+SAVED = "importance"                 # figures/importance/<run>.json: a run's rows and what they were computed from
 FIELDS = {"run": str, "model": str, "sigma": float, "k": int, "bias": float, "bias_stderr": float,
           "mean_stderr": float, "beyond_3se": float}
 
 
-def _sampled_runs(out: Path) -> dict[str, Path]:
-    """The finished VAEs of the sweep (an oracle's encoder is not the importance proposal studied)."""
+def sizes(quick: bool) -> tuple[tuple[int, ...], int]:
+    """(K values, test points): the study's, or toy size under --quick."""
+    return QUICK if quick else (K_VALUES, POINTS)
+
+
+def _is_sampled(config: dict) -> bool:
+    """A VAE's run (an oracle's encoder is not the importance proposal studied)."""
     from ..objectives import OBJECTIVES
+    objective = OBJECTIVES.get(config.get("train", {}).get("objective", "elbo"))
+    return objective is not None and not objective.oracle
+
+
+def _sampled_runs(out: Path) -> dict[str, Path]:
+    """The finished VAEs of the sweep."""
     runs = {}
     for cell in read_record(out)["cells"]:
         run = out / "runs" / cell["name"]
-        objective = OBJECTIVES.get(cell["config"].get("train", {}).get("objective", "elbo"))
-        if objective is not None and not objective.oracle and (run / "metrics.csv").exists():
+        if _is_sampled(cell["config"]) and (run / "metrics.csv").exists():
             runs[cell["name"]] = run
     return runs
 
 
-def _source(runs: dict[str, Path], ks, points: int) -> dict:
-    """What the rows are computed from: K, the points, each run's metrics.csv digest, and mogvae's version."""
+def _source(run: Path, ks, points: int) -> dict:
+    """What a run's rows are computed from: K, the points, its metrics.csv digest, and mogvae's version."""
     from ..runs.sweep import versions
-    digests = {name: hashlib.sha256(read_bytes(run / "metrics.csv")).hexdigest() for name, run in runs.items()}
-    return {"ks": [int(k) for k in ks], "points": int(points), "runs": digests, "mogvae": versions()["mogvae"]}
+    return {"ks": [int(k) for k in ks], "points": int(points),
+            "metrics": hashlib.sha256(read_bytes(run / "metrics.csv")).hexdigest(), "mogvae": versions()["mogvae"]}
 
 
-def _saved_rows(out: Path, source: dict) -> list[dict] | None:
-    """The saved rows if they were computed from exactly `source` and are well-formed, else None
+def _saved_rows(path: Path, name: str, source: dict) -> list[dict] | None:
+    """The rows saved at `path` if they were computed from exactly `source` and are well-formed, else None
     (then they are computed again: a damaged or stale file costs time, never a wrong number)."""
-    path = out / "figures" / SAVED
     if not path.is_file():
         return None
     try:
@@ -55,10 +67,10 @@ def _saved_rows(out: Path, source: dict) -> list[dict] | None:
     if not isinstance(saved, dict) or {k: saved.get(k) for k in source} != source:
         return None
     rows = saved.get("rows")
-    ok = isinstance(rows, list) and all(isinstance(r, dict) and set(r) == set(FIELDS) and
+    ok = isinstance(rows, list) and all(isinstance(r, dict) and set(r) == set(FIELDS) and r["run"] == name and
                                         all(_is(r[k], t) for k, t in FIELDS.items()) for r in rows)
-    expected = sorted((run, k) for run in source["runs"] for k in source["ks"])   # each run at each K, once
-    return rows if ok and sorted((r["run"], r["k"]) for r in rows) == expected else None
+    # each K once, or none (no replica's reference met its tolerance)
+    return rows if ok and sorted(r["k"] for r in rows) in (sorted(source["ks"]), []) else None
 
 
 def _is(value, kind: type) -> bool:
@@ -68,41 +80,54 @@ def _is(value, kind: type) -> bool:
     return isinstance(value, kind) or (kind is float and isinstance(value, int))
 
 
-def importance_rows(out: Path, ks=K_VALUES, points: int = POINTS) -> list[dict]:
-    """One row per (VAE run, K), from figures/importance.json when it was computed from these
-    runs, K and points; else computed (every replica, the first `points` test points) and saved."""
-    runs = _sampled_runs(out)
-    source = _source(runs, ks, points)
-    rows = _saved_rows(out, source)
+def run_rows(out: Path, name: str, run: Path, ks=K_VALUES, points: int = POINTS) -> list[dict]:
+    """One VAE run's rows, one per K: from figures/importance/<name>.json when they were computed from this
+    run, K and points; else computed (every replica, the first `points` test points) and saved there."""
+    source = _source(run, ks, points)
+    path = Path(out) / "figures" / SAVED / f"{name}.json"
+    rows = _saved_rows(path, name, source)
     if rows is None:
-        rows = _compute(runs, ks, points)
-        write_json(out / "figures" / SAVED, {**source, "rows": rows})
+        rows = _compute(name, run, ks, points)
+        write_json(path, {**source, "rows": rows})
     return rows
 
 
-def _compute(runs: dict[str, Path], ks, points: int) -> list[dict]:
+def after_run(out: str, quick: bool, run: str) -> None:
+    """A study's worker, as a run finishes (report.sweep.figure_drawers): its rows, computed and saved
+    beside the other runs rather than one after another by the report."""
+    from ..runs.run import stored_config
+    run = Path(run)
+    if _is_sampled(stored_config(read_json(run / "config.json"))):
+        run_rows(Path(out), run.name, run, *sizes(quick))
+
+
+def importance_rows(out: Path, ks=K_VALUES, points: int = POINTS) -> list[dict]:
+    """One row per (VAE run, K): each run's as run_rows reads or computes them."""
+    return [row for name, run in _sampled_runs(out).items() for row in run_rows(out, name, run, ks, points)]
+
+
+def _compute(name: str, run: Path, ks, points: int) -> list[dict]:
     from ..estimators.likelihood import log_likelihood
     from ..runs.run import trained_model
+    model, config, seeds = trained_model(run)
+    y = read_npy(run / "data" / "test.npy")[:points]
+    ev = config.eval
+    exact = log_likelihood(model, y, "quadrature", grid_size=ev.grid_size, grid_span=ev.grid_span,
+                           tolerance=ev.tolerance)
+    kept = (exact.error <= ev.tolerance).all(1)      # a replica whose reference misses its tolerance is no reference
+    if not bool(kept.any()):
+        return []
+    exact = exact.value[kept]
     rows = []
-    for name, run in runs.items():
-        model, config, seeds = trained_model(run)
-        y = read_npy(run / "data" / "test.npy")[:points]
-        ev = config.eval
-        exact = log_likelihood(model, y, "quadrature", grid_size=ev.grid_size, grid_span=ev.grid_span,
-                               tolerance=ev.tolerance)
-        kept = (exact.error <= ev.tolerance).all(1)      # a replica whose reference misses its tolerance is no reference
-        if not bool(kept.any()):
-            continue
-        exact = exact.value[kept]
-        for k in ks:
-            est = log_likelihood(model, y, "importance", n_samples=k, seeds=seeds)
-            value, error = est.value[kept], est.error[kept]
-            z = (value - exact) / error
-            rows.append({"run": name, "model": f"{config.model.prior}+{config.model.posterior}",
-                         "sigma": float(config.data.sigma), "k": int(k), "bias": float((exact - value).mean()),
-                         "bias_stderr": float(error.square().sum().sqrt() / error.numel()),
-                         "mean_stderr": float(error.mean()),
-                         "beyond_3se": float((z.abs() > 3).double().mean())})
+    for k in ks:
+        est = log_likelihood(model, y, "importance", n_samples=k, seeds=seeds)
+        value, error = est.value[kept], est.error[kept]
+        z = (value - exact) / error
+        rows.append({"run": name, "model": f"{config.model.prior}+{config.model.posterior}",
+                     "sigma": float(config.data.sigma), "k": int(k), "bias": float((exact - value).mean()),
+                     "bias_stderr": float(error.square().sum().sqrt() / error.numel()),
+                     "mean_stderr": float(error.mean()),
+                     "beyond_3se": float((z.abs() > 3).double().mean())})
     return rows
 
 
