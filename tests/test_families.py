@@ -3,6 +3,7 @@ families study end to end at toy size."""
 import csv
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -178,9 +179,47 @@ def test_the_studys_workers_compute_each_runs_importance_rows_and_its_report_sam
     saved = sorted((out / "figures" / importance.SAVED).glob("*.json"))
     assert [p.stem for p in saved] == ["model.posterior=gaussian", "model.posterior=mog"]
     from mogvae.estimators import likelihood
-    monkeypatch.setattr(likelihood, "log_likelihood", lambda *a, **k: pytest.fail("the report sampled again"))
-    rows = importance.importance_rows(out, ks, points)
+    with monkeypatch.context() as m:
+        m.setattr(likelihood, "log_likelihood", lambda *a, **k: pytest.fail("the report sampled again"))
+        rows = importance.importance_rows(out, ks, points)
     assert len(rows) == 2 * len(ks) and {r["k"] for r in rows} == set(ks)
+    # computed by the report instead, in a process of more threads: on one, as a worker's (sums over threads
+    # round otherwise: 1e-9 nats apart on a quick VampPrior of flows), and the same rows
+    saved[0].unlink()
+    threads, seen = torch.get_num_threads(), []
+    real = importance._compute
+    monkeypatch.setattr(importance, "_compute", lambda *a: seen.append(torch.get_num_threads()) or real(*a))
+    torch.set_num_threads(2)
+    try:
+        assert importance.importance_rows(out, ks, points) == rows and seen == [1]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    # a link in place of figures/importance (to write there would write elsewhere): refused, nothing written
+    from mogvae.storage.folders import OutputError
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.rmtree(out / "figures" / importance.SAVED)
+    (out / "figures" / importance.SAVED).symlink_to(elsewhere)
+    with pytest.raises(OutputError, match="figures/importance is a link or a file"):
+        importance.importance_rows(out, ks, points)
+    assert not any(elsewhere.iterdir())
+
+
+def test_a_worker_stopped_while_it_draws_a_runs_figures_does_not_go_on_to_the_studys_work(monkeypatch):
+    """A Ctrl-C or SIGTERM (KeyboardInterrupt) in a worker's drawing stops it there: the study's per-run work
+    (minutes of importance sampling) is left to the report or the re-run; a figure that merely failed is not
+    a reason to skip that work."""
+    from mogvae.report import figures, sweep
+    done = []
+    for fault, reached in ((KeyboardInterrupt, False), (ValueError, True)):
+        done.clear()
+        monkeypatch.setattr(figures, "run_figures", lambda *a: (_ for _ in ()).throw(fault("stop")))
+        try:
+            sweep._draw_run_figures("/nowhere", "name", lambda run: done.append(run), "/nowhere/runs/name")
+        except KeyboardInterrupt:
+            pass
+        assert done == (["/nowhere/runs/name"] if reached else [])
 
 
 def test_an_importance_estimate_that_fails_its_own_check_is_marked_where_it_is_read():

@@ -288,9 +288,10 @@ def _draw_run_figures(out: str, name: str, also, run: str) -> None:
     from .figures import run_figures
     try:
         run_figures(Path(out), name, Path(run))
-    finally:            # a figure that failed is drawn again by the report; the study's work is done regardless
-        if also is not None:
-            also(run)
+    except Exception:   # noqa: BLE001 -- drawn again by the report, which then says why; the study's work goes on
+        pass
+    if also is not None:    # (not on an interrupt: a stopped worker stops, and the report or a re-run does this)
+        also(run)
 
 
 def _figure_names(cells: list[dict]) -> dict[str, str]:

@@ -36,9 +36,12 @@ from ..storage.folders import LOCK, Layout, claim, remove_stale_temporaries, tak
 from .run import CHECKPOINT_NAME, RUN_LAYOUT, RunConfig, RunDir, differences, upgraded
 
 # names a sweep folder's manifest may hold (timing.json: written by the first sweeps, kept readable)
-SWEEP_NAMES = re.compile(r"sweep\.json|metrics\.csv|report\.(md|html)|timing\.json|figures/\*|runs/\*")
+SWEEP_NAMES = re.compile(r"sweep\.json|metrics\.csv|report\.(md|html)|timing\.json|figures/\*|runs/\*"
+                         r"|figures/importance/\*")
+# figures/importance/: a study's per-run rows (studies/importance.py), a folder of ours like runs/: named, so
+# that it is checked to be a real folder (a link there would send the rows elsewhere) and cleaned of temporaries
 SWEEP_LAYOUT = Layout("sweep", files=("sweep.json", "metrics.csv", "report.md", "report.html"),
-                      patterns=("figures/*", "runs/*"))
+                      patterns=("figures/*", "runs/*", "figures/importance/*"))
 
 
 class SpecError(ValueError):

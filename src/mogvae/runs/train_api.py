@@ -65,7 +65,7 @@ def _release(session) -> None:
 
 
 @contextlib.contextmanager
-def _threads(n: int):
+def torch_threads(n: int):
     """PyTorch's intra-op threads set to n for the block, as `mogvae train` sets them (docs/speed.md:
     one thread is faster on these small matrices; the numbers are the same), then restored."""
     before = torch.get_num_threads()
@@ -127,6 +127,6 @@ def _train(session, log) -> None:
             log(epoch)
         elif epoch % every == 0 and epoch < epochs:
             log(f"epoch {epoch} of {epochs}")
-    with _threads(1):
+    with torch_threads(1):
         metrics = session.train(on_epoch=on_epoch)
     log(f"done: {metrics}")

@@ -83,11 +83,16 @@ def _is(value, kind: type) -> bool:
 def run_rows(out: Path, name: str, run: Path, ks=K_VALUES, points: int = POINTS) -> list[dict]:
     """One VAE run's rows, one per K: from figures/importance/<name>.json when they were computed from this
     run, K and points; else computed (every replica, the first `points` test points) and saved there."""
-    source = _source(run, ks, points)
+    from ..runs.sweep import SWEEP_LAYOUT
+    from ..storage.folders import check_own_folders
+    check_own_folders(Path(out), SWEEP_LAYOUT, option="report")    # figures/importance a real folder, even where
+    source = _source(run, ks, points)                                # the folder's manifest predates it
     path = Path(out) / "figures" / SAVED / f"{name}.json"
     rows = _saved_rows(path, name, source)
     if rows is None:
-        rows = _compute(name, run, ks, points)
+        from ..runs.train_api import torch_threads
+        with torch_threads(1):      # as in a worker: the rows do not depend on who computed them (1e-9 apart)
+            rows = _compute(name, run, ks, points)
         write_json(path, {**source, "rows": rows})
     return rows
 
