@@ -121,16 +121,25 @@ gap_points = 0
 """
 
 
-def test_the_importance_check_is_computed_once_per_run_and_recomputed_only_when_its_source_changes(tmp_path,
+@pytest.fixture(scope="module")
+def small_sweep(tmp_path_factory):
+    """(spec, folder) of SMALL_SWEEP swept once; each test works on a copy."""
+    tmp = tmp_path_factory.mktemp("small")
+    (tmp / "spec.toml").write_text(SMALL_SWEEP)
+    assert main(["sweep", str(tmp / "spec.toml"), "--out", str(tmp / "sweep"), "--workers", "1"]) == 0
+    return tmp / "spec.toml", tmp / "sweep"
+
+
+def test_the_importance_check_is_computed_once_per_run_and_recomputed_only_when_its_source_changes(small_sweep,
+                                                                                                   tmp_path,
                                                                                                    monkeypatch):
     """figures/importance/<run>.json saves a run's rows with what they came from: a second report reads them;
     other K, a retrained run (its metrics.csv changes) or a damaged file make that run's compute again, the
     same numbers, and no other run's."""
     from mogvae.estimators import likelihood
     from mogvae.studies import importance
-    spec, out = tmp_path / "spec.toml", tmp_path / "sweep"
-    spec.write_text(SMALL_SWEEP)
-    assert main(["sweep", str(spec), "--out", str(out), "--workers", "1"]) == 0
+    out = tmp_path / "sweep"
+    shutil.copytree(small_sweep[1], out)
     assert not (out / "figures" / importance.SAVED).exists()          # a plain sweep's workers compute none
     calls = []
     real = likelihood.log_likelihood
@@ -159,7 +168,7 @@ def test_the_importance_check_is_computed_once_per_run_and_recomputed_only_when_
     assert importance.importance_rows(out, (1, 10), 20) == first and len(calls) == 1 + 2
 
 
-def test_the_studys_workers_compute_each_runs_importance_rows_and_its_report_samples_nothing(tmp_path,
+def test_the_studys_workers_compute_each_runs_importance_rows_and_its_report_samples_nothing(small_sweep, tmp_path,
                                                                                              monkeypatch):
     """Issue 20, evaluate once: the families study's workers compute each VAE run's importance rows as it
     finishes (Study.after_run, beside the other runs); its report reads them, drawing no sample, and
@@ -167,9 +176,8 @@ def test_the_studys_workers_compute_each_runs_importance_rows_and_its_report_sam
     from mogvae.cli import _drawers
     from mogvae.runs.sweep import load_spec
     from mogvae.studies import importance
-    spec, out = tmp_path / "spec.toml", tmp_path / "sweep"
-    spec.write_text(SMALL_SWEEP)
-    assert main(["sweep", str(spec), "--out", str(out), "--workers", "1"]) == 0
+    spec, out = small_sweep[0], tmp_path / "sweep"
+    shutil.copytree(small_sweep[1], out)
     cells = load_spec(spec, [])[2]
     args = type("Args", (), {"out": out, "no_report": False, "quick": True})()
     after = _drawers(args, cells, "families")
