@@ -144,13 +144,16 @@ def test_the_importance_check_is_computed_once_per_run_and_recomputed_only_when_
     calls = []
     real = likelihood.log_likelihood
     monkeypatch.setattr(likelihood, "log_likelihood", lambda *a, **k: calls.append(1) or real(*a, **k))
-    first = importance.importance_rows(out, (1, 10), 20)
+    said = []
+    first = importance.importance_rows(out, (1, 10), 20, log=said.append)
     assert len(first) == 2 * 2 and len(calls) == 2 * (1 + 2)            # per run: quadrature, then each K
+    assert len(said) == 2 and said[1].endswith("model.posterior=mog (K up to 10, 20 test points), run 2 of 2")
     runs = importance._sampled_runs(out)
     direct = [row for name, run in runs.items() for row in importance._compute(name, run, (1, 10), 20)]
     assert first == json.loads(json.dumps(direct))                      # what was saved is what is computed
     calls.clear()
-    assert importance.importance_rows(out, (1, 10), 20) == first and calls == []      # read, not sampled
+    assert importance.importance_rows(out, (1, 10), 20, log=said.append) == first and calls == []   # read, not
+    assert len(said) == 2                                                                           # sampled
     assert len(importance.importance_rows(out, (1, 10, 100), 20)) == 2 * 3 and calls  # other K: computed
     calls.clear()
     assert importance.importance_rows(out, (1, 10), 20) == first and calls           # computed again, same rows

@@ -5,6 +5,7 @@ exact-likelihood oracle of its prior; a stacked-bar figure; paired answers to
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -190,6 +191,8 @@ def present(out) -> tuple[list[str], list]:
     from . import importance
     figure = families_figure(out)
     quick = read_record(out).get("title", "").endswith("(quick)")
-    sampled, rows = importance.importance_figure(out, *importance.sizes(quick))
+    # the rows the workers did not compute (a folder from before, --no-report) are computed here: said on stderr
+    sampled, rows = importance.importance_figure(out, *importance.sizes(quick),
+                                                 log=lambda line: print(f"report: {line}", file=sys.stderr))
     return (["## Where each family's shortfall comes from", "", *reading(out), "",
              "## Importance sampling against quadrature", "", *importance.reading(rows), ""], [figure, sampled])

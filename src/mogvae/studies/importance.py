@@ -80,9 +80,10 @@ def _is(value, kind: type) -> bool:
     return isinstance(value, kind) or (kind is float and isinstance(value, int))
 
 
-def run_rows(out: Path, name: str, run: Path, ks=K_VALUES, points: int = POINTS) -> list[dict]:
+def run_rows(out: Path, name: str, run: Path, ks=K_VALUES, points: int = POINTS, log=None) -> list[dict]:
     """One VAE run's rows, one per K: from figures/importance/<name>.json when they were computed from this
-    run, K and points; else computed (every replica, the first `points` test points) and saved there."""
+    run, K and points; else computed (every replica, the first `points` test points; `log(line)` says so
+    first: a minute or more on defaults) and saved there."""
     from ..runs.sweep import SWEEP_LAYOUT
     from ..storage.folders import check_own_folders
     check_own_folders(Path(out), SWEEP_LAYOUT, option="report")    # figures/importance a real folder, even where
@@ -91,6 +92,8 @@ def run_rows(out: Path, name: str, run: Path, ks=K_VALUES, points: int = POINTS)
     rows = _saved_rows(path, name, source)
     if rows is None:
         from ..runs.train_api import torch_threads
+        if log:
+            log(f"importance sampling against quadrature: {name} (K up to {max(ks):,}, {points:,} test points)")
         with torch_threads(1):      # as in a worker: the rows do not depend on who computed them (1e-9 apart)
             rows = _compute(name, run, ks, points)
         write_json(path, {**source, "rows": rows})
@@ -106,9 +109,12 @@ def after_run(out: str, quick: bool, run: str) -> None:
         run_rows(Path(out), run.name, run, *sizes(quick))
 
 
-def importance_rows(out: Path, ks=K_VALUES, points: int = POINTS) -> list[dict]:
-    """One row per (VAE run, K): each run's as run_rows reads or computes them."""
-    return [row for name, run in _sampled_runs(out).items() for row in run_rows(out, name, run, ks, points)]
+def importance_rows(out: Path, ks=K_VALUES, points: int = POINTS, log=None) -> list[dict]:
+    """One row per (VAE run, K): each run's as run_rows reads or computes them (`log(line)` before each
+    run it computes, numbered among the runs)."""
+    runs = _sampled_runs(out)
+    return [row for i, (name, run) in enumerate(runs.items(), 1)
+            for row in run_rows(out, name, run, ks, points, log and (lambda line: log(f"{line}, run {i} of {len(runs)}")))]
 
 
 def _compute(name: str, run: Path, ks, points: int) -> list[dict]:
@@ -136,11 +142,11 @@ def _compute(name: str, run: Path, ks, points: int) -> list[dict]:
     return rows
 
 
-def importance_figure(out: Path, ks=K_VALUES, points: int = POINTS) -> tuple[Path, list[dict]]:
+def importance_figure(out: Path, ks=K_VALUES, points: int = POINTS, log=None) -> tuple[Path, list[dict]]:
     import matplotlib.pyplot as plt
 
     from ..report.figures import _save
-    rows = importance_rows(out, ks, points)
+    rows = importance_rows(out, ks, points, log)
     write_csv(out / "figures" / "importance.csv", rows,
               ["run", "model", "sigma", "k", "bias", "bias_stderr", "mean_stderr", "beyond_3se"])
     sigmas = sorted({r["sigma"] for r in rows}, reverse=True)
