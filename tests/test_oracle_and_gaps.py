@@ -310,23 +310,34 @@ def test_the_gap_search_ends_where_searching_on_gains_less_than_1e_5():
     assert float((searched_on - best.elbo_star).max()) < 1e-5
 
 
-def test_extra_starts_find_no_better_optimum_and_a_points_starts_do_not_depend_on_the_chunks():
+def test_extra_starts_find_no_better_optimum_and_a_points_starts_do_not_depend_on_the_chunks(monkeypatch):
     """eval.gap_starts: perturbations of the encoder's q as extra starts. On a steep 3-component mixture
     posterior, four more starts change no point's ELBO* by more than two searches' stops (2e-5 nats;
     measured up to 1.2e-5): the search from the encoder's, the posterior's and the neighbours' starts already
     reaches the best of them.
     (When it climbed a 12-node Gauss-Hermite rule, which a wide component's nodes let a narrow one hide
     from, the extra starts found optima over 0.01 nats better here.) And a point's starts come from its
-    own stream: searching 5 points at a time gives bitwise the same ELBO* and q (before each node held
-    its own copy of q, the batch's rounding, amplified by L-BFGS, moved ELBO* by 4e-6)."""
+    own stream: the starts of points 5 to 9 drawn as a chunk of their own are bitwise theirs among all 16, and
+    best_posterior hands each chunk its first point's index (a point's search is then bitwise the same in any
+    chunks: test_a_points_best_q_is_bitwise_the_same_whatever_its_batch; before each node held its own copy
+    of q, the batch's rounding, amplified by L-BFGS, moved ELBO* by 4e-6)."""
+    from mogvae.estimators import gaps
+    from mogvae.estimators.quadrature import as_batch
     model = _frozen("mog-posterior", seed=3)
     y = np.linspace(-1.5, 1.5, 16)
     plain = best_posterior(model, y)
-    more = best_posterior(model, y, starts=4)
+    firsts = []
+    real = gaps._perturbed
+    with monkeypatch.context() as m:
+        m.setattr(gaps, "_perturbed", lambda start, count, first: firsts.append((first, start.shape[1]))
+                  or real(start, count, first))
+        more = best_posterior(model, y, starts=4, chunk=5)
+    assert firsts == [(0, 5), (5, 5), (10, 5), (15, 1)]
     gain = more.elbo_star - plain.elbo_star
     assert float(gain.abs().max()) < 2 * TOLERANCE       # two searches that each stop within their 1e-5
-    chunked = best_posterior(model, y, starts=4, chunk=5)
-    assert torch.equal(chunked.elbo_star, more.elbo_star) and torch.equal(chunked.raw, more.raw)
+    start = gaps._encoder_start(model, as_batch(y, 2, torch.device("cpu")))
+    whole, part = gaps._perturbed(start, 4, 0), gaps._perturbed(start[:, 5:10], 4, 5)
+    assert all(torch.equal(w[:, 5:10], p) for w, p in zip(whole, part))
 
 
 def _flow_model(prior: str, seed: int, latent_dim: int = 1):
