@@ -97,10 +97,12 @@ def reference(tmp_path_factory):
     return config, final_state(tmp / "out")
 
 
-# Ten trials: (fault, expected exit status). Kills land after an epoch (before its
-# checkpoint) and inside checkpoint writes (temporary complete, not renamed).
-TRIALS = [("epoch:1:KILL", -9), ("epoch:4:KILL", -9), ("epoch:6:KILL", -9), ("checkpoint:1:KILL", -9),
-          ("checkpoint:3:KILL", -9), ("checkpoint:6:KILL", -9), ("epoch:2:TERM", 143), ("checkpoint:4:TERM", 143),
+# Eight trials: (fault, expected exit status). Kills land after an epoch (before its
+# checkpoint) and inside checkpoint writes (temporary complete, not renamed), at the first and the last;
+# the signals in between. (kill -9 at epoch 4 and at checkpoint 3, between those, were dropped to keep the
+# suite within 5 minutes: a resume from a middle checkpoint is the TERM and INT trials' too.)
+TRIALS = [("epoch:1:KILL", -9), ("epoch:6:KILL", -9), ("checkpoint:1:KILL", -9),
+          ("checkpoint:6:KILL", -9), ("epoch:2:TERM", 143), ("checkpoint:4:TERM", 143),
           ("epoch:5:INT", 130), ("checkpoint:2:INT", 130)]
 
 
