@@ -152,19 +152,21 @@ def importance_figure(out: Path, ks=K_VALUES, points: int = POINTS, log=None) ->
     sigmas = sorted({r["sigma"] for r in rows}, reverse=True)
     fig, axes = plt.subplots(1, len(sigmas), figsize=(6.5 * len(sigmas), 4.5), squeeze=False)
     for ax, sigma in zip(axes[0], sigmas):
+        ringed = False
         for model in sorted({r["model"] for r in rows if r["sigma"] == sigma}):
             mine = [r for r in rows if r["sigma"] == sigma and r["model"] == model]
             ax.errorbar([r["k"] for r in mine], [r["bias"] for r in mine], yerr=[2 * r["bias_stderr"] for r in mine],
                         marker="o", capsize=3, label=model)
             bad = [r for r in mine if fails_check(r)]
             ax.scatter([r["k"] for r in bad], [r["bias"] for r in bad], s=140, facecolors="none", edgecolors="red",
-                       linewidths=1.5, label="fails its own check" if bad else None, zorder=3)
+                       linewidths=1.5, label="fails its own check" if bad and not ringed else None, zorder=3)
+            ringed = ringed or bool(bad)
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xscale("log")
         ax.set_yscale("symlog", linthresh=1e-4)   # signed: a bias below zero is sampling noise, shown as such
         ax.set(xlabel="K, importance samples per point", ylabel="bias, log p (quadrature) − estimate, nats",
                title=f"sigma = {sigma:g}")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))     # beside the panel, not over its data
     fig.suptitle(f"Importance-sampling log p(y) against quadrature, mean over the first {points} test points and all "
                  "replicas, ±2 standard errors (symmetric log axis, linear within ±1e-4)", fontsize=10)
     fig.tight_layout()
