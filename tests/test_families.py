@@ -144,9 +144,13 @@ def test_the_importance_check_is_computed_once_per_run_and_recomputed_only_when_
     calls = []
     real = likelihood.log_likelihood
     monkeypatch.setattr(likelihood, "log_likelihood", lambda *a, **k: calls.append(1) or real(*a, **k))
-    said = []
-    first = importance.importance_rows(out, (1, 10), 20, log=said.append)
+    said, taken = [], []
+    real_draws = likelihood._draws
+    with monkeypatch.context() as m:                                    # the draws the sampler really takes
+        m.setattr(likelihood, "_draws", lambda model, y, n, K, *a: taken.append(n * K) or real_draws(model, y, n, K, *a))
+        first = importance.importance_rows(out, (1, 10), 20, log=said.append)
     assert len(first) == 2 * 2 and len(calls) == 2 * (1 + 2)            # per run: quadrature, then each K
+    assert [r["draws"] for r in first] == taken and taken[0] > 1        # K = 1 takes two per stratum
     assert len(said) == 2 and said[1].endswith("model.posterior=mog (K up to 10, 20 test points), run 2 of 2")
     runs = importance._sampled_runs(out)
     direct = [row for name, run in runs.items() for row in importance._compute(name, run, (1, 10), 20)]

@@ -76,6 +76,14 @@ def _importance(model: VAE, y, *, n_samples: int, seeds: list[int], **_) -> Esti
     return Estimate(value, se, "importance")
 
 
+def importance_draws(model: VAE, n_samples: int) -> int:
+    """The draws per point importance_log_likelihood takes when asked for `n_samples`: the same number from
+    each stratum of its defensive proposal (q's components and the prior's), at least two (for a variance),
+    so at least twice the strata, and n_samples rounded up to a multiple of them."""
+    strata = model.posterior.k + model.prior().strata
+    return strata * max(2, math.ceil(n_samples / strata))
+
+
 @torch.no_grad()
 def importance_log_likelihood(model: VAE, y, n_samples: int, seeds: list[int], budget: int = 250_000,
                               index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +92,7 @@ def importance_log_likelihood(model: VAE, y, n_samples: int, seeds: list[int], b
     where 2,000,000 took 5.0 s, whose decoder activations reach 0.5 GB); each draws from its own
     stream (_draws), so neither the budget nor the other points change its estimate."""
     K = model.posterior.k + model.prior().strata
-    n = max(2, math.ceil(n_samples / K))                      # draws per component (two, for a variance)
+    n = importance_draws(model, n_samples) // K               # draws per component (two, for a variance)
     values, errors = [], []
     for yc, eps in _draws(model, y, n, K, seeds, budget, index):
         proposal = Defensive(model.posterior(yc).to(F64), model.prior().to(F64), DEFENSIVE)
