@@ -81,7 +81,12 @@ def importance_draws(model: VAE, n_samples: int) -> int:
     each stratum of its defensive proposal (q's components and the prior's), at least two (for a variance),
     so at least twice the strata, and n_samples rounded up to a multiple of them."""
     strata = model.posterior.k + model.prior().strata
-    return strata * max(2, math.ceil(n_samples / strata))
+    return strata * _per_stratum(n_samples, strata)
+
+
+def _per_stratum(n_samples: int, strata: int) -> int:
+    """Draws from each stratum: n_samples split evenly, at least two (for a variance)."""
+    return max(2, math.ceil(n_samples / strata))
 
 
 @torch.no_grad()
@@ -92,7 +97,7 @@ def importance_log_likelihood(model: VAE, y, n_samples: int, seeds: list[int], b
     where 2,000,000 took 5.0 s, whose decoder activations reach 0.5 GB); each draws from its own
     stream (_draws), so neither the budget nor the other points change its estimate."""
     K = model.posterior.k + model.prior().strata
-    n = importance_draws(model, n_samples) // K               # draws per component (two, for a variance)
+    n = _per_stratum(n_samples, K)                            # draws per component (importance_draws)
     values, errors = [], []
     for yc, eps in _draws(model, y, n, K, seeds, budget, index):
         proposal = Defensive(model.posterior(yc).to(F64), model.prior().to(F64), DEFENSIVE)
