@@ -115,6 +115,11 @@ def test_the_four_terms_sum_to_the_total_and_the_amortization_gap_is_not_negativ
         assert parts["amortization_gap"] >= 0 and parts["approximation_gap"] > -1e-6
         assert vae["gap_rule_error"] < 1e-5
         assert math.isnan(vae["training_grid_error"]) and oracle["training_grid_error"] < 1e-4
+        # an oracle's encoder is not evaluated: its ELBO is NaN, its bound and flag are its log p's alone,
+        # and its likelihoods stand (a NaN ELBO must not wipe it as a diverged replica)
+        assert math.isnan(oracle["test_elbo"]) and math.isnan(oracle["elbo_quadrature_error"])
+        assert oracle["error_bound"] == oracle["quadrature_error"] and math.isfinite(oracle["test_log_likelihood"])
+        assert math.isfinite(vae["test_elbo"]) and vae["error_bound"] >= vae["elbo_quadrature_error"]
 
 
 def test_saved_weights_reproduce_the_reported_likelihood(tiny, tmp_path):

@@ -26,7 +26,7 @@ class Estimator:
     exact: bool     # its error is a bound, not a standard error: the gap search and the training-grid check use it
     fits: Callable[[int, int], bool]                 # (latent_dim, eval.grid_size) -> usable
     log_likelihood: Callable[..., Estimate]          # (model, y, *, n_samples, seeds, grid_size, grid_span)
-    evaluation_terms: Callable[..., dict]            # (model, y_test, y_grid, eval config, seeds, phases=) -> terms
+    evaluation_terms: Callable[..., dict]            # (model, y_test, y_grid, eval config, seeds, phases=, elbo=) -> terms
     needs: str = ""                                  # where it fits, in words, for a refusal
     affordable: Callable[[int, int], bool] | None = None   # where "auto" takes it (default: wherever it fits)
 

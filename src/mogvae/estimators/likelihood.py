@@ -161,18 +161,23 @@ def _point_stream(seed: int, i: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
 
 
-def importance_terms(model: VAE, y_test, y_grid, config, seeds: list[int], phases=None) -> dict:
-    """Evaluation's terms where quadrature does not fit: log p(y) by importance sampling, the ELBO by
-    Monte Carlo from q, each with its standard error per point (and log p's mean, over draws and points).
-    A point whose standard error would keep its replica's sampling_bound above eval.sampling_tolerance
-    draws again (draw_again); `sampling_error_bound` is the larger of the two means' bounds, per replica."""
+def importance_terms(model: VAE, y_test, y_grid, config, seeds: list[int], phases=None, elbo: bool = True) -> dict:
+    """Evaluation's terms where quadrature does not fit: log p(y) by importance sampling, the ELBO (if
+    `elbo`; else NaN) by Monte Carlo from q, each with its standard error per point (and log p's mean, over
+    draws and points). A point whose standard error would keep its replica's sampling_bound above
+    eval.sampling_tolerance draws again (draw_again); `sampling_error_bound` is the larger of the two
+    means' bounds, per replica."""
     gens = [s + IMPORTANCE_OFFSET for s in seeds]
-    (log_p, se), (elbo, elbo_se) = (sampled(model, y_test, sampler, config.n_importance, gens, config.sampling_tolerance,
-                                            phases) for sampler in (importance_log_likelihood, monte_carlo_elbo_with_error))
+    samplers = (importance_log_likelihood, monte_carlo_elbo_with_error)[:2 if elbo else 1]
+    (log_p, se), *rest = (sampled(model, y_test, sampler, config.n_importance, gens, config.sampling_tolerance,
+                                  phases) for sampler in samplers)
+    elbo, elbo_se = rest[0] if rest else (torch.full_like(log_p, math.nan),) * 2
     density = None if y_grid is None else \
         torch.exp(importance_log_likelihood(model, y_grid, config.n_importance, gens)[0]).numpy()
     nan = np.full(len(seeds), math.nan)
-    bound = torch.maximum(sampling_bound(se, biased=True), sampling_bound(elbo_se, biased=False))
+    bound = sampling_bound(se, biased=True)
+    if rest:
+        bound = torch.maximum(bound, sampling_bound(elbo_se, biased=False))
     return {"log_p": log_p, "elbo": elbo, "model_density": density,
             "log_p_error": se.numpy(), "elbo_error": elbo_se.numpy(),
             "quadrature_error": nan, "grid_edge_mass": nan, "elbo_quadrature_error": nan,

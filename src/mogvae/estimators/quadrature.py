@@ -473,18 +473,22 @@ def hermite_rule(n: int, dim: int, dtype=torch.float64):
     return torch.as_tensor(nodes, dtype=dtype), torch.as_tensor(weights, dtype=dtype)
 
 
-def quadrature_terms(model: VAE, y_test, y_grid, config, seeds=None, phases=None) -> dict:
-    """Evaluation's terms on the latent grid: log p and the ELBO per point, the model's density on
-    y_grid, and the rule's error bounds (the standard error is NaN: the bound is the error). In 1-D,
-    each point whose bound misses config.tolerance is refined (local_rules.py, then adaptive.py, whose
-    panels report their progress to `phases`)."""
+def quadrature_terms(model: VAE, y_test, y_grid, config, seeds=None, phases=None, elbo: bool = True) -> dict:
+    """Evaluation's terms on the latent grid: log p and (if `elbo`; else NaN) the ELBO per point, the
+    model's density on y_grid, and the rule's error bounds (the standard error is NaN: the bound is the
+    error). In 1-D, each point whose bound misses config.tolerance is refined (local_rules.py, then
+    adaptive.py, whose panels report their progress to `phases`)."""
     grid = latent_grid(model, config.grid_size, config.grid_span, y=y_test)
     n = len(y_test)
-    on_grid = integrate(model, y_test, grid, progress=phases and (lambda done: phases.step(done, n, "points")))
+    on_grid = integrate(model, y_test, grid, elbo=elbo,
+                        progress=phases and (lambda done: phases.step(done, n, "points")))
     exact = follow_posteriors(model, y_test, grid, on_grid, config.grid_size, config.grid_span)
     nan = np.full(len(exact.log_p), math.nan)
     log_p, bound = _refined_log_p(model, y_test, grid, exact, config.tolerance, phases)
-    elbo, elbo_bound = _refined_elbo(model, y_test, grid, exact, config.tolerance, phases=phases)
+    if elbo:
+        elbo, elbo_bound = _refined_elbo(model, y_test, grid, exact, config.tolerance, phases=phases)
+    else:
+        elbo = elbo_bound = torch.full_like(log_p, math.nan)
     density = None if y_grid is None else torch.exp(log_marginal(model, y_grid, grid).log_p).numpy()
     return {"log_p": log_p, "elbo": elbo, "grid": grid, "model_density": density,
             "log_p_error": bound.numpy(), "elbo_error": elbo_bound.numpy(),

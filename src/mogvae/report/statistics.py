@@ -128,7 +128,7 @@ def summary_rows(metrics, models, columns=None) -> list[list[str]]:
             if key == BOUND_COLUMN:
                 cells.append(_bound_cell(v, sum(r["diverged"] != "True" and flagged(r) for r in runs.values())))
                 continue
-            cells.append("n/a" if not len(v) else
+            cells.append("n/a" if np.isnan(v).all() else     # none counted, or not evaluated (an oracle's ELBO)
                          f"{v.mean():.{digits}f} ± {v.std(ddof=1) if len(v) > 1 else 0:.{digits}f}")
         rows.append([m, str(len(runs)), str(sum(r["diverged"] == "True" for r in runs.values())), *cells])
     return rows
