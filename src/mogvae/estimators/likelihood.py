@@ -171,14 +171,14 @@ def importance_terms(model: VAE, y_test, y_grid, config, seeds: list[int], phase
     samplers = (importance_log_likelihood, monte_carlo_elbo_with_error)[:2 if elbo else 1]
     (log_p, se), *rest = (sampled(model, y_test, sampler, config.n_importance, gens, config.sampling_tolerance,
                                   phases) for sampler in samplers)
-    elbo, elbo_se = rest[0] if rest else (torch.full_like(log_p, math.nan),) * 2
+    values, elbo_se = rest[0] if rest else (torch.full_like(log_p, math.nan),) * 2
     density = None if y_grid is None else \
         torch.exp(importance_log_likelihood(model, y_grid, config.n_importance, gens)[0]).numpy()
     nan = np.full(len(seeds), math.nan)
     bound = sampling_bound(se, biased=True)
     if rest:
         bound = torch.maximum(bound, sampling_bound(elbo_se, biased=False))
-    return {"log_p": log_p, "elbo": elbo, "model_density": density,
+    return {"log_p": log_p, "elbo": values, "model_density": density,
             "log_p_error": se.numpy(), "elbo_error": elbo_se.numpy(),
             "quadrature_error": nan, "grid_edge_mass": nan, "elbo_quadrature_error": nan,
             "test_log_likelihood_stderr": _mean_stderr(se), "test_elbo_stderr": _mean_stderr(elbo_se),

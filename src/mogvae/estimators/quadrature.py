@@ -486,11 +486,11 @@ def quadrature_terms(model: VAE, y_test, y_grid, config, seeds=None, phases=None
     nan = np.full(len(exact.log_p), math.nan)
     log_p, bound = _refined_log_p(model, y_test, grid, exact, config.tolerance, phases)
     if elbo:
-        elbo, elbo_bound = _refined_elbo(model, y_test, grid, exact, config.tolerance, phases=phases)
+        values, elbo_bound = _refined_elbo(model, y_test, grid, exact, config.tolerance, phases=phases)
     else:
-        elbo = elbo_bound = torch.full_like(log_p, math.nan)
+        values = elbo_bound = torch.full_like(log_p, math.nan)
     density = None if y_grid is None else torch.exp(log_marginal(model, y_grid, grid).log_p).numpy()
-    return {"log_p": log_p, "elbo": elbo, "grid": grid, "model_density": density,
+    return {"log_p": log_p, "elbo": values, "grid": grid, "model_density": density,
             "log_p_error": bound.numpy(), "elbo_error": elbo_bound.numpy(),
             "quadrature_error": bound.amax(1).numpy(),
             "grid_edge_mass": exact.edge_mass.amax(1).numpy(),
